@@ -1,0 +1,528 @@
+//! Client of Tessera's management REST API.
+//!
+//! One async method per route of the API server (`tessera-api`), JSON in and
+//! out. Each call opens its own HTTP/1.1 connection (management calls are
+//! rare; no pool to keep healthy), authenticates with the bearer token, and
+//! fails with an [`ApiError`] that carries the server's own explanation when
+//! the server refuses. Every future is `Send`: the client works from any tokio
+//! runtime, multi-threaded included.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tessera_api_client::ApiError> {
+//! let api = tessera_api_client::ApiClient::from_token_file("http://127.0.0.1:8080", "/var/lib/tessera/api-token")?;
+//! for vdisk in api.vdisks(None).await? {
+//!     println!("{}/{}: {:?}", vdisk.vdisk.datastore, vdisk.vdisk.name, vdisk.health);
+//! }
+//! # Ok(()) }
+//! ```
+
+mod endpoint;
+mod error;
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
+use tessera_zone::service::{
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, OpenVdisk, Opened, RegisterNode,
+    Registered, ResizeVdisk, SessionRef, VdiskView,
+};
+
+use endpoint::{encode, Endpoint};
+pub use error::ApiError;
+
+/// How long a call may take, connection included, unless set otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer accepted.
+const MAX_RESPONSE: usize = 64 << 20;
+
+/// A client of one API server.
+#[derive(Clone)]
+pub struct ApiClient {
+    endpoint: Endpoint,
+    token: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("url", &self.endpoint.url)
+            .field("token", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// The body of every error answer.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+impl ApiClient {
+    /// A client of the server at `url` (`http://host:port`, optionally with a
+    /// path prefix) authenticating with bearer `token`.
+    pub fn new(url: &str, token: String) -> Result<Self, ApiError> {
+        Ok(Self {
+            endpoint: Endpoint::parse(url)?,
+            token: token.trim().to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// A client whose token is read from `path` (the server's `api-token` file).
+    pub fn from_token_file(url: &str, path: impl AsRef<Path>) -> Result<Self, ApiError> {
+        let path = path.as_ref();
+        let token_error = |source| ApiError::TokenFile {
+            path: path.to_owned(),
+            source,
+        };
+        let token = std::fs::read_to_string(path).map_err(token_error)?;
+        if token.trim().is_empty() {
+            return Err(token_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the file is empty",
+            )));
+        }
+        Self::new(url, token)
+    }
+
+    /// Sets how long a call may take, connection included.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.endpoint.url
+    }
+
+    // ---- the zone, hosts, nodes, disks ----
+
+    /// `GET /v1/zone`.
+    pub async fn zone(&self) -> Result<Zone, ApiError> {
+        self.call(Method::GET, "/v1/zone".into(), None::<&()>).await
+    }
+
+    /// `GET /v1/hosts`.
+    pub async fn hosts(&self) -> Result<Vec<Host>, ApiError> {
+        self.call(Method::GET, "/v1/hosts".into(), None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>, ApiError> {
+        self.call(Method::GET, "/v1/nodes".into(), None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/nodes`: registers a storage node and its disks.
+    pub async fn register_node(&self, req: &RegisterNode) -> Result<Registered, ApiError> {
+        self.call(Method::POST, "/v1/nodes".into(), Some(req)).await
+    }
+
+    /// `POST /v1/nodes/{uuid}/heartbeat`.
+    pub async fn heartbeat(&self, node: Uuid, req: &Heartbeat) -> Result<HeartbeatReply, ApiError> {
+        self.call(
+            Method::POST,
+            format!("/v1/nodes/{node}/heartbeat"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `GET /v1/disks`.
+    pub async fn disks(&self) -> Result<Vec<Disk>, ApiError> {
+        self.call(Method::GET, "/v1/disks".into(), None::<&()>)
+            .await
+    }
+
+    // ---- datastores ----
+
+    /// `GET /v1/datastores`.
+    pub async fn datastores(&self) -> Result<Vec<Datastore>, ApiError> {
+        self.call(Method::GET, "/v1/datastores".into(), None::<&()>)
+            .await
+    }
+
+    /// `GET /v1/datastores/{name}`.
+    pub async fn datastore(&self, name: &str) -> Result<Datastore, ApiError> {
+        self.call(
+            Method::GET,
+            format!("/v1/datastores/{}", encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/datastores`.
+    pub async fn create_datastore(&self, req: &CreateDatastore) -> Result<Datastore, ApiError> {
+        self.call(Method::POST, "/v1/datastores".into(), Some(req))
+            .await
+    }
+
+    /// `DELETE /v1/datastores/{name}`.
+    pub async fn delete_datastore(&self, name: &str) -> Result<(), ApiError> {
+        self.call_empty(
+            Method::DELETE,
+            format!("/v1/datastores/{}", encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    // ---- vDisks ----
+
+    /// `GET /v1/vdisks[?datastore=X]`.
+    pub async fn vdisks(&self, datastore: Option<&str>) -> Result<Vec<VdiskView>, ApiError> {
+        let path = match datastore {
+            Some(ds) => format!("/v1/vdisks?datastore={}", encode(ds)),
+            None => "/v1/vdisks".into(),
+        };
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    /// `GET /v1/vdisks/{datastore}/{name}`.
+    pub async fn vdisk(&self, datastore: &str, name: &str) -> Result<VdiskView, ApiError> {
+        self.call(Method::GET, vdisk_path(datastore, name, ""), None::<&()>)
+            .await
+    }
+
+    /// `POST /v1/vdisks`.
+    pub async fn create_vdisk(&self, req: &CreateVdisk) -> Result<Vdisk, ApiError> {
+        self.call(Method::POST, "/v1/vdisks".into(), Some(req))
+            .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/resize`.
+    pub async fn resize_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<Vdisk, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/resize"),
+            Some(&ResizeVdisk { size }),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/vdisks/{datastore}/{name}[?force=true]`.
+    pub async fn delete_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<(), ApiError> {
+        let query = if force { "?force=true" } else { "" };
+        self.call_empty(
+            Method::DELETE,
+            vdisk_path(datastore, name, query),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/open`: takes the write lease.
+    pub async fn open_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &OpenVdisk,
+    ) -> Result<Opened, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/open"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/renew`: extends the write lease.
+    pub async fn renew_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &SessionRef,
+    ) -> Result<Lease, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/renew"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/close`: gives the write lease back.
+    pub async fn close_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &SessionRef,
+    ) -> Result<(), ApiError> {
+        self.call_empty(
+            Method::POST,
+            vdisk_path(datastore, name, "/close"),
+            Some(req),
+        )
+        .await
+    }
+
+    // ---- transport ----
+
+    /// Sends a request and decodes the JSON answer.
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<&B>,
+    ) -> Result<T, ApiError> {
+        let what = format!("{method} {path}");
+        let bytes = self.exchange(method, &path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|source| ApiError::Decode { what, source })
+    }
+
+    /// Sends a request whose answer has no body.
+    async fn call_empty<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<&B>,
+    ) -> Result<(), ApiError> {
+        self.exchange(method, &path, body).await.map(drop)
+    }
+
+    /// Sends a request; answers the body of a 2xx answer, or the error.
+    async fn exchange<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Bytes, ApiError> {
+        let body = match body {
+            None => Bytes::new(),
+            Some(body) => serde_json::to_vec(body)
+                .map_err(|source| ApiError::Encode {
+                    what: format!("{method} {path}"),
+                    source,
+                })?
+                .into(),
+        };
+        let has_body = !body.is_empty();
+        let mut request = Request::builder()
+            .method(method)
+            .uri(self.endpoint.target(path));
+        if has_body {
+            request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        let mut request = request
+            .body(Full::new(body))
+            .map_err(|_| ApiError::InvalidUrl {
+                url: self.endpoint.url.clone(),
+                reason: "it does not form a valid request",
+            })?;
+        let headers = request.headers_mut();
+        if let Ok(host) = HeaderValue::from_str(&self.endpoint.authority) {
+            headers.insert(HOST, host);
+        }
+        if let Ok(auth) = HeaderValue::from_str(&format!("Bearer {}", self.token)) {
+            headers.insert(AUTHORIZATION, auth);
+        }
+
+        let (status, bytes) = tokio::time::timeout(self.timeout, self.send(request))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                url: self.endpoint.url.clone(),
+                after: self.timeout,
+            })??;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(ApiError::Status {
+            status: status.as_u16(),
+            message: error_message(status, &bytes),
+        })
+    }
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ApiError> {
+        let url = &self.endpoint.url;
+        let connect_error = |source| ApiError::Connect {
+            url: url.clone(),
+            source,
+        };
+        let transport_error = |source| ApiError::Transport {
+            url: url.clone(),
+            source,
+        };
+        let stream = TcpStream::connect(&self.endpoint.authority)
+            .await
+            .map_err(connect_error)?;
+        // Management calls are small request/answer exchanges: never wait for Nagle.
+        stream.set_nodelay(true).map_err(connect_error)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(transport_error)?;
+        // Drives the connection. Its own outcome does not matter: a failure
+        // shows in the answer, and once the answer is read it is stopped.
+        let driver = tokio::spawn(connection);
+        let result = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(transport_error)?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|error| match error.downcast::<hyper::Error>() {
+                    Ok(error) => transport_error(*error),
+                    Err(_) => ApiError::Status {
+                        status: status.as_u16(),
+                        message: format!("the answer is larger than {MAX_RESPONSE} bytes"),
+                    },
+                })?
+                .to_bytes();
+            Ok((status, body))
+        }
+        .await;
+        drop(sender);
+        driver.abort();
+        result
+    }
+}
+
+fn vdisk_path(datastore: &str, name: &str, suffix: &str) -> String {
+    format!("/v1/vdisks/{}/{}{suffix}", encode(datastore), encode(name))
+}
+
+/// The server's explanation of a refusal: the `error` field of its JSON
+/// answer, else the start of the body, else the status's reason phrase.
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {
+        return parsed.error;
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return status
+            .canonical_reason()
+            .unwrap_or("no explanation")
+            .to_owned();
+    }
+    text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_come_from_the_body() {
+        assert_eq!(
+            error_message(
+                StatusCode::NOT_FOUND,
+                br#"{"error":"vDisk a/b does not exist"}"#
+            ),
+            "vDisk a/b does not exist"
+        );
+        assert_eq!(
+            error_message(StatusCode::BAD_GATEWAY, b"  upstream down\n"),
+            "upstream down"
+        );
+        assert_eq!(error_message(StatusCode::NOT_FOUND, b""), "Not Found");
+    }
+
+    #[test]
+    fn vdisk_paths_are_encoded() {
+        assert_eq!(vdisk_path("ds", "a b", "/open"), "/v1/vdisks/ds/a%20b/open");
+    }
+
+    #[test]
+    fn the_token_is_not_printed() {
+        let client = ApiClient::new("http://127.0.0.1:1", "secret".into()).expect("valid");
+        assert!(!format!("{client:?}").contains("secret"));
+    }
+
+    #[test]
+    fn token_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("api-token");
+        assert!(matches!(
+            ApiClient::from_token_file("http://127.0.0.1:1", &path),
+            Err(ApiError::TokenFile { .. })
+        ));
+        std::fs::write(&path, "\n").expect("write");
+        assert!(matches!(
+            ApiClient::from_token_file("http://127.0.0.1:1", &path),
+            Err(ApiError::TokenFile { .. })
+        ));
+        std::fs::write(&path, "abc\n").expect("write");
+        let client = ApiClient::from_token_file("http://127.0.0.1:1", &path).expect("read");
+        assert_eq!(client.token, "abc");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_connect_error() {
+        // Bind then drop a listener: the port is closed.
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr").port()
+        };
+        let client =
+            ApiClient::new(&format!("http://127.0.0.1:{port}"), "t".into()).expect("valid");
+        let error = client.zone().await.expect_err("nothing listens");
+        assert!(matches!(error, ApiError::Connect { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            format!("cannot reach the Tessera API at http://127.0.0.1:{port}")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _hold = tokio::spawn(async move {
+            let (_socket, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let client = ApiClient::new(&format!("http://{addr}"), "t".into())
+            .expect("valid")
+            .with_timeout(Duration::from_millis(200));
+        assert!(matches!(client.zone().await, Err(ApiError::Timeout { .. })));
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let client = ApiClient::new("http://127.0.0.1:1", "t".into()).expect("valid");
+        assert_send(&client.zone());
+        assert_send(&client.open_vdisk(
+            "a",
+            "b",
+            &OpenVdisk {
+                host: "h".into(),
+                ttl_ms: 1,
+                force: false,
+            },
+        ));
+        assert_send(&client.delete_vdisk("a", "b", true));
+    }
+}

@@ -1,0 +1,321 @@
+//! Command-line arguments. Doc comments are the `--help` text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Tessera: distributed block storage for KVM clouds.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach the zone's management API.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Management API URL [default: the zone `tessera up` started, else http://127.0.0.1:8080].
+    #[arg(long, env = "TESSERA_API")]
+    pub api: Option<String>,
+    /// File holding the API bearer token [default: the zone `tessera up` started].
+    #[arg(long, env = "TESSERA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bring up a whole zone on this machine: metadata, API and storage nodes.
+    Up(UpArgs),
+    /// The management API server.
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Storage nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The zone.
+    #[command(subcommand)]
+    Zone(ZoneCommand),
+    /// Hosts of the zone.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Disks of the zone's storage nodes.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Datastores: pools of disks with a redundancy policy.
+    #[command(subcommand)]
+    Datastore(DatastoreCommand),
+    /// Virtual disks.
+    #[command(subcommand)]
+    Vdisk(VdiskCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Directory holding the zone's metadata, token, and every node's disk files.
+    #[arg(long, default_value = "/var/lib/tessera/local")]
+    pub dir: PathBuf,
+    /// Number of storage nodes to run.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u32,
+    /// Management API listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub api: SocketAddr,
+    /// Size of each node's disk file (created on first start).
+    #[arg(long, default_value = "4G")]
+    pub disk_size: String,
+    /// Name of the zone (on first start).
+    #[arg(long, default_value = "local")]
+    pub zone_name: String,
+    /// Seconds a node's liveness lasts without a heartbeat.
+    #[arg(long, default_value_t = 5)]
+    pub node_ttl: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Serve the management API over the zone metadata in DIR.
+    Run(ApiRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApiRunArgs {
+    /// Directory of the zone metadata and the API token.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Name of the zone (on first start).
+    #[arg(long, default_value = "local")]
+    pub zone_name: String,
+}
+
+impl TryFrom<ApiRunArgs> for tessera_api::ApiConfig {
+    type Error = anyhow::Error;
+    fn try_from(a: ApiRunArgs) -> anyhow::Result<Self> {
+        if a.zone_name.is_empty() {
+            anyhow::bail!("the zone name must not be empty");
+        }
+        Ok(tessera_api::ApiConfig {
+            dir: a.dir,
+            listen: a.listen,
+            zone_name: a.zone_name,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Run a storage node in the foreground.
+    Run(NodeRunArgs),
+    /// Format a disk (block device or file) for Tessera.
+    Format(NodeFormatArgs),
+    /// List the zone's storage nodes.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Directory of the node's identity.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Storage protocol listen address.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Address clients use to reach the node [default: the listen address].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Host name of this machine in the zone [default: the system host name].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A disk to serve (repeatable): a formatted block device or file.
+    #[arg(long = "disk", required = true)]
+    pub disks: Vec<PathBuf>,
+    /// Create and format missing disk files with this size.
+    #[arg(long)]
+    pub disk_size: Option<String>,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Run without a zone (no registration): for tests of the node alone.
+    #[arg(long)]
+    pub standalone: bool,
+    /// Management API URL of the zone to join (overrides `tessera --api`).
+    #[arg(long = "api")]
+    pub api: Option<String>,
+    /// File holding the API bearer token (overrides `tessera --token-file`).
+    #[arg(long = "token-file")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeFormatArgs {
+    /// Block device or file.
+    pub path: PathBuf,
+    /// Create the file with this size if it does not exist.
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Overwrite an existing Tessera disk (its data is lost).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ZoneCommand {
+    /// Show the zone.
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// List hosts.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// List disks.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatastoreCommand {
+    /// Create a datastore.
+    Create {
+        /// Datastore name.
+        name: String,
+        /// Synchronous copies of every chunk, on distinct nodes.
+        #[arg(long)]
+        mirrors: u32,
+        /// Placement groups each vDisk's chunks are striped over.
+        #[arg(long)]
+        stripes: Option<u32>,
+        /// Member disks (uuids, comma separated) [default: every disk of the zone].
+        #[arg(long, value_delimiter = ',')]
+        disks: Option<Vec<uuid::Uuid>>,
+    },
+    /// List datastores.
+    List,
+    /// Show one datastore.
+    Show { name: String },
+    /// Delete an empty datastore.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VdiskCommand {
+    /// Create a vDisk.
+    Create {
+        /// DATASTORE/NAME
+        path: String,
+        /// Size, e.g. 10G.
+        #[arg(long)]
+        size: String,
+    },
+    /// List vDisks.
+    List {
+        /// Only this datastore's.
+        #[arg(long)]
+        datastore: Option<String>,
+    },
+    /// Show one vDisk.
+    Show {
+        /// DATASTORE/NAME
+        path: String,
+    },
+    /// Grow a vDisk.
+    Resize {
+        /// DATASTORE/NAME
+        path: String,
+        /// New size, e.g. 20G.
+        #[arg(long)]
+        size: String,
+    },
+    /// Delete a vDisk and free its space on every node.
+    Delete {
+        /// DATASTORE/NAME
+        path: String,
+        /// Delete even while it is open.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Splits `DATASTORE/NAME`.
+pub fn vdisk_path(path: &str) -> anyhow::Result<(&str, &str)> {
+    match path.split_once('/') {
+        Some((ds, name)) if !ds.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ds, name))
+        }
+        _ => anyhow::bail!("'{path}' is not DATASTORE/NAME"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vdisk_paths() {
+        assert_eq!(vdisk_path("ds/vm1").unwrap(), ("ds", "vm1"));
+        assert!(vdisk_path("ds").is_err());
+        assert!(vdisk_path("/vm1").is_err());
+        assert!(vdisk_path("ds/").is_err());
+        assert!(vdisk_path("a/b/c").is_err());
+    }
+
+    #[test]
+    fn contract_commands_parse() {
+        Cli::try_parse_from(["tessera", "up", "--dir", "/tmp/x", "--nodes", "3"]).unwrap();
+        Cli::try_parse_from([
+            "tessera",
+            "up",
+            "--dir",
+            "/tmp/x",
+            "--nodes",
+            "3",
+            "--api",
+            "127.0.0.1:9000",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "tessera",
+            "datastore",
+            "create",
+            "ds",
+            "--mirrors",
+            "2",
+            "--stripes",
+            "2",
+        ])
+        .unwrap();
+        Cli::try_parse_from(["tessera", "vdisk", "create", "ds/v", "--size", "1G"]).unwrap();
+        Cli::try_parse_from(["tessera", "vdisk", "show", "ds/v", "--json"]).unwrap();
+        Cli::try_parse_from([
+            "tessera",
+            "--api",
+            "http://x",
+            "--token-file",
+            "/t",
+            "vdisk",
+            "list",
+        ])
+        .unwrap();
+    }
+}

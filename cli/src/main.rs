@@ -1,0 +1,92 @@
+//! `tessera`: the operator's command. Parses arguments, then hands over to
+//! the command's module; errors are printed as one line and exit 1.
+
+mod args;
+mod manage;
+mod node;
+mod output;
+mod size;
+mod up;
+
+use clap::Parser;
+
+fn main() {
+    let cli = args::Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    if let Err(e) = result {
+        eprintln!("error: {}", chain(&e));
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: args::Cli) -> anyhow::Result<()> {
+    use args::Command;
+    let global = cli.global;
+    match cli.command {
+        Command::Up(a) => up::run(a).await,
+        Command::Api(args::ApiCommand::Run(a)) => {
+            daemon_panics_abort();
+            tessera_api::run(a.try_into()?).await?;
+            Ok(())
+        }
+        Command::Node(args::NodeCommand::Run(a)) => {
+            daemon_panics_abort();
+            node::run(&global, a).await
+        }
+        Command::Node(args::NodeCommand::Format(a)) => node::format(a),
+        other => manage::run(&global, other).await,
+    }
+}
+
+/// `error: outer: inner: innermost`, one line.
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Levels: error = an operation failed; warn = something is degraded or was
+/// retried; info = lifecycle (start, stop, registration); debug = per
+/// connection; trace = per request. `RUST_LOG` overrides.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// A daemon that panics stops at once rather than limping on with a
+/// half-dead runtime: its supervisor restarts it, and its state on disk is
+/// crash-safe by design.
+fn daemon_panics_abort() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        std::process::abort();
+    }));
+}

@@ -1,0 +1,315 @@
+//! Management commands: clients of the REST API.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tessera_api_client::ApiClient;
+use tessera_zone::service::{CreateDatastore, CreateVdisk};
+
+use crate::args::{
+    vdisk_path, Command, DatastoreCommand, DiskCommand, Global, HostCommand, NodeCommand,
+    VdiskCommand, ZoneCommand,
+};
+use crate::output::{print_json, Table};
+use crate::size::{human, parse_size};
+
+/// Where `tessera up` leaves directions to its zone for later commands.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CurrentZone {
+    pub api: String,
+    pub token_file: PathBuf,
+}
+
+impl CurrentZone {
+    pub fn path() -> Option<PathBuf> {
+        if let Some(home) = std::env::var_os("TESSERA_HOME") {
+            return Some(PathBuf::from(home).join("current-zone.json"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".tessera/current-zone.json"))
+    }
+
+    pub fn load() -> Option<CurrentZone> {
+        let text = std::fs::read(Self::path()?).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let Some(path) = Self::path() else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// The API client for these options: flags and environment first, then the
+/// zone `tessera up` started, then the defaults.
+pub fn api_client(g: &Global) -> anyhow::Result<ApiClient> {
+    let current = CurrentZone::load();
+    let url = g
+        .api
+        .clone()
+        .or_else(|| current.as_ref().map(|c| c.api.clone()))
+        .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+    let token_file = g
+        .token_file
+        .clone()
+        .or_else(|| current.as_ref().map(|c| c.token_file.clone()))
+        .context(
+            "no API token: pass --token-file or set TESSERA_TOKEN_FILE \
+             (`tessera up` writes DIR/api-token)",
+        )?;
+    Ok(ApiClient::from_token_file(&url, &token_file)?)
+}
+
+pub async fn run(g: &Global, command: Command) -> anyhow::Result<()> {
+    let api = api_client(g)?;
+    let json = g.json;
+    match command {
+        Command::Zone(ZoneCommand::Show) => {
+            let z = api.zone().await?;
+            if json {
+                return print_json(&z);
+            }
+            let mut t = Table::new(["NAME", "UUID", "SCHEMA"]);
+            t.row([z.name.clone(), z.uuid.to_string(), z.schema.to_string()]);
+            t.print();
+        }
+        Command::Host(HostCommand::List) => {
+            let hosts = api.hosts().await?;
+            if json {
+                return print_json(&hosts);
+            }
+            let mut t = Table::new(["NAME", "ROLES"]);
+            for h in &hosts {
+                let roles: Vec<String> = h
+                    .roles
+                    .iter()
+                    .map(|r| serde_json::to_value(r).map(|v| v.as_str().unwrap_or("").to_string()))
+                    .collect::<Result<_, _>>()?;
+                t.row([h.name.clone(), roles.join(",")]);
+            }
+            t.print();
+        }
+        Command::Node(NodeCommand::List) => {
+            let nodes = api.nodes().await?;
+            if json {
+                return print_json(&nodes);
+            }
+            let mut t = Table::new(["UUID", "HOST", "ADDRESS", "STATE", "DISKS"]);
+            for n in &nodes {
+                t.row([
+                    n.node.uuid.to_string(),
+                    n.node.host.clone(),
+                    n.node.addr.clone(),
+                    enum_str(&n.state),
+                    n.node.disks.len().to_string(),
+                ]);
+            }
+            t.print();
+        }
+        Command::Disk(DiskCommand::List) => {
+            let disks = api.disks().await?;
+            if json {
+                return print_json(&disks);
+            }
+            let mut t = Table::new(["UUID", "NODE", "PATH", "CAPACITY", "USED"]);
+            for d in &disks {
+                t.row([
+                    d.uuid.to_string(),
+                    d.node.to_string(),
+                    d.path.clone(),
+                    human(d.capacity),
+                    human(d.used),
+                ]);
+            }
+            t.print();
+        }
+        Command::Datastore(c) => datastore(&api, json, c).await?,
+        Command::Vdisk(c) => vdisk(&api, json, c).await?,
+        Command::Up(_) | Command::Api(_) | Command::Node(_) => {
+            unreachable!("dispatched in main")
+        }
+    }
+    Ok(())
+}
+
+fn enum_str<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn policy_str(p: &tessera_zone::records::Policy) -> String {
+    use tessera_zone::records::Redundancy;
+    let r = match p.redundancy {
+        Redundancy::Mirror { copies } => format!("mirrors={copies}"),
+        Redundancy::ErasureCode { data, parity } => format!("ec={data}+{parity}"),
+    };
+    format!("{r} stripes={}", p.stripes)
+}
+
+async fn datastore(api: &ApiClient, json: bool, c: DatastoreCommand) -> anyhow::Result<()> {
+    match c {
+        DatastoreCommand::Create {
+            name,
+            mirrors,
+            stripes,
+            disks,
+        } => {
+            let ds = api
+                .create_datastore(&CreateDatastore {
+                    name,
+                    mirrors,
+                    stripes,
+                    disks,
+                })
+                .await?;
+            if json {
+                return print_json(&ds);
+            }
+            println!(
+                "created datastore {} ({}, {} disks)",
+                ds.name,
+                policy_str(&ds.policy),
+                ds.disks.len()
+            );
+        }
+        DatastoreCommand::List => {
+            let all = api.datastores().await?;
+            if json {
+                return print_json(&all);
+            }
+            let mut t = Table::new(["NAME", "POLICY", "DISKS", "UUID"]);
+            for ds in &all {
+                t.row([
+                    ds.name.clone(),
+                    policy_str(&ds.policy),
+                    ds.disks.len().to_string(),
+                    ds.uuid.to_string(),
+                ]);
+            }
+            t.print();
+        }
+        DatastoreCommand::Show { name } => {
+            let ds = api.datastore(&name).await?;
+            if json {
+                return print_json(&ds);
+            }
+            let mut t = Table::new(["FIELD", "VALUE"]);
+            t.row(["name".into(), ds.name.clone()]);
+            t.row(["uuid".into(), ds.uuid.to_string()]);
+            t.row(["policy".into(), policy_str(&ds.policy)]);
+            for d in &ds.disks {
+                t.row(["disk".into(), d.to_string()]);
+            }
+            t.print();
+        }
+        DatastoreCommand::Delete { name } => {
+            api.delete_datastore(&name).await?;
+            if !json {
+                println!("deleted datastore {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<()> {
+    match c {
+        VdiskCommand::Create { path, size } => {
+            let (ds, name) = vdisk_path(&path)?;
+            let size = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let v = api
+                .create_vdisk(&CreateVdisk {
+                    datastore: ds.to_string(),
+                    name: name.to_string(),
+                    size,
+                })
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "created vDisk {}/{} ({}, {}) uuid {}",
+                v.datastore,
+                v.name,
+                human(v.size),
+                policy_str(&v.policy),
+                v.uuid
+            );
+        }
+        VdiskCommand::List { datastore } => {
+            let all = api.vdisks(datastore.as_deref()).await?;
+            if json {
+                return print_json(&all);
+            }
+            let mut t = Table::new(["VDISK", "SIZE", "POLICY", "STATE", "HEALTH", "EPOCH"]);
+            for v in &all {
+                t.row([
+                    format!("{}/{}", v.vdisk.datastore, v.vdisk.name),
+                    human(v.vdisk.size),
+                    policy_str(&v.vdisk.policy),
+                    state_str(&v.vdisk.state),
+                    enum_str(&v.health),
+                    v.vdisk.epoch.to_string(),
+                ]);
+            }
+            t.print();
+        }
+        VdiskCommand::Show { path } => {
+            let (ds, name) = vdisk_path(&path)?;
+            let v = api.vdisk(ds, name).await?;
+            if json {
+                return print_json(&v);
+            }
+            let d = &v.vdisk;
+            let mut t = Table::new(["FIELD", "VALUE"]);
+            t.row(["name".into(), format!("{}/{}", d.datastore, d.name)]);
+            t.row(["uuid".into(), d.uuid.to_string()]);
+            t.row([
+                "size".into(),
+                format!("{} ({} bytes)", human(d.size), d.size),
+            ]);
+            t.row(["policy".into(), policy_str(&d.policy)]);
+            t.row(["state".into(), state_str(&d.state)]);
+            t.row(["health".into(), enum_str(&v.health)]);
+            t.row(["epoch".into(), d.epoch.to_string()]);
+            for (i, g) in d.placement.groups.iter().enumerate() {
+                let disks: Vec<String> = g.iter().map(|u| u.to_string()).collect();
+                t.row([format!("group {i}"), disks.join(" ")]);
+            }
+            t.print();
+        }
+        VdiskCommand::Resize { path, size } => {
+            let (ds, name) = vdisk_path(&path)?;
+            let size = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let v = api.resize_vdisk(ds, name, size).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("resized vDisk {ds}/{name} to {}", human(v.size));
+        }
+        VdiskCommand::Delete { path, force } => {
+            let (ds, name) = vdisk_path(&path)?;
+            api.delete_vdisk(ds, name, force).await?;
+            if !json {
+                println!("deleted vDisk {ds}/{name}; nodes free its space within seconds");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state_str(s: &tessera_zone::records::VdiskState) -> String {
+    match s {
+        tessera_zone::records::VdiskState::Offline => "offline".into(),
+        tessera_zone::records::VdiskState::Online { host } => format!("online@{host}"),
+    }
+}

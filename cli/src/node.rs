@@ -1,0 +1,95 @@
+//! `tessera node run` and `tessera node format`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_storage_node::{DiskSpec, NodeConfig};
+
+use crate::args::{Global, NodeFormatArgs, NodeRunArgs};
+use crate::manage::api_client;
+use crate::size::parse_size;
+
+pub async fn run(global: &Global, a: NodeRunArgs) -> anyhow::Result<()> {
+    let create_size = a
+        .disk_size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let api = if a.standalone {
+        None
+    } else {
+        let mut g = global.clone();
+        g.api = a.api.clone().or(g.api);
+        g.token_file = a.token_file.clone().or(g.token_file);
+        Some(api_client(&g)?)
+    };
+    let config = NodeConfig {
+        dir: a.dir,
+        listen: a.listen,
+        advertise: a.advertise,
+        host: a.host.unwrap_or_else(system_host_name),
+        disks: a
+            .disks
+            .into_iter()
+            .map(|path| DiskSpec { path, create_size })
+            .collect(),
+        api,
+        heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(50)),
+    };
+    tessera_storage_node::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub fn format(a: NodeFormatArgs) -> anyhow::Result<()> {
+    let size = a
+        .size
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let disk = tessera_chunkstore::Disk::format(
+        &a.path,
+        &tessera_chunkstore::FormatOptions {
+            disk_uuid: uuid::Uuid::new_v4(),
+            extent_size: tessera_chunkstore::DEFAULT_EXTENT_SIZE,
+            size,
+            force: a.force,
+        },
+    )
+    .with_context(|| format!("cannot format {}", a.path.display()))?;
+    let info = disk.info();
+    println!(
+        "formatted {}: disk {} with {} of chunk space",
+        a.path.display(),
+        disk.uuid(),
+        crate::size::human(info.capacity)
+    );
+    Ok(())
+}
+
+/// The system's host name.
+pub fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

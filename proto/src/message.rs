@@ -1,0 +1,643 @@
+//! Frame headers and message bodies: encoding and validated decoding.
+
+use thiserror::Error;
+
+/// First four bytes of every frame.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"TSP\x01");
+/// Layout version of the frame header.
+pub const FRAME_VERSION: u8 = 1;
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 32;
+/// Largest data payload of one request (4 MiB).
+pub const MAX_PAYLOAD: u32 = 4 << 20;
+/// Largest frame body: fixed fields plus payload.
+pub const MAX_BODY: u32 = MAX_PAYLOAD + 4096;
+/// Lowest protocol version this build speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_MAX: u16 = 1;
+/// Sector size: offsets and lengths of chunk I/O are multiples of it.
+pub const SECTOR: u32 = 512;
+
+/// Header flag: the frame is a reply.
+pub const FLAG_REPLY: u16 = 1;
+
+/// Why a frame or body is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtoError {
+    #[error("bad frame magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("unsupported frame version {0}")]
+    BadVersion(u8),
+    #[error("frame header checksum mismatch")]
+    HeaderChecksum,
+    #[error("unknown opcode {0}")]
+    UnknownOpcode(u8),
+    #[error("unknown flags {0:#06x}")]
+    UnknownFlags(u16),
+    #[error("frame body of {0} bytes exceeds the limit")]
+    BodyTooLarge(u32),
+    #[error("{op:?} body is {got} bytes, expected {expected}")]
+    BodyLength {
+        op: Opcode,
+        got: usize,
+        expected: usize,
+    },
+    #[error("payload checksum mismatch")]
+    PayloadChecksum,
+    #[error("I/O range offset {offset} length {len} is not sector aligned")]
+    Unaligned { offset: u32, len: u32 },
+    #[error("unknown status code {0}")]
+    UnknownStatus(u32),
+    #[error("a request frame carries status {0}")]
+    StatusInRequest(u32),
+    #[error("frame is a request where a reply was expected, or the reverse")]
+    Direction,
+}
+
+/// What a frame asks (or, in a reply, answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    Hello = 1,
+    Read = 2,
+    Write = 3,
+    Flush = 4,
+    Discard = 5,
+    WriteZeroes = 6,
+    Fence = 7,
+    DeleteVdisk = 8,
+}
+
+impl TryFrom<u8> for Opcode {
+    type Error = ProtoError;
+    fn try_from(v: u8) -> Result<Self, ProtoError> {
+        Ok(match v {
+            1 => Opcode::Hello,
+            2 => Opcode::Read,
+            3 => Opcode::Write,
+            4 => Opcode::Flush,
+            5 => Opcode::Discard,
+            6 => Opcode::WriteZeroes,
+            7 => Opcode::Fence,
+            8 => Opcode::DeleteVdisk,
+            other => return Err(ProtoError::UnknownOpcode(other)),
+        })
+    }
+}
+
+/// Outcome of a request, carried in the reply header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Status {
+    Ok = 0,
+    /// The request's epoch is older than the vDisk's epoch on the node: the
+    /// sender has been fenced. The reply body holds the node's epoch.
+    StaleEpoch = 1,
+    /// The node has no such disk.
+    NoSuchDisk = 2,
+    /// The request is well-formed but not valid (range beyond the chunk, …).
+    Invalid = 3,
+    /// The disk failed the I/O.
+    IoError = 4,
+    /// Stored data failed its checksum.
+    Checksum = 5,
+    /// The disk has no free extent.
+    NoSpace = 6,
+    /// The protocol versions offered are not spoken by the node.
+    Unsupported = 7,
+}
+
+impl TryFrom<u32> for Status {
+    type Error = ProtoError;
+    fn try_from(v: u32) -> Result<Self, ProtoError> {
+        Ok(match v {
+            0 => Status::Ok,
+            1 => Status::StaleEpoch,
+            2 => Status::NoSuchDisk,
+            3 => Status::Invalid,
+            4 => Status::IoError,
+            5 => Status::Checksum,
+            6 => Status::NoSpace,
+            7 => Status::Unsupported,
+            other => return Err(ProtoError::UnknownStatus(other)),
+        })
+    }
+}
+
+/// A decoded, checked frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub opcode: Opcode,
+    pub flags: u16,
+    pub id: u64,
+    pub body_len: u32,
+    pub status: u32,
+    pub payload_crc: u32,
+}
+
+impl Header {
+    /// A request header.
+    pub fn request(opcode: Opcode, id: u64, body_len: u32, payload_crc: u32) -> Self {
+        Header {
+            opcode,
+            flags: 0,
+            id,
+            body_len,
+            status: 0,
+            payload_crc,
+        }
+    }
+
+    /// A reply header.
+    pub fn reply(opcode: Opcode, id: u64, status: Status, body_len: u32, payload_crc: u32) -> Self {
+        Header {
+            opcode,
+            flags: FLAG_REPLY,
+            id,
+            body_len,
+            status: status as u32,
+            payload_crc,
+        }
+    }
+
+    /// Whether this is a reply.
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_REPLY != 0
+    }
+
+    /// The reply status (`Ok` for requests).
+    pub fn status(&self) -> Status {
+        // decode() only accepts known status codes.
+        Status::try_from(self.status).unwrap_or(Status::Invalid)
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = FRAME_VERSION;
+        b[5] = self.opcode as u8;
+        b[6..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..16].copy_from_slice(&self.id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.body_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.status.to_le_bytes());
+        b[24..28].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, ProtoError> {
+        let magic = le32(&b[0..4]);
+        if magic != MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        if b[4] != FRAME_VERSION {
+            return Err(ProtoError::BadVersion(b[4]));
+        }
+        if crc32c::crc32c(&b[0..28]) != le32(&b[28..32]) {
+            return Err(ProtoError::HeaderChecksum);
+        }
+        let opcode = Opcode::try_from(b[5])?;
+        let flags = u16::from_le_bytes([b[6], b[7]]);
+        if flags & !FLAG_REPLY != 0 {
+            return Err(ProtoError::UnknownFlags(flags));
+        }
+        let body_len = le32(&b[16..20]);
+        if body_len > MAX_BODY {
+            return Err(ProtoError::BodyTooLarge(body_len));
+        }
+        let status = le32(&b[20..24]);
+        Status::try_from(status)?;
+        if flags & FLAG_REPLY == 0 && status != 0 {
+            return Err(ProtoError::StatusInRequest(status));
+        }
+        Ok(Header {
+            opcode,
+            flags,
+            id: le64(&b[8..16]),
+            body_len,
+            status,
+            payload_crc: le32(&b[24..28]),
+        })
+    }
+}
+
+/// Addresses a range inside one chunk of one vDisk on one disk of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRange {
+    pub vdisk: [u8; 16],
+    pub disk: [u8; 16],
+    pub chunk: u64,
+    /// Byte offset inside the chunk, a multiple of [`SECTOR`].
+    pub offset: u32,
+    /// Byte length, a multiple of [`SECTOR`].
+    pub len: u32,
+    /// The writer's epoch (fencing); ignored by reads.
+    pub epoch: u64,
+}
+
+impl ChunkRange {
+    pub const LEN: usize = 56;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..16].copy_from_slice(&self.vdisk);
+        b[16..32].copy_from_slice(&self.disk);
+        b[32..40].copy_from_slice(&self.chunk.to_le_bytes());
+        b[40..44].copy_from_slice(&self.offset.to_le_bytes());
+        b[44..48].copy_from_slice(&self.len.to_le_bytes());
+        b[48..56].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, ProtoError> {
+        let r = ChunkRange {
+            vdisk: b[0..16].try_into().expect("16 bytes"),
+            disk: b[16..32].try_into().expect("16 bytes"),
+            chunk: le64(&b[32..40]),
+            offset: le32(&b[40..44]),
+            len: le32(&b[44..48]),
+            epoch: le64(&b[48..56]),
+        };
+        if r.offset % SECTOR != 0 || r.len % SECTOR != 0 || r.len > MAX_PAYLOAD {
+            return Err(ProtoError::Unaligned {
+                offset: r.offset,
+                len: r.len,
+            });
+        }
+        Ok(r)
+    }
+}
+
+/// Names one disk of the node (all zeros: every disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRef {
+    pub disk: [u8; 16],
+}
+
+/// Fixed fields of `Fence` and `DeleteVdisk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VdiskRef {
+    pub vdisk: [u8; 16],
+    pub disk: [u8; 16],
+    pub epoch: u64,
+}
+
+impl VdiskRef {
+    pub const LEN: usize = 40;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..16].copy_from_slice(&self.vdisk);
+        b[16..32].copy_from_slice(&self.disk);
+        b[32..40].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+}
+
+/// Fixed fields of `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Who is calling (the volume client's session), for the node's logs.
+    pub client: [u8; 16],
+}
+
+impl Hello {
+    pub const LEN: usize = 24;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..2].copy_from_slice(&self.min_version.to_le_bytes());
+        b[2..4].copy_from_slice(&self.max_version.to_le_bytes());
+        b[8..24].copy_from_slice(&self.client);
+        b
+    }
+}
+
+/// A decoded request. `Write` borrows its payload from the frame body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    Hello(Hello),
+    Read(ChunkRange),
+    Write(ChunkRange, &'a [u8]),
+    Flush(DiskRef),
+    Discard(ChunkRange),
+    WriteZeroes(ChunkRange),
+    Fence(VdiskRef),
+    DeleteVdisk(VdiskRef),
+}
+
+impl<'a> Request<'a> {
+    /// Decodes and validates a request body for `header`.
+    pub fn decode(header: &Header, body: &'a [u8]) -> Result<Self, ProtoError> {
+        if header.is_reply() {
+            return Err(ProtoError::Direction);
+        }
+        let op = header.opcode;
+        let exact = |expected: usize| -> Result<(), ProtoError> {
+            if body.len() != expected {
+                return Err(ProtoError::BodyLength {
+                    op,
+                    got: body.len(),
+                    expected,
+                });
+            }
+            Ok(())
+        };
+        Ok(match op {
+            Opcode::Hello => {
+                exact(Hello::LEN)?;
+                Request::Hello(Hello {
+                    min_version: u16::from_le_bytes([body[0], body[1]]),
+                    max_version: u16::from_le_bytes([body[2], body[3]]),
+                    client: body[8..24].try_into().expect("16 bytes"),
+                })
+            }
+            Opcode::Read | Opcode::Discard | Opcode::WriteZeroes => {
+                exact(ChunkRange::LEN)?;
+                let r = ChunkRange::decode(body)?;
+                match op {
+                    Opcode::Read => Request::Read(r),
+                    Opcode::Discard => Request::Discard(r),
+                    _ => Request::WriteZeroes(r),
+                }
+            }
+            Opcode::Write => {
+                if body.len() < ChunkRange::LEN {
+                    return Err(ProtoError::BodyLength {
+                        op,
+                        got: body.len(),
+                        expected: ChunkRange::LEN,
+                    });
+                }
+                let r = ChunkRange::decode(&body[..ChunkRange::LEN])?;
+                exact(ChunkRange::LEN + r.len as usize)?;
+                let payload = &body[ChunkRange::LEN..];
+                if crc32c::crc32c(payload) != header.payload_crc {
+                    return Err(ProtoError::PayloadChecksum);
+                }
+                Request::Write(r, payload)
+            }
+            Opcode::Flush => {
+                exact(16)?;
+                Request::Flush(DiskRef {
+                    disk: body[0..16].try_into().expect("16 bytes"),
+                })
+            }
+            Opcode::Fence | Opcode::DeleteVdisk => {
+                exact(VdiskRef::LEN)?;
+                let v = VdiskRef {
+                    vdisk: body[0..16].try_into().expect("16 bytes"),
+                    disk: body[16..32].try_into().expect("16 bytes"),
+                    epoch: le64(&body[32..40]),
+                };
+                if op == Opcode::Fence {
+                    Request::Fence(v)
+                } else {
+                    Request::DeleteVdisk(v)
+                }
+            }
+        })
+    }
+
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello(_) => Opcode::Hello,
+            Request::Read(_) => Opcode::Read,
+            Request::Write(..) => Opcode::Write,
+            Request::Flush(_) => Opcode::Flush,
+            Request::Discard(_) => Opcode::Discard,
+            Request::WriteZeroes(_) => Opcode::WriteZeroes,
+            Request::Fence(_) => Opcode::Fence,
+            Request::DeleteVdisk(_) => Opcode::DeleteVdisk,
+        }
+    }
+
+    /// Encodes the request's header and fixed fields into `out`; the payload
+    /// (for `Write`) is returned separately so it can be sent without a copy.
+    pub fn encode_head(&self, id: u64, out: &mut Vec<u8>) -> &'a [u8] {
+        let (fixed, payload): (Vec<u8>, &'a [u8]) = match *self {
+            Request::Hello(h) => (h.encode().to_vec(), &[]),
+            Request::Read(r) | Request::Discard(r) | Request::WriteZeroes(r) => {
+                (r.encode().to_vec(), &[])
+            }
+            Request::Write(r, p) => (r.encode().to_vec(), p),
+            Request::Flush(d) => (d.disk.to_vec(), &[]),
+            Request::Fence(v) | Request::DeleteVdisk(v) => (v.encode().to_vec(), &[]),
+        };
+        let crc = if payload.is_empty() {
+            0
+        } else {
+            crc32c::crc32c(payload)
+        };
+        let body_len = (fixed.len() + payload.len()) as u32;
+        out.extend_from_slice(&Header::request(self.opcode(), id, body_len, crc).encode());
+        out.extend_from_slice(&fixed);
+        payload
+    }
+}
+
+/// Body of the reply to `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    pub version: u16,
+    pub node: [u8; 16],
+    pub disks: Vec<[u8; 16]>,
+}
+
+impl HelloReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24 + 16 * self.disks.len());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&[0u8; 2]);
+        b.extend_from_slice(&(self.disks.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.node);
+        for d in &self.disks {
+            b.extend_from_slice(d);
+        }
+        b
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let bad = |expected| ProtoError::BodyLength {
+            op: Opcode::Hello,
+            got: body.len(),
+            expected,
+        };
+        if body.len() < 24 {
+            return Err(bad(24));
+        }
+        let n = le32(&body[4..8]) as usize;
+        let expected = n
+            .checked_mul(16)
+            .and_then(|x| x.checked_add(24))
+            .ok_or_else(|| bad(usize::MAX))?;
+        if body.len() != expected {
+            return Err(bad(expected));
+        }
+        Ok(HelloReply {
+            version: u16::from_le_bytes([body[0], body[1]]),
+            node: body[8..24].try_into().expect("16 bytes"),
+            disks: body[24..]
+                .chunks_exact(16)
+                .map(|c| c.try_into().expect("16 bytes"))
+                .collect(),
+        })
+    }
+}
+
+pub(crate) fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
+pub(crate) fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn range() -> impl Strategy<Value = ChunkRange> {
+        (
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            0u32..8192,
+            0u32..64,
+            any::<u64>(),
+        )
+            .prop_map(|(vdisk, disk, chunk, off, len, epoch)| ChunkRange {
+                vdisk,
+                disk,
+                chunk,
+                offset: off * SECTOR,
+                len: len * SECTOR,
+                epoch,
+            })
+    }
+
+    fn roundtrip(req: Request<'_>, id: u64) {
+        let mut head = Vec::new();
+        let payload = req.encode_head(id, &mut head);
+        let mut frame = head.clone();
+        frame.extend_from_slice(payload);
+        let hdr = Header::decode(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(hdr.id, id);
+        assert_eq!(hdr.body_len as usize, frame.len() - HEADER_LEN);
+        let got = Request::decode(&hdr, &frame[HEADER_LEN..]).unwrap();
+        assert_eq!(got, req);
+    }
+
+    proptest! {
+        #[test]
+        fn requests_roundtrip(r in range(), id in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..4)) {
+            roundtrip(Request::Read(r), id);
+            roundtrip(Request::Discard(r), id);
+            roundtrip(Request::WriteZeroes(r), id);
+            let payload: Vec<u8> = data.iter().cycle().take(r.len as usize).copied().collect();
+            if payload.len() == r.len as usize {
+                roundtrip(Request::Write(r, &payload), id);
+            }
+            roundtrip(Request::Fence(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
+            roundtrip(Request::DeleteVdisk(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
+            roundtrip(Request::Flush(DiskRef { disk: r.disk }), id);
+            roundtrip(Request::Hello(Hello { min_version: 1, max_version: r.len as u16, client: r.vdisk }), id);
+        }
+
+        /// Arbitrary bytes never panic the decoders; whatever decodes re-encodes identically.
+        #[test]
+        fn arbitrary_frames_never_panic(hdr in any::<[u8; HEADER_LEN]>(), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(h) = Header::decode(&hdr) {
+                prop_assert_eq!(h.encode(), hdr);
+                let _ = Request::decode(&h, &body);
+            }
+            let _ = HelloReply::decode(&body);
+        }
+
+        /// Headers that are valid except for garbage in the body never panic either.
+        #[test]
+        fn valid_header_garbage_body(op in 1u8..=8, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
+            let h = Header::request(Opcode::try_from(op).unwrap(), 7, body.len() as u32, crc);
+            let h = Header::decode(&h.encode()).unwrap();
+            let _ = Request::decode(&h, &body);
+        }
+
+        /// One flipped bit anywhere in a header is detected.
+        #[test]
+        fn header_bit_flips_detected(r in range(), bit in 0usize..(HEADER_LEN * 8)) {
+            let mut head = Vec::new();
+            Request::Read(r).encode_head(9, &mut head);
+            let mut h: [u8; HEADER_LEN] = head[..HEADER_LEN].try_into().unwrap();
+            h[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(Header::decode(&h).is_err());
+        }
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_alignment() {
+        let r = ChunkRange {
+            vdisk: [1; 16],
+            disk: [2; 16],
+            chunk: 3,
+            offset: 100,
+            len: 512,
+            epoch: 1,
+        };
+        let h = Header::request(Opcode::Read, 1, ChunkRange::LEN as u32, 0);
+        assert!(matches!(
+            Request::decode(&h, &r.encode()),
+            Err(ProtoError::Unaligned { .. })
+        ));
+        let h = Header::request(Opcode::Read, 1, 10, 0);
+        assert!(matches!(
+            Request::decode(&h, &[0; 10]),
+            Err(ProtoError::BodyLength { .. })
+        ));
+        // A write whose payload length disagrees with its range.
+        let ok = ChunkRange { offset: 0, ..r };
+        let mut body = ok.encode().to_vec();
+        body.extend_from_slice(&[0; 100]);
+        let h = Header::request(Opcode::Write, 1, body.len() as u32, 0);
+        assert!(matches!(
+            Request::decode(&h, &body),
+            Err(ProtoError::BodyLength { .. })
+        ));
+        // A write whose payload fails its checksum.
+        let mut body = ok.encode().to_vec();
+        body.extend_from_slice(&[7; 512]);
+        let h = Header::request(Opcode::Write, 1, body.len() as u32, 0);
+        assert_eq!(Request::decode(&h, &body), Err(ProtoError::PayloadChecksum));
+    }
+
+    #[test]
+    fn oversized_body_rejected_before_reading_it() {
+        let mut h = Header::request(Opcode::Write, 1, 0, 0).encode();
+        h[16..20].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        let crc = crc32c::crc32c(&h[0..28]);
+        h[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Header::decode(&h),
+            Err(ProtoError::BodyTooLarge(MAX_BODY + 1))
+        );
+    }
+
+    #[test]
+    fn hello_reply_roundtrip_and_truncation() {
+        let r = HelloReply {
+            version: 1,
+            node: [5; 16],
+            disks: vec![[1; 16], [2; 16]],
+        };
+        let b = r.encode();
+        assert_eq!(HelloReply::decode(&b).unwrap(), r);
+        assert!(HelloReply::decode(&b[..b.len() - 1]).is_err());
+        let mut huge = b.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(HelloReply::decode(&huge).is_err());
+    }
+}

@@ -1,0 +1,584 @@
+//! The volume client: a vDisk's byte address space over its chunks' copies.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{join_all, try_join_all};
+use tessera_api_client::ApiClient;
+use tessera_proto::{ChunkRange, DiskRef, Frame, Request, Status, VdiskRef};
+use tessera_zone::records::{Vdisk, SECTOR_SIZE};
+use tessera_zone::service::{OpenVdisk, SessionRef};
+use uuid::Uuid;
+
+use crate::conn::NodeLink;
+use crate::layout::{split, Piece};
+use crate::VolumeError;
+
+/// How to open a vDisk.
+#[derive(Clone)]
+pub struct VolumeConfig {
+    pub api: ApiClient,
+    pub datastore: String,
+    pub name: String,
+    /// This host: reads prefer copies on it; the zone shows the vDisk online here.
+    pub host: String,
+    /// Write lease time to live; renewed every third of it.
+    pub lease_ttl: Duration,
+    /// Take the lease even if another live holder has it (operator take-over).
+    pub force: bool,
+    /// Bound on one request to one storage node.
+    pub io_timeout: Duration,
+}
+
+impl VolumeConfig {
+    pub fn new(api: ApiClient, datastore: &str, name: &str, host: &str) -> Self {
+        VolumeConfig {
+            api,
+            datastore: datastore.to_string(),
+            name: name.to_string(),
+            host: host.to_string(),
+            lease_ttl: Duration::from_secs(10),
+            force: false,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One copy of a chunk: a disk and the node serving it.
+#[derive(Clone)]
+struct Copy {
+    disk: Uuid,
+    node: Arc<NodeLink>,
+    local: bool,
+}
+
+struct Inner {
+    config: VolumeConfig,
+    vdisk: Vdisk,
+    epoch: u64,
+    session: Uuid,
+    /// Per placement group, the copies in placement order.
+    groups: Vec<Vec<Copy>>,
+    /// Per placement group, the copy reads go to first (a local one if any).
+    read_first: Vec<usize>,
+    nodes: Vec<Arc<NodeLink>>,
+    /// Set once a node or the zone says another writer took over.
+    fenced: AtomicBool,
+    fenced_by: AtomicU64,
+}
+
+/// An open vDisk. Cheap to clone; every clone shares the lease and the
+/// connections, and any number of requests may run at once.
+#[derive(Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+    renewer: Arc<Renewer>,
+}
+
+struct Renewer {
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Volume {
+    /// Opens the vDisk for writing: takes its write lease (a new epoch), and
+    /// fences every copy so no older writer's request lands after this returns.
+    pub async fn open(config: VolumeConfig) -> Result<Volume, VolumeError> {
+        let opened = config
+            .api
+            .open_vdisk(
+                &config.datastore,
+                &config.name,
+                &OpenVdisk {
+                    host: config.host.clone(),
+                    ttl_ms: config.lease_ttl.as_millis() as u64,
+                    force: config.force,
+                },
+            )
+            .await?;
+        let client = *opened.session.as_bytes();
+        let node_addr: HashMap<Uuid, (&str, &str)> = opened
+            .nodes
+            .iter()
+            .map(|n| (n.node.uuid, (n.node.addr.as_str(), n.node.host.as_str())))
+            .collect();
+        let disk_node: HashMap<Uuid, Uuid> =
+            opened.disks.iter().map(|d| (d.uuid, d.node)).collect();
+        let mut links: HashMap<Uuid, Arc<NodeLink>> = HashMap::new();
+        let mut groups = Vec::new();
+        let mut read_first = Vec::new();
+        for group in &opened.vdisk.placement.groups {
+            let mut copies = Vec::new();
+            for disk in group {
+                let node = disk_node
+                    .get(disk)
+                    .ok_or(VolumeError::Placement(format!("disk {disk} has no node")))?;
+                let (addr, host) = node_addr
+                    .get(node)
+                    .ok_or(VolumeError::Placement(format!("node {node} is unknown")))?;
+                let link = links
+                    .entry(*node)
+                    .or_insert_with(|| {
+                        Arc::new(NodeLink::new(addr.to_string(), client, config.io_timeout))
+                    })
+                    .clone();
+                copies.push(Copy {
+                    disk: *disk,
+                    node: link,
+                    local: *host == config.host,
+                });
+            }
+            read_first.push(copies.iter().position(|c| c.local).unwrap_or(0));
+            groups.push(copies);
+        }
+        let inner = Arc::new(Inner {
+            vdisk: opened.vdisk,
+            epoch: opened.epoch,
+            session: opened.session,
+            groups,
+            read_first,
+            nodes: links.into_values().collect(),
+            fenced: AtomicBool::new(false),
+            fenced_by: AtomicU64::new(0),
+            config,
+        });
+        inner.fence_all().await?;
+        let renewer = Arc::new(Renewer::start(inner.clone()));
+        Ok(Volume { inner, renewer })
+    }
+
+    /// The vDisk record as of the open.
+    pub fn vdisk(&self) -> &Vdisk {
+        &self.inner.vdisk
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.vdisk.size
+    }
+
+    /// The epoch this volume writes with.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// Number of copies of every chunk.
+    pub fn copies(&self) -> usize {
+        self.inner.groups.first().map_or(0, |g| g.len())
+    }
+
+    /// Whether another writer has taken the vDisk over.
+    pub fn is_fenced(&self) -> bool {
+        self.inner.fenced.load(Ordering::Acquire)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, from one copy of each chunk.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.read_from(offset, buf, None).await
+    }
+
+    /// Reads from copy number `copy` (placement order) of every chunk only:
+    /// lets tests and scrub check each copy.
+    pub async fn read_copy(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        copy: usize,
+    ) -> Result<(), VolumeError> {
+        if copy >= self.copies() {
+            return Err(VolumeError::NoSuchCopy(copy));
+        }
+        self.read_from(offset, buf, Some(copy)).await
+    }
+
+    async fn read_from(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        copy: Option<usize>,
+    ) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        inner.check_range(offset, buf.len() as u64)?;
+        let pieces = split(offset, buf.len() as u64, inner.vdisk.placement.chunk_size);
+        let mut rest: &mut [u8] = buf;
+        let mut reads = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let (this, tail) = rest.split_at_mut(p.len as usize);
+            rest = tail;
+            reads.push(inner.read_piece(p, this, copy));
+        }
+        try_join_all(reads).await?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` to every copy; returns once every copy holds it.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.writev(offset, &[data]).await
+    }
+
+    /// Writes the concatenation of `bufs` at `offset` to every copy, sending
+    /// the buffers to the nodes as they are (no copy of the data).
+    pub async fn writev(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        inner.check_range(offset, len)?;
+        inner.check_fenced()?;
+        let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        let mut cursor = SliceCursor::new(bufs);
+        let mut writes = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let slices = cursor.take(p.len as usize);
+            writes.push(inner.write_piece(p, slices));
+        }
+        try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Makes every write acknowledged before this call stable on every copy.
+    pub async fn flush(&self) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        inner.check_fenced()?;
+        let mut disks: Vec<(Uuid, Arc<NodeLink>)> = Vec::new();
+        for g in &inner.groups {
+            for c in g {
+                if !disks.iter().any(|(d, _)| *d == c.disk) {
+                    disks.push((c.disk, c.node.clone()));
+                }
+            }
+        }
+        try_join_all(disks.iter().map(|(disk, node)| async move {
+            let frame = node
+                .call(
+                    Request::Flush(DiskRef {
+                        disk: *disk.as_bytes(),
+                    }),
+                    &[],
+                )
+                .await?;
+            inner.check_reply(&frame, node)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros afterwards and
+    /// whole chunks give their space back.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.zero_range(offset, len, true).await
+    }
+
+    /// Writes zeros over `len` bytes at `offset`.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.zero_range(offset, len, false).await
+    }
+
+    async fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        inner.check_range(offset, len)?;
+        inner.check_fenced()?;
+        let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        try_join_all(pieces.into_iter().map(|p| async move {
+            let range = inner.range(&p, Uuid::nil());
+            try_join_all(inner.group(p.chunk).iter().map(|c| async move {
+                let r = ChunkRange {
+                    disk: *c.disk.as_bytes(),
+                    ..range
+                };
+                let req = if discard {
+                    Request::Discard(r)
+                } else {
+                    Request::WriteZeroes(r)
+                };
+                let frame = c.node.call(req, &[]).await?;
+                inner.check_reply(&frame, &c.node)
+            }))
+            .await
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Flushes, releases the write lease and closes the connections.
+    pub async fn close(self) -> Result<(), VolumeError> {
+        let flushed = if self.is_fenced() {
+            Ok(())
+        } else {
+            self.flush().await
+        };
+        self.renewer.stop();
+        let inner = &self.inner;
+        let released = inner
+            .config
+            .api
+            .close_vdisk(
+                &inner.config.datastore,
+                &inner.config.name,
+                &SessionRef {
+                    session: inner.session,
+                    ttl_ms: None,
+                },
+            )
+            .await;
+        join_all(inner.nodes.iter().map(|n| n.close())).await;
+        flushed?;
+        released?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+            return Err(VolumeError::Unaligned { offset, len });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.vdisk.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                offset,
+                len,
+                size: self.vdisk.size,
+            }),
+        }
+    }
+
+    fn check_fenced(&self) -> Result<(), VolumeError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(VolumeError::Fenced {
+                epoch: self.epoch,
+                by: self.fenced_by.load(Ordering::Acquire),
+            });
+        }
+        Ok(())
+    }
+
+    fn group(&self, chunk: u64) -> &[Copy] {
+        &self.groups[(chunk % self.groups.len() as u64) as usize]
+    }
+
+    fn range(&self, p: &Piece, disk: Uuid) -> ChunkRange {
+        ChunkRange {
+            vdisk: *self.vdisk.uuid.as_bytes(),
+            disk: *disk.as_bytes(),
+            chunk: p.chunk,
+            offset: p.offset,
+            len: p.len,
+            epoch: self.epoch,
+        }
+    }
+
+    /// Turns a reply's status into a result, noting a fence.
+    fn check_reply(&self, frame: &Frame, node: &NodeLink) -> Result<(), VolumeError> {
+        match frame.header.status() {
+            Status::Ok => Ok(()),
+            Status::StaleEpoch => {
+                let by = frame
+                    .body
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                    .unwrap_or(0);
+                self.fenced_by.fetch_max(by, Ordering::AcqRel);
+                self.fenced.store(true, Ordering::Release);
+                tracing::error!(epoch = self.epoch, by, "vDisk taken over by another writer");
+                Err(VolumeError::Fenced {
+                    epoch: self.epoch,
+                    by,
+                })
+            }
+            status => Err(VolumeError::Node {
+                addr: node.addr.clone(),
+                status,
+                message: String::from_utf8_lossy(&frame.body).into_owned(),
+            }),
+        }
+    }
+
+    async fn fence_all(&self) -> Result<(), VolumeError> {
+        let mut disks: Vec<(Uuid, Arc<NodeLink>)> = Vec::new();
+        for g in &self.groups {
+            for c in g {
+                if !disks.iter().any(|(d, _)| *d == c.disk) {
+                    disks.push((c.disk, c.node.clone()));
+                }
+            }
+        }
+        try_join_all(disks.iter().map(|(disk, node)| async move {
+            let frame = node
+                .call(
+                    Request::Fence(VdiskRef {
+                        vdisk: *self.vdisk.uuid.as_bytes(),
+                        disk: *disk.as_bytes(),
+                        epoch: self.epoch,
+                    }),
+                    &[],
+                )
+                .await?;
+            self.check_reply(&frame, node)
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn read_piece(
+        &self,
+        p: Piece,
+        out: &mut [u8],
+        only: Option<usize>,
+    ) -> Result<(), VolumeError> {
+        let copies = self.group(p.chunk);
+        let first = match only {
+            Some(c) => c,
+            None => self.read_first[(p.chunk % self.groups.len() as u64) as usize],
+        };
+        let tries = if only.is_some() { 1 } else { copies.len() };
+        let mut last_err = None;
+        for i in 0..tries {
+            let c = &copies[(first + i) % copies.len()];
+            let range = self.range(&p, c.disk);
+            let result = async {
+                let frame = c.node.call(Request::Read(range), &[]).await?;
+                self.check_reply(&frame, &c.node)?;
+                if frame.body.len() != out.len()
+                    || crc32c::crc32c(&frame.body) != frame.header.payload_crc
+                {
+                    return Err(VolumeError::Node {
+                        addr: c.node.addr.clone(),
+                        status: Status::Invalid,
+                        message: "read reply of the wrong length or checksum".into(),
+                    });
+                }
+                Ok(frame.body)
+            }
+            .await;
+            match result {
+                Ok(body) => {
+                    out.copy_from_slice(&body);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "read from copy failed");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.expect("at least one copy tried"))
+    }
+
+    async fn write_piece(&self, p: Piece, data: Vec<&[u8]>) -> Result<(), VolumeError> {
+        let data = &data;
+        try_join_all(self.group(p.chunk).iter().map(|c| async move {
+            let range = self.range(&p, c.disk);
+            let frame = c.node.call(Request::Write(range, &[]), data).await?;
+            self.check_reply(&frame, &c.node)
+        }))
+        .await?;
+        Ok(())
+    }
+}
+
+impl Renewer {
+    fn start(inner: Arc<Inner>) -> Self {
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let period = inner.config.lease_ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut rx => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let renewed = inner
+                    .config
+                    .api
+                    .renew_vdisk(
+                        &inner.config.datastore,
+                        &inner.config.name,
+                        &SessionRef {
+                            session: inner.session,
+                            ttl_ms: Some(inner.config.lease_ttl.as_millis() as u64),
+                        },
+                    )
+                    .await;
+                match renewed {
+                    Ok(_) => {}
+                    Err(tessera_api_client::ApiError::Status {
+                        status: 409,
+                        message,
+                    }) => {
+                        tracing::error!(%message, "write lease lost; refusing further writes");
+                        inner.fenced.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed; will retry"),
+                }
+            }
+        });
+        Renewer {
+            stop: std::sync::Mutex::new(Some(tx)),
+        }
+    }
+
+    fn stop(&self) {
+        if let Some(tx) = self.stop.lock().expect("renewer poisoned").take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Walks a list of buffers, handing out sub-slices of given lengths.
+struct SliceCursor<'a, 'b> {
+    bufs: &'b [&'a [u8]],
+    index: usize,
+    offset: usize,
+}
+
+impl<'a, 'b> SliceCursor<'a, 'b> {
+    fn new(bufs: &'b [&'a [u8]]) -> Self {
+        SliceCursor {
+            bufs,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// The next `len` bytes as slices of the original buffers.
+    fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        while len > 0 && self.index < self.bufs.len() {
+            let buf: &'a [u8] = self.bufs[self.index];
+            let avail = &buf[self.offset..];
+            let n = avail.len().min(len);
+            out.push(&avail[..n]);
+            len -= n;
+            self.offset += n;
+            if self.offset == buf.len() {
+                self.index += 1;
+                self.offset = 0;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_splits_across_buffers() {
+        let a = [1u8; 3];
+        let b = [2u8; 5];
+        let bufs: [&[u8]; 2] = [&a, &b];
+        let mut c = SliceCursor::new(&bufs);
+        let first: Vec<u8> = c.take(4).concat();
+        assert_eq!(first, vec![1, 1, 1, 2]);
+        let second: Vec<u8> = c.take(4).concat();
+        assert_eq!(second, vec![2, 2, 2, 2]);
+        assert!(c.take(1).is_empty());
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs Tessera's whole test suite on this machine: builds the `tessera`
+# binary the integration tests start as real processes, then every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo build --release --bin tessera
+if cargo nextest --version >/dev/null 2>&1; then
+    # Integration tests start several processes each: two at a time on two cores.
+    cargo nextest run --release --workspace --no-fail-fast --test-threads 2
+else
+    cargo test --release --workspace --no-fail-fast -- --test-threads 2
+fi

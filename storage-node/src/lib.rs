@@ -1,0 +1,95 @@
+//! The storage node daemon: serves chunk I/O on its local disks to volume
+//! clients over the storage protocol, and keeps the zone informed of its
+//! disks and liveness.
+//!
+//! It knows the chunk store (disk format) and the wire protocol; it knows
+//! nothing of vDisk layout, replication or virtio: every request names one
+//! chunk range of one disk, and the node does exactly that.
+
+mod config;
+mod disks;
+mod server;
+mod zone_link;
+
+pub use config::{DiskSpec, NodeConfig, NodeIdentity};
+pub use disks::{DiskSet, DisksError};
+pub use server::{serve, Server};
+pub use zone_link::ZoneLink;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+/// Why the node could not start or stopped.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("cannot use the node directory {path}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Disks(#[from] DisksError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node identity file {path} is unreadable: {reason}")]
+    Identity { path: String, reason: String },
+    #[error("{0}")]
+    Zone(String),
+}
+
+/// Runs a storage node until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&config.dir).map_err(|source| NodeError::Dir {
+        path: config.dir.display().to_string(),
+        source,
+    })?;
+    let identity = NodeIdentity::load_or_create(&config.dir)?;
+    let disks = Arc::new(DiskSet::open(&config.disks)?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    tracing::info!(node = %identity.uuid, %addr, disks = disks.len(), "storage node serving");
+
+    let server = serve(listener, identity.uuid, disks.clone());
+    let link = match &config.api {
+        Some(api) => Some(ZoneLink::start(
+            api.clone(),
+            identity.clone(),
+            config.dir.clone(),
+            config.host.clone(),
+            advertise,
+            disks.clone(),
+            config.heartbeat_interval,
+        )),
+        None => None,
+    };
+    shutdown.await;
+    tracing::info!("storage node stopping");
+    if let Some(link) = link {
+        link.stop().await;
+    }
+    server.stop().await;
+    // Leave everything acknowledged on stable media on a clean stop.
+    if let Err(e) = disks.flush_all() {
+        tracing::warn!(error = %e, "final flush failed");
+    }
+    Ok(())
+}

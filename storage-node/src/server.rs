@@ -1,0 +1,359 @@
+//! The storage protocol server: one task reads a connection's frames, disk work
+//! runs on the blocking pool, and one task writes the replies back in batches.
+//!
+//! A malformed frame drops its connection (and only that connection); a
+//! well-formed request that fails gets an error status in its reply.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use tessera_chunkstore::{Disk, Error as StoreError};
+use tessera_proto::{
+    read_frame, ChunkRange, Frame, Header, HelloReply, Opcode, Request, Status, VdiskRef,
+    HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::disks::DiskSet;
+
+/// Requests one connection may have in flight before the node stops reading it.
+const MAX_IN_FLIGHT: usize = 256;
+/// Replies written with one `writev`.
+const MAX_BATCH: usize = 64;
+
+/// A running server; [`Server::stop`] ends it and its connections.
+pub struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the storage protocol on `listener` until stopped.
+pub fn serve(listener: TcpListener, node: Uuid, disks: Arc<DiskSet>) -> Server {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let disks = disks.clone();
+                        conns.spawn(async move {
+                            tracing::debug!(%peer, "connection opened");
+                            connection(stream, node, disks).await;
+                            tracing::debug!(%peer, "connection closed");
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        conns.shutdown().await;
+    });
+    Server { stop, task }
+}
+
+/// One encoded reply.
+struct Reply {
+    header: [u8; HEADER_LEN],
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn new(op: Opcode, id: u64, status: Status, body: Vec<u8>) -> Self {
+        let crc = if status == Status::Ok && op == Opcode::Read {
+            crc32c::crc32c(&body)
+        } else {
+            0
+        };
+        let header = Header::reply(op, id, status, body.len() as u32, crc).encode();
+        Reply { header, body }
+    }
+
+    fn error(op: Opcode, id: u64, status: Status, message: &str) -> Self {
+        Reply::new(op, id, status, message.as_bytes().to_vec())
+    }
+}
+
+async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let frame = match read_frame(&mut rd).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, cause = ?std::error::Error::source(&e), "dropping connection");
+                break;
+            }
+        };
+        let op = match Op::decode(&frame) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, "malformed request, dropping connection");
+                break;
+            }
+        };
+        let id = frame.header.id;
+        if let Op::Hello { min, max } = op {
+            let reply = if min > PROTOCOL_MAX || max < PROTOCOL_MIN {
+                Reply::error(
+                    Opcode::Hello,
+                    id,
+                    Status::Unsupported,
+                    &format!("node speaks protocol versions {PROTOCOL_MIN}..={PROTOCOL_MAX}"),
+                )
+            } else {
+                let body = HelloReply {
+                    version: max.min(PROTOCOL_MAX),
+                    node: *node.as_bytes(),
+                    disks: disks.uuids().iter().map(|u| *u.as_bytes()).collect(),
+                }
+                .encode();
+                Reply::new(Opcode::Hello, id, Status::Ok, body)
+            };
+            if tx.send(reply).is_err() {
+                break;
+            }
+            continue;
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let disks = disks.clone();
+        let tx = tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let reply = execute(&disks, op, frame);
+            drop(permit);
+            let _ = tx.send(reply);
+        });
+    }
+    // Outstanding blocking tasks hold their own senders: the writer finishes
+    // once every accepted request has been answered.
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+        for r in &batch {
+            slices.push(IoSlice::new(&r.header));
+            if !r.body.is_empty() {
+                slices.push(IoSlice::new(&r.body));
+            }
+        }
+        if let Err(e) = write_all_vectored(&mut wr, &mut slices).await {
+            tracing::debug!(error = %e, "reply write failed");
+            return;
+        }
+        batch.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Writes every slice, in as few `writev` calls as the socket allows.
+pub(crate) async fn write_all_vectored(
+    wr: &mut OwnedWriteHalf,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// A validated request that owns nothing but fixed fields; a write's payload
+/// stays in the frame body it arrived in.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Hello { min: u16, max: u16 },
+    Read(ChunkRange),
+    Write(ChunkRange),
+    Flush([u8; 16]),
+    Discard(ChunkRange),
+    WriteZeroes(ChunkRange),
+    Fence(VdiskRef),
+    DeleteVdisk(VdiskRef),
+}
+
+impl Op {
+    fn decode(frame: &Frame) -> Result<Op, tessera_proto::ProtoError> {
+        Ok(match Request::decode(&frame.header, &frame.body)? {
+            Request::Hello(h) => Op::Hello {
+                min: h.min_version,
+                max: h.max_version,
+            },
+            Request::Read(r) => Op::Read(r),
+            Request::Write(r, _) => Op::Write(r),
+            Request::Flush(d) => Op::Flush(d.disk),
+            Request::Discard(r) => Op::Discard(r),
+            Request::WriteZeroes(r) => Op::WriteZeroes(r),
+            Request::Fence(v) => Op::Fence(v),
+            Request::DeleteVdisk(v) => Op::DeleteVdisk(v),
+        })
+    }
+
+    fn opcode(&self) -> Opcode {
+        match self {
+            Op::Hello { .. } => Opcode::Hello,
+            Op::Read(_) => Opcode::Read,
+            Op::Write(_) => Opcode::Write,
+            Op::Flush(_) => Opcode::Flush,
+            Op::Discard(_) => Opcode::Discard,
+            Op::WriteZeroes(_) => Opcode::WriteZeroes,
+            Op::Fence(_) => Opcode::Fence,
+            Op::DeleteVdisk(_) => Opcode::DeleteVdisk,
+        }
+    }
+}
+
+/// Runs one request against the disks (blocking).
+fn execute(disks: &DiskSet, op: Op, frame: Frame) -> Reply {
+    let id = frame.header.id;
+    let opcode = op.opcode();
+    let result = run_op(disks, op, &frame.body);
+    match result {
+        Ok(body) => Reply::new(opcode, id, Status::Ok, body),
+        Err(OpError::Status(status, msg)) => Reply::error(opcode, id, status, &msg),
+        Err(OpError::Stale(current)) => Reply::new(
+            opcode,
+            id,
+            Status::StaleEpoch,
+            current.to_le_bytes().to_vec(),
+        ),
+    }
+}
+
+enum OpError {
+    Status(Status, String),
+    Stale(u64),
+}
+
+impl From<StoreError> for OpError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::StaleEpoch { current, .. } => return OpError::Stale(*current),
+            StoreError::Checksum { .. } => Status::Checksum,
+            StoreError::NoSpace => Status::NoSpace,
+            StoreError::InvalidRange { .. } => Status::Invalid,
+            _ => Status::IoError,
+        };
+        tracing::warn!(error = %e, "request failed");
+        OpError::Status(status, error_chain(&e))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn disk<'a>(disks: &'a DiskSet, uuid: &[u8; 16]) -> Result<&'a Arc<Disk>, OpError> {
+    let uuid = Uuid::from_bytes(*uuid);
+    disks
+        .get(&uuid)
+        .ok_or_else(|| OpError::Status(Status::NoSuchDisk, format!("no disk {uuid} on this node")))
+}
+
+/// The disks a fence/delete applies to: one, or all when the uuid is nil.
+fn targets<'a>(disks: &'a DiskSet, uuid: &[u8; 16]) -> Result<Vec<&'a Arc<Disk>>, OpError> {
+    if *uuid == [0u8; 16] {
+        Ok(disks.iter().collect())
+    } else {
+        Ok(vec![disk(disks, uuid)?])
+    }
+}
+
+fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
+    match op {
+        Op::Hello { .. } => Ok(Vec::new()),
+        Op::Read(r) => {
+            let d = disk(disks, &r.disk)?;
+            let mut buf = vec![0u8; r.len as usize];
+            d.read(Uuid::from_bytes(r.vdisk), r.chunk, r.offset, &mut buf)?;
+            Ok(buf)
+        }
+        Op::Write(r) => {
+            let d = disk(disks, &r.disk)?;
+            let payload = &body[ChunkRange::LEN..];
+            d.write(
+                Uuid::from_bytes(r.vdisk),
+                r.chunk,
+                r.offset,
+                payload,
+                r.epoch,
+            )?;
+            Ok(Vec::new())
+        }
+        Op::Discard(r) | Op::WriteZeroes(r) => {
+            let d = disk(disks, &r.disk)?;
+            d.discard(Uuid::from_bytes(r.vdisk), r.chunk, r.offset, r.len, r.epoch)?;
+            Ok(Vec::new())
+        }
+        Op::Flush(uuid) => {
+            for d in targets(disks, &uuid)? {
+                d.flush()?;
+            }
+            Ok(Vec::new())
+        }
+        Op::Fence(v) => {
+            let mut epoch = 0;
+            for d in targets(disks, &v.disk)? {
+                epoch = epoch.max(d.fence(Uuid::from_bytes(v.vdisk), v.epoch)?);
+            }
+            Ok(epoch.to_le_bytes().to_vec())
+        }
+        Op::DeleteVdisk(v) => {
+            let vdisk = Uuid::from_bytes(v.vdisk);
+            for d in targets(disks, &v.disk)? {
+                let current = d.epoch(vdisk);
+                if v.epoch < current {
+                    return Err(OpError::Stale(current));
+                }
+                d.delete_vdisk(vdisk)?;
+            }
+            Ok(Vec::new())
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The node's link to its zone: registration, heartbeats, and freeing the
+//! space of vDisks the zone no longer has.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_api_client::{ApiClient, ApiError};
+use tessera_zone::service::{Heartbeat, RegisterDisk, RegisterNode};
+use uuid::Uuid;
+
+use crate::config::NodeIdentity;
+use crate::disks::DiskSet;
+
+/// Background task keeping the node registered and alive in the zone.
+pub struct ZoneLink {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Link {
+    api: ApiClient,
+    identity: NodeIdentity,
+    dir: PathBuf,
+    host: String,
+    addr: String,
+    disks: Arc<DiskSet>,
+    interval: Duration,
+}
+
+impl ZoneLink {
+    pub fn start(
+        api: ApiClient,
+        identity: NodeIdentity,
+        dir: PathBuf,
+        host: String,
+        addr: String,
+        disks: Arc<DiskSet>,
+        interval: Duration,
+    ) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let mut link = Link {
+            api,
+            identity,
+            dir,
+            host,
+            addr,
+            disks,
+            interval,
+        };
+        let task = tokio::spawn(async move {
+            let mut lease: Option<u64> = None;
+            let mut period = link.interval;
+            loop {
+                let next = match lease {
+                    None => match link.register().await {
+                        Ok((l, hb)) => {
+                            lease = Some(l);
+                            period = link.interval.min(hb);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Some(l) => match link.heartbeat(l).await {
+                        Err(LinkError::Api(ApiError::Status { status, message }))
+                            if status == 404 || status == 409 || status == 410 =>
+                        {
+                            tracing::warn!(%message, "zone lost this node's lease; registering again");
+                            lease = None;
+                            Ok(())
+                        }
+                        other => other,
+                    },
+                };
+                if let Err(e) = next {
+                    tracing::warn!(error = %e, "zone link");
+                }
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        });
+        ZoneLink { stop, task }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(
+        "this node belongs to zone {ours}, but the API serves zone {theirs}; refusing to join"
+    )]
+    WrongZone { ours: Uuid, theirs: Uuid },
+    #[error(transparent)]
+    Node(#[from] crate::NodeError),
+}
+
+impl Link {
+    fn disk_usage(&self) -> Vec<RegisterDisk> {
+        self.disks
+            .iter()
+            .map(|d| {
+                let info = d.info();
+                RegisterDisk {
+                    uuid: d.uuid(),
+                    path: d.path().display().to_string(),
+                    capacity: info.capacity,
+                    used: info.used,
+                }
+            })
+            .collect()
+    }
+
+    async fn register(&mut self) -> Result<(u64, Duration), LinkError> {
+        let reg = self
+            .api
+            .register_node(&RegisterNode {
+                uuid: self.identity.uuid,
+                host: self.host.clone(),
+                addr: self.addr.clone(),
+                disks: self.disk_usage(),
+            })
+            .await?;
+        match self.identity.zone {
+            Some(ours) if ours != reg.zone => {
+                return Err(LinkError::WrongZone {
+                    ours,
+                    theirs: reg.zone,
+                })
+            }
+            Some(_) => {}
+            None => {
+                self.identity.zone = Some(reg.zone);
+                self.identity.save(&self.dir)?;
+            }
+        }
+        tracing::info!(zone = %reg.zone, lease = reg.lease, "registered with the zone");
+        Ok((reg.lease, Duration::from_millis(reg.heartbeat_ms.max(100))))
+    }
+
+    async fn heartbeat(&mut self, lease: u64) -> Result<(), LinkError> {
+        let mut vdisks: Vec<Uuid> = self
+            .disks
+            .iter()
+            .flat_map(|d| d.vdisks().into_iter().map(|(v, _, _)| v))
+            .collect();
+        vdisks.sort();
+        vdisks.dedup();
+        let reply = self
+            .api
+            .heartbeat(
+                self.identity.uuid,
+                &Heartbeat {
+                    lease,
+                    disks: self.disk_usage(),
+                    vdisks,
+                },
+            )
+            .await?;
+        for orphan in reply.orphans {
+            let disks = self.disks.clone();
+            let freed = tokio::task::spawn_blocking(move || {
+                disks
+                    .iter()
+                    .map(|d| d.delete_vdisk(orphan).unwrap_or(0))
+                    .sum::<u64>()
+            })
+            .await
+            .unwrap_or(0);
+            tracing::info!(vdisk = %orphan, extents = freed, "freed the space of a deleted vDisk");
+        }
+        Ok(())
+    }
+}

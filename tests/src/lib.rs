@@ -1,0 +1,284 @@
+//! Test kit for Tessera's integration tests: a zone made of real processes.
+//!
+//! [`TestZone`] runs the management API in the test process (over the
+//! embedded store, in a temporary directory) and every storage node as its
+//! own `tessera node run` child process on loopback, so tests can `kill -9`
+//! and restart nodes. Everything is killed when the zone is dropped.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_api_client::ApiClient;
+use tessera_replicator::{Volume, VolumeConfig};
+use tessera_zone::records::{NodeState, Vdisk};
+use tessera_zone::service::{CreateDatastore, CreateVdisk};
+
+/// The `tessera` executable under test: `$TESSERA_BIN`, or the one cargo
+/// built next to this test binary.
+pub fn tessera_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TESSERA_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/tessera
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("tessera");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build --bin tessera, with the same profile as the tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (best effort: released before use).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
+
+/// One storage node process.
+pub struct TestNode {
+    pub index: usize,
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub disk: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A zone of real storage node processes and an in-process API.
+pub struct TestZone {
+    pub dir: tempfile::TempDir,
+    pub api: ApiClient,
+    pub url: String,
+    pub token_file: PathBuf,
+    pub nodes: Vec<TestNode>,
+    server: Option<tessera_api::ApiServer>,
+    disk_size: u64,
+}
+
+/// Host name the test zone's nodes claim.
+pub const TEST_HOST: &str = "testhost";
+
+impl TestZone {
+    /// Starts the API and `n` nodes with `disk_size`-byte disk files, and
+    /// waits until every node is registered and up.
+    pub async fn start(n: usize, disk_size: u64) -> TestZone {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = tessera_api::start(tessera_api::ApiConfig {
+            dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            zone_name: "test".into(),
+        })
+        .await
+        .expect("API starts");
+        let url = format!("http://{}", server.addr);
+        let token_file = dir.path().join("api-token");
+        let api = ApiClient::from_token_file(&url, &token_file).expect("API client");
+        let mut zone = TestZone {
+            dir,
+            api,
+            url,
+            token_file,
+            nodes: Vec::new(),
+            server: Some(server),
+            disk_size,
+        };
+        for i in 0..n {
+            let node_dir = zone.dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            zone.nodes.push(TestNode {
+                index: i,
+                disk: node_dir.join("disk0.img"),
+                dir: node_dir,
+                listen: free_port(),
+                child: None,
+            });
+            zone.start_node(i);
+        }
+        zone.wait_nodes_up(n).await;
+        zone
+    }
+
+    /// Starts (or restarts) node `i` with the same command line as before.
+    pub fn start_node(&mut self, i: usize) {
+        let bin = tessera_bin();
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {i} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("node.log"))
+            .expect("node log");
+        let child = Command::new(bin)
+            .args(["node", "run", "--dir"])
+            .arg(&node.dir)
+            .arg("--listen")
+            .arg(node.listen.to_string())
+            .args(["--host", TEST_HOST, "--heartbeat-ms", "200"])
+            .arg("--disk")
+            .arg(&node.disk)
+            .arg("--disk-size")
+            .arg(self.disk_size.to_string())
+            .arg("--api")
+            .arg(&self.url)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn tessera node run");
+        node.child = Some(child);
+    }
+
+    /// `kill -9` node `i` and reap it.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops node `i` with SIGTERM (clean shutdown) and reaps it.
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            // SAFETY: kill(2) on the pid of our own unreaped child.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until at least `n` nodes are up in the zone.
+    pub async fn wait_nodes_up(&mut self, n: usize) {
+        let start = Instant::now();
+        loop {
+            for node in &mut self.nodes {
+                if let Some(c) = node.child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        let log =
+                            std::fs::read_to_string(node.dir.join("node.log")).unwrap_or_default();
+                        panic!("node {} exited ({status}):\n{log}", node.index);
+                    }
+                }
+            }
+            // A node killed a moment ago may still count as up in the zone
+            // until its liveness expires: also wait for every running node
+            // to accept connections.
+            let listening = self
+                .nodes
+                .iter()
+                .filter(|t| t.child.is_some())
+                .all(|t| std::net::TcpStream::connect(t.listen).is_ok());
+            if listening {
+                if let Ok(nodes) = self.api.nodes().await {
+                    if nodes.iter().filter(|s| s.state == NodeState::Up).count() >= n {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "nodes did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates a datastore over every disk with `mirrors` copies.
+    pub async fn datastore(&self, name: &str, mirrors: u32) {
+        self.api
+            .create_datastore(&CreateDatastore {
+                name: name.into(),
+                mirrors,
+                stripes: None,
+                disks: None,
+            })
+            .await
+            .expect("create datastore");
+    }
+
+    /// Creates a vDisk.
+    pub async fn vdisk(&self, datastore: &str, name: &str, size: u64) -> Vdisk {
+        self.api
+            .create_vdisk(&CreateVdisk {
+                datastore: datastore.into(),
+                name: name.into(),
+                size,
+            })
+            .await
+            .expect("create vdisk")
+    }
+
+    /// Opens a vDisk as a volume client on the test host.
+    pub async fn open(&self, datastore: &str, name: &str) -> Volume {
+        Volume::open(self.volume_config(datastore, name))
+            .await
+            .expect("open volume")
+    }
+
+    pub fn volume_config(&self, datastore: &str, name: &str) -> VolumeConfig {
+        let mut c = VolumeConfig::new(self.api.clone(), datastore, name, TEST_HOST);
+        c.io_timeout = Duration::from_secs(5);
+        c
+    }
+
+    /// The index of the node holding `disk`.
+    pub async fn node_of_disk(&self, disk: &uuid::Uuid) -> usize {
+        let disks = self.api.disks().await.expect("disks");
+        let nodes = self.api.nodes().await.expect("nodes");
+        let d = disks.iter().find(|d| d.uuid == *disk).expect("disk known");
+        let n = nodes
+            .iter()
+            .find(|n| n.node.uuid == d.node)
+            .expect("node known");
+        self.nodes
+            .iter()
+            .position(|t| t.listen.to_string() == n.node.addr)
+            .expect("test node with that address")
+    }
+}
+
+impl Drop for TestZone {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        if let Some(s) = self.server.take() {
+            // The runtime may be gone already; the server task dies with it.
+            drop(s);
+        }
+    }
+}
+
+/// A deterministic, position-dependent byte pattern: byte `i` of a write at
+/// `offset` with `seed`.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seed.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+            (x >> 56) as u8 ^ (x >> 17) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,394 @@
+//! The zone's metadata records.
+//!
+//! Every record is stored as JSON under a key of the zone's key space (see
+//! [`keys`]) and carries a `schema` field: the version of its layout. A reader
+//! accepts every schema version up to [`SCHEMA_VERSION`] and migrates older
+//! ones on read; a record with a newer schema than the reader knows is refused
+//! rather than misread.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The newest schema version of every record this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Size of a vDisk chunk: the unit of placement, allocation and replication.
+pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// Smallest unit of vDisk I/O.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Keys of the zone's key space. All keys live under `/tessera/`.
+pub mod keys {
+    /// The zone record.
+    pub const ZONE: &str = "/tessera/zone";
+    /// Prefix of host records: `/tessera/hosts/{host}`.
+    pub const HOSTS: &str = "/tessera/hosts/";
+    /// Prefix of storage node records: `/tessera/nodes/{node uuid}`.
+    pub const NODES: &str = "/tessera/nodes/";
+    /// Prefix of node liveness keys, bound to a store lease: `/tessera/alive/{node uuid}`.
+    pub const ALIVE: &str = "/tessera/alive/";
+    /// Prefix of disk records: `/tessera/disks/{disk uuid}`.
+    pub const DISKS: &str = "/tessera/disks/";
+    /// Prefix of datastore records: `/tessera/datastores/{name}`.
+    pub const DATASTORES: &str = "/tessera/datastores/";
+    /// Prefix of vDisk records: `/tessera/vdisks/{datastore}/{name}`.
+    pub const VDISKS: &str = "/tessera/vdisks/";
+
+    /// Key of one host record.
+    pub fn host(name: &str) -> String {
+        format!("{HOSTS}{name}")
+    }
+    /// Key of one node record.
+    pub fn node(id: &uuid::Uuid) -> String {
+        format!("{NODES}{id}")
+    }
+    /// Key of one node's liveness record.
+    pub fn alive(id: &uuid::Uuid) -> String {
+        format!("{ALIVE}{id}")
+    }
+    /// Key of one disk record.
+    pub fn disk(id: &uuid::Uuid) -> String {
+        format!("{DISKS}{id}")
+    }
+    /// Key of one datastore record.
+    pub fn datastore(name: &str) -> String {
+        format!("{DATASTORES}{name}")
+    }
+    /// Key of one vDisk record.
+    pub fn vdisk(datastore: &str, name: &str) -> String {
+        format!("{VDISKS}{datastore}/{name}")
+    }
+}
+
+/// The zone: hosts sharing one metadata store and one storage network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zone {
+    pub schema: u32,
+    pub uuid: Uuid,
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// What a host does in the zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Runs VMs (and their vDisk backends).
+    FrontEnd,
+    /// Holds disks (runs storage nodes).
+    BackEnd,
+    /// Attaches vDisks to back them up.
+    Backup,
+}
+
+/// A machine of the zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub schema: u32,
+    /// Host name, unique in the zone.
+    pub name: String,
+    pub roles: Vec<Role>,
+}
+
+/// A storage node daemon: serves the chunks of its disks over the storage network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub schema: u32,
+    pub uuid: Uuid,
+    /// The host it runs on.
+    pub host: String,
+    /// Storage protocol address, `ip:port`.
+    pub addr: String,
+    /// Disks it serves.
+    pub disks: Vec<Uuid>,
+    /// Seconds since the Unix epoch of its last registration.
+    pub registered: u64,
+}
+
+/// Whether a node is alive, as seen by the zone (derived from its liveness key,
+/// never stored in the node record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeState {
+    Up,
+    Down,
+}
+
+/// A node record with its liveness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub node: Node,
+    pub state: NodeState,
+}
+
+/// A disk owned by a storage node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    pub schema: u32,
+    pub uuid: Uuid,
+    pub node: Uuid,
+    /// Path of the device or file on the node's host.
+    pub path: String,
+    /// Bytes available for chunk data.
+    pub capacity: u64,
+    /// Bytes taken by allocated chunks, as last reported by the node.
+    pub used: u64,
+}
+
+/// Redundancy of a datastore's vDisks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Redundancy {
+    /// `copies` synchronous copies of every chunk, on distinct nodes.
+    Mirror { copies: u32 },
+    /// `data` data fragments and `parity` parity fragments on distinct nodes.
+    /// Recorded for forward compatibility; not served by this release.
+    ErasureCode { data: u32, parity: u32 },
+}
+
+impl Redundancy {
+    /// Number of disks (on distinct nodes) one chunk occupies.
+    pub fn width(&self) -> u32 {
+        match *self {
+            Redundancy::Mirror { copies } => copies,
+            Redundancy::ErasureCode { data, parity } => data + parity,
+        }
+    }
+}
+
+/// The redundancy policy of a datastore, inherited by its vDisks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Policy {
+    pub redundancy: Redundancy,
+    /// Number of placement groups a vDisk's chunks are striped over
+    /// (chunk `c` lives in group `c % stripes`).
+    pub stripes: u32,
+}
+
+/// A pool of disks with one redundancy policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Datastore {
+    pub schema: u32,
+    pub uuid: Uuid,
+    pub name: String,
+    pub policy: Policy,
+    /// Member disks. A disk may belong to several datastores.
+    pub disks: Vec<Uuid>,
+    pub created: u64,
+    /// Set while a deletion checks that the datastore holds no vDisk; vDisks
+    /// cannot be created meanwhile. Absent (false) in most records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+/// Whether a vDisk is open for writing, and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum VdiskState {
+    Offline,
+    Online { host: String },
+}
+
+/// The write lease of a vDisk: who may write it, and with which epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Host holding the lease.
+    pub holder: String,
+    /// Identifies one open of the vDisk (one backend process).
+    pub session: Uuid,
+    /// Milliseconds since the Unix epoch after which the lease may be taken over.
+    pub expires_ms: u64,
+    /// The time to live the holder asked for, reused by renewals that do not
+    /// name one (0 in records written before it was recorded).
+    #[serde(default)]
+    pub ttl_ms: u64,
+}
+
+/// Which disks hold a vDisk's chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// One entry per placement group (stripe); each lists the disks holding
+    /// every chunk of the group, on distinct nodes, `Redundancy::width` long.
+    /// Chunk `c` belongs to group `c % groups.len()`.
+    pub groups: Vec<Vec<Uuid>>,
+    /// Bumped whenever a group's membership changes (rebuild, rebalance).
+    pub version: u64,
+}
+
+impl Placement {
+    /// The disks holding chunk `chunk`.
+    pub fn disks_of(&self, chunk: u64) -> &[Uuid] {
+        let g = (chunk % self.groups.len() as u64) as usize;
+        &self.groups[g]
+    }
+}
+
+/// A virtual disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vdisk {
+    pub schema: u32,
+    pub uuid: Uuid,
+    pub name: String,
+    pub datastore: String,
+    /// Size in bytes, a multiple of [`SECTOR_SIZE`].
+    pub size: u64,
+    pub policy: Policy,
+    #[serde(flatten)]
+    pub state: VdiskState,
+    /// The current write lease, if any.
+    pub lease: Option<Lease>,
+    /// Highest epoch ever handed out; every open bumps it.
+    pub epoch: u64,
+    pub placement: Placement,
+    pub created: u64,
+}
+
+/// Why a stored record cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The bytes are not the JSON of the expected record.
+    #[error("the record at {key} is malformed")]
+    Malformed {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The record was written by a newer release.
+    #[error("the record at {key} has schema {found}, newer than schema {SCHEMA_VERSION} which this build knows")]
+    TooNew { key: String, found: u32 },
+    /// The record cannot be serialised.
+    #[error("the record for {key} cannot be encoded")]
+    Encode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Decodes the record stored at `key`, refusing schemas newer than
+/// [`SCHEMA_VERSION`]. (Schema 1 is the first: there is nothing to migrate yet;
+/// a future schema 2 reader migrates 1 → 2 here.)
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RecordError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema: u32,
+    }
+    let malformed = |source| RecordError::Malformed {
+        key: key.to_owned(),
+        source,
+    };
+    let probe: Probe = serde_json::from_slice(bytes).map_err(malformed)?;
+    if probe.schema > SCHEMA_VERSION {
+        return Err(RecordError::TooNew {
+            key: key.to_owned(),
+            found: probe.schema,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(malformed)
+}
+
+/// Encodes a record for storage at `key`.
+pub fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, RecordError> {
+    serde_json::to_vec(record).map_err(|source| RecordError::Encode {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_vdisk() -> Vdisk {
+        Vdisk {
+            schema: SCHEMA_VERSION,
+            uuid: Uuid::from_u128(1),
+            name: "vm1".into(),
+            datastore: "ds".into(),
+            size: 1 << 30,
+            policy: Policy {
+                redundancy: Redundancy::Mirror { copies: 2 },
+                stripes: 1,
+            },
+            state: VdiskState::Online { host: "hv1".into() },
+            lease: Some(Lease {
+                holder: "hv1".into(),
+                session: Uuid::from_u128(2),
+                expires_ms: 10,
+                ttl_ms: 5,
+            }),
+            epoch: 3,
+            placement: Placement {
+                chunk_size: CHUNK_SIZE,
+                groups: vec![vec![Uuid::from_u128(3)]],
+                version: 1,
+            },
+            created: 0,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let vdisk = sample_vdisk();
+        let bytes = encode("/k", &vdisk).expect("encodes");
+        assert_eq!(decode::<Vdisk>("/k", &bytes).expect("decodes"), vdisk);
+    }
+
+    #[test]
+    fn newer_schemas_and_garbage_are_refused() {
+        let mut vdisk = sample_vdisk();
+        vdisk.schema = SCHEMA_VERSION + 1;
+        let bytes = encode("/k", &vdisk).expect("encodes");
+        assert!(
+            matches!(decode::<Vdisk>("/k", &bytes), Err(RecordError::TooNew { found, .. }) if found == SCHEMA_VERSION + 1)
+        );
+        assert!(matches!(
+            decode::<Vdisk>("/k", b"{"),
+            Err(RecordError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode::<Vdisk>("/k", br#"{"schema":1}"#),
+            Err(RecordError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn fields_added_later_default_when_absent() {
+        let lease: Lease = serde_json::from_str(
+            r#"{"holder":"h","session":"00000000-0000-0000-0000-000000000001","expires_ms":5}"#,
+        )
+        .expect("an old lease decodes");
+        assert_eq!(lease.ttl_ms, 0);
+        let ds = Datastore {
+            schema: 1,
+            uuid: Uuid::from_u128(1),
+            name: "ds".into(),
+            policy: Policy {
+                redundancy: Redundancy::Mirror { copies: 1 },
+                stripes: 1,
+            },
+            disks: vec![],
+            created: 0,
+            deleting: false,
+        };
+        let json = serde_json::to_string(&ds).expect("encodes");
+        assert!(!json.contains("deleting"));
+        assert_eq!(
+            serde_json::from_str::<Datastore>(&json).expect("decodes"),
+            ds
+        );
+    }
+
+    #[test]
+    fn vdisk_state_is_flattened() {
+        let json = serde_json::to_value(sample_vdisk()).expect("encodes");
+        assert_eq!(json["state"], "online");
+        assert_eq!(json["host"], "hv1");
+    }
+}

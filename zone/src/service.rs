@@ -1,0 +1,1973 @@
+//! Zone operations: what the management API does to the zone metadata.
+//!
+//! Every mutation is a compare-and-swap on the records it changes, so two API
+//! servers sharing one store (etcd) never lose each other's updates.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::placement::{place, PlacementDisk, PlacementError};
+use crate::records::*;
+use crate::store::{CasOp, Expect, KeyValue, LeaseId, MetaStore, StoreError};
+use crate::ZoneError;
+
+/// Body of `POST /v1/nodes`: a storage node announcing itself and its disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterNode {
+    pub uuid: Uuid,
+    pub host: String,
+    pub addr: String,
+    pub disks: Vec<RegisterDisk>,
+}
+
+/// One disk in [`RegisterNode`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDisk {
+    pub uuid: Uuid,
+    pub path: String,
+    pub capacity: u64,
+    pub used: u64,
+}
+
+/// Answer to [`RegisterNode`]: the liveness lease the node must keep alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    pub zone: Uuid,
+    pub lease: u64,
+    /// The node must send a heartbeat at least this often.
+    pub heartbeat_ms: u64,
+}
+
+/// Body of `POST /v1/nodes/{uuid}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub lease: u64,
+    /// Current usage of each disk of the node.
+    #[serde(default)]
+    pub disks: Vec<RegisterDisk>,
+    /// The vDisks the node holds chunks of.
+    #[serde(default)]
+    pub vdisks: Vec<Uuid>,
+}
+
+/// Answer to [`Heartbeat`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The vDisks of [`Heartbeat::vdisks`] the zone no longer has (deleted):
+    /// the node frees their chunks.
+    pub orphans: Vec<Uuid>,
+}
+
+/// Whether every copy of a vDisk is reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Every disk of the placement belongs to a node that is up.
+    Healthy,
+    /// Some disk of the placement is on a node that is down (or unknown).
+    Degraded,
+}
+
+/// A vDisk record with its health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VdiskView {
+    #[serde(flatten)]
+    pub vdisk: Vdisk,
+    pub health: Health,
+}
+
+/// Body of `POST /v1/datastores`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDatastore {
+    pub name: String,
+    /// Number of copies (`mirrors=N`).
+    pub mirrors: u32,
+    /// Placement groups per vDisk; default 1.
+    #[serde(default)]
+    pub stripes: Option<u32>,
+    /// Member disks; default every disk of the zone.
+    #[serde(default)]
+    pub disks: Option<Vec<Uuid>>,
+}
+
+/// Body of `POST /v1/vdisks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVdisk {
+    pub datastore: String,
+    pub name: String,
+    /// Bytes; a multiple of 512.
+    pub size: u64,
+}
+
+/// Body of `POST /v1/vdisks/{datastore}/{name}/resize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVdisk {
+    /// New size in bytes; a multiple of 512, not smaller than the current size.
+    pub size: u64,
+}
+
+/// Body of `POST /v1/vdisks/{datastore}/{name}/open`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenVdisk {
+    /// Host that will write the vDisk.
+    pub host: String,
+    /// Lease time to live in milliseconds; renewed with `renew`.
+    pub ttl_ms: u64,
+    /// Take the lease even if another live holder has it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Answer to [`OpenVdisk`]: everything a volume client needs to do I/O.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opened {
+    pub vdisk: Vdisk,
+    /// The epoch this open writes with.
+    pub epoch: u64,
+    pub session: Uuid,
+    /// Every node holding a disk of the placement.
+    pub nodes: Vec<NodeStatus>,
+    /// Disk → node, for every disk of the placement.
+    pub disks: Vec<Disk>,
+}
+
+/// Body of `POST /v1/vdisks/{datastore}/{name}/renew` and `/close`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRef {
+    pub session: Uuid,
+    /// For renew: new time to live in milliseconds.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+/// Default time to live of a node's liveness lease.
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(5);
+/// Most copies a mirrored datastore may have.
+pub const MAX_MIRRORS: u32 = 16;
+/// Most placement groups (stripes) per vDisk.
+pub const MAX_STRIPES: u32 = 64;
+/// Longest vDisk lease time to live, in milliseconds.
+pub const MAX_LEASE_TTL_MS: u64 = 3_600_000;
+/// vDisk lease time to live used by a renewal that names none, in
+/// milliseconds, when the lease does not record the one it was opened with.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 10_000;
+/// Longest name of a datastore, vDisk or zone.
+const MAX_NAME: usize = 64;
+/// Longest host name (as DNS).
+const MAX_HOST_NAME: usize = 253;
+/// Compare-and-swap attempts before an update gives up under contention.
+const MAX_CAS_ATTEMPTS: usize = 64;
+
+/// The zone service over one metadata store.
+#[derive(Clone)]
+pub struct ZoneService {
+    store: Arc<dyn MetaStore>,
+    node_ttl: Duration,
+}
+
+/// A record with the revision it was read at.
+struct Stored<T> {
+    record: T,
+    revision: u64,
+}
+
+impl ZoneService {
+    /// A service over `store`, with node liveness leases of [`DEFAULT_NODE_TTL`].
+    pub fn new(store: Arc<dyn MetaStore>) -> Self {
+        Self {
+            store,
+            node_ttl: DEFAULT_NODE_TTL,
+        }
+    }
+
+    /// Sets the time to live of node liveness leases: a node that sends no
+    /// heartbeat for this long is down.
+    pub fn with_node_ttl(mut self, ttl: Duration) -> Self {
+        self.node_ttl = ttl;
+        self
+    }
+
+    /// The metadata store the service works on.
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+
+    // ---- the zone ----
+
+    /// Creates the zone record if the store has none; returns the zone.
+    /// Fails with a conflict if the store holds a zone of another name.
+    pub async fn ensure_zone(&self, name: &str) -> Result<Zone, ZoneError> {
+        validate_name("zone", name)?;
+        let zone = Zone {
+            schema: SCHEMA_VERSION,
+            uuid: Uuid::new_v4(),
+            name: name.to_owned(),
+            created: now_secs(),
+        };
+        let existing = match self.create(keys::ZONE, &zone).await? {
+            None => return Ok(zone),
+            Some(kv) => decode::<Zone>(keys::ZONE, &kv.value)?,
+        };
+        if existing.name != name {
+            return Err(ZoneError::Conflict(format!(
+                "the metadata store holds zone '{}', not zone '{name}'",
+                existing.name
+            )));
+        }
+        Ok(existing)
+    }
+
+    /// The zone record.
+    pub async fn zone(&self) -> Result<Zone, ZoneError> {
+        self.get(keys::ZONE, || "the zone record".into())
+            .await
+            .map(|s| s.record)
+    }
+
+    // ---- hosts, nodes, disks ----
+
+    /// Records a storage node, its disks and its host (role back-end), and
+    /// makes it up: its liveness key is bound to a fresh store lease that the
+    /// node keeps alive with [`heartbeat`](Self::heartbeat). Registering
+    /// again replaces the previous lease.
+    pub async fn register_node(&self, req: RegisterNode) -> Result<Registered, ZoneError> {
+        validate_host(&req.host)?;
+        req.addr.parse::<SocketAddr>().map_err(|_| {
+            ZoneError::Invalid(format!(
+                "node address {} is not an ip:port address",
+                quote(&req.addr)
+            ))
+        })?;
+        let mut seen = HashSet::new();
+        for disk in &req.disks {
+            if !seen.insert(disk.uuid) {
+                return Err(ZoneError::Invalid(format!(
+                    "disk {} is listed twice",
+                    disk.uuid
+                )));
+            }
+            if disk.path.is_empty() || disk.path.len() > 4096 {
+                return Err(ZoneError::Invalid(format!(
+                    "disk {} needs a path of 1 to 4096 bytes",
+                    disk.uuid
+                )));
+            }
+        }
+        let zone = self.zone().await?;
+
+        // Refuse disks of other nodes before writing anything.
+        for disk in &req.disks {
+            if let Some(existing) = self.load::<Disk>(&keys::disk(&disk.uuid)).await? {
+                if existing.record.node != req.uuid {
+                    return Err(ZoneError::Conflict(format!(
+                        "disk {} belongs to node {}",
+                        disk.uuid, existing.record.node
+                    )));
+                }
+            }
+        }
+        for disk in &req.disks {
+            let record = Disk {
+                schema: SCHEMA_VERSION,
+                uuid: disk.uuid,
+                node: req.uuid,
+                path: disk.path.clone(),
+                capacity: disk.capacity,
+                used: disk.used,
+            };
+            self.upsert(&keys::disk(&disk.uuid), |_| Ok(record.clone()))
+                .await?;
+        }
+        let node = Node {
+            schema: SCHEMA_VERSION,
+            uuid: req.uuid,
+            host: req.host.clone(),
+            addr: req.addr.clone(),
+            disks: req.disks.iter().map(|d| d.uuid).collect(),
+            registered: now_secs(),
+        };
+        self.upsert(&keys::node(&req.uuid), |_| Ok(node.clone()))
+            .await?;
+        self.upsert(&keys::host(&req.host), |host: Option<Host>| {
+            let mut host = host.unwrap_or_else(|| Host {
+                schema: SCHEMA_VERSION,
+                name: req.host.clone(),
+                roles: Vec::new(),
+            });
+            if !host.roles.contains(&Role::BackEnd) {
+                host.roles.push(Role::BackEnd);
+                host.roles.sort();
+            }
+            Ok(host)
+        })
+        .await?;
+
+        let alive_key = keys::alive(&req.uuid);
+        let previous = self.store.get(&alive_key).await?.and_then(|kv| kv.lease);
+        let lease = self.store.grant_lease(self.node_ttl).await?;
+        self.store
+            .put(&alive_key, req.uuid.to_string().into_bytes(), Some(lease))
+            .await?;
+        if let Some(previous) = previous.filter(|&p| p != lease) {
+            self.store.revoke(previous).await?;
+        }
+        tracing::info!(node = %req.uuid, host = %req.host, %lease, "storage node registered");
+        Ok(Registered {
+            zone: zone.uuid,
+            lease: lease.0,
+            heartbeat_ms: u64::try_from(self.node_ttl.as_millis() / 3)
+                .unwrap_or(u64::MAX)
+                .max(1),
+        })
+    }
+
+    /// Keeps node `node`'s liveness lease alive, records its disks' usage, and
+    /// answers which of its vDisks the zone no longer has. Fails with
+    /// [`ZoneError::NotFound`] if the node is unknown or its lease is gone:
+    /// the node must then register again.
+    pub async fn heartbeat(&self, node: Uuid, hb: Heartbeat) -> Result<HeartbeatReply, ZoneError> {
+        let record = self
+            .get::<Node>(&keys::node(&node), || format!("node {node}"))
+            .await?
+            .record;
+        let lease = LeaseId(hb.lease);
+        let gone = || {
+            ZoneError::NotFound(format!(
+                "a live registration of node {node} with lease {lease}"
+            ))
+        };
+        let alive = self.store.get(&keys::alive(&node)).await?;
+        if alive.and_then(|kv| kv.lease) != Some(lease) {
+            return Err(gone());
+        }
+        match self.store.keep_alive(lease).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseExpired(_) | StoreError::LeaseNotFound(_)) => return Err(gone()),
+            Err(error) => return Err(error.into()),
+        }
+
+        for disk in &hb.disks {
+            if !record.disks.contains(&disk.uuid) {
+                tracing::warn!(%node, disk = %disk.uuid, "heartbeat reports a disk the node did not register");
+                continue;
+            }
+            let (capacity, used) = (disk.capacity, disk.used);
+            let updated = self
+                .update(
+                    &keys::disk(&disk.uuid),
+                    || format!("disk {}", disk.uuid),
+                    |d: &mut Disk| {
+                        d.capacity = capacity;
+                        d.used = used;
+                        Ok(())
+                    },
+                )
+                .await;
+            match updated {
+                Ok(_) | Err(ZoneError::NotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+
+        let mut orphans = Vec::new();
+        if !hb.vdisks.is_empty() {
+            let known: HashSet<Uuid> = self
+                .load_all::<Vdisk>(keys::VDISKS)
+                .await?
+                .into_iter()
+                .map(|v| v.uuid)
+                .collect();
+            orphans = hb
+                .vdisks
+                .into_iter()
+                .filter(|v| !known.contains(v))
+                .collect();
+        }
+        Ok(HeartbeatReply { orphans })
+    }
+
+    /// Every host of the zone.
+    pub async fn hosts(&self) -> Result<Vec<Host>, ZoneError> {
+        self.load_all(keys::HOSTS).await
+    }
+
+    /// Every storage node, with its state: up iff its liveness key exists.
+    pub async fn nodes(&self) -> Result<Vec<NodeStatus>, ZoneError> {
+        let up = self.up_nodes().await?;
+        let nodes: Vec<Node> = self.load_all(keys::NODES).await?;
+        Ok(nodes.into_iter().map(|node| status(node, &up)).collect())
+    }
+
+    /// Every disk of the zone.
+    pub async fn disks(&self) -> Result<Vec<Disk>, ZoneError> {
+        self.load_all(keys::DISKS).await
+    }
+
+    // ---- datastores ----
+
+    /// Creates a mirrored datastore.
+    pub async fn create_datastore(&self, req: CreateDatastore) -> Result<Datastore, ZoneError> {
+        let policy = Policy {
+            redundancy: Redundancy::Mirror {
+                copies: req.mirrors,
+            },
+            stripes: req.stripes.unwrap_or(1),
+        };
+        self.create_datastore_with(&req.name, policy, req.disks)
+            .await
+    }
+
+    /// Creates a datastore with any policy over `disks` (default: every disk
+    /// of the zone). Refuses policies this release cannot serve (erasure
+    /// coding) and datastores whose up nodes are fewer than a group's width.
+    pub async fn create_datastore_with(
+        &self,
+        name: &str,
+        policy: Policy,
+        disks: Option<Vec<Uuid>>,
+    ) -> Result<Datastore, ZoneError> {
+        validate_name("datastore", name)?;
+        let copies = match policy.redundancy {
+            Redundancy::Mirror { copies } => copies,
+            Redundancy::ErasureCode { .. } => {
+                return Err(ZoneError::Invalid(
+                    "erasure coding is not supported yet".into(),
+                ))
+            }
+        };
+        if !(1..=MAX_MIRRORS).contains(&copies) {
+            return Err(ZoneError::Invalid(format!(
+                "mirrors must be between 1 and {MAX_MIRRORS}, not {copies}"
+            )));
+        }
+        if !(1..=MAX_STRIPES).contains(&policy.stripes) {
+            return Err(ZoneError::Invalid(format!(
+                "stripes must be between 1 and {MAX_STRIPES}, not {}",
+                policy.stripes
+            )));
+        }
+
+        let zone_disks: HashMap<Uuid, Disk> = self
+            .disks()
+            .await?
+            .into_iter()
+            .map(|d| (d.uuid, d))
+            .collect();
+        let members: Vec<Uuid> = match disks {
+            None => zone_disks
+                .keys()
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            Some(list) => {
+                let mut seen = HashSet::new();
+                for disk in &list {
+                    if !seen.insert(*disk) {
+                        return Err(ZoneError::Invalid(format!("disk {disk} is listed twice")));
+                    }
+                    if !zone_disks.contains_key(disk) {
+                        return Err(ZoneError::NotFound(format!("disk {disk}")));
+                    }
+                }
+                if list.is_empty() {
+                    return Err(ZoneError::Invalid(
+                        "a datastore needs at least one disk".into(),
+                    ));
+                }
+                list
+            }
+        };
+        let up = self.up_nodes().await?;
+        let up_owners: HashSet<Uuid> = members
+            .iter()
+            .filter_map(|d| zone_disks.get(d))
+            .map(|d| d.node)
+            .filter(|n| up.contains(n))
+            .collect();
+        if up_owners.len() < copies as usize {
+            return Err(ZoneError::Unsatisfiable(format!(
+                "datastore '{name}' needs {copies} nodes for mirrors={copies}; the zone has {} nodes with disks up",
+                up_owners.len()
+            )));
+        }
+
+        let datastore = Datastore {
+            schema: SCHEMA_VERSION,
+            uuid: Uuid::new_v4(),
+            name: name.to_owned(),
+            policy,
+            disks: members,
+            created: now_secs(),
+            deleting: false,
+        };
+        if self
+            .create(&keys::datastore(name), &datastore)
+            .await?
+            .is_some()
+        {
+            return Err(ZoneError::AlreadyExists(format!("datastore '{name}'")));
+        }
+        tracing::info!(datastore = name, "datastore created");
+        Ok(datastore)
+    }
+
+    /// Every datastore, by name.
+    pub async fn datastores(&self) -> Result<Vec<Datastore>, ZoneError> {
+        self.load_all(keys::DATASTORES).await
+    }
+
+    /// One datastore.
+    pub async fn datastore(&self, name: &str) -> Result<Datastore, ZoneError> {
+        Ok(self.get_datastore(name).await?.record)
+    }
+
+    /// Deletes a datastore that holds no vDisk.
+    ///
+    /// Marks it `deleting` first (which stops new vDisks), then checks it is
+    /// empty, then deletes it; if it is not empty, clears the mark again. A
+    /// vDisk creation racing with the deletion sees the mark or the missing
+    /// datastore when it re-reads the datastore after writing the vDisk, and
+    /// withdraws the vDisk: no vDisk outlives its datastore.
+    pub async fn delete_datastore(&self, name: &str) -> Result<(), ZoneError> {
+        validate_name("datastore", name)?;
+        let key = keys::datastore(name);
+        let what = || format!("datastore '{name}'");
+        let (marked, _) = self
+            .update(&key, what, |ds: &mut Datastore| {
+                ds.deleting = true;
+                Ok(())
+            })
+            .await?;
+        let vdisks = self.store.range(&vdisk_prefix(name)).await?.len();
+        if vdisks > 0 {
+            self.update(&key, what, |ds: &mut Datastore| {
+                ds.deleting = false;
+                Ok(())
+            })
+            .await?;
+            return Err(ZoneError::Conflict(format!(
+                "datastore '{name}' still holds {vdisks} vDisks"
+            )));
+        }
+        let deleted = self
+            .store
+            .compare_and_swap(&key, Expect::ModRevision(marked.revision), CasOp::Delete)
+            .await?;
+        if !deleted.succeeded {
+            return Err(ZoneError::Conflict(format!(
+                "datastore '{name}' changed while it was being deleted; try again"
+            )));
+        }
+        tracing::info!(datastore = name, "datastore deleted");
+        Ok(())
+    }
+
+    // ---- vDisks ----
+
+    /// Creates a vDisk, offline, at epoch 0, placed on the datastore's disks.
+    pub async fn create_vdisk(&self, req: CreateVdisk) -> Result<Vdisk, ZoneError> {
+        validate_name("vDisk", &req.name)?;
+        validate_name("datastore", &req.datastore)?;
+        validate_size(req.size)?;
+        let (ds_name, name) = (req.datastore.as_str(), req.name.as_str());
+        let datastore = self.get_datastore(ds_name).await?.record;
+        if datastore.deleting {
+            return Err(ZoneError::Conflict(format!(
+                "datastore '{ds_name}' is being deleted"
+            )));
+        }
+
+        let up = self.up_nodes().await?;
+        let mut candidates = Vec::with_capacity(datastore.disks.len());
+        for disk in &datastore.disks {
+            if let Some(Stored { record: d, .. }) = self.load::<Disk>(&keys::disk(disk)).await? {
+                candidates.push(PlacementDisk {
+                    disk: d.uuid,
+                    node: d.node,
+                    capacity: d.capacity,
+                    used: d.used,
+                    up: up.contains(&d.node),
+                });
+            }
+        }
+        let uuid = Uuid::new_v4();
+        let groups = place(uuid, &datastore.policy, &candidates).map_err(|error| match error {
+            PlacementError::Unsatisfiable { needed, nodes_available } => ZoneError::Unsatisfiable(format!(
+                "vDisk {ds_name}/{name} needs {needed} nodes with disks up and not full in datastore '{ds_name}'; it has {nodes_available}"
+            )),
+            other @ PlacementError::EmptyPolicy { .. } => ZoneError::Invalid(other.to_string()),
+        })?;
+        let vdisk = Vdisk {
+            schema: SCHEMA_VERSION,
+            uuid,
+            name: name.to_owned(),
+            datastore: ds_name.to_owned(),
+            size: req.size,
+            policy: datastore.policy,
+            state: VdiskState::Offline,
+            lease: None,
+            epoch: 0,
+            placement: Placement {
+                chunk_size: CHUNK_SIZE,
+                groups,
+                version: 1,
+            },
+            created: now_secs(),
+        };
+        let key = keys::vdisk(ds_name, name);
+        if self.create(&key, &vdisk).await?.is_some() {
+            return Err(ZoneError::AlreadyExists(format!("vDisk {ds_name}/{name}")));
+        }
+
+        // The datastore may have started a deletion meanwhile: see delete_datastore.
+        let still = self.load::<Datastore>(&keys::datastore(ds_name)).await?;
+        if !still.is_some_and(|s| s.record.uuid == datastore.uuid && !s.record.deleting) {
+            if let Some(kv) = self.store.get(&key).await? {
+                self.store
+                    .compare_and_swap(&key, Expect::ModRevision(kv.mod_revision), CasOp::Delete)
+                    .await?;
+            }
+            return Err(ZoneError::Conflict(format!(
+                "datastore '{ds_name}' is being deleted"
+            )));
+        }
+        tracing::info!(vdisk = %format!("{ds_name}/{name}"), %uuid, size = req.size, "vDisk created");
+        Ok(vdisk)
+    }
+
+    /// Every vDisk, or those of one datastore, with their health.
+    pub async fn vdisks(&self, datastore: Option<&str>) -> Result<Vec<VdiskView>, ZoneError> {
+        let prefix = match datastore {
+            Some(name) => {
+                self.get_datastore(name).await?;
+                vdisk_prefix(name)
+            }
+            None => keys::VDISKS.to_owned(),
+        };
+        let vdisks: Vec<Vdisk> = self.load_all(&prefix).await?;
+        let liveness = self.liveness().await?;
+        Ok(vdisks
+            .into_iter()
+            .map(|vdisk| liveness.view(vdisk))
+            .collect())
+    }
+
+    /// One vDisk with its health.
+    pub async fn vdisk(&self, datastore: &str, name: &str) -> Result<VdiskView, ZoneError> {
+        let vdisk = self.get_vdisk(datastore, name).await?.record;
+        Ok(self.liveness().await?.view(vdisk))
+    }
+
+    /// Grows a vDisk to `size` bytes (a multiple of 512). Shrinking is refused.
+    pub async fn resize_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<Vdisk, ZoneError> {
+        validate_size(size)?;
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    if size < v.size {
+                        return Err(ZoneError::Invalid(
+                            "shrinking a vDisk is not supported".into(),
+                        ));
+                    }
+                    v.size = size;
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
+    /// Deletes a vDisk; refused while it is open (holds an unexpired lease)
+    /// unless `force`. Its nodes free its chunks when their heartbeat reports
+    /// it as an orphan.
+    pub async fn delete_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<(), ZoneError> {
+        let key = keys::vdisk(datastore, name);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Stored {
+                record: vdisk,
+                revision,
+            } = self.get_vdisk(datastore, name).await?;
+            if let Some(lease) = vdisk.lease.as_ref().filter(|l| l.expires_ms > now_ms()) {
+                if !force {
+                    return Err(ZoneError::Conflict(format!(
+                        "vDisk {datastore}/{name} is open on host {}",
+                        lease.holder
+                    )));
+                }
+            }
+            if self
+                .store
+                .compare_and_swap(&key, Expect::ModRevision(revision), CasOp::Delete)
+                .await?
+                .succeeded
+            {
+                tracing::info!(vdisk = %format!("{datastore}/{name}"), uuid = %vdisk.uuid, force, "vDisk deleted");
+                return Ok(());
+            }
+        }
+        Err(contention(&key))
+    }
+
+    /// Opens a vDisk for writing on `req.host`: takes its lease with a new
+    /// session and the next epoch. Refused while another unexpired lease is
+    /// held, unless `req.force` (take-over).
+    pub async fn open_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: OpenVdisk,
+    ) -> Result<Opened, ZoneError> {
+        validate_host(&req.host)?;
+        validate_ttl(req.ttl_ms)?;
+        let session = Uuid::new_v4();
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    let now = now_ms();
+                    if let Some(lease) = v.lease.as_ref().filter(|l| l.expires_ms > now) {
+                        if !req.force {
+                            return Err(ZoneError::Conflict(format!(
+                                "vDisk {datastore}/{name} is open on host {}",
+                                lease.holder
+                            )));
+                        }
+                    }
+                    v.epoch = v.epoch.checked_add(1).ok_or_else(|| {
+                        ZoneError::Conflict("the vDisk's epochs are exhausted".into())
+                    })?;
+                    v.lease = Some(Lease {
+                        holder: req.host.clone(),
+                        session,
+                        expires_ms: now.saturating_add(req.ttl_ms),
+                        ttl_ms: req.ttl_ms,
+                    });
+                    v.state = VdiskState::Online {
+                        host: req.host.clone(),
+                    };
+                    Ok(())
+                },
+            )
+            .await?;
+        let vdisk = stored.record;
+        tracing::info!(vdisk = %format!("{datastore}/{name}"), host = %req.host, epoch = vdisk.epoch, force = req.force, "vDisk opened");
+
+        let placed: BTreeSet<Uuid> = vdisk.placement.groups.iter().flatten().copied().collect();
+        let mut disks = Vec::with_capacity(placed.len());
+        for disk in &placed {
+            if let Some(stored) = self.load::<Disk>(&keys::disk(disk)).await? {
+                disks.push(stored.record);
+            }
+        }
+        let owners: BTreeSet<Uuid> = disks.iter().map(|d| d.node).collect();
+        let up = self.up_nodes().await?;
+        let mut nodes = Vec::with_capacity(owners.len());
+        for node in &owners {
+            if let Some(stored) = self.load::<Node>(&keys::node(node)).await? {
+                nodes.push(status(stored.record, &up));
+            }
+        }
+        Ok(Opened {
+            epoch: vdisk.epoch,
+            session,
+            vdisk,
+            nodes,
+            disks,
+        })
+    }
+
+    /// Extends the lease of session `req.session` by `req.ttl_ms` (default:
+    /// the time to live it was opened with). An expired lease that nobody took
+    /// over may still be renewed; a lease taken over is lost.
+    pub async fn renew_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: SessionRef,
+    ) -> Result<Lease, ZoneError> {
+        if let Some(ttl) = req.ttl_ms {
+            validate_ttl(ttl)?;
+        }
+        let (_, lease) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    let lease = match v.lease.as_mut() {
+                        Some(lease) if lease.session == req.session => lease,
+                        Some(lease) => {
+                            return Err(ZoneError::Conflict(format!(
+                                "lease lost: vDisk {datastore}/{name} was taken over by host {}",
+                                lease.holder
+                            )))
+                        }
+                        None => {
+                            return Err(ZoneError::Conflict(format!(
+                                "lease lost: vDisk {datastore}/{name} is not open"
+                            )))
+                        }
+                    };
+                    let ttl = req.ttl_ms.unwrap_or(if lease.ttl_ms > 0 {
+                        lease.ttl_ms
+                    } else {
+                        DEFAULT_LEASE_TTL_MS
+                    });
+                    lease.expires_ms = now_ms().saturating_add(ttl);
+                    lease.ttl_ms = ttl;
+                    Ok(lease.clone())
+                },
+            )
+            .await?;
+        Ok(lease)
+    }
+
+    /// Closes session `req.session`: clears the lease and takes the vDisk
+    /// offline. Closing a session that no longer holds the lease changes
+    /// nothing and succeeds (closing is idempotent).
+    pub async fn close_vdisk(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: SessionRef,
+    ) -> Result<(), ZoneError> {
+        self.update(
+            &keys::vdisk(datastore, name),
+            || format!("vDisk {datastore}/{name}"),
+            |v: &mut Vdisk| {
+                if v.lease.as_ref().is_some_and(|l| l.session == req.session) {
+                    v.lease = None;
+                    v.state = VdiskState::Offline;
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    // ---- helpers ----
+
+    async fn get_datastore(&self, name: &str) -> Result<Stored<Datastore>, ZoneError> {
+        validate_name("datastore", name)?;
+        self.get(&keys::datastore(name), || format!("datastore '{name}'"))
+            .await
+    }
+
+    async fn get_vdisk(&self, datastore: &str, name: &str) -> Result<Stored<Vdisk>, ZoneError> {
+        validate_name("datastore", datastore)?;
+        validate_name("vDisk", name)?;
+        self.get(&keys::vdisk(datastore, name), || {
+            format!("vDisk {datastore}/{name}")
+        })
+        .await
+    }
+
+    /// Uuids of the nodes whose liveness key exists.
+    async fn up_nodes(&self) -> Result<HashSet<Uuid>, ZoneError> {
+        let alive = self.store.range(keys::ALIVE).await?;
+        Ok(alive
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix(keys::ALIVE)?.parse().ok())
+            .collect())
+    }
+
+    async fn liveness(&self) -> Result<Liveness, ZoneError> {
+        let up = self.up_nodes().await?;
+        let disks = self.disks().await?;
+        Ok(Liveness {
+            up_disks: disks
+                .into_iter()
+                .filter(|d| up.contains(&d.node))
+                .map(|d| d.uuid)
+                .collect(),
+        })
+    }
+
+    async fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Stored<T>>, ZoneError> {
+        match self.store.get(key).await? {
+            None => Ok(None),
+            Some(kv) => Ok(Some(Stored {
+                record: decode(key, &kv.value)?,
+                revision: kv.mod_revision,
+            })),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        what: impl FnOnce() -> String,
+    ) -> Result<Stored<T>, ZoneError> {
+        self.load(key)
+            .await?
+            .ok_or_else(|| ZoneError::NotFound(what()))
+    }
+
+    async fn load_all<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ZoneError> {
+        let kvs = self.store.range(prefix).await?;
+        kvs.iter()
+            .map(|kv| decode(&kv.key, &kv.value).map_err(ZoneError::from))
+            .collect()
+    }
+
+    /// Writes `record` at `key` if the key is absent; otherwise returns what is there.
+    async fn create<T: Serialize>(
+        &self,
+        key: &str,
+        record: &T,
+    ) -> Result<Option<KeyValue>, ZoneError> {
+        let value = encode(key, record)?;
+        let result = self
+            .store
+            .compare_and_swap(key, Expect::Absent, CasOp::Put(value))
+            .await?;
+        Ok(if result.succeeded {
+            None
+        } else {
+            result.current
+        })
+    }
+
+    /// Read-modify-write of the record at `key` with a compare-and-swap loop:
+    /// `change` may run several times, and may refuse with an error. Writes
+    /// nothing if `change` leaves the record as it was.
+    async fn update<T, R>(
+        &self,
+        key: &str,
+        what: impl Fn() -> String,
+        mut change: impl FnMut(&mut T) -> Result<R, ZoneError>,
+    ) -> Result<(Stored<T>, R), ZoneError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Stored {
+                mut record,
+                revision,
+            } = self.get::<T>(key, &what).await?;
+            let before = encode(key, &record)?;
+            let answer = change(&mut record)?;
+            let after = encode(key, &record)?;
+            if before == after {
+                return Ok((Stored { record, revision }, answer));
+            }
+            let result = self
+                .store
+                .compare_and_swap(key, Expect::ModRevision(revision), CasOp::Put(after))
+                .await?;
+            if result.succeeded {
+                return Ok((
+                    Stored {
+                        record,
+                        revision: result.revision,
+                    },
+                    answer,
+                ));
+            }
+        }
+        Err(contention(key))
+    }
+
+    /// Creates or replaces the record at `key` with `make(current)`, by
+    /// compare-and-swap.
+    async fn upsert<T>(
+        &self,
+        key: &str,
+        mut make: impl FnMut(Option<T>) -> Result<T, ZoneError>,
+    ) -> Result<T, ZoneError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (current, expect) = match self.load::<T>(key).await? {
+                None => (None, Expect::Absent),
+                Some(stored) => (Some(stored.record), Expect::ModRevision(stored.revision)),
+            };
+            let record = make(current)?;
+            let value = encode(key, &record)?;
+            if self
+                .store
+                .compare_and_swap(key, expect, CasOp::Put(value))
+                .await?
+                .succeeded
+            {
+                return Ok(record);
+            }
+        }
+        Err(contention(key))
+    }
+}
+
+/// Which disks are on nodes that are up.
+struct Liveness {
+    up_disks: HashSet<Uuid>,
+}
+
+impl Liveness {
+    fn view(&self, vdisk: Vdisk) -> VdiskView {
+        let healthy = vdisk
+            .placement
+            .groups
+            .iter()
+            .flatten()
+            .all(|d| self.up_disks.contains(d));
+        VdiskView {
+            vdisk,
+            health: if healthy {
+                Health::Healthy
+            } else {
+                Health::Degraded
+            },
+        }
+    }
+}
+
+fn status(node: Node, up: &HashSet<Uuid>) -> NodeStatus {
+    let state = if up.contains(&node.uuid) {
+        NodeState::Up
+    } else {
+        NodeState::Down
+    };
+    NodeStatus { node, state }
+}
+
+fn vdisk_prefix(datastore: &str) -> String {
+    format!("{}{datastore}/", keys::VDISKS)
+}
+
+fn contention(key: &str) -> ZoneError {
+    ZoneError::Conflict(format!(
+        "{key} is being changed by others too often; try again"
+    ))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Quotes a user-supplied string for an error message, cut to 80 characters.
+fn quote(text: &str) -> String {
+    let cut: String = text.chars().take(80).collect();
+    if cut.len() < text.len() {
+        format!("{cut:?}…")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// Names of zones, datastores and vDisks: 1 to 64 characters among
+/// `A-Z a-z 0-9 . _ -`, not starting with '.'.
+fn validate_name(kind: &str, name: &str) -> Result<(), ZoneError> {
+    let valid = (1..=MAX_NAME).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(ZoneError::Invalid(format!(
+            "{kind} name {} is invalid: use 1 to {MAX_NAME} characters among A-Z a-z 0-9 . _ -, not starting with '.'",
+            quote(name)
+        )))
+    }
+}
+
+/// Host names: 1 to 253 characters among `A-Z a-z 0-9 . _ -`, not starting
+/// with '.' or '-'.
+fn validate_host(host: &str) -> Result<(), ZoneError> {
+    let valid = (1..=MAX_HOST_NAME).contains(&host.len())
+        && !host.starts_with(['.', '-'])
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(ZoneError::Invalid(format!(
+            "host name {} is invalid: use 1 to {MAX_HOST_NAME} characters among A-Z a-z 0-9 . _ -, not starting with '.' or '-'",
+            quote(host)
+        )))
+    }
+}
+
+fn validate_size(size: u64) -> Result<(), ZoneError> {
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(ZoneError::Invalid(format!(
+            "a vDisk size must be a positive multiple of {SECTOR_SIZE} bytes, not {size}"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_ttl(ttl_ms: u64) -> Result<(), ZoneError> {
+    if !(1..=MAX_LEASE_TTL_MS).contains(&ttl_ms) {
+        return Err(ZoneError::Invalid(format!(
+            "a lease time to live must be between 1 and {MAX_LEASE_TTL_MS} ms, not {ttl_ms}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sled_store::SledStore;
+
+    const TB: u64 = 1 << 40;
+
+    async fn service() -> ZoneService {
+        let store = SledStore::temporary().expect("a temporary store opens");
+        let svc = ZoneService::new(Arc::new(store));
+        svc.ensure_zone("test").await.expect("the zone is created");
+        svc
+    }
+
+    fn node_id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn disk_id(n: u128, i: u128) -> Uuid {
+        Uuid::from_u128(n * 100 + i)
+    }
+
+    fn registration(n: u128, disks: u128) -> RegisterNode {
+        RegisterNode {
+            uuid: node_id(n),
+            host: format!("hv{n}"),
+            addr: format!("127.0.0.{n}:7000"),
+            disks: (0..disks)
+                .map(|i| RegisterDisk {
+                    uuid: disk_id(n, i),
+                    path: format!("/dev/disk{i}"),
+                    capacity: TB,
+                    used: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Registers nodes 1..=count with `disks` disks each.
+    async fn cluster(svc: &ZoneService, count: u128, disks: u128) -> Vec<Registered> {
+        let mut registered = Vec::new();
+        for n in 1..=count {
+            registered.push(
+                svc.register_node(registration(n, disks))
+                    .await
+                    .expect("the node registers"),
+            );
+        }
+        registered
+    }
+
+    /// Makes node `n` down by revoking its liveness lease.
+    async fn kill(svc: &ZoneService, n: u128) {
+        let kv = svc
+            .store()
+            .get(&keys::alive(&node_id(n)))
+            .await
+            .expect("get")
+            .expect("the node is up");
+        svc.store()
+            .revoke(kv.lease.expect("a leased key"))
+            .await
+            .expect("revoke");
+    }
+
+    fn mirrors(name: &str, mirrors: u32, stripes: Option<u32>) -> CreateDatastore {
+        CreateDatastore {
+            name: name.into(),
+            mirrors,
+            stripes,
+            disks: None,
+        }
+    }
+
+    fn vdisk_req(ds: &str, name: &str, size: u64) -> CreateVdisk {
+        CreateVdisk {
+            datastore: ds.into(),
+            name: name.into(),
+            size,
+        }
+    }
+
+    fn open_req(host: &str, ttl_ms: u64, force: bool) -> OpenVdisk {
+        OpenVdisk {
+            host: host.into(),
+            ttl_ms,
+            force,
+        }
+    }
+
+    fn session(session: Uuid) -> SessionRef {
+        SessionRef {
+            session,
+            ttl_ms: None,
+        }
+    }
+
+    fn heartbeat(lease: u64) -> Heartbeat {
+        Heartbeat {
+            lease,
+            disks: Vec::new(),
+            vdisks: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn ensure_zone_is_idempotent_and_refuses_another_name() {
+        let store: Arc<dyn MetaStore> = Arc::new(SledStore::temporary().expect("opens"));
+        let svc = ZoneService::new(store);
+        assert!(matches!(svc.zone().await, Err(ZoneError::NotFound(_))));
+        let zone = svc.ensure_zone("z1").await.expect("created");
+        assert_eq!(svc.ensure_zone("z1").await.expect("found"), zone);
+        assert_eq!(svc.zone().await.expect("found"), zone);
+        let error = svc.ensure_zone("z2").await.expect_err("another zone");
+        assert_eq!(
+            error.to_string(),
+            "the metadata store holds zone 'z1', not zone 'z2'"
+        );
+        assert!(matches!(
+            svc.ensure_zone("").await,
+            Err(ZoneError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn register_node_records_node_disks_host_and_liveness() {
+        let svc = service().await;
+        let zone = svc.zone().await.expect("zone");
+        let first = svc
+            .register_node(registration(1, 2))
+            .await
+            .expect("registers");
+        assert_eq!(first.zone, zone.uuid);
+        assert_eq!(first.heartbeat_ms, 5000 / 3);
+
+        let nodes = svc.nodes().await.expect("nodes");
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(
+            (nodes[0].node.host.as_str(), nodes[0].state),
+            ("hv1", NodeState::Up)
+        );
+        assert_eq!(nodes[0].node.disks, vec![disk_id(1, 0), disk_id(1, 1)]);
+        let disks = svc.disks().await.expect("disks");
+        assert_eq!(disks.len(), 2);
+        assert!(disks
+            .iter()
+            .all(|d| d.node == node_id(1) && d.capacity == TB));
+        let hosts = svc.hosts().await.expect("hosts");
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(
+            (hosts[0].name.as_str(), hosts[0].roles.as_slice()),
+            ("hv1", &[Role::BackEnd][..])
+        );
+
+        // Registering again replaces the lease; the old one is gone.
+        let second = svc
+            .register_node(registration(1, 2))
+            .await
+            .expect("registers again");
+        assert_ne!(first.lease, second.lease);
+        assert!(matches!(
+            svc.heartbeat(node_id(1), heartbeat(first.lease)).await,
+            Err(ZoneError::NotFound(_))
+        ));
+        svc.heartbeat(node_id(1), heartbeat(second.lease))
+            .await
+            .expect("the new lease works");
+        assert_eq!(svc.nodes().await.expect("nodes")[0].state, NodeState::Up);
+        assert_eq!(
+            svc.hosts().await.expect("hosts")[0].roles,
+            vec![Role::BackEnd]
+        );
+    }
+
+    #[tokio::test]
+    async fn register_node_refuses_bad_input_and_foreign_disks() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        let mut thief = registration(2, 0);
+        thief.disks.push(registration(1, 1).disks.remove(0));
+        let error = svc
+            .register_node(thief)
+            .await
+            .expect_err("the disk is node 1's");
+        assert_eq!(
+            error.to_string(),
+            format!("disk {} belongs to node {}", disk_id(1, 0), node_id(1))
+        );
+
+        let mut bad = registration(3, 1);
+        bad.addr = "not an address".into();
+        assert!(matches!(
+            svc.register_node(bad).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        let mut bad = registration(3, 1);
+        bad.host = "-x".into();
+        assert!(matches!(
+            svc.register_node(bad).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        let mut bad = registration(3, 1);
+        bad.disks.push(bad.disks[0].clone());
+        assert!(matches!(
+            svc.register_node(bad).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        assert_eq!(
+            svc.nodes().await.expect("nodes").len(),
+            1,
+            "nothing was written"
+        );
+    }
+
+    #[tokio::test]
+    async fn heartbeats_keep_a_node_up_and_record_usage() {
+        let store = SledStore::temporary().expect("opens");
+        let svc = ZoneService::new(Arc::new(store)).with_node_ttl(Duration::from_secs(1));
+        svc.ensure_zone("test").await.expect("zone");
+        let registered = svc
+            .register_node(registration(1, 1))
+            .await
+            .expect("registers");
+        assert_eq!(registered.heartbeat_ms, 333);
+
+        // 1.5 s of heartbeats: longer than the lease's time to live.
+        for used in 1..=6u64 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let mut hb = heartbeat(registered.lease);
+            hb.disks.push(RegisterDisk {
+                uuid: disk_id(1, 0),
+                path: "/dev/disk0".into(),
+                capacity: TB,
+                used,
+            });
+            hb.disks.push(RegisterDisk {
+                uuid: disk_id(9, 9),
+                path: "/dev/other".into(),
+                capacity: TB,
+                used,
+            });
+            svc.heartbeat(node_id(1), hb).await.expect("heartbeat");
+        }
+        assert_eq!(svc.nodes().await.expect("nodes")[0].state, NodeState::Up);
+        assert_eq!(svc.disks().await.expect("disks")[0].used, 6);
+        assert_eq!(
+            svc.disks().await.expect("disks").len(),
+            1,
+            "an unregistered disk is ignored"
+        );
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while svc.nodes().await.expect("nodes")[0].state == NodeState::Up {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node never went down"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let error = svc
+            .heartbeat(node_id(1), heartbeat(registered.lease))
+            .await
+            .expect_err("the lease expired");
+        assert!(matches!(error, ZoneError::NotFound(_)), "{error:?}");
+        assert!(matches!(
+            svc.heartbeat(node_id(7), heartbeat(registered.lease)).await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn heartbeats_name_the_orphans() {
+        let svc = service().await;
+        let registered = cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", 1 << 30))
+            .await
+            .expect("vdisk");
+        let stranger = Uuid::new_v4();
+        let mut hb = heartbeat(registered[0].lease);
+        hb.vdisks = vec![vdisk.uuid, stranger];
+        let reply = svc
+            .heartbeat(node_id(1), hb.clone())
+            .await
+            .expect("heartbeat");
+        assert_eq!(reply.orphans, vec![stranger]);
+        svc.delete_vdisk("ds", "vd", false).await.expect("delete");
+        let reply = svc.heartbeat(node_id(1), hb).await.expect("heartbeat");
+        assert_eq!(reply.orphans, vec![vdisk.uuid, stranger]);
+    }
+
+    #[tokio::test]
+    async fn create_datastore_validates_and_defaults_to_every_disk() {
+        let svc = service().await;
+        cluster(&svc, 3, 2).await;
+        for name in ["", ".hidden", "a/b", "sp ace", &"x".repeat(65)] {
+            let error = svc
+                .create_datastore(mirrors(name, 1, None))
+                .await
+                .expect_err("a bad name");
+            assert!(matches!(error, ZoneError::Invalid(_)), "{name}: {error:?}");
+        }
+        for (m, s) in [(0, None), (17, None), (1, Some(0)), (1, Some(65))] {
+            assert!(matches!(
+                svc.create_datastore(mirrors("ds", m, s)).await,
+                Err(ZoneError::Invalid(_))
+            ));
+        }
+        let error = svc
+            .create_datastore(mirrors("ds", 4, None))
+            .await
+            .expect_err("3 nodes");
+        assert!(matches!(error, ZoneError::Unsatisfiable(_)));
+        assert_eq!(
+            error.to_string(),
+            "datastore 'ds' needs 4 nodes for mirrors=4; the zone has 3 nodes with disks up"
+        );
+
+        let ds = svc
+            .create_datastore(mirrors("ds", 3, Some(4)))
+            .await
+            .expect("created");
+        assert_eq!(
+            ds.policy,
+            Policy {
+                redundancy: Redundancy::Mirror { copies: 3 },
+                stripes: 4
+            }
+        );
+        let mut all: Vec<Uuid> = (1..=3)
+            .flat_map(|n| (0..2).map(move |i| disk_id(n, i)))
+            .collect();
+        all.sort();
+        assert_eq!(ds.disks, all);
+        assert_eq!(svc.datastore("ds").await.expect("found"), ds);
+        assert!(matches!(
+            svc.create_datastore(mirrors("ds", 1, None)).await,
+            Err(ZoneError::AlreadyExists(_))
+        ));
+
+        let mut picked = mirrors("small", 1, None);
+        picked.disks = Some(vec![disk_id(2, 1)]);
+        assert_eq!(
+            svc.create_datastore(picked).await.expect("created").disks,
+            vec![disk_id(2, 1)]
+        );
+        let mut unknown = mirrors("other", 1, None);
+        unknown.disks = Some(vec![Uuid::new_v4()]);
+        assert!(matches!(
+            svc.create_datastore(unknown).await,
+            Err(ZoneError::NotFound(_))
+        ));
+        let mut empty = mirrors("other", 1, None);
+        empty.disks = Some(vec![]);
+        assert!(matches!(
+            svc.create_datastore(empty).await,
+            Err(ZoneError::Invalid(_))
+        ));
+
+        let names: Vec<String> = svc
+            .datastores()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|d| d.name)
+            .collect();
+        assert_eq!(names, ["ds", "small"]);
+        assert!(matches!(
+            svc.datastore("nope").await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn datastores_count_only_up_nodes_and_refuse_erasure_coding() {
+        let svc = service().await;
+        cluster(&svc, 3, 1).await;
+        kill(&svc, 3).await;
+        let error = svc
+            .create_datastore(mirrors("ds", 3, None))
+            .await
+            .expect_err("a node is down");
+        assert_eq!(
+            error.to_string(),
+            "datastore 'ds' needs 3 nodes for mirrors=3; the zone has 2 nodes with disks up"
+        );
+
+        let ec = Policy {
+            redundancy: Redundancy::ErasureCode { data: 2, parity: 1 },
+            stripes: 1,
+        };
+        let error = svc
+            .create_datastore_with("ec", ec, None)
+            .await
+            .expect_err("erasure coding");
+        assert!(matches!(error, ZoneError::Invalid(_)));
+        assert_eq!(error.to_string(), "erasure coding is not supported yet");
+    }
+
+    #[tokio::test]
+    async fn delete_datastore_is_refused_while_it_holds_vdisks() {
+        let svc = service().await;
+        cluster(&svc, 2, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 4096))
+            .await
+            .expect("vdisk");
+        let error = svc.delete_datastore("ds").await.expect_err("not empty");
+        assert!(matches!(error, ZoneError::Conflict(_)));
+        assert_eq!(error.to_string(), "datastore 'ds' still holds 1 vDisks");
+        assert!(
+            !svc.datastore("ds").await.expect("still there").deleting,
+            "the mark was cleared"
+        );
+        svc.create_vdisk(vdisk_req("ds", "vd2", 4096))
+            .await
+            .expect("creation works again");
+
+        svc.delete_vdisk("ds", "vd", false).await.expect("delete");
+        svc.delete_vdisk("ds", "vd2", false).await.expect("delete");
+        svc.delete_datastore("ds").await.expect("empty now");
+        assert!(matches!(
+            svc.datastore("ds").await,
+            Err(ZoneError::NotFound(_))
+        ));
+        assert!(matches!(
+            svc.delete_datastore("ds").await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn vdisks_cannot_be_created_in_a_datastore_being_deleted() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.update(
+            &keys::datastore("ds"),
+            || "ds".into(),
+            |ds: &mut Datastore| {
+                ds.deleting = true;
+                Ok(())
+            },
+        )
+        .await
+        .expect("marked");
+        let error = svc
+            .create_vdisk(vdisk_req("ds", "vd", 4096))
+            .await
+            .expect_err("being deleted");
+        assert_eq!(error.to_string(), "datastore 'ds' is being deleted");
+        assert!(svc.vdisks(None).await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn create_vdisk_validates_and_places() {
+        let svc = service().await;
+        cluster(&svc, 4, 2).await;
+        let ds = svc
+            .create_datastore(mirrors("ds", 3, Some(2)))
+            .await
+            .expect("datastore");
+        for size in [0, 513, 1000] {
+            assert!(matches!(
+                svc.create_vdisk(vdisk_req("ds", "vd", size)).await,
+                Err(ZoneError::Invalid(_))
+            ));
+        }
+        assert!(matches!(
+            svc.create_vdisk(vdisk_req("ds", ".vd", 512)).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        assert!(matches!(
+            svc.create_vdisk(vdisk_req("nope", "vd", 512)).await,
+            Err(ZoneError::NotFound(_))
+        ));
+
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", 10 << 30))
+            .await
+            .expect("created");
+        assert_eq!(vdisk.uuid.get_version_num(), 4);
+        assert_eq!(
+            (vdisk.size, vdisk.epoch, &vdisk.state, &vdisk.lease),
+            (10 << 30, 0, &VdiskState::Offline, &None)
+        );
+        assert_eq!(vdisk.policy, ds.policy);
+        assert_eq!(
+            (vdisk.placement.chunk_size, vdisk.placement.version),
+            (CHUNK_SIZE, 1)
+        );
+        assert_eq!(vdisk.placement.groups.len(), 2);
+        let disks = svc.disks().await.expect("disks");
+        for group in &vdisk.placement.groups {
+            let nodes: HashSet<Uuid> = group
+                .iter()
+                .map(|d| {
+                    disks
+                        .iter()
+                        .find(|x| x.uuid == *d)
+                        .expect("a zone disk")
+                        .node
+                })
+                .collect();
+            assert_eq!(nodes.len(), 3);
+        }
+        assert!(matches!(
+            svc.create_vdisk(vdisk_req("ds", "vd", 512)).await,
+            Err(ZoneError::AlreadyExists(_))
+        ));
+
+        kill(&svc, 1).await;
+        kill(&svc, 2).await;
+        let error = svc
+            .create_vdisk(vdisk_req("ds", "vd2", 512))
+            .await
+            .expect_err("2 nodes up");
+        assert!(matches!(error, ZoneError::Unsatisfiable(_)));
+        assert_eq!(
+            error.to_string(),
+            "vDisk ds/vd2 needs 3 nodes with disks up and not full in datastore 'ds'; it has 2"
+        );
+    }
+
+    #[tokio::test]
+    async fn health_follows_node_liveness() {
+        let svc = service().await;
+        cluster(&svc, 3, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        svc.create_datastore(mirrors("other", 1, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", 4096))
+            .await
+            .expect("vdisk");
+        svc.create_vdisk(vdisk_req("other", "vd", 4096))
+            .await
+            .expect("vdisk");
+        let view = svc.vdisk("ds", "vd").await.expect("found");
+        assert_eq!(
+            (view.vdisk.clone(), view.health),
+            (vdisk.clone(), Health::Healthy)
+        );
+        let json = serde_json::to_value(&view).expect("encodes");
+        assert_eq!(
+            (json["health"].as_str(), json["name"].as_str()),
+            (Some("healthy"), Some("vd"))
+        );
+
+        let holder = svc
+            .disks()
+            .await
+            .expect("disks")
+            .into_iter()
+            .find(|d| d.uuid == vdisk.placement.groups[0][0])
+            .expect("disk");
+        kill(&svc, holder.node.as_u128()).await;
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").health,
+            Health::Degraded
+        );
+
+        assert_eq!(svc.vdisks(None).await.expect("all").len(), 2);
+        let in_ds = svc.vdisks(Some("ds")).await.expect("in ds");
+        assert_eq!((in_ds.len(), in_ds[0].vdisk.uuid), (1, vdisk.uuid));
+        assert!(matches!(
+            svc.vdisks(Some("nope")).await,
+            Err(ZoneError::NotFound(_))
+        ));
+        assert!(matches!(
+            svc.vdisk("ds", "nope").await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn resize_only_grows() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+        assert_eq!(
+            svc.resize_vdisk("ds", "vd", 2 << 20)
+                .await
+                .expect("grows")
+                .size,
+            2 << 20
+        );
+        assert_eq!(
+            svc.resize_vdisk("ds", "vd", 2 << 20)
+                .await
+                .expect("same size")
+                .size,
+            2 << 20
+        );
+        let error = svc
+            .resize_vdisk("ds", "vd", 1 << 20)
+            .await
+            .expect_err("shrinks");
+        assert_eq!(error.to_string(), "shrinking a vDisk is not supported");
+        assert!(matches!(
+            svc.resize_vdisk("ds", "vd", (4 << 20) + 1).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        assert!(matches!(
+            svc.resize_vdisk("ds", "nope", 4 << 20).await,
+            Err(ZoneError::NotFound(_))
+        ));
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").vdisk.size,
+            2 << 20
+        );
+    }
+
+    #[tokio::test]
+    async fn open_renew_close_follow_the_lease() {
+        let svc = service().await;
+        cluster(&svc, 2, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+
+        let a = svc
+            .open_vdisk("ds", "vd", open_req("hv-a", 60_000, false))
+            .await
+            .expect("opens");
+        assert_eq!((a.epoch, a.vdisk.epoch), (1, 1));
+        assert_eq!(
+            a.vdisk.state,
+            VdiskState::Online {
+                host: "hv-a".into()
+            }
+        );
+        assert_eq!(
+            a.vdisk
+                .lease
+                .as_ref()
+                .map(|l| (l.holder.as_str(), l.session)),
+            Some(("hv-a", a.session))
+        );
+        assert_eq!((a.nodes.len(), a.disks.len()), (2, 2));
+        assert!(a.nodes.iter().all(|n| n.state == NodeState::Up));
+
+        let error = svc
+            .open_vdisk("ds", "vd", open_req("hv-b", 60_000, false))
+            .await
+            .expect_err("held");
+        assert!(matches!(error, ZoneError::Conflict(_)));
+        assert_eq!(error.to_string(), "vDisk ds/vd is open on host hv-a");
+
+        let b = svc
+            .open_vdisk("ds", "vd", open_req("hv-b", 60_000, true))
+            .await
+            .expect("takes over");
+        assert_eq!(b.epoch, 2);
+        let error = svc
+            .renew_vdisk("ds", "vd", session(a.session))
+            .await
+            .expect_err("taken over");
+        assert_eq!(
+            error.to_string(),
+            "lease lost: vDisk ds/vd was taken over by host hv-b"
+        );
+        let lease = svc
+            .renew_vdisk(
+                "ds",
+                "vd",
+                SessionRef {
+                    session: b.session,
+                    ttl_ms: Some(5_000),
+                },
+            )
+            .await
+            .expect("renews");
+        assert_eq!((lease.session, lease.ttl_ms), (b.session, 5_000));
+        assert!(lease.expires_ms >= now_ms() + 4_000);
+
+        svc.close_vdisk("ds", "vd", session(a.session))
+            .await
+            .expect("closing a lost session is fine");
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").vdisk.state,
+            VdiskState::Online {
+                host: "hv-b".into()
+            }
+        );
+        svc.close_vdisk("ds", "vd", session(b.session))
+            .await
+            .expect("closes");
+        let closed = svc.vdisk("ds", "vd").await.expect("found").vdisk;
+        assert_eq!(
+            (closed.state, closed.lease, closed.epoch),
+            (VdiskState::Offline, None, 2)
+        );
+        svc.close_vdisk("ds", "vd", session(b.session))
+            .await
+            .expect("closing twice is fine");
+        let error = svc
+            .renew_vdisk("ds", "vd", session(b.session))
+            .await
+            .expect_err("closed");
+        assert_eq!(error.to_string(), "lease lost: vDisk ds/vd is not open");
+
+        assert!(matches!(
+            svc.open_vdisk("ds", "vd", open_req("hv-a", 0, false)).await,
+            Err(ZoneError::Invalid(_))
+        ));
+        assert!(matches!(
+            svc.open_vdisk("ds", "nope", open_req("hv-a", 10, false))
+                .await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_may_be_renewed_or_taken() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+
+        let a = svc
+            .open_vdisk("ds", "vd", open_req("hv-a", 30, false))
+            .await
+            .expect("opens");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let renewed = svc
+            .renew_vdisk("ds", "vd", session(a.session))
+            .await
+            .expect("nobody took it");
+        assert_eq!(renewed.ttl_ms, 30);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let b = svc
+            .open_vdisk("ds", "vd", open_req("hv-b", 60_000, false))
+            .await
+            .expect("expired: no force needed");
+        assert_eq!(b.epoch, 2);
+        assert!(matches!(
+            svc.renew_vdisk("ds", "vd", session(a.session)).await,
+            Err(ZoneError::Conflict(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_opens_elect_one_writer() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+        let (a, b, c) = tokio::join!(
+            svc.open_vdisk("ds", "vd", open_req("hv-a", 60_000, false)),
+            svc.open_vdisk("ds", "vd", open_req("hv-b", 60_000, false)),
+            svc.open_vdisk("ds", "vd", open_req("hv-c", 60_000, false)),
+        );
+        let winners: Vec<Opened> = [a, b, c].into_iter().filter_map(Result::ok).collect();
+        assert_eq!(winners.len(), 1);
+        assert_eq!(winners[0].epoch, 1);
+    }
+
+    #[tokio::test]
+    async fn delete_vdisk_is_refused_while_open_unless_forced() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+        svc.open_vdisk("ds", "vd", open_req("hv-a", 60_000, false))
+            .await
+            .expect("opens");
+        let error = svc.delete_vdisk("ds", "vd", false).await.expect_err("open");
+        assert_eq!(error.to_string(), "vDisk ds/vd is open on host hv-a");
+        svc.delete_vdisk("ds", "vd", true).await.expect("forced");
+        assert!(matches!(
+            svc.vdisk("ds", "vd").await,
+            Err(ZoneError::NotFound(_))
+        ));
+        assert!(matches!(
+            svc.delete_vdisk("ds", "vd", false).await,
+            Err(ZoneError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn names_follow_the_rules() {
+        for good in ["a", "vm-1.disk_0", &"x".repeat(64), "A.b"] {
+            assert!(validate_name("vDisk", good).is_ok(), "{good}");
+        }
+        for bad in ["", ".a", "a b", "a/b", "é", &"x".repeat(65)] {
+            assert!(validate_name("vDisk", bad).is_err(), "{bad}");
+        }
+        let error = validate_name("vDisk", "a b").expect_err("a space");
+        assert_eq!(
+            error.to_string(),
+            "vDisk name \"a b\" is invalid: use 1 to 64 characters among A-Z a-z 0-9 . _ -, not starting with '.'"
+        );
+        assert_eq!(quote(&"y".repeat(100)).chars().count(), 83);
+    }
+}
