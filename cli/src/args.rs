@@ -76,9 +76,6 @@ pub struct UpArgs {
     /// Name of the zone (on first start).
     #[arg(long, default_value = "local")]
     pub zone_name: String,
-    /// Seconds a node's liveness lasts without a heartbeat.
-    #[arg(long, default_value_t = 5)]
-    pub node_ttl: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,7 +39,8 @@
 //! # Sessions
 //!
 //! A connection starts with `Hello` (the client offers a range of protocol
-//! versions, the node picks the highest it speaks). Requests may then be sent
+//! versions, the node picks the highest it speaks); a node takes requests
+//! sent without it as protocol version 1. Requests may then be sent
 //! back to back without waiting: replies carry the request's id and may come in
 //! any order. A node answers every well-formed request exactly once.
 //!

@@ -281,7 +281,10 @@ pub(crate) struct NodeLink {
     pub(crate) addr: String,
     client: [u8; 16],
     timeout: Duration,
-    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// The live connection; read on every request (uncontended read lock).
+    current: std::sync::RwLock<Option<Arc<Conn>>>,
+    /// Serialises reconnects so a failed node is dialled once, not once per request.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl NodeLink {
@@ -290,20 +293,31 @@ impl NodeLink {
             addr,
             client,
             timeout,
-            conn: tokio::sync::Mutex::new(None),
+            current: std::sync::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn live(&self) -> Option<Arc<Conn>> {
+        self.current
+            .read()
+            .expect("connection slot poisoned")
+            .as_ref()
+            .filter(|c| !c.is_broken())
+            .cloned()
     }
 
     /// The live connection, reconnecting if the last one failed.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, ConnError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            if !c.is_broken() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _one_dialer = self.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
         }
         let c = Conn::connect(&self.addr, self.client, self.timeout).await?;
-        *slot = Some(c.clone());
+        *self.current.write().expect("connection slot poisoned") = Some(c.clone());
         Ok(c)
     }
 
@@ -317,7 +331,12 @@ impl NodeLink {
     }
 
     pub(crate) async fn close(&self) {
-        if let Some(c) = self.conn.lock().await.take() {
+        let c = self
+            .current
+            .write()
+            .expect("connection slot poisoned")
+            .take();
+        if let Some(c) = c {
             c.close().await;
         }
     }

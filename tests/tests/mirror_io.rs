@@ -42,7 +42,7 @@ async fn futures_join(vol: &tessera_replicator::Volume, writes: &[&(u64, Vec<u8>
     let mut set = tokio::task::JoinSet::new();
     for w in writes {
         let vol = vol.clone();
-        let (off, data) = ((*w).0, (*w).1.clone());
+        let (off, data) = (w.0, w.1.clone());
         set.spawn(async move { vol.write(off, &data).await });
     }
     while let Some(r) = set.join_next().await {
