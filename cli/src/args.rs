@@ -57,6 +57,49 @@ pub enum Command {
     /// Virtual disks.
     #[command(subcommand)]
     Vdisk(VdiskCommand),
+    /// The per-VM vhost-user-blk device.
+    #[command(subcommand)]
+    Vhost(VhostCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VhostCommand {
+    /// Serve a vDisk to QEMU over vhost-user-blk, in the foreground, one
+    /// QEMU connection after another, holding the vDisk's write lease.
+    Serve(VhostServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VhostServeArgs {
+    /// DATASTORE/NAME
+    pub path: String,
+    /// Unix socket QEMU connects to (`-chardev socket,path=…`).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Number of virtqueues offered (QEMU's num-queues may use fewer).
+    #[arg(long, default_value_t = 4)]
+    pub queues: u16,
+    /// Virtqueue size.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Host name of this machine in the zone [default: the system host name].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Exit when QEMU disconnects instead of waiting for it to reconnect.
+    #[arg(long)]
+    pub exit_on_disconnect: bool,
+    /// Take the write lease even if another host holds it.
+    #[arg(long)]
+    pub force: bool,
+    /// Write lease time to live in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    /// Management API URL (overrides `tessera --api`).
+    #[arg(long = "api")]
+    pub api: Option<String>,
+    /// File holding the API bearer token (overrides `tessera --token-file`).
+    #[arg(long = "token-file")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -304,6 +347,11 @@ mod tests {
         .unwrap();
         Cli::try_parse_from(["tessera", "vdisk", "create", "ds/v", "--size", "1G"]).unwrap();
         Cli::try_parse_from(["tessera", "vdisk", "show", "ds/v", "--json"]).unwrap();
+        Cli::try_parse_from(["tessera", "vhost", "serve", "ds/v", "--socket", "/tmp/s"]).unwrap();
+        Cli::try_parse_from([
+            "tessera", "vhost", "serve", "ds/v", "--socket", "/tmp/s", "--queues", "2",
+        ])
+        .unwrap();
         Cli::try_parse_from([
             "tessera",
             "--api",

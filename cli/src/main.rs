@@ -7,6 +7,7 @@ mod node;
 mod output;
 mod size;
 mod up;
+mod vhost;
 
 use clap::Parser;
 
@@ -45,6 +46,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
             node::run(&global, a).await
         }
         Command::Node(args::NodeCommand::Format(a)) => node::format(a),
+        Command::Vhost(args::VhostCommand::Serve(a)) => vhost::serve(&global, a).await,
         other => manage::run(&global, other).await,
     }
 }

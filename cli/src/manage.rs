@@ -132,7 +132,7 @@ pub async fn run(g: &Global, command: Command) -> anyhow::Result<()> {
         }
         Command::Datastore(c) => datastore(&api, json, c).await?,
         Command::Vdisk(c) => vdisk(&api, json, c).await?,
-        Command::Up(_) | Command::Api(_) | Command::Node(_) => {
+        Command::Up(_) | Command::Api(_) | Command::Node(_) | Command::Vhost(_) => {
             unreachable!("dispatched in main")
         }
     }

@@ -5,6 +5,8 @@
 //! own `tessera node run` child process on loopback, so tests can `kill -9`
 //! and restart nodes. Everything is killed when the zone is dropped.
 
+pub mod blk;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -242,6 +244,27 @@ impl TestZone {
         c
     }
 
+    /// Starts `tessera vhost serve DS/NAME` as a child process and waits
+    /// until its socket accepts connections.
+    pub fn spawn_vhost(&self, datastore: &str, name: &str, queues: u16) -> VhostProcess {
+        let socket = self.dir.path().join(format!(
+            "vhost-{datastore}-{name}-{}.sock",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let log = self
+            .dir
+            .path()
+            .join(format!("vhost-{datastore}-{name}.log"));
+        VhostProcess::spawn(
+            self,
+            &format!("{datastore}/{name}"),
+            socket,
+            log,
+            queues,
+            &[],
+        )
+    }
+
     /// The index of the node holding `disk`.
     pub async fn node_of_disk(&self, disk: &uuid::Uuid) -> usize {
         let disks = self.api.disks().await.expect("disks");
@@ -267,6 +290,107 @@ impl Drop for TestZone {
             // The runtime may be gone already; the server task dies with it.
             drop(s);
         }
+    }
+}
+
+/// A `tessera vhost serve` child process, killed on drop.
+pub struct VhostProcess {
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl VhostProcess {
+    pub fn spawn(
+        zone: &TestZone,
+        path: &str,
+        socket: PathBuf,
+        log: PathBuf,
+        queues: u16,
+        extra: &[&str],
+    ) -> VhostProcess {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("vhost log");
+        let child = Command::new(tessera_bin())
+            .args(["vhost", "serve", path, "--socket"])
+            .arg(&socket)
+            .args(["--queues", &queues.to_string(), "--host", TEST_HOST])
+            .arg("--api")
+            .arg(&zone.url)
+            .arg("--token-file")
+            .arg(&zone.token_file)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn tessera vhost serve");
+        let mut p = VhostProcess {
+            socket,
+            log,
+            child: Some(child),
+        };
+        p.wait_listening();
+        p
+    }
+
+    fn wait_listening(&mut self) {
+        let start = Instant::now();
+        loop {
+            // The socket file appears when it is bound and listening.
+            if self.socket.exists() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("vhost serve exited ({status}):\n{}", self.log_text());
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "vhost socket did not appear:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops it with SIGTERM (a clean exit releases the lease); returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for VhostProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

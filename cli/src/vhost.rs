@@ -1,0 +1,75 @@
+//! `tessera vhost serve`: the per-VM backend process.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_replicator::{Volume, VolumeConfig};
+use tessera_vhost_backend::ServeConfig;
+
+use crate::args::{vdisk_path, Global, VhostServeArgs};
+use crate::manage::api_client;
+use crate::node::{shutdown_signal, system_host_name};
+
+pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
+    let (ds, name) = vdisk_path(&a.path)?;
+    if a.queues == 0 || a.queues > 64 {
+        anyhow::bail!("--queues must be between 1 and 64");
+    }
+    if !a.queue_size.is_power_of_two() || a.queue_size < 4 {
+        anyhow::bail!("--queue-size must be a power of two of at least 4");
+    }
+    let mut g = global.clone();
+    g.api = a.api.clone().or(g.api);
+    g.token_file = a.token_file.clone().or(g.token_file);
+    let api = api_client(&g)?;
+    let host = a.host.clone().unwrap_or_else(system_host_name);
+    let mut config = VolumeConfig::new(api, ds, name, &host);
+    config.force = a.force;
+    config.lease_ttl = Duration::from_millis(a.lease_ttl_ms.max(1000));
+    let volume = Volume::open(config)
+        .await
+        .with_context(|| format!("cannot open vDisk {ds}/{name}"))?;
+    let vdisk = volume.vdisk().clone();
+    let serial: String = vdisk.uuid.simple().to_string().chars().take(20).collect();
+    let serve_config = ServeConfig {
+        socket: a.socket.clone(),
+        num_queues: a.queues,
+        queue_size: a.queue_size,
+        serial,
+        exit_on_disconnect: a.exit_on_disconnect,
+    };
+    println!(
+        "serving vDisk {ds}/{name} ({} bytes, epoch {}) on {}",
+        vdisk.size,
+        volume.epoch(),
+        a.socket.display()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    {
+        let disk = Arc::new(volume.clone());
+        let runtime = tokio::runtime::Handle::current();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || {
+                let r = tessera_vhost_backend::serve(disk, runtime, &serve_config, stop);
+                let _ = done_tx.send(r);
+            })
+            .context("cannot start the vhost-user thread")?;
+    }
+    let served = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = done_rx => r.unwrap_or(Ok(())),
+    };
+    stop.store(true, Ordering::Release);
+    let _ = std::fs::remove_file(&a.socket);
+    let closed = volume.close().await;
+    served.context("the vhost-user device failed")?;
+    closed.context("cannot release the vDisk cleanly")?;
+    tracing::info!("vDisk released");
+    Ok(())
+}
