@@ -35,8 +35,8 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, OpenVdisk, Opened, RegisterNode,
-    Registered, ResizeVdisk, SessionRef, VdiskView,
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkStale, OpenVdisk, Opened,
+    RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
 };
 
 use endpoint::{encode, Endpoint};
@@ -263,6 +263,21 @@ impl ApiClient {
         self.call(
             Method::POST,
             vdisk_path(datastore, name, "/renew"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/stale`: records copies that missed writes.
+    pub async fn mark_stale(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &MarkStale,
+    ) -> Result<Vdisk, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/stale"),
             Some(req),
         )
         .await

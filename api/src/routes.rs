@@ -21,6 +21,7 @@
 //! | POST | `/v1/vdisks/{ds}/{name}/resize` | `ResizeVdisk` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/open` | `OpenVdisk` → `Opened` |
 //! | POST | `/v1/vdisks/{ds}/{name}/renew` | `SessionRef` → `Lease` |
+//! | POST | `/v1/vdisks/{ds}/{name}/stale` | `MarkStale` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/close` | `SessionRef` → 204 |
 //!
 //! Errors are `{"error": "..."}` on one line: 400 malformed request (bad
@@ -40,8 +41,8 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, OpenVdisk, Opened, RegisterNode,
-    Registered, ResizeVdisk, SessionRef, VdiskView, ZoneService,
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkStale, OpenVdisk, Opened,
+    RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView, ZoneService,
 };
 
 use crate::auth::require_token;
@@ -71,6 +72,7 @@ pub fn router(service: ZoneService, token: Arc<str>) -> Router {
         .route("/v1/vdisks/{ds}/{name}/resize", post(resize_vdisk))
         .route("/v1/vdisks/{ds}/{name}/open", post(open_vdisk))
         .route("/v1/vdisks/{ds}/{name}/renew", post(renew_vdisk))
+        .route("/v1/vdisks/{ds}/{name}/stale", post(mark_stale))
         .route("/v1/vdisks/{ds}/{name}/close", post(close_vdisk))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(from_fn_with_state(token, require_token))
@@ -219,6 +221,14 @@ async fn renew_vdisk(
     Body(req): Body<SessionRef>,
 ) -> Answer<Lease> {
     Ok(Json(svc.renew_vdisk(&ds, &name, req).await?))
+}
+
+async fn mark_stale(
+    State(svc): State<ZoneService>,
+    Params((ds, name)): Params<(String, String)>,
+    Body(req): Body<MarkStale>,
+) -> Answer<Vdisk> {
+    Ok(Json(svc.mark_stale(&ds, &name, req).await?))
 }
 
 async fn close_vdisk(

@@ -226,9 +226,7 @@ impl Disk {
             offset,
             len: len as u64,
         };
-        let end = u64::from(offset)
-            .checked_add(len as u64)
-            .ok_or_else(bad)?;
+        let end = u64::from(offset).checked_add(len as u64).ok_or_else(bad)?;
         let sector = u64::from(SECTOR_SIZE);
         if u64::from(offset) % sector != 0
             || len as u64 % sector != 0

@@ -134,7 +134,8 @@ impl Layout {
         check_extent_size(self.extent_size)?;
         let es = u64::from(self.extent_size);
         let n = self.extents_total;
-        if self.epoch_slots == 0 || self.epoch_table_len != u64::from(self.epoch_slots) * RECORD_SIZE
+        if self.epoch_slots == 0
+            || self.epoch_table_len != u64::from(self.epoch_slots) * RECORD_SIZE
         {
             return Err(Bad("epoch table length does not match its slot count"));
         }
@@ -163,8 +164,16 @@ impl Layout {
             return Err(Bad("crc table too short"));
         }
         let ends = [
-            (self.epoch_table_offset, self.epoch_table_len, self.extent_table_offset),
-            (self.extent_table_offset, self.extent_table_len, self.crc_table_offset),
+            (
+                self.epoch_table_offset,
+                self.epoch_table_len,
+                self.extent_table_offset,
+            ),
+            (
+                self.extent_table_offset,
+                self.extent_table_len,
+                self.crc_table_offset,
+            ),
             (self.crc_table_offset, self.crc_table_len, self.data_offset),
         ];
         for (off, len, next) in ends {

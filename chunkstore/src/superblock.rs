@@ -192,7 +192,10 @@ mod tests {
         let mut b = good.clone();
         put_u32(&mut b, 12, 1);
         seal(&mut b);
-        assert_eq!(Superblock::decode(&b), Err(SuperblockError::UnknownFlags(1)));
+        assert_eq!(
+            Superblock::decode(&b),
+            Err(SuperblockError::UnknownFlags(1))
+        );
         let mut b = good;
         put_u64(&mut b, 112, u64::MAX);
         seal(&mut b);

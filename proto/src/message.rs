@@ -106,6 +106,9 @@ pub enum Status {
     NoSpace = 6,
     /// The protocol versions offered are not spoken by the node.
     Unsupported = 7,
+    /// A write's payload failed its checksum in transit (or its buffer
+    /// changed while it was sent): nothing was written; the sender may retry.
+    BadPayload = 8,
 }
 
 impl TryFrom<u32> for Status {
@@ -120,6 +123,7 @@ impl TryFrom<u32> for Status {
             5 => Status::Checksum,
             6 => Status::NoSpace,
             7 => Status::Unsupported,
+            8 => Status::BadPayload,
             other => return Err(ProtoError::UnknownStatus(other)),
         })
     }

@@ -42,4 +42,10 @@ pub enum VolumeError {
     },
     #[error("the vDisk has no copy number {0}")]
     NoSuchCopy(usize),
+    #[error("placement group {group} has {current} current copies, fewer than the {needed} the policy requires")]
+    Degraded {
+        group: usize,
+        current: usize,
+        needed: usize,
+    },
 }

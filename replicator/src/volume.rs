@@ -1,7 +1,7 @@
 //! The volume client: a vDisk's byte address space over its chunks' copies.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use futures_util::future::{join_all, try_join_all};
 use tessera_api_client::ApiClient;
 use tessera_proto::{ChunkRange, DiskRef, Frame, Request, Status, VdiskRef};
 use tessera_zone::records::{Vdisk, SECTOR_SIZE};
-use tessera_zone::service::{OpenVdisk, SessionRef};
+use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
 
 use crate::conn::NodeLink;
@@ -52,6 +52,24 @@ struct Copy {
     disk: Uuid,
     node: Arc<NodeLink>,
     local: bool,
+    /// Shared by every group position on the same disk.
+    state: Arc<CopyState>,
+}
+
+/// Whether a disk's copies of the vDisk are current.
+struct CopyState(AtomicU8);
+
+const CURRENT: u8 = 0;
+/// Missed a write; the zone does not know yet. Nothing is acknowledged
+/// without that copy until the zone records it stale.
+const FAILING: u8 = 1;
+/// Recorded stale in the zone: no reads, no writes until resynced.
+const STALE: u8 = 2;
+
+impl CopyState {
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 struct Inner {
@@ -64,6 +82,12 @@ struct Inner {
     /// Per placement group, the copy reads go to first (a local one if any).
     read_first: Vec<usize>,
     nodes: Vec<Arc<NodeLink>>,
+    /// Every disk of the placement and its state.
+    disks: Vec<(Uuid, Arc<NodeLink>, Arc<CopyState>)>,
+    /// Fewest current copies a write needs.
+    min_copies: usize,
+    /// Serialises recording stale copies in the zone.
+    recording: tokio::sync::Mutex<()>,
     /// Set once a node or the zone says another writer took over.
     fenced: AtomicBool,
     fenced_by: AtomicU64,
@@ -106,6 +130,8 @@ impl Volume {
         let disk_node: HashMap<Uuid, Uuid> =
             opened.disks.iter().map(|d| (d.uuid, d.node)).collect();
         let mut links: HashMap<Uuid, Arc<NodeLink>> = HashMap::new();
+        let mut states: HashMap<Uuid, Arc<CopyState>> = HashMap::new();
+        let mut disks = Vec::new();
         let mut groups = Vec::new();
         let mut read_first = Vec::new();
         for group in &opened.vdisk.placement.groups {
@@ -123,16 +149,34 @@ impl Volume {
                         Arc::new(NodeLink::new(addr.to_string(), client, config.io_timeout))
                     })
                     .clone();
+                let state = states
+                    .entry(*disk)
+                    .or_insert_with(|| {
+                        let initial = if opened.vdisk.stale.contains(disk) {
+                            STALE
+                        } else {
+                            CURRENT
+                        };
+                        let state = Arc::new(CopyState(AtomicU8::new(initial)));
+                        disks.push((*disk, link.clone(), state.clone()));
+                        state
+                    })
+                    .clone();
                 copies.push(Copy {
                     disk: *disk,
                     node: link,
                     local: *host == config.host,
+                    state,
                 });
             }
             read_first.push(copies.iter().position(|c| c.local).unwrap_or(0));
             groups.push(copies);
         }
+        let min_copies = opened.vdisk.policy.redundancy.min_copies() as usize;
         let inner = Arc::new(Inner {
+            disks,
+            min_copies,
+            recording: tokio::sync::Mutex::new(()),
             vdisk: opened.vdisk,
             epoch: opened.epoch,
             session: opened.session,
@@ -235,19 +279,19 @@ impl Volume {
         Ok(())
     }
 
-    /// Makes every write acknowledged before this call stable on every copy.
+    /// Makes every write acknowledged before this call stable on every
+    /// current copy. A copy that fails the flush is recorded stale (it may
+    /// have lost acknowledged writes); the flush fails only if a group is
+    /// left with fewer current copies than the policy's minimum.
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let inner = &self.inner;
         inner.check_fenced()?;
-        let mut disks: Vec<(Uuid, Arc<NodeLink>)> = Vec::new();
-        for g in &inner.groups {
-            for c in g {
-                if !disks.iter().any(|(d, _)| *d == c.disk) {
-                    disks.push((c.disk, c.node.clone()));
-                }
-            }
-        }
-        try_join_all(disks.iter().map(|(disk, node)| async move {
+        let current: Vec<_> = inner
+            .disks
+            .iter()
+            .filter(|(_, _, st)| st.get() == CURRENT)
+            .collect();
+        let results = join_all(current.iter().map(|(disk, node, _)| async move {
             let frame = node
                 .call(
                     Request::Flush(DiskRef {
@@ -258,8 +302,21 @@ impl Volume {
                 .await?;
             inner.check_reply(&frame, node)
         }))
-        .await?;
-        Ok(())
+        .await;
+        let mut failed = Vec::new();
+        for ((disk, _, st), r) in current.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%disk, error = %e, "flush failed on a copy");
+                    st.0.store(FAILING, Ordering::Release);
+                    failed.push(*disk);
+                }
+            }
+        }
+        inner.record_failing().await?;
+        inner.check_groups()
     }
 
     /// Discards `len` bytes at `offset`: they read as zeros afterwards and
@@ -278,22 +335,23 @@ impl Volume {
         inner.check_range(offset, len)?;
         inner.check_fenced()?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
-        try_join_all(pieces.into_iter().map(|p| async move {
+        try_join_all(pieces.into_iter().map(|p| {
             let range = inner.range(&p, Uuid::nil());
-            try_join_all(inner.group(p.chunk).iter().map(|c| async move {
-                let r = ChunkRange {
-                    disk: *c.disk.as_bytes(),
-                    ..range
-                };
-                let req = if discard {
-                    Request::Discard(r)
-                } else {
-                    Request::WriteZeroes(r)
-                };
-                let frame = c.node.call(req, &[]).await?;
-                inner.check_reply(&frame, &c.node)
-            }))
-            .await
+            inner.update_piece(
+                p,
+                move |disk| {
+                    let r = ChunkRange {
+                        disk: *disk.as_bytes(),
+                        ..range
+                    };
+                    if discard {
+                        Request::Discard(r)
+                    } else {
+                        Request::WriteZeroes(r)
+                    }
+                },
+                &[],
+            )
         }))
         .await?;
         Ok(())
@@ -393,16 +451,16 @@ impl Inner {
         }
     }
 
+    /// Raises the epoch on every current copy; unreachable copies are
+    /// recorded stale (they will refuse this writer's predecessor anyway
+    /// once resynced, as resync carries the new epoch).
     async fn fence_all(&self) -> Result<(), VolumeError> {
-        let mut disks: Vec<(Uuid, Arc<NodeLink>)> = Vec::new();
-        for g in &self.groups {
-            for c in g {
-                if !disks.iter().any(|(d, _)| *d == c.disk) {
-                    disks.push((c.disk, c.node.clone()));
-                }
-            }
-        }
-        try_join_all(disks.iter().map(|(disk, node)| async move {
+        let current: Vec<_> = self
+            .disks
+            .iter()
+            .filter(|(_, _, st)| st.get() == CURRENT)
+            .collect();
+        let results = join_all(current.iter().map(|(disk, node, _)| async move {
             let frame = node
                 .call(
                     Request::Fence(VdiskRef {
@@ -415,7 +473,82 @@ impl Inner {
                 .await?;
             self.check_reply(&frame, node)
         }))
-        .await?;
+        .await;
+        for ((disk, _, st), r) in current.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%disk, error = %e, "cannot fence a copy; recording it stale");
+                    st.0.store(FAILING, Ordering::Release);
+                }
+            }
+        }
+        self.record_failing().await?;
+        self.check_groups()
+    }
+
+    /// Records every failing copy stale in the zone; returns once the zone
+    /// holds the record (so writes that skipped those copies may be
+    /// acknowledged).
+    async fn record_failing(&self) -> Result<(), VolumeError> {
+        if !self.disks.iter().any(|(_, _, st)| st.get() == FAILING) {
+            return Ok(());
+        }
+        let _one = self.recording.lock().await;
+        let failing: Vec<Uuid> = self
+            .disks
+            .iter()
+            .filter(|(_, _, st)| st.get() == FAILING)
+            .map(|(d, _, _)| *d)
+            .collect();
+        if failing.is_empty() {
+            return Ok(());
+        }
+        let recorded = self
+            .config
+            .api
+            .mark_stale(
+                &self.config.datastore,
+                &self.config.name,
+                &MarkStale {
+                    session: self.session,
+                    disks: failing.clone(),
+                },
+            )
+            .await;
+        match recorded {
+            Ok(_) => {}
+            Err(tessera_api_client::ApiError::Status { status: 409, .. }) => {
+                self.fenced.store(true, Ordering::Release);
+                return Err(VolumeError::Fenced {
+                    epoch: self.epoch,
+                    by: self.fenced_by.load(Ordering::Acquire),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        for (d, _, st) in &self.disks {
+            if failing.contains(d) {
+                st.0.store(STALE, Ordering::Release);
+                tracing::warn!(disk = %d, "copy recorded stale: it serves nothing until resynced");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails unless every group keeps the policy's minimum of current copies.
+    fn check_groups(&self) -> Result<(), VolumeError> {
+        for (g, copies) in self.groups.iter().enumerate() {
+            let current = copies.iter().filter(|c| c.state.get() == CURRENT).count();
+            if current < self.min_copies {
+                return Err(VolumeError::Degraded {
+                    group: g,
+                    current,
+                    needed: self.min_copies,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -434,6 +567,9 @@ impl Inner {
         let mut last_err = None;
         for i in 0..tries {
             let c = &copies[(first + i) % copies.len()];
+            if only.is_none() && c.state.get() != CURRENT {
+                continue;
+            }
             let range = self.range(&p, c.disk);
             let result = async {
                 let frame = c.node.call(Request::Read(range), &[]).await?;
@@ -461,17 +597,93 @@ impl Inner {
                 }
             }
         }
-        Err(last_err.expect("at least one copy tried"))
+        Err(last_err.unwrap_or(VolumeError::Degraded {
+            group: (p.chunk % self.groups.len() as u64) as usize,
+            current: 0,
+            needed: 1,
+        }))
     }
 
     async fn write_piece(&self, p: Piece, data: Vec<&[u8]>) -> Result<(), VolumeError> {
-        let data = &data;
-        try_join_all(self.group(p.chunk).iter().map(|c| async move {
-            let range = self.range(&p, c.disk);
-            let frame = c.node.call(Request::Write(range, &[]), data).await?;
-            self.check_reply(&frame, &c.node)
+        let range = self.range(&p, Uuid::nil());
+        self.update_piece(
+            p,
+            move |disk| {
+                Request::Write(
+                    ChunkRange {
+                        disk: *disk.as_bytes(),
+                        ..range
+                    },
+                    &[],
+                )
+            },
+            &data,
+        )
+        .await
+    }
+
+    /// Sends a mutation of one chunk to every current copy. Copies that
+    /// fail are recorded stale before the mutation is acknowledged; it is
+    /// acknowledged only if at least the policy's minimum of copies hold it.
+    async fn update_piece<'a>(
+        &self,
+        p: Piece,
+        request: impl Fn(Uuid) -> Request<'a>,
+        payload: &[&[u8]],
+    ) -> Result<(), VolumeError> {
+        let copies = self.group(p.chunk);
+        let targets: Vec<&Copy> = copies.iter().filter(|c| c.state.get() == CURRENT).collect();
+        let results = join_all(targets.iter().map(|c| {
+            let req = request(c.disk);
+            async move {
+                let mut attempt = 0;
+                loop {
+                    let frame = c.node.call(req, payload).await?;
+                    // A payload that changed under us in transit (a guest
+                    // rewriting a buffer it has in flight) is refused whole
+                    // by the node; send it again.
+                    if frame.header.status() == Status::BadPayload && attempt < 3 {
+                        attempt += 1;
+                        continue;
+                    }
+                    return self.check_reply(&frame, &c.node);
+                }
+            }
         }))
-        .await?;
+        .await;
+        let mut held = 0;
+        for (c, r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => held += 1,
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(
+                    e @ VolumeError::Node {
+                        status: Status::BadPayload,
+                        ..
+                    },
+                ) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
+                    let _ = c.state.0.compare_exchange(
+                        CURRENT,
+                        FAILING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+            }
+        }
+        if held < self.min_copies {
+            return Err(VolumeError::Degraded {
+                group: (p.chunk % self.groups.len() as u64) as usize,
+                current: held,
+                needed: self.min_copies,
+            });
+        }
+        // Copies skipped or failed must be known stale before this is acknowledged.
+        if copies.iter().any(|c| c.state.get() == FAILING) {
+            self.record_failing().await?;
+        }
         Ok(())
     }
 }

@@ -111,6 +111,25 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
         };
         let op = match Op::decode(&frame) {
             Ok(op) => op,
+            Err(tessera_proto::ProtoError::PayloadChecksum) => {
+                // The frame is whole and the stream in step: refuse this
+                // write alone.
+                tracing::warn!(
+                    ?peer,
+                    id = frame.header.id,
+                    "write payload failed its checksum"
+                );
+                let reply = Reply::error(
+                    frame.header.opcode,
+                    frame.header.id,
+                    Status::BadPayload,
+                    "payload checksum mismatch",
+                );
+                if tx.send(reply).is_err() {
+                    break;
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(?peer, error = %e, "malformed request, dropping connection");
                 break;

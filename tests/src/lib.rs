@@ -6,6 +6,7 @@
 //! and restart nodes. Everything is killed when the zone is dropped.
 
 pub mod blk;
+pub mod guest;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,23 +1,27 @@
-//! `kill -9` of a storage node in the middle of a stream of writes: every
-//! acknowledged write is intact on the surviving copies, and on the killed
-//! node's own disk once it restarts.
+//! `kill -9` of a storage node in the middle of a stream of writes: writes
+//! go on on the surviving copies (the dead one is recorded stale first),
+//! every acknowledged write is intact on the survivors, the killed node's
+//! disk holds every write acknowledged before the kill once it restarts, and
+//! its stale copy never serves a read.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_tests::{pattern, TestZone};
+use tessera_zone::service::Health;
 
 const MIB: u64 = 1 << 20;
 const WRITE: u64 = 64 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_kill_9_of_a_node() {
+async fn writes_continue_through_kill_9_of_a_node_and_nothing_acknowledged_is_lost() {
     let mut zone = TestZone::start(3, 256 * MIB).await;
     zone.datastore("ds", 3).await;
     let size = 64 * MIB;
     let vdisk = zone.vdisk("ds", "v", size).await;
     let vol = zone.open("ds", "v").await;
-    let victim_disk = vdisk.placement.groups[0][1];
+    // Copy 0 is the one reads prefer: kill that one.
+    let victim_disk = vdisk.placement.groups[0][0];
     let victim = zone.node_of_disk(&victim_disk).await;
 
     // Four writers, each writing its own offsets (no overwrites), recording
@@ -33,40 +37,52 @@ async fn acknowledged_writes_survive_kill_9_of_a_node() {
             while slot < slots {
                 let off = slot * WRITE;
                 let data = pattern(slot, off, WRITE as usize);
-                match vol.write(off, &data).await {
-                    Ok(()) => acked.lock().unwrap().push(slot),
-                    Err(_) => return,
-                }
+                vol.write(off, &data)
+                    .await
+                    .map_err(|e| format!("write at {off}: {e}"))?;
+                acked.lock().unwrap().push(slot);
                 slot += 4;
             }
+            Ok::<(), String>(())
         });
     }
     // Let a stream build up, then kill the node mid-stream.
     loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         if acked.lock().unwrap().len() >= 150 {
             break;
         }
     }
+    let before_kill = acked.lock().unwrap().clone();
     zone.kill_node(victim);
-    let joined = tokio::time::timeout(Duration::from_secs(30), async {
-        while writers.join_next().await.is_some() {}
+    let joined = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut results = Vec::new();
+        while let Some(r) = writers.join_next().await {
+            results.push(r.expect("writer task"));
+        }
+        results
     })
-    .await;
-    assert!(joined.is_ok(), "writers stopped after the node died");
+    .await
+    .expect("writers finish");
+    for r in joined {
+        r.expect("no write fails while a majority of copies is alive");
+    }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 150, "a stream of writes was acknowledged");
+    assert_eq!(acked.len() as u64, slots, "every write was acknowledged");
     assert!(
-        (acked.len() as u64) < slots,
-        "the node died before the stream ended"
+        (before_kill.len() as u64) < slots,
+        "the node died mid-stream"
     );
 
-    // Surviving copies: copy 0 and copy 2 of the placement.
-    let check = |copy: usize| {
+    // The zone knows the dead copy is stale.
+    let shown = zone.api.vdisk("ds", "v").await.unwrap();
+    assert_eq!(shown.vdisk.stale, vec![victim_disk]);
+    assert_eq!(shown.health, Health::Degraded);
+
+    let check = |copy: usize, slots: Vec<u64>| {
         let vol = vol.clone();
-        let acked = acked.clone();
         async move {
-            for slot in &acked {
+            for slot in &slots {
                 let off = slot * WRITE;
                 let mut buf = vec![0u8; WRITE as usize];
                 vol.read_copy(off, &mut buf, copy).await.expect("read copy");
@@ -77,13 +93,61 @@ async fn acknowledged_writes_survive_kill_9_of_a_node() {
             }
         }
     };
-    check(0).await;
-    check(2).await;
+    // The survivors hold everything.
+    check(1, acked.clone()).await;
+    check(2, acked.clone()).await;
 
     // The killed node restarts with the same command line; its disk opens and
-    // holds every acknowledged write too (they were in its page cache).
+    // holds every write acknowledged before the kill (they were in its page cache).
     zone.start_node(victim);
     zone.wait_nodes_up(3).await;
-    check(1).await;
+    check(0, before_kill).await;
+
+    // Its copy is stale and serves no read: the volume reads what was last
+    // written, from the current copies, even though copy 0 is preferred.
+    for slot in (0..slots).step_by(7) {
+        let off = slot * WRITE;
+        let mut buf = vec![0u8; WRITE as usize];
+        vol.read(off, &mut buf).await.unwrap();
+        assert!(
+            buf == pattern(slot, off, WRITE as usize),
+            "stale read at {off}"
+        );
+    }
     vol.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_never_serves_a_read() {
+    let mut zone = TestZone::start(2, 128 * MIB).await;
+    zone.datastore("ds", 2).await;
+    let vdisk = zone.vdisk("ds", "v", 8 * MIB).await;
+    let preferred = zone.node_of_disk(&vdisk.placement.groups[0][0]).await;
+    let vol = zone.open("ds", "v").await;
+    let old = pattern(1, 0, 2 * MIB as usize);
+    vol.write(0, &old).await.unwrap();
+    vol.flush().await.unwrap();
+
+    // The copy reads prefer dies; the write goes on with the other copy.
+    zone.kill_node(preferred);
+    let new = pattern(2, 0, 2 * MIB as usize);
+    vol.write(0, &new).await.expect("degraded write");
+    vol.flush().await.expect("degraded flush");
+
+    // It comes back holding the old data.
+    zone.start_node(preferred);
+    zone.wait_nodes_up(2).await;
+    let mut buf = vec![0u8; 2 * MIB as usize];
+    vol.read_copy(0, &mut buf, 0).await.unwrap();
+    assert!(buf == old, "the returning copy holds the old data");
+
+    // Neither this volume nor a new open reads it.
+    vol.read(0, &mut buf).await.unwrap();
+    assert!(buf == new, "read served by a stale copy");
+    vol.close().await.unwrap();
+    let reopened = zone.open("ds", "v").await;
+    let mut buf = vec![0u8; 2 * MIB as usize];
+    reopened.read(0, &mut buf).await.unwrap();
+    assert!(buf == new, "read after reopen served by a stale copy");
+    reopened.close().await.unwrap();
 }

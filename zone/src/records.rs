@@ -151,6 +151,18 @@ pub enum Redundancy {
 }
 
 impl Redundancy {
+    /// Fewest current copies a write must reach to be acknowledged: with
+    /// fewer, I/O fails rather than pretend to a redundancy it does not have.
+    /// `mirrors=1` and `mirrors=2` keep running on one copy; from three
+    /// copies on, a majority is required.
+    pub fn min_copies(&self) -> u32 {
+        match *self {
+            Redundancy::Mirror { copies } if copies <= 2 => 1,
+            Redundancy::Mirror { copies } => copies / 2 + 1,
+            Redundancy::ErasureCode { data, .. } => data,
+        }
+    }
+
     /// Number of disks (on distinct nodes) one chunk occupies.
     pub fn width(&self) -> u32 {
         match *self {
@@ -247,6 +259,10 @@ pub struct Vdisk {
     pub epoch: u64,
     pub placement: Placement,
     pub created: u64,
+    /// Disks whose copies of this vDisk missed writes: they serve no reads
+    /// and take no writes until the repair engine resyncs them.
+    #[serde(default)]
+    pub stale: Vec<Uuid>,
 }
 
 /// Why a stored record cannot be read or written.
@@ -330,6 +346,7 @@ mod tests {
                 version: 1,
             },
             created: 0,
+            stale: vec![],
         }
     }
 

@@ -144,6 +144,15 @@ pub struct Opened {
     pub disks: Vec<Disk>,
 }
 
+/// Body of `POST /v1/vdisks/{datastore}/{name}/stale`: the writer records
+/// that copies missed writes, before it acknowledges those writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkStale {
+    pub session: Uuid,
+    pub disks: Vec<Uuid>,
+}
+
 /// Body of `POST /v1/vdisks/{datastore}/{name}/renew` and `/close`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -628,6 +637,7 @@ impl ZoneService {
                 version: 1,
             },
             created: now_secs(),
+            stale: Vec::new(),
         };
         let key = keys::vdisk(ds_name, name);
         if self.create(&key, &vdisk).await?.is_some() {
@@ -849,6 +859,43 @@ impl ZoneService {
         Ok(lease)
     }
 
+    /// Records that the copies on `req.disks` missed writes of session
+    /// `req.session`. Only the lease holder may do so (a fenced writer gets
+    /// Conflict); the record is durable when this returns, so the writer may
+    /// then acknowledge writes that reached only the other copies.
+    pub async fn mark_stale(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: MarkStale,
+    ) -> Result<Vdisk, ZoneError> {
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
+                        return Err(ZoneError::Conflict(format!(
+                            "lease lost: vDisk {datastore}/{name} is not open by this session"
+                        )));
+                    }
+                    for d in &req.disks {
+                        if !v.placement.groups.iter().flatten().any(|p| p == d) {
+                            return Err(ZoneError::Invalid(format!(
+                                "disk {d} holds no copy of vDisk {datastore}/{name}"
+                            )));
+                        }
+                        if !v.stale.contains(d) {
+                            v.stale.push(*d);
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
     /// Closes session `req.session`: clears the lease and takes the vDisk
     /// offline. Closing a session that no longer holds the lease changes
     /// nothing and succeeds (closing is idempotent).
@@ -1033,12 +1080,13 @@ struct Liveness {
 
 impl Liveness {
     fn view(&self, vdisk: Vdisk) -> VdiskView {
-        let healthy = vdisk
-            .placement
-            .groups
-            .iter()
-            .flatten()
-            .all(|d| self.up_disks.contains(d));
+        let healthy = vdisk.stale.is_empty()
+            && vdisk
+                .placement
+                .groups
+                .iter()
+                .flatten()
+                .all(|d| self.up_disks.contains(d));
         VdiskView {
             vdisk,
             health: if healthy {

@@ -169,7 +169,13 @@ impl Disk {
     }
 
     /// Overwrites part of an allocated chunk: data, then crcs.
-    fn overwrite(&self, key: &ChunkKey, extent: u64, offset: u32, data: &[u8]) -> Result<(), Error> {
+    fn overwrite(
+        &self,
+        key: &ChunkKey,
+        extent: u64,
+        offset: u32,
+        data: &[u8],
+    ) -> Result<(), Error> {
         let range = blocks(offset, data.len());
         let old = self.read_crcs(extent, range.start, range.len() as u32)?;
         let img = self.block_image(key, extent, offset, data, Some(&old))?;

@@ -19,7 +19,12 @@ const WRITE_ZEROS: u8 = 2;
 
 impl Disk {
     /// `pread` of exactly `buf.len()` bytes.
-    pub(super) fn read_at(&self, buf: &mut [u8], offset: u64, op: &'static str) -> Result<(), Error> {
+    pub(super) fn read_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        op: &'static str,
+    ) -> Result<(), Error> {
         self.file.read_exact_at(buf, offset).map_err(Error::io(op))
     }
 

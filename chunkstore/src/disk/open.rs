@@ -14,8 +14,8 @@ use super::{DeviceKind, Disk, FormatOptions};
 use crate::layout::{check_extent_size, Layout, LayoutError, DEFAULT_EPOCH_SLOTS};
 use crate::record::{EpochSlot, ExtentRecord, ENTRY_SIZE};
 use crate::state::{ChunkKey, State};
-use crate::superblock::{has_magic, Superblock, SuperblockError, SUPERBLOCK_OFFSETS};
 use crate::superblock::SUPERBLOCK_SIZE;
+use crate::superblock::{has_magic, Superblock, SuperblockError, SUPERBLOCK_OFFSETS};
 use crate::{sys, Error};
 
 /// Entries read or written per table I/O (1 MiB).
@@ -46,8 +46,8 @@ impl Device {
         }
         let meta = file.metadata().map_err(Error::io("stat the device"))?;
         let (kind, size) = if meta.file_type().is_block_device() {
-            let size = sys::block_device_size(&file)
-                .map_err(Error::io("get the block device's size"))?;
+            let size =
+                sys::block_device_size(&file).map_err(Error::io("get the block device's size"))?;
             (DeviceKind::BlockDevice, size)
         } else if meta.is_file() {
             (DeviceKind::File, meta.len())
@@ -315,8 +315,11 @@ fn scan_extents(file: &File, l: &Layout, state: &mut State) -> Result<Vec<u64>, 
     let mut losers = Vec::new();
     let mut max_generation = 0;
     let mut damaged = 0;
-    scan_table(file, l.extent_table_offset, l.extents_total, |e, b| {
-        match ExtentRecord::decode(b, e) {
+    scan_table(
+        file,
+        l.extent_table_offset,
+        l.extents_total,
+        |e, b| match ExtentRecord::decode(b, e) {
             Ok(ExtentRecord::Free { generation }) => {
                 max_generation = max_generation.max(generation);
                 state.load_free_extent(e);
@@ -348,8 +351,8 @@ fn scan_extents(file: &File, l: &Layout, state: &mut State) -> Result<Vec<u64>, 
                 damaged += 1;
                 state.load_quarantined_extent();
             }
-        }
-    })?;
+        },
+    )?;
     for (key, (extent, generation)) in owners {
         state.load_chunk(key, extent, generation);
     }

@@ -56,7 +56,11 @@ fn poke(path: &Path, offset: u64, bytes: &[u8]) {
 }
 
 fn flip(path: &Path, offset: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, offset).unwrap();
     f.write_all_at(&[b[0] ^ 0x5a], offset).unwrap();
@@ -181,7 +185,11 @@ fn both_superblocks_damaged() {
 fn newer_format_version_is_refused() {
     let (_dir, path, disk) = new_disk();
     drop(disk);
-    let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
     let mut b = vec![0u8; 4096];
     f.read_exact_at(&mut b, 0).unwrap();
     put_u32(&mut b, 8, 2);
@@ -211,7 +219,17 @@ fn write_read_many_offsets_and_sizes() {
     let (_dir, path, disk) = new_disk();
     let mut model = vec![0u8; ES as usize];
     let mut seed = 0;
-    for &off in &[0u32, 512, 3584, 4096, 5120, 8192 - 512, 30720, ES - 4096, ES - 512] {
+    for &off in &[
+        0u32,
+        512,
+        3584,
+        4096,
+        5120,
+        8192 - 512,
+        30720,
+        ES - 4096,
+        ES - 512,
+    ] {
         for &len in &[512u32, 1024, 4096, 4608, 8192, 12800, 20480] {
             if off + len > ES {
                 continue;
@@ -251,7 +269,12 @@ fn unwritten_reads_zeros() {
 fn invalid_ranges() {
     let (_dir, _path, disk) = new_disk();
     let mut buf = vec![0u8; 1024];
-    for (off, len) in [(100u32, 512usize), (0, 100), (ES - 512, 1024), (u32::MAX - 511, 1024)] {
+    for (off, len) in [
+        (100u32, 512usize),
+        (0, 100),
+        (ES - 512, 1024),
+        (u32::MAX - 511, 1024),
+    ] {
         assert!(matches!(
             disk.read(V, 0, off, &mut buf[..len]),
             Err(Error::InvalidRange { .. })
@@ -333,7 +356,13 @@ fn partial_discard_reads_zeros() {
     let data = pattern(1, ES as usize);
     disk.write(V, 0, 0, &data, 0).unwrap();
     let mut model = data;
-    for (off, len) in [(512u32, 1024u32), (4096, 8192), (3584, 5120), (20480 + 512, 512), (ES - 4096, 4096)] {
+    for (off, len) in [
+        (512u32, 1024u32),
+        (4096, 8192),
+        (3584, 5120),
+        (20480 + 512, 512),
+        (ES - 4096, 4096),
+    ] {
         disk.discard(V, 0, off, len, 0).unwrap();
         model[off as usize..(off + len) as usize].fill(0);
         assert_eq!(read_all(&disk, V, 0), model, "discard {off}+{len}");
@@ -424,7 +453,10 @@ fn chunks_listing_and_generations() {
         disk.write(V, c, 0, &[1; 512], 0).unwrap();
     }
     let chunks = disk.chunks(V);
-    assert_eq!(chunks.iter().map(|c| c.chunk).collect::<Vec<_>>(), [2, 5, 9]);
+    assert_eq!(
+        chunks.iter().map(|c| c.chunk).collect::<Vec<_>>(),
+        [2, 5, 9]
+    );
     let gen_of = |c: u64| chunks.iter().find(|i| i.chunk == c).unwrap().generation;
     assert!(gen_of(5) < gen_of(2) && gen_of(2) < gen_of(9));
     let max = gen_of(9);
@@ -433,7 +465,14 @@ fn chunks_listing_and_generations() {
     drop(disk);
     let disk = Disk::open(&path).unwrap();
     disk.write(V, 10, 0, &[1; 512], 0).unwrap();
-    assert!(disk.chunks(V).iter().find(|c| c.chunk == 10).unwrap().generation > max);
+    assert!(
+        disk.chunks(V)
+            .iter()
+            .find(|c| c.chunk == 10)
+            .unwrap()
+            .generation
+            > max
+    );
     let e = disk.chunks(V)[0].extent;
     assert_eq!(
         disk.extent_offset(V, 2),
@@ -456,7 +495,11 @@ fn duplicate_claims_keep_the_newer_generation() {
         chunk: 0,
         generation: new.generation,
     };
-    poke(&path, layout.extent_record_offset(new.extent), &forged.encode(new.extent));
+    poke(
+        &path,
+        layout.extent_record_offset(new.extent),
+        &forged.encode(new.extent),
+    );
     let disk = Disk::open(&path).unwrap();
     let now = disk.chunks(V);
     assert_eq!(now.len(), 1);
