@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use tessera_tests::guest::{
-    CpioWriter, Guest, GuestConfig, GuestKit, GuestOutcome, QemuStorageDaemon, VhostDisk,
+    find_binary, CpioWriter, Guest, GuestConfig, GuestKit, GuestOutcome, QemuStorageDaemon,
+    VhostDisk,
 };
 
 const DISK_SIZE: u64 = 64 << 20;
@@ -282,4 +283,28 @@ fn cpio_newc_layout() {
         }
     }
     assert_eq!(names, ["bin", "bin/x", "bin/y", "TRAILER!!!"]);
+}
+
+#[test]
+fn initramfs_is_cached_by_script() {
+    let kit = kit();
+    let a = kit.initramfs("echo one").expect("initramfs");
+    let b = kit.initramfs("echo one").expect("initramfs");
+    let c = kit.initramfs("echo two").expect("initramfs");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(a.starts_with(&kit.dir));
+    let bytes = std::fs::read(&a).expect("read initramfs");
+    assert!(bytes.windows(8).any(|w| w == b"echo one"));
+    assert!(bytes.windows(4).any(|w| w == b"init"));
+    assert!(kit.modules.iter().any(|m| m == "virtio_blk"));
+}
+
+#[test]
+fn missing_binary_names_the_install_script() {
+    let e = find_binary("tessera-no-such-binary").unwrap_err();
+    assert!(
+        format!("{e:#}").contains("scripts/install-test-deps.sh"),
+        "{e:#}"
+    );
 }

@@ -197,3 +197,30 @@ async fn device_reports_geometry_and_refuses_out_of_range_io() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successive_front_ends_are_served_by_one_process() {
+    let zone = TestZone::start(1, 64 * MIB).await;
+    zone.datastore("ds", 1).await;
+    zone.vdisk("ds", "v", 8 * MIB).await;
+    let vhost = zone.spawn_vhost("ds", "v", 2);
+    let socket = vhost.socket.clone();
+    let log = vhost.log.clone();
+    tokio::task::spawn_blocking(move || {
+        for round in 0..3u64 {
+            let mut c = BlkClient::connect(&socket, 2, MIB as usize).unwrap_or_else(|e| {
+                panic!(
+                    "connect {round}: {e}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            let mut q = c.queue();
+            if round > 0 {
+                assert_eq!(q.read(0, 4096).unwrap(), pattern(round - 1, 0, 4096));
+            }
+            q.write(0, &pattern(round, 0, 4096)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}

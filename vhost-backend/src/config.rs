@@ -6,8 +6,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use crate::request::{Limits, SECTOR_SIZE};
 
-/// Logical block size reported to the guest.
-pub const BLOCK_SIZE: u32 = 4096;
+/// Logical block size reported to the guest: 512 bytes, so images made
+/// for 512-byte sectors (partition tables, templates) mean the same thing.
+pub const BLOCK_SIZE: u32 = 512;
+/// Physical block size (the checksum unit of the storage nodes), reported in
+/// the topology so the guest aligns its I/O to it: 2^3 logical blocks.
+pub const PHYSICAL_BLOCK_EXP: u8 = 3;
 /// Largest data segment.
 pub const SIZE_MAX: u32 = 128 * 1024;
 /// Largest DISCARD / WRITE_ZEROES range, in sectors (1 GiB).
@@ -33,6 +37,7 @@ impl DeviceConfig {
             | (1 << VIRTIO_BLK_F_SIZE_MAX)
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_DISCARD)
@@ -62,13 +67,17 @@ impl DeviceConfig {
         c.extend_from_slice(&self.seg_max().to_le_bytes()); // seg_max
         c.extend_from_slice(&[0u8; 4]); // geometry
         c.extend_from_slice(&BLOCK_SIZE.to_le_bytes()); // blk_size
-        c.extend_from_slice(&[0u8; 8]); // topology
+                                                        // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
+        c.push(PHYSICAL_BLOCK_EXP);
+        c.push(0);
+        c.extend_from_slice(&(1u16 << PHYSICAL_BLOCK_EXP).to_le_bytes());
+        c.extend_from_slice(&0u32.to_le_bytes());
         c.push(1); // writeback: the cache is write-back (see `features`)
         c.push(0); // unused0
         c.extend_from_slice(&self.num_queues.to_le_bytes()); // num_queues
         c.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
         c.extend_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-        c.extend_from_slice(&(BLOCK_SIZE / 512).to_le_bytes()); // discard_sector_alignment
+        c.extend_from_slice(&(1u32 << PHYSICAL_BLOCK_EXP).to_le_bytes()); // discard_sector_alignment
         c.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
         c.extend_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
         c.push(1); // write_zeroes_may_unmap
@@ -95,7 +104,9 @@ mod tests {
             (1 << 30) / 512
         );
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
-        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_eq!(c[24], 3, "physical blocks of 4 KiB");
+        assert_eq!(u16::from_le_bytes(c[26..28].try_into().unwrap()), 8);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
         assert_eq!(c[56], 1);

@@ -1471,25 +1471,73 @@ mod tests {
             (addr(), len(), any::<bool>())
         }
 
+        /// A data descriptor: lengths that make valid requests more likely.
+        fn data_descriptor() -> impl Strategy<Value = (u64, u32, bool)> {
+            let len = prop_oneof![
+                3 => (1u32..9).prop_map(|n| n * 512),
+                1 => (1u32..4).prop_map(|n| n * 16),
+                1 => len(),
+            ];
+            let addr = prop_oneof![
+                3 => (0u64..64).prop_map(|i| DATA + i * 0x800),
+                1 => addr(),
+            ];
+            (addr, len, any::<bool>())
+        }
+
+        /// 1 to 7 descriptors (`(addr, len, device-writable)`): either any
+        /// at all, or shaped like a request (a header, random data
+        /// descriptors, a writable status descriptor) so that many parse.
+        fn chain(writable_data: bool) -> impl Strategy<Value = Vec<(u64, u32, bool)>> {
+            let status = prop_oneof![
+                4 => Just((STATUS, 1u32, true)),
+                2 => (0u64..16).prop_map(|i| (DATA + i * 0x800, 513u32, true)),
+                1 => descriptor(),
+            ];
+            // Data all in one direction, or (less often) each its own.
+            let data = (
+                proptest::collection::vec(data_descriptor(), 0..5),
+                prop_oneof![
+                    3 => Just(Some(writable_data)),
+                    1 => any::<bool>().prop_map(Some),
+                    1 => Just(None),
+                ],
+            )
+                .prop_map(|(data, direction)| {
+                    data.into_iter()
+                        .map(|(a, n, w)| (a, n, direction.unwrap_or(w)))
+                        .collect::<Vec<_>>()
+                });
+            prop_oneof![
+                1 => proptest::collection::vec(descriptor(), 1..8),
+                3 => (data, status).prop_map(|(data, status)| {
+                    let mut descs = vec![(HDR, 16, false)];
+                    descs.extend(data);
+                    descs.push(status);
+                    descs
+                }),
+            ]
+        }
+
         fn header_type() -> impl Strategy<Value = u32> {
             prop_oneof![
-                Just(VIRTIO_BLK_T_IN),
-                Just(VIRTIO_BLK_T_OUT),
-                Just(VIRTIO_BLK_T_FLUSH),
-                Just(VIRTIO_BLK_T_GET_ID),
-                Just(VIRTIO_BLK_T_DISCARD),
-                Just(VIRTIO_BLK_T_WRITE_ZEROES),
-                any::<u32>(),
+                3 => Just(VIRTIO_BLK_T_IN),
+                3 => Just(VIRTIO_BLK_T_OUT),
+                1 => Just(VIRTIO_BLK_T_FLUSH),
+                1 => Just(VIRTIO_BLK_T_GET_ID),
+                1 => Just(VIRTIO_BLK_T_DISCARD),
+                1 => Just(VIRTIO_BLK_T_WRITE_ZEROES),
+                1 => any::<u32>(),
             ]
         }
 
         fn sector() -> impl Strategy<Value = u64> {
             prop_oneof![
-                0u64..16,
-                (0u64..16).prop_map(|i| CAPACITY / SECTOR_SIZE - i),
-                (0u64..4).prop_map(|i| u64::MAX / SECTOR_SIZE + i - 1),
-                (0u64..4).prop_map(|i| u64::MAX - i),
-                any::<u64>(),
+                4 => 0u64..16,
+                1 => (0u64..16).prop_map(|i| CAPACITY / SECTOR_SIZE - i),
+                1 => (0u64..4).prop_map(|i| u64::MAX / SECTOR_SIZE + i - 1),
+                1 => (0u64..4).prop_map(|i| u64::MAX - i),
+                1 => any::<u64>(),
             ]
         }
 
@@ -1502,7 +1550,7 @@ mod tests {
         }
 
         fn in_memory(m: &Mem, s: &Segment) -> bool {
-            m.check_range(s.addr, s.len as usize, vm_memory::Permissions::ReadWrite)
+            m.check_range(s.addr, s.len as usize, Permissions::ReadWrite)
         }
 
         #[track_caller]
@@ -1518,6 +1566,102 @@ mod tests {
             }
         }
 
+        /// A byte of one of the chain's writable descriptors.
+        fn in_writable(descs: &[(u64, u32, bool)], a: GuestAddress) -> bool {
+            descs
+                .iter()
+                .any(|&(d, n, w)| w && n > 0 && a.0 >= d && a.0 - d < n as u64)
+        }
+
+        fn check(
+            type_: u32,
+            sector: u64,
+            ranges: &[(u64, u32, u32)],
+            descs: &[(u64, u32, bool)],
+            indirect: bool,
+        ) -> Result<(), TestCaseError> {
+            let m = mem();
+            let l = limits();
+            write_header(&m, HDR, type_, sector);
+            for (i, &(s, n, f)) in ranges.iter().enumerate() {
+                write_range(&m, RANGES + 16 * i as u64, s, n, f);
+                // Also right after the header, for headers that share a descriptor.
+                write_range(&m, HDR + 16 * (i as u64 + 1), s, n, f);
+            }
+            let flags = |w: bool| if w { W } else { R };
+            let result = if indirect {
+                let table: Vec<_> = descs.iter().map(|&(a, n, w)| (a, n, flags(w))).collect();
+                write_indirect_table(&m, INDIRECT, &table);
+                let table_len = 16 * table.len() as u32;
+                let head = desc(INDIRECT, table_len, VRING_DESC_F_INDIRECT as u16);
+                parse_with(&m, &[head], &l)
+            } else {
+                let raw: Vec<_> = descs
+                    .iter()
+                    .map(|&(a, n, w)| desc(a, n, flags(w)))
+                    .collect();
+                parse_with(&m, &raw, &l)
+            };
+            let req = match result {
+                Ok(req) => req,
+                Err(e) => {
+                    // A status address, when there is one, is a byte of a
+                    // writable descriptor, in guest memory.
+                    if let Some(a) = e.status_addr {
+                        prop_assert!(in_writable(descs, a), "status {a:?} of {e:?}");
+                        prop_assert!(m.check_range(a, 1, Permissions::Write));
+                    }
+                    let s = e.error.status();
+                    prop_assert!(s == IOERR || s == UNSUPP);
+                    return Ok(());
+                }
+            };
+            prop_assert!(in_writable(descs, req.status_addr));
+            prop_assert!(
+                m.check_range(req.status_addr, 1, Permissions::Write),
+                "status outside guest memory: {req:?}"
+            );
+            match &req.kind {
+                Kind::Read {
+                    offset,
+                    len,
+                    segments,
+                } => {
+                    check_data(&m, &l, *offset, *len, segments);
+                    prop_assert_eq!(req.used_len_ok as u64, len + 1);
+                }
+                Kind::Write {
+                    offset,
+                    len,
+                    segments,
+                } => {
+                    check_data(&m, &l, *offset, *len, segments);
+                    prop_assert_eq!(req.used_len_ok, 1);
+                }
+                Kind::Flush => prop_assert_eq!(req.used_len_ok, 1),
+                Kind::GetId { segments } => {
+                    let total: usize = segments.iter().map(|s| s.len as usize).sum();
+                    prop_assert_eq!(total, ID_LEN);
+                    for s in segments {
+                        prop_assert!(in_memory(&m, s), "segment {s:?} outside guest memory");
+                    }
+                    prop_assert_eq!(req.used_len_ok as usize, ID_LEN + 1);
+                }
+                Kind::Discard { ranges } | Kind::WriteZeroes { ranges, .. } => {
+                    prop_assert!(!ranges.is_empty());
+                    prop_assert!(ranges.len() <= l.max_discard_seg as usize);
+                    for r in ranges {
+                        prop_assert_eq!(r.offset % SECTOR_SIZE, 0);
+                        prop_assert!(r.len <= l.max_discard_sectors as u64 * SECTOR_SIZE);
+                        let end = r.offset.checked_add(r.len);
+                        prop_assert!(end.is_some_and(|e| e <= l.capacity), "{r:?}");
+                    }
+                    prop_assert_eq!(req.used_len_ok, 1);
+                }
+            }
+            Ok(())
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig {
                 cases: 256,
@@ -1527,71 +1671,16 @@ mod tests {
 
             #[test]
             fn parse_never_panics_and_accepts_only_valid_requests(
-                type_ in header_type(),
+                (type_, descs) in header_type().prop_flat_map(|t| {
+                    // Data in the direction the type wants, most of the time.
+                    let writable = t == VIRTIO_BLK_T_IN || t == VIRTIO_BLK_T_GET_ID;
+                    (Just(t), chain(writable))
+                }),
                 sector in sector(),
                 ranges in proptest::collection::vec(discard_range(), 3),
-                descs in proptest::collection::vec(descriptor(), 1..8),
                 indirect in any::<bool>(),
             ) {
-                let m = mem();
-                let l = limits();
-                write_header(&m, HDR, type_, sector);
-                for (i, &(s, n, f)) in ranges.iter().enumerate() {
-                    write_range(&m, RANGES + 16 * i as u64, s, n, f);
-                    // Also right after the header, for headers that share a descriptor.
-                    write_range(&m, HDR + 16 * (i as u64 + 1), s, n, f);
-                }
-                let flags = |w: bool| if w { W } else { R };
-                let result = if indirect {
-                    let table: Vec<_> = descs.iter().map(|&(a, n, w)| (a, n, flags(w))).collect();
-                    write_indirect_table(&m, INDIRECT, &table);
-                    let table_len = 16 * table.len() as u32;
-                    parse_with(&m, &[desc(INDIRECT, table_len, VRING_DESC_F_INDIRECT as u16)], &l)
-                } else {
-                    let raw: Vec<_> = descs.iter().map(|&(a, n, w)| desc(a, n, flags(w))).collect();
-                    parse_with(&m, &raw, &l)
-                };
-                match result {
-                    Ok(req) => {
-                        prop_assert!(m.check_range(req.status_addr, 1, vm_memory::Permissions::Write), "status outside guest memory");
-                        match &req.kind {
-                            Kind::Read { offset, len, segments } => {
-                                check_data(&m, &l, *offset, *len, segments);
-                                prop_assert_eq!(req.used_len_ok as u64, len + 1);
-                            }
-                            Kind::Write { offset, len, segments } => {
-                                check_data(&m, &l, *offset, *len, segments);
-                                prop_assert_eq!(req.used_len_ok, 1);
-                            }
-                            Kind::Flush => prop_assert_eq!(req.used_len_ok, 1),
-                            Kind::GetId { segments } => {
-                                prop_assert_eq!(segments.iter().map(|s| s.len as usize).sum::<usize>(), ID_LEN);
-                                for s in segments {
-                                    prop_assert!(in_memory(&m, s), "segment {:?} outside guest memory", s);
-                                }
-                                prop_assert_eq!(req.used_len_ok as usize, ID_LEN + 1);
-                            }
-                            Kind::Discard { ranges } | Kind::WriteZeroes { ranges, .. } => {
-                                prop_assert!(!ranges.is_empty());
-                                prop_assert!(ranges.len() <= l.max_discard_seg as usize);
-                                for r in ranges {
-                                    prop_assert_eq!(r.offset % SECTOR_SIZE, 0);
-                                    prop_assert!(r.len <= l.max_discard_sectors as u64 * SECTOR_SIZE);
-                                    prop_assert!(r.offset.checked_add(r.len).is_some_and(|e| e <= l.capacity));
-                                }
-                                prop_assert_eq!(req.used_len_ok, 1);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // A status address, when there is one, is a byte of a writable descriptor.
-                        if let Some(a) = e.status_addr {
-                            prop_assert!(descs.iter().any(|&(d, n, w)| w && n > 0 && a.0 >= d && a.0 - d < n as u64));
-                        }
-                        let s = e.error.status();
-                        prop_assert!(s == IOERR || s == UNSUPP);
-                    }
-                }
+                check(type_, sector, &ranges, &descs, indirect)?;
             }
         }
     }

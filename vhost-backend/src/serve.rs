@@ -56,6 +56,8 @@ pub fn serve<D: BlockDisk>(
         config.queue_size,
         &config.serial,
     );
+    // One listening socket for the life of the process: a front-end that
+    // connects while the previous one is being torn down waits in its backlog.
     let mut listener =
         Listener::new(&config.socket, true).map_err(|source| ServeError::Listen {
             path: config.socket.clone(),
@@ -74,6 +76,8 @@ pub fn serve<D: BlockDisk>(
             .map_err(|e| ServeError::Connection(e.to_string()))?;
         tracing::info!("front-end connected");
         let ended = daemon.wait();
+        // Dropping the daemon stops this connection's queue workers.
+        drop(daemon);
         // Requests the guest issued before going away still complete (into
         // memory this device keeps mapped) before the next front-end starts.
         if !device.wait_idle(Duration::from_secs(60)) {
@@ -81,7 +85,7 @@ pub fn serve<D: BlockDisk>(
         }
         match ended {
             Ok(()) => tracing::info!("front-end disconnected"),
-            Err(e) => tracing::warn!(error = %e, "front-end connection ended with an error"),
+            Err(e) => tracing::info!(reason = %e, "front-end disconnected"),
         }
         if config.exit_on_disconnect {
             break;

@@ -20,6 +20,9 @@ use vm_memory::{
     GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::DeviceConfig;
 use crate::device::execute;
@@ -273,6 +276,18 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
             .collect()
     }
 
+    /// Gives every queue worker of a connection an exit event, so the
+    /// connection's workers stop (and are joined) when it ends.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a queue worker exit event");
+                None
+            }
+        }
+    }
+
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if let Some(q) = self.inner.in_flight.get(queue_index as usize) {
             if !q.wait_drained(Duration::from_secs(60)) {
@@ -304,5 +319,489 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
             )));
         };
         self.process_queue(q, vring)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use virtio_bindings::virtio_blk::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+    use vm_memory::{Address, GuestMemoryAtomic};
+
+    use super::*;
+    use crate::disk::MemDisk;
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const DISK_SIZE: u64 = 1 << 20;
+    const QUEUE_SIZE: u16 = 16;
+    /// Queue `q`'s rings live at `q * QUEUE_STRIDE`.
+    const QUEUE_STRIDE: u64 = 0x1000;
+    /// Request `i`'s buffers: header at `slot(i)`, data at `+ 0x1000`, status at `+ 0x3ff0`.
+    const SLOTS: u64 = 0x1_0000;
+    const SERIAL: &str = "tessera-vol-0001";
+
+    const R: u16 = 0;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    fn slot(i: u64) -> u64 {
+        SLOTS + i * 0x4000
+    }
+    fn hdr(i: u64) -> u64 {
+        slot(i)
+    }
+    fn data(i: u64) -> u64 {
+        slot(i) + 0x1000
+    }
+    fn status(i: u64) -> u64 {
+        slot(i) + 0x3ff0
+    }
+
+    /// A device over a `MemDisk`, its runtime, and vrings set up on mock
+    /// queues in `mem`.
+    struct Device {
+        mem: Mem,
+        disk: Arc<MemDisk>,
+        blk: VhostUserBlk<MemDisk>,
+        vrings: Vec<VringRwLock>,
+        /// Runs the requests; only kept alive.
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    impl Device {
+        fn new(num_queues: u16, serial: &str) -> Device {
+            let mem = Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .build()
+                .unwrap();
+            let disk = Arc::new(MemDisk::new(DISK_SIZE));
+            let blk = VhostUserBlk::new(
+                disk.clone(),
+                runtime.handle().clone(),
+                num_queues,
+                QUEUE_SIZE,
+                serial,
+            );
+            let atomic = GuestMemoryAtomic::new(mem.clone());
+            blk.set_event_idx(false);
+            blk.update_memory(atomic.clone()).unwrap();
+            let vrings = (0..num_queues)
+                .map(|q| {
+                    // Only to compute the ring addresses; the rings are reset here once.
+                    let mock = MockSplitQueue::create(&mem, queue_base(q), QUEUE_SIZE);
+                    let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+                    vring.set_queue_size(QUEUE_SIZE);
+                    vring
+                        .set_queue_info(
+                            mock.desc_table_addr().raw_value(),
+                            mock.avail_addr().raw_value(),
+                            mock.used_addr().raw_value(),
+                        )
+                        .unwrap();
+                    vring.set_queue_ready(true);
+                    vring.set_enabled(true);
+                    vring
+                })
+                .collect();
+            Device {
+                mem,
+                disk,
+                blk,
+                vrings,
+                _runtime: runtime,
+            }
+        }
+
+        fn kick(&self, q: u16) {
+            self.blk
+                .handle_event(q, EventSet::IN, &self.vrings, 0)
+                .unwrap();
+        }
+
+        fn write_header(&self, i: u64, type_: u32, sector: u64) {
+            self.mem
+                .write_obj(type_.to_le(), GuestAddress(hdr(i)))
+                .unwrap();
+            self.mem.write_obj(0u32, GuestAddress(hdr(i) + 4)).unwrap();
+            self.mem
+                .write_obj(sector.to_le(), GuestAddress(hdr(i) + 8))
+                .unwrap();
+        }
+
+        fn byte(&self, addr: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(addr)).unwrap()
+        }
+
+        fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+    }
+
+    fn queue_base(q: u16) -> GuestAddress {
+        GuestAddress(q as u64 * QUEUE_STRIDE)
+    }
+
+    /// The driver side of queue `q` of `dev`. Does not reset the rings.
+    struct Driver<'a> {
+        mem: &'a Mem,
+        desc_table: u64,
+        avail: u64,
+        used: u64,
+        next_desc: u16,
+    }
+
+    impl<'a> Driver<'a> {
+        fn new(dev: &'a Device, q: u16) -> Self {
+            let v = dev.vrings[q as usize].get_ref();
+            let queue = v.get_queue();
+            Driver {
+                mem: &dev.mem,
+                desc_table: queue.desc_table(),
+                avail: queue.avail_ring(),
+                used: queue.used_ring(),
+                next_desc: 0,
+            }
+        }
+
+        /// Puts a chain of `(addr, len, flags)` on the avail ring; returns its head.
+        fn push(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
+            let head = self.next_desc;
+            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+                let index = head + i as u16;
+                let (flags, next) = if i + 1 < descs.len() {
+                    (flags | VRING_DESC_F_NEXT as u16, index + 1)
+                } else {
+                    (flags, 0)
+                };
+                let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+                self.mem
+                    .write_obj(d, GuestAddress(self.desc_table + 16 * index as u64))
+                    .unwrap();
+            }
+            self.next_desc += descs.len() as u16;
+            assert!(self.next_desc <= QUEUE_SIZE);
+            let idx: u16 = self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
+            let slot = self.avail + 4 + 2 * (idx % QUEUE_SIZE) as u64;
+            self.mem
+                .write_obj(head.to_le(), GuestAddress(slot))
+                .unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1).to_le(), GuestAddress(self.avail + 2))
+                .unwrap();
+            head
+        }
+
+        fn used_idx(&self) -> u16 {
+            u16::from_le(self.mem.read_obj(GuestAddress(self.used + 2)).unwrap())
+        }
+
+        /// Waits (bounded) until the used ring holds `n` entries; returns
+        /// them as head → used length.
+        fn wait_used(&self, n: u16) -> std::collections::HashMap<u16, u32> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.used_idx() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} requests completed",
+                    self.used_idx()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(self.used_idx(), n, "more requests completed than expected");
+            (0..n)
+                .map(|i| {
+                    let elem = GuestAddress(self.used + 4 + 8 * i as u64);
+                    let id: u32 = self.mem.read_obj(elem).unwrap();
+                    let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
+                    (u32::from_le(id) as u16, u32::from_le(len))
+                })
+                .collect()
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn write_then_read_back() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        let payload = pattern(1536, 7);
+
+        // WRITE 3 sectors at sector 4, the data in two descriptors.
+        dev.write_header(0, VIRTIO_BLK_T_OUT, 4);
+        dev.mem
+            .write_slice(&payload[..512], GuestAddress(data(0)))
+            .unwrap();
+        dev.mem
+            .write_slice(&payload[512..], GuestAddress(data(0) + 0x800))
+            .unwrap();
+        dev.mem.write_obj(0xffu8, GuestAddress(status(0))).unwrap();
+        let write = drv.push(&[
+            (hdr(0), 16, R),
+            (data(0), 512, R),
+            (data(0) + 0x800, 1024, R),
+            (status(0), 1, W),
+        ]);
+        dev.kick(0);
+        let used = drv.wait_used(1);
+        assert_eq!(used[&write], 1);
+        assert_eq!(dev.byte(status(0)), S_OK);
+        assert_eq!(&dev.disk.contents()[2048..2048 + 1536], &payload[..]);
+
+        // READ them back, into three descriptors, the last sharing the status.
+        dev.write_header(1, VIRTIO_BLK_T_IN, 4);
+        dev.mem
+            .write_slice(&[0xaa; 0x1000], GuestAddress(data(1)))
+            .unwrap();
+        let read = drv.push(&[
+            (hdr(1), 16, R),
+            (data(1), 1024, W),
+            (data(1) + 0x800, 256, W),
+            (data(1) + 0xc00, 257, W),
+        ]);
+        dev.kick(0);
+        let used = drv.wait_used(2);
+        assert_eq!(used[&read], 1536 + 1);
+        assert_eq!(dev.byte(data(1) + 0xc00 + 256), S_OK);
+        let mut back = dev.bytes(data(1), 1024);
+        back.extend(dev.bytes(data(1) + 0x800, 256));
+        back.extend(dev.bytes(data(1) + 0xc00, 256));
+        assert_eq!(back, payload);
+        assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn bad_requests_then_good_ones_on_the_same_queue() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        let initial = dev.disk.contents();
+
+        // Unknown type.
+        dev.write_header(0, 0xdead, 0);
+        dev.mem.write_obj(0xffu8, GuestAddress(status(0))).unwrap();
+        let unknown = drv.push(&[(hdr(0), 16, R), (status(0), 1, W)]);
+        // Write of 100 bytes: not a multiple of 512.
+        dev.write_header(1, VIRTIO_BLK_T_OUT, 0);
+        dev.mem
+            .write_slice(&[1; 100], GuestAddress(data(1)))
+            .unwrap();
+        dev.mem.write_obj(0xffu8, GuestAddress(status(1))).unwrap();
+        let unaligned = drv.push(&[(hdr(1), 16, R), (data(1), 100, R), (status(1), 1, W)]);
+        // Read beyond the end of the disk.
+        dev.write_header(2, VIRTIO_BLK_T_IN, DISK_SIZE / 512);
+        dev.mem.write_obj(0xffu8, GuestAddress(status(2))).unwrap();
+        let beyond = drv.push(&[(hdr(2), 16, R), (data(2), 512, W), (status(2), 1, W)]);
+        dev.kick(0);
+        let used = drv.wait_used(3);
+        assert_eq!((used[&unknown], dev.byte(status(0))), (1, S_UNSUPP));
+        assert_eq!((used[&unaligned], dev.byte(status(1))), (1, S_IOERR));
+        assert_eq!((used[&beyond], dev.byte(status(2))), (1, S_IOERR));
+        assert_eq!(dev.disk.contents(), initial);
+
+        // The queue keeps working: a good write, in the same kick as another bad one.
+        dev.write_header(3, VIRTIO_BLK_T_OUT, 1);
+        dev.mem
+            .write_slice(&[9; 512], GuestAddress(data(3)))
+            .unwrap();
+        dev.mem.write_obj(0xffu8, GuestAddress(status(3))).unwrap();
+        let good = drv.push(&[(hdr(3), 16, R), (data(3), 512, R), (status(3), 1, W)]);
+        // No writable descriptor: no status, used length 0.
+        let no_status = drv.push(&[(hdr(3), 16, R)]);
+        dev.kick(0);
+        let used = drv.wait_used(5);
+        assert_eq!((used[&good], dev.byte(status(3))), (1, S_OK));
+        assert_eq!(used[&no_status], 0);
+        assert_eq!(&dev.disk.contents()[512..1024], &[9; 512]);
+        assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn status_outside_guest_memory_is_not_executed() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_OUT, 0);
+        dev.mem
+            .write_slice(&[5; 512], GuestAddress(data(0)))
+            .unwrap();
+        let head = drv.push(&[(hdr(0), 16, R), (data(0), 512, R), (MEM_SIZE as u64, 1, W)]);
+        dev.kick(0);
+        assert_eq!(drv.wait_used(1)[&head], 0);
+        assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+        assert_eq!(&dev.disk.contents()[..512], &[0; 512]);
+    }
+
+    #[test]
+    fn get_id_answers_the_serial() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_GET_ID, 0);
+        dev.mem
+            .write_slice(&[0xaa; 64], GuestAddress(data(0)))
+            .unwrap();
+        let head = drv.push(&[(hdr(0), 16, R), (data(0), 20, W), (status(0), 1, W)]);
+        // A buffer shorter than 20 bytes.
+        dev.write_header(1, VIRTIO_BLK_T_GET_ID, 0);
+        dev.mem
+            .write_slice(&[0xaa; 64], GuestAddress(data(1)))
+            .unwrap();
+        let short = drv.push(&[(hdr(1), 16, R), (data(1), 19, W), (status(1), 1, W)]);
+        dev.kick(0);
+        let used = drv.wait_used(2);
+        assert_eq!((used[&head], dev.byte(status(0))), (21, S_OK));
+        let mut expected = [0u8; 20];
+        expected[..SERIAL.len()].copy_from_slice(SERIAL.as_bytes());
+        assert_eq!(dev.bytes(data(0), 20), expected);
+        assert_eq!((used[&short], dev.byte(status(1))), (1, S_IOERR));
+        assert_eq!(dev.bytes(data(1), 19), [0xaa; 19]);
+    }
+
+    #[test]
+    fn get_id_truncates_a_long_serial() {
+        let serial = "0123456789abcdefghijKLMNOP";
+        let dev = Device::new(1, serial);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_GET_ID, 0);
+        // A larger buffer sharing its descriptor with the status.
+        let head = drv.push(&[(hdr(0), 16, R), (data(0), 513, W)]);
+        dev.kick(0);
+        assert_eq!(drv.wait_used(1)[&head], 21);
+        assert_eq!(dev.byte(data(0) + 512), S_OK);
+        assert_eq!(dev.bytes(data(0), 20), serial.as_bytes()[..20]);
+    }
+
+    #[test]
+    fn flush() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_FLUSH, 0);
+        dev.mem.write_obj(0xffu8, GuestAddress(status(0))).unwrap();
+        let head = drv.push(&[(hdr(0), 16, R), (status(0), 1, W)]);
+        dev.kick(0);
+        assert_eq!(drv.wait_used(1)[&head], 1);
+        assert_eq!(dev.byte(status(0)), S_OK);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_clear_the_range() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_OUT, 0);
+        dev.mem
+            .write_slice(&[3; 4096], GuestAddress(data(0)))
+            .unwrap();
+        let write = drv.push(&[(hdr(0), 16, R), (data(0), 4096, R), (status(0), 1, W)]);
+        dev.kick(0);
+        assert_eq!(drv.wait_used(1)[&write], 1);
+
+        // DISCARD sectors 1..3, WRITE_ZEROES (unmap) sectors 5..6.
+        for (i, type_, sector, num, flags) in [
+            (1, VIRTIO_BLK_T_DISCARD, 1u64, 2u32, 0u32),
+            (
+                2,
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                5,
+                1,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            ),
+        ] {
+            dev.write_header(i, type_, 0);
+            dev.mem
+                .write_obj(sector.to_le(), GuestAddress(data(i)))
+                .unwrap();
+            dev.mem
+                .write_obj(num.to_le(), GuestAddress(data(i) + 8))
+                .unwrap();
+            dev.mem
+                .write_obj(flags.to_le(), GuestAddress(data(i) + 12))
+                .unwrap();
+        }
+        let discard = drv.push(&[(hdr(1), 16, R), (data(1), 16, R), (status(1), 1, W)]);
+        let zeroes = drv.push(&[(hdr(2), 16, R), (data(2), 16, R), (status(2), 1, W)]);
+        dev.kick(0);
+        let used = drv.wait_used(3);
+        assert_eq!((used[&discard], dev.byte(status(1))), (1, S_OK));
+        assert_eq!((used[&zeroes], dev.byte(status(2))), (1, S_OK));
+        assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+        let contents = dev.disk.contents();
+        for sector in 0..8 {
+            let expected = if [1, 2, 5].contains(&sector) { 0 } else { 3 };
+            let s = &contents[sector * 512..(sector + 1) * 512];
+            assert!(s.iter().all(|&b| b == expected), "sector {sector}");
+        }
+    }
+
+    #[test]
+    fn queues_are_independent() {
+        let dev = Device::new(2, SERIAL);
+        let mut drv0 = Driver::new(&dev, 0);
+        let mut drv1 = Driver::new(&dev, 1);
+        dev.write_header(0, VIRTIO_BLK_T_FLUSH, 0);
+        let on_0 = drv0.push(&[(hdr(0), 16, R), (status(0), 1, W)]);
+        dev.write_header(1, VIRTIO_BLK_T_OUT, 8);
+        dev.mem
+            .write_slice(&[4; 512], GuestAddress(data(1)))
+            .unwrap();
+        let on_1 = drv1.push(&[(hdr(1), 16, R), (data(1), 512, R), (status(1), 1, W)]);
+        // Only queue 1 is kicked.
+        dev.kick(1);
+        assert_eq!(drv1.wait_used(1)[&on_1], 1);
+        assert_eq!(dev.byte(status(1)), S_OK);
+        assert_eq!(drv0.used_idx(), 0);
+        dev.kick(0);
+        assert_eq!(drv0.wait_used(1)[&on_0], 1);
+        assert_eq!(&dev.disk.contents()[4096..4608], &[4; 512]);
+    }
+
+    #[test]
+    fn with_event_idx() {
+        let dev = Device::new(1, SERIAL);
+        dev.blk.set_event_idx(true);
+        dev.vrings[0].set_queue_event_idx(true);
+        let mut drv = Driver::new(&dev, 0);
+        dev.write_header(0, VIRTIO_BLK_T_FLUSH, 0);
+        let a = drv.push(&[(hdr(0), 16, R), (status(0), 1, W)]);
+        let b = drv.push(&[(hdr(0), 16, R), (status(1), 1, W)]);
+        dev.kick(0);
+        let used = drv.wait_used(2);
+        assert_eq!((used[&a], used[&b]), (1, 1));
+    }
+
+    #[test]
+    fn unexpected_events_are_errors() {
+        let dev = Device::new(1, SERIAL);
+        assert!(dev
+            .blk
+            .handle_event(0, EventSet::OUT, &dev.vrings, 0)
+            .is_err());
+        assert!(dev
+            .blk
+            .handle_event(1, EventSet::IN, &dev.vrings, 0)
+            .is_err());
+        // Kicked before the guest memory is known.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let blk = VhostUserBlk::new(
+            Arc::new(MemDisk::new(DISK_SIZE)),
+            runtime.handle().clone(),
+            1,
+            QUEUE_SIZE,
+            SERIAL,
+        );
+        assert!(blk.handle_event(0, EventSet::IN, &dev.vrings, 0).is_err());
     }
 }
