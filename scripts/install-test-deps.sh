@@ -46,9 +46,20 @@ QEMU_FROM=""
 if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q 'bpo12'; then
     QEMU_FROM=bookworm-backports
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-        $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'EOF'
+        # Use the mirror the machine already uses for bookworm itself.
+        MIRROR=$(
+            {
+                grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+                grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}'
+            } | grep -v -- '-security' | head -n 1
+        )
+        if [ -z "$MIRROR" ]; then
+            echo "install-test-deps: cannot find the Debian mirror in the apt sources" >&2
+            exit 1
+        fi
+        $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<EOF
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $MIRROR
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

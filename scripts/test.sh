@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs Tessera's whole test suite on this machine: builds the `tessera`
-# binary the integration tests start as real processes, then every test.
+# Runs Tessera's whole test suite on this machine: installs what the
+# real-guest tests need, builds the `tessera` binary the integration tests
+# start as real processes, then runs every test (real guests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# QEMU, a Debian kernel and busybox for the real-guest tests (a no-op when present).
+bash scripts/install-test-deps.sh
 
 cargo build --release --bin tessera
 if cargo nextest --version >/dev/null 2>&1; then

@@ -119,6 +119,19 @@ pub struct UpArgs {
     /// Name of the zone (on first start).
     #[arg(long, default_value = "local")]
     pub zone_name: String,
+    /// The vDisk to create (if missing) and serve over vhost-user, as DATASTORE/NAME;
+    /// its datastore is created with min(2, nodes) mirrors if missing.
+    #[arg(long, default_value = "local/demo")]
+    pub vdisk: String,
+    /// Size of that vDisk when it is created.
+    #[arg(long, default_value = "1G")]
+    pub vdisk_size: String,
+    /// Serve no vDisk: only the zone.
+    #[arg(long)]
+    pub no_vdisk: bool,
+    /// Boot a small test guest (QEMU, TCG) on the served vDisk once the zone is up.
+    #[arg(long, conflicts_with = "no_vdisk")]
+    pub boot_guest: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -93,8 +93,28 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     println!("  API:        {url}");
     println!("  token file: {}", token_file.display());
     println!("  nodes:      {} (data under {})", a.nodes, dir.display());
+
+    let mut vhost: Option<Child> = None;
+    if !a.no_vdisk {
+        let served = serve_vdisk(&a, &client, &exe, &dir, &url, &token_file, &host).await;
+        match served {
+            Ok((child, socket)) => {
+                vhost = Some(child);
+                print_qemu_line(&a.vdisk, &socket);
+                if a.boot_guest {
+                    boot_guest(socket).await;
+                }
+            }
+            Err(e) => {
+                stop_children(&mut children);
+                let _ = api.shutdown().await;
+                return Err(e);
+            }
+        }
+    }
     println!("Try:");
     println!("  tessera node list");
+    println!("  tessera vdisk list");
     println!(
         "  tessera datastore create ds1 --mirrors {}",
         a.nodes.min(2)
@@ -122,6 +142,10 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         }
     }
     println!("stopping the zone");
+    if let Some(mut v) = vhost.take() {
+        // First the device, so it flushes and gives its lease back.
+        terminate(&mut v, Duration::from_secs(20));
+    }
     stop_children(&mut children);
     api.shutdown()
         .await
@@ -186,17 +210,7 @@ fn spawn_node(
         .stdout(log.try_clone()?)
         .stderr(log);
     // The nodes must not outlive `tessera up`, even if it is killed.
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only calls
-    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("cannot start storage node {index}"))?;
@@ -229,6 +243,155 @@ async fn wait_nodes_up(
             bail!("storage nodes did not register within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates the datastore and vDisk of `--vdisk` if missing and starts
+/// `tessera vhost serve` on it; returns the child and its socket.
+#[allow(clippy::too_many_arguments)]
+async fn serve_vdisk(
+    a: &UpArgs,
+    client: &ApiClient,
+    exe: &Path,
+    dir: &Path,
+    url: &str,
+    token_file: &Path,
+    host: &str,
+) -> anyhow::Result<(Child, PathBuf)> {
+    let (ds, name) = crate::args::vdisk_path(&a.vdisk)?;
+    let size = parse_size(&a.vdisk_size).map_err(anyhow::Error::msg)?;
+    if let Err(e) = client.datastore(ds).await {
+        if !e.is_not_found() {
+            return Err(e.into());
+        }
+        client
+            .create_datastore(&tessera_zone::service::CreateDatastore {
+                name: ds.to_string(),
+                mirrors: a.nodes.min(2),
+                stripes: None,
+                disks: None,
+            })
+            .await
+            .with_context(|| format!("cannot create datastore {ds}"))?;
+    }
+    if let Err(e) = client.vdisk(ds, name).await {
+        if !e.is_not_found() {
+            return Err(e.into());
+        }
+        client
+            .create_vdisk(&tessera_zone::service::CreateVdisk {
+                datastore: ds.to_string(),
+                name: name.to_string(),
+                size,
+            })
+            .await
+            .with_context(|| format!("cannot create vDisk {ds}/{name}"))?;
+    }
+    let socket = dir.join(format!("{ds}-{name}.sock"));
+    let log = std::fs::File::create(dir.join(format!("vhost-{ds}-{name}.log")))
+        .context("cannot create the vhost log")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["vhost", "serve", &a.vdisk, "--queues", "2", "--host", host, "--force"])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--api")
+        .arg(url)
+        .arg("--token-file")
+        .arg(token_file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("cannot start tessera vhost serve")?;
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("tessera vhost serve exited ({status}); see {}", dir.join(format!("vhost-{ds}-{name}.log")).display());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            terminate(&mut child, Duration::from_secs(5));
+            bail!("tessera vhost serve did not open {} in time", socket.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("  vDisk:      {} served over vhost-user at {}", a.vdisk, socket.display());
+    Ok((child, socket))
+}
+
+fn print_qemu_line(vdisk: &str, socket: &Path) {
+    println!("Attach it to a VM (shared guest memory is required by vhost-user):");
+    println!(
+        "  qemu-system-x86_64 -m 1G \\\n    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n    -chardev socket,id=vd0,path={},reconnect-ms=1000 \\\n    -device vhost-user-blk-pci,chardev=vd0,num-queues=2 …",
+        socket.display()
+    );
+    println!("  (libvirt: <disk type='vhostuser' device='disk'><source type='unix' path='{}'/> for {vdisk})", socket.display());
+}
+
+/// Boots the guest kit's tiny Linux on the vDisk and shows what it saw.
+async fn boot_guest(socket: PathBuf) {
+    println!("Booting a test guest on the vDisk (QEMU, TCG)…");
+    let outcome = tokio::task::spawn_blocking(move || {
+        let kit = tessera_guest_kit::GuestKit::get()?;
+        tessera_guest_kit::Guest::boot(
+            kit,
+            tessera_guest_kit::GuestConfig {
+                disks: vec![tessera_guest_kit::VhostDisk::new(&socket, 2)],
+                script: "echo \"guest: /dev/vda has $(cat /sys/block/vda/size) sectors, $(ls /sys/block/vda/mq | wc -l) queues\"\n\
+                         dd if=/dev/vda of=/dev/null bs=1M count=16 iflag=direct 2>&1 | tail -n 1\n\
+                         echo guest: read 16 MiB of the vDisk"
+                    .into(),
+                timeout: Duration::from_secs(180),
+                ..Default::default()
+            },
+        )
+    })
+    .await;
+    match outcome {
+        Ok(Ok(o)) => {
+            for line in o.lines_with("guest:") {
+                println!("  {line}");
+            }
+            if !o.succeeded() {
+                println!("  the test guest failed (exit {:?}); its console:\n{}", o.exit, o.console);
+            }
+        }
+        Ok(Err(e)) => println!("  cannot boot the test guest: {e:#} (see scripts/install-test-deps.sh)"),
+        Err(e) => println!("  cannot boot the test guest: {e}"),
+    }
+}
+
+/// Children get SIGTERM when `tessera up` dies, even by SIGKILL.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGTERM one child and wait for it (SIGKILL after `grace`).
+fn terminate(child: &mut Child, grace: Duration) {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 

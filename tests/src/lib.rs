@@ -6,7 +6,8 @@
 //! and restart nodes. Everything is killed when the zone is dropped.
 
 pub mod blk;
-pub mod guest;
+/// The guest kit (its own crate, also used by `tessera up --boot-guest`).
+pub use tessera_guest_kit as guest;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
