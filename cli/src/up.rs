@@ -291,30 +291,42 @@ async fn serve_vdisk(
     let log = std::fs::File::create(dir.join(format!("vhost-{ds}-{name}.log")))
         .context("cannot create the vhost log")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["vhost", "serve", &a.vdisk, "--queues", "2", "--host", host, "--force"])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--api")
-        .arg(url)
-        .arg("--token-file")
-        .arg(token_file)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.args([
+        "vhost", "serve", &a.vdisk, "--queues", "2", "--host", host, "--force",
+    ])
+    .arg("--socket")
+    .arg(&socket)
+    .arg("--api")
+    .arg(url)
+    .arg("--token-file")
+    .arg(token_file)
+    .stdin(Stdio::null())
+    .stdout(log.try_clone()?)
+    .stderr(log);
     die_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("cannot start tessera vhost serve")?;
     let start = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("tessera vhost serve exited ({status}); see {}", dir.join(format!("vhost-{ds}-{name}.log")).display());
+            bail!(
+                "tessera vhost serve exited ({status}); see {}",
+                dir.join(format!("vhost-{ds}-{name}.log")).display()
+            );
         }
         if start.elapsed() > Duration::from_secs(30) {
             terminate(&mut child, Duration::from_secs(5));
-            bail!("tessera vhost serve did not open {} in time", socket.display());
+            bail!(
+                "tessera vhost serve did not open {} in time",
+                socket.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("  vDisk:      {} served over vhost-user at {}", a.vdisk, socket.display());
+    println!(
+        "  vDisk:      {} served over vhost-user at {}",
+        a.vdisk,
+        socket.display()
+    );
     Ok((child, socket))
 }
 
@@ -352,10 +364,15 @@ async fn boot_guest(socket: PathBuf) {
                 println!("  {line}");
             }
             if !o.succeeded() {
-                println!("  the test guest failed (exit {:?}); its console:\n{}", o.exit, o.console);
+                println!(
+                    "  the test guest failed (exit {:?}); its console:\n{}",
+                    o.exit, o.console
+                );
             }
         }
-        Ok(Err(e)) => println!("  cannot boot the test guest: {e:#} (see scripts/install-test-deps.sh)"),
+        Ok(Err(e)) => {
+            println!("  cannot boot the test guest: {e:#} (see scripts/install-test-deps.sh)")
+        }
         Err(e) => println!("  cannot boot the test guest: {e}"),
     }
 }

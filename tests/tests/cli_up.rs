@@ -57,6 +57,23 @@ fn up_then_cli_creates_datastore_and_vdisk() {
         assert!(up.try_wait().unwrap().is_none(), "tessera up exited");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // It serves its demo vDisk: online on this host, over a vhost-user socket.
+    let start = Instant::now();
+    loop {
+        let out = tessera(&home, &["vdisk", "show", "local/demo", "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["state"] == "online" && zone_dir.join("local-demo.sock").exists() {
+                assert_eq!(v["health"], "healthy");
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "demo vDisk not served"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let token = zone_dir.join("api-token");
     let mode = std::fs::metadata(&token).unwrap();
     use std::os::unix::fs::PermissionsExt;
