@@ -105,7 +105,6 @@ enum DeviceKind {
 /// One formatted device, open for I/O. `Send + Sync`; all methods take `&self`.
 ///
 /// Dropping it closes the device and releases its lock.
-#[derive(Debug)]
 pub struct Disk {
     path: PathBuf,
     file: File,
@@ -117,6 +116,17 @@ pub struct Disk {
     zero_mode: AtomicU8,
     /// crc32c of a 4 KiB block of zeros.
     zero_crc: u32,
+}
+
+impl std::fmt::Debug for Disk {
+    /// Identity only: the in-memory maps can be huge.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("path", &self.path)
+            .field("uuid", &self.sb.disk_uuid)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Disk {

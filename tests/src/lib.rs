@@ -10,7 +10,7 @@ pub mod blk;
 pub use tessera_guest_kit as guest;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,17 +26,23 @@ pub fn tessera_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/tessera
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("tessera");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (cargo build --bin tessera, with the same profile as the tests)",
-        bin.display()
-    );
+    // Test binaries live in target/<profile>/deps/, other binaries (the
+    // benchmarks) in target/<profile>/: `tessera` is in target/<profile>/.
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [
+        dir.join("tessera"),
+        dir.parent().unwrap_or(dir).join("tessera"),
+    ];
+    let bin = candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{} does not exist: build it first (cargo build --bin tessera, with the same profile)",
+                candidates[1].display()
+            )
+        });
     bin
 }
 

@@ -38,7 +38,8 @@ impl Disk {
         let _stripe = read(self.stripe(&key));
         // An uncommitted mapping is never seen here: its writer holds the
         // stripe exclusively until it commits or aborts.
-        let Some(m) = self.state().lookup(&key) else {
+        let mapping = self.state().lookup(&key);
+        let Some(m) = mapping else {
             buf.fill(0);
             return Ok(());
         };
@@ -104,7 +105,8 @@ impl Disk {
         self.admitted(vdisk, epoch, || {
             let key = (vdisk, chunk);
             let _stripe = write(self.stripe(&key));
-            let Some(m) = self.state().lookup(&key) else {
+            let mapping = self.state().lookup(&key);
+            let Some(m) = mapping else {
                 return Ok(()); // already reads as zeros
             };
             if offset == 0 && len == self.sb.layout.extent_size {

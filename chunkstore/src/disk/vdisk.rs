@@ -58,10 +58,12 @@ impl Disk {
             // No write of this vDisk is in flight (we hold its gate), so every
             // mapping is committed and stays put.
             let mut freed = 0;
-            for (chunk, _) in self.state().chunks_of(vdisk) {
+            let chunks = self.state().chunks_of(vdisk);
+            for (chunk, _) in chunks {
                 let key = (vdisk, chunk);
                 let _stripe = write(self.stripe(&key));
-                if let Some(m) = self.state().lookup(&key) {
+                let mapping = self.state().lookup(&key);
+                if let Some(m) = mapping {
                     self.free_chunk(&key, m.extent)?;
                     freed += 1;
                 }
