@@ -50,7 +50,8 @@ impl VolumeConfig {
 #[derive(Clone)]
 struct Copy {
     disk: Uuid,
-    node: Arc<NodeLink>,
+    /// Index of the node in the volume's node list (and its connections).
+    node: usize,
     local: bool,
     /// Shared by every group position on the same disk.
     state: Arc<CopyState>,
@@ -81,11 +82,14 @@ struct Inner {
     groups: Vec<Vec<Copy>>,
     /// Per placement group, the copy reads go to first (a local one if any).
     read_first: Vec<usize>,
-    nodes: Vec<Arc<NodeLink>>,
-    /// Every disk of the placement and its state.
-    disks: Vec<(Uuid, Arc<NodeLink>, Arc<CopyState>)>,
+    /// Addresses of the nodes holding the placement's disks.
+    nodes: Vec<String>,
+    /// Every disk of the placement: its node and its state.
+    disks: Vec<(Uuid, usize, Arc<CopyState>)>,
     /// Fewest current copies a write needs.
     min_copies: usize,
+    /// Identifies this open to the nodes (the session id).
+    client: [u8; 16],
     /// Serialises recording stale copies in the zone.
     recording: tokio::sync::Mutex<()>,
     /// Set once a node or the zone says another writer took over.
@@ -94,10 +98,14 @@ struct Inner {
 }
 
 /// An open vDisk. Cheap to clone; every clone shares the lease and the
-/// connections, and any number of requests may run at once.
+/// connections, and any number of requests may run at once. [`Volume::fork`]
+/// gives a handle with connections of its own (one per device queue, so no
+/// lock is shared by the queues on the I/O path).
 #[derive(Clone)]
 pub struct Volume {
     inner: Arc<Inner>,
+    /// This handle's connections, by node index.
+    links: Arc<Vec<NodeLink>>,
     renewer: Arc<Renewer>,
 }
 
@@ -129,7 +137,8 @@ impl Volume {
             .collect();
         let disk_node: HashMap<Uuid, Uuid> =
             opened.disks.iter().map(|d| (d.uuid, d.node)).collect();
-        let mut links: HashMap<Uuid, Arc<NodeLink>> = HashMap::new();
+        let mut node_index: HashMap<Uuid, usize> = HashMap::new();
+        let mut nodes: Vec<String> = Vec::new();
         let mut states: HashMap<Uuid, Arc<CopyState>> = HashMap::new();
         let mut disks = Vec::new();
         let mut groups = Vec::new();
@@ -143,12 +152,10 @@ impl Volume {
                 let (addr, host) = node_addr
                     .get(node)
                     .ok_or(VolumeError::Placement(format!("node {node} is unknown")))?;
-                let link = links
-                    .entry(*node)
-                    .or_insert_with(|| {
-                        Arc::new(NodeLink::new(addr.to_string(), client, config.io_timeout))
-                    })
-                    .clone();
+                let link = *node_index.entry(*node).or_insert_with(|| {
+                    nodes.push(addr.to_string());
+                    nodes.len() - 1
+                });
                 let state = states
                     .entry(*disk)
                     .or_insert_with(|| {
@@ -158,7 +165,7 @@ impl Volume {
                             CURRENT
                         };
                         let state = Arc::new(CopyState(AtomicU8::new(initial)));
-                        disks.push((*disk, link.clone(), state.clone()));
+                        disks.push((*disk, link, state.clone()));
                         state
                     })
                     .clone();
@@ -182,14 +189,30 @@ impl Volume {
             session: opened.session,
             groups,
             read_first,
-            nodes: links.into_values().collect(),
+            nodes,
+            client,
             fenced: AtomicBool::new(false),
             fenced_by: AtomicU64::new(0),
             config,
         });
-        inner.fence_all().await?;
+        let links = Arc::new(inner.connect());
+        inner.fence_all(&links).await?;
         let renewer = Arc::new(Renewer::start(inner.clone()));
-        Ok(Volume { inner, renewer })
+        Ok(Volume {
+            inner,
+            links,
+            renewer,
+        })
+    }
+
+    /// A handle on the same open vDisk (lease, epoch, copy states) with
+    /// connections of its own to the nodes.
+    pub fn fork(&self) -> Volume {
+        Volume {
+            inner: self.inner.clone(),
+            links: Arc::new(self.inner.connect()),
+            renewer: self.renewer.clone(),
+        }
     }
 
     /// The vDisk record as of the open.
@@ -250,7 +273,7 @@ impl Volume {
         for p in pieces {
             let (this, tail) = rest.split_at_mut(p.len as usize);
             rest = tail;
-            reads.push(inner.read_piece(p, this, copy));
+            reads.push(inner.read_piece(&self.links, p, this, copy));
         }
         try_join_all(reads).await?;
         Ok(())
@@ -273,7 +296,7 @@ impl Volume {
         let mut writes = Vec::with_capacity(pieces.len());
         for p in pieces {
             let slices = cursor.take(p.len as usize);
-            writes.push(inner.write_piece(p, slices));
+            writes.push(inner.write_piece(&self.links, p, slices));
         }
         try_join_all(writes).await?;
         Ok(())
@@ -291,8 +314,10 @@ impl Volume {
             .iter()
             .filter(|(_, _, st)| st.get() == CURRENT)
             .collect();
+        let links = &self.links;
         let results = join_all(current.iter().map(|(disk, node, _)| async move {
-            let frame = node
+            let link = &links[*node];
+            let frame = link
                 .call(
                     Request::Flush(DiskRef {
                         disk: *disk.as_bytes(),
@@ -300,7 +325,7 @@ impl Volume {
                     &[],
                 )
                 .await?;
-            inner.check_reply(&frame, node)
+            inner.check_reply(&frame, link)
         }))
         .await;
         let mut failed = Vec::new();
@@ -338,6 +363,7 @@ impl Volume {
         try_join_all(pieces.into_iter().map(|p| {
             let range = inner.range(&p, Uuid::nil());
             inner.update_piece(
+                &self.links,
                 p,
                 move |disk| {
                     let r = ChunkRange {
@@ -378,7 +404,7 @@ impl Volume {
                 },
             )
             .await;
-        join_all(inner.nodes.iter().map(|n| n.close())).await;
+        join_all(self.links.iter().map(|n| n.close())).await;
         flushed?;
         released?;
         Ok(())
@@ -386,6 +412,14 @@ impl Volume {
 }
 
 impl Inner {
+    /// Fresh (lazily connecting) links to every node.
+    fn connect(&self) -> Vec<NodeLink> {
+        self.nodes
+            .iter()
+            .map(|addr| NodeLink::new(addr.clone(), self.client, self.config.io_timeout))
+            .collect()
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             return Err(VolumeError::Unaligned { offset, len });
@@ -454,14 +488,15 @@ impl Inner {
     /// Raises the epoch on every current copy; unreachable copies are
     /// recorded stale (they will refuse this writer's predecessor anyway
     /// once resynced, as resync carries the new epoch).
-    async fn fence_all(&self) -> Result<(), VolumeError> {
+    async fn fence_all(&self, links: &[NodeLink]) -> Result<(), VolumeError> {
         let current: Vec<_> = self
             .disks
             .iter()
             .filter(|(_, _, st)| st.get() == CURRENT)
             .collect();
         let results = join_all(current.iter().map(|(disk, node, _)| async move {
-            let frame = node
+            let link = &links[*node];
+            let frame = link
                 .call(
                     Request::Fence(VdiskRef {
                         vdisk: *self.vdisk.uuid.as_bytes(),
@@ -471,7 +506,7 @@ impl Inner {
                     &[],
                 )
                 .await?;
-            self.check_reply(&frame, node)
+            self.check_reply(&frame, link)
         }))
         .await;
         for ((disk, _, st), r) in current.iter().zip(results) {
@@ -554,6 +589,7 @@ impl Inner {
 
     async fn read_piece(
         &self,
+        links: &[NodeLink],
         p: Piece,
         out: &mut [u8],
         only: Option<usize>,
@@ -572,13 +608,13 @@ impl Inner {
             }
             let range = self.range(&p, c.disk);
             let result = async {
-                let frame = c.node.call(Request::Read(range), &[]).await?;
-                self.check_reply(&frame, &c.node)?;
+                let frame = links[c.node].call(Request::Read(range), &[]).await?;
+                self.check_reply(&frame, &links[c.node])?;
                 if frame.body.len() != out.len()
                     || crc32c::crc32c(&frame.body) != frame.header.payload_crc
                 {
                     return Err(VolumeError::Node {
-                        addr: c.node.addr.clone(),
+                        addr: links[c.node].addr.clone(),
                         status: Status::Invalid,
                         message: "read reply of the wrong length or checksum".into(),
                     });
@@ -604,9 +640,15 @@ impl Inner {
         }))
     }
 
-    async fn write_piece(&self, p: Piece, data: Vec<&[u8]>) -> Result<(), VolumeError> {
+    async fn write_piece(
+        &self,
+        links: &[NodeLink],
+        p: Piece,
+        data: Vec<&[u8]>,
+    ) -> Result<(), VolumeError> {
         let range = self.range(&p, Uuid::nil());
         self.update_piece(
+            links,
             p,
             move |disk| {
                 Request::Write(
@@ -627,6 +669,7 @@ impl Inner {
     /// acknowledged only if at least the policy's minimum of copies hold it.
     async fn update_piece<'a>(
         &self,
+        links: &[NodeLink],
         p: Piece,
         request: impl Fn(Uuid) -> Request<'a>,
         payload: &[&[u8]],
@@ -638,7 +681,7 @@ impl Inner {
             async move {
                 let mut attempt = 0;
                 loop {
-                    let frame = c.node.call(req, payload).await?;
+                    let frame = links[c.node].call(req, payload).await?;
                     // A payload that changed under us in transit (a guest
                     // rewriting a buffer it has in flight) is refused whole
                     // by the node; send it again.
@@ -646,7 +689,7 @@ impl Inner {
                         attempt += 1;
                         continue;
                     }
-                    return self.check_reply(&frame, &c.node);
+                    return self.check_reply(&frame, &links[c.node]);
                 }
             }
         }))

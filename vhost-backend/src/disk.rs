@@ -1,6 +1,7 @@
 //! What the device needs from the storage behind it.
 
 use std::future::Future;
+use std::sync::Arc;
 
 /// A disk the device serves: byte offsets and lengths, multiples of 512.
 /// Implemented by the volume client; tests use an in-memory disk.
@@ -10,6 +11,13 @@ pub trait BlockDisk: Send + Sync + 'static {
 
     /// Size in bytes.
     fn capacity(&self) -> u64;
+
+    /// The handle one device queue uses. The device asks one per queue, so
+    /// a disk that keeps per-handle state (connections) shares nothing
+    /// between queues; the default shares `self`.
+    fn for_queue(self: &Arc<Self>) -> Arc<Self> {
+        self.clone()
+    }
 
     /// Reads `buf.len()` bytes at `offset`.
     fn read(
@@ -50,6 +58,11 @@ impl BlockDisk for tessera_replicator::Volume {
 
     fn capacity(&self) -> u64 {
         self.size()
+    }
+
+    /// Each queue gets its own connections to the storage nodes.
+    fn for_queue(self: &Arc<Self>) -> Arc<Self> {
+        Arc::new(self.fork())
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {

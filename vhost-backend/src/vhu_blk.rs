@@ -64,7 +64,8 @@ impl InFlight {
 }
 
 struct Inner<D> {
-    disk: Arc<D>,
+    /// One handle on the disk per queue.
+    disks: Vec<Arc<D>>,
     runtime: tokio::runtime::Handle,
     config: DeviceConfig,
     serial: [u8; 20],
@@ -106,7 +107,7 @@ impl<D: BlockDisk> VhostUserBlk<D> {
         };
         VhostUserBlk {
             inner: Arc::new(Inner {
-                disk,
+                disks: (0..num_queues).map(|_| disk.for_queue()).collect(),
                 runtime,
                 config,
                 serial: id,
@@ -189,7 +190,7 @@ impl<D: BlockDisk> VhostUserBlk<D> {
         let mem = mem.clone();
         inner.in_flight[q].start();
         self.inner.runtime.spawn(async move {
-            let (status, used) = execute(&*inner.disk, &*mem, &request, &inner.serial).await;
+            let (status, used) = execute(&*inner.disks[q], &*mem, &request, &inner.serial).await;
             complete(&vring, &mem, head, Some(request.status_addr), status, used);
             inner.in_flight[q].finish();
         });
