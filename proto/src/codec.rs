@@ -25,6 +25,17 @@ pub struct Frame {
 /// frames. The header is validated before the body is read, so a bad length
 /// never makes the reader allocate or wait for bytes that will not come.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+    let Some(header) = read_header(r).await? else {
+        return Ok(None);
+    };
+    let mut body = vec![0u8; header.body_len as usize];
+    r.read_exact(&mut body).await?;
+    Ok(Some(Frame { header, body }))
+}
+
+/// Reads and checks one frame header, leaving its body on the stream (for a
+/// reader that places the body itself). `Ok(None)` on a clean end of stream.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Header>, FrameError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -37,8 +48,5 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         }
         got += n;
     }
-    let header = Header::decode(&h)?;
-    let mut body = vec![0u8; header.body_len as usize];
-    r.read_exact(&mut body).await?;
-    Ok(Some(Frame { header, body }))
+    Ok(Some(Header::decode(&h)?))
 }

@@ -53,5 +53,5 @@
 mod codec;
 mod message;
 
-pub use codec::{read_frame, Frame, FrameError};
+pub use codec::{read_frame, read_header, Frame, FrameError};
 pub use message::*;

@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_proto::{
-    read_frame, ChunkRange, Frame, Header, Hello, HelloReply, Opcode, Request, Status,
+    read_header, ChunkRange, Frame, Header, Hello, HelloReply, Opcode, Request, Status,
     PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -36,7 +36,37 @@ pub enum ConnError {
     Version { addr: String, min: u16, max: u16 },
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Frame, ConnError>>>>;
+/// How a reply reaches its caller.
+pub(crate) enum Delivery {
+    /// The whole frame, read by the connection's reader.
+    Frame(Frame),
+    /// The header only: the caller reads the body straight off the socket
+    /// into its own buffers, then hands the socket back through `back`.
+    Stream {
+        header: Header,
+        rd: OwnedReadHalf,
+        back: oneshot::Sender<OwnedReadHalf>,
+    },
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Result<Delivery, ConnError>>,
+    /// The caller takes an `Ok` reply's body off the socket itself.
+    stream: bool,
+}
+
+type Pending = Mutex<HashMap<u64, Waiter>>;
+
+/// Reads and drops `len` bytes.
+async fn drain(rd: &mut OwnedReadHalf, mut len: usize) -> std::io::Result<()> {
+    let mut scratch = [0u8; 8192];
+    while len > 0 {
+        let n = scratch.len().min(len);
+        rd.read_exact(&mut scratch[..n]).await?;
+        len -= n;
+    }
+    Ok(())
+}
 
 /// A live connection.
 pub(crate) struct Conn {
@@ -100,28 +130,49 @@ impl Conn {
             let addr = addr.to_string();
             tokio::spawn(async move {
                 let reason = loop {
-                    match read_frame(&mut rd).await {
-                        Ok(Some(frame)) => {
-                            if !frame.header.is_reply() {
-                                break "node sent a request frame".to_string();
-                            }
-                            let waiter = pending
-                                .lock()
-                                .expect("pending map poisoned")
-                                .remove(&frame.header.id);
-                            match waiter {
-                                Some(w) => {
-                                    let _ = w.send(Ok(frame));
-                                }
-                                None => tracing::debug!(
-                                    id = frame.header.id,
-                                    "reply for an abandoned request"
-                                ),
-                            }
-                        }
+                    let header = match read_header(&mut rd).await {
+                        Ok(Some(h)) => h,
                         Ok(None) => break "node closed the connection".to_string(),
                         Err(e) => break format!("{e}: {:?}", std::error::Error::source(&e)),
+                    };
+                    if !header.is_reply() {
+                        break "node sent a request frame".to_string();
                     }
+                    let len = header.body_len as usize;
+                    let waiter = pending
+                        .lock()
+                        .expect("pending map poisoned")
+                        .remove(&header.id);
+                    let Some(waiter) = waiter else {
+                        tracing::debug!(id = header.id, "reply for an abandoned request");
+                        if let Err(e) = drain(&mut rd, len).await {
+                            break e.to_string();
+                        }
+                        continue;
+                    };
+                    if waiter.stream && header.status() == Status::Ok && len > 0 {
+                        let (back, returned) = oneshot::channel();
+                        match waiter.tx.send(Ok(Delivery::Stream { header, rd, back })) {
+                            Ok(()) => match returned.await {
+                                Ok(r) => rd = r,
+                                // The caller went away half way through the body.
+                                Err(_) => break "a reader abandoned a reply body".to_string(),
+                            },
+                            Err(Ok(Delivery::Stream { rd: r, .. })) => {
+                                rd = r;
+                                if let Err(e) = drain(&mut rd, len).await {
+                                    break e.to_string();
+                                }
+                            }
+                            Err(_) => unreachable!("a stream delivery comes back as sent"),
+                        }
+                        continue;
+                    }
+                    let mut body = vec![0u8; len];
+                    if let Err(e) = rd.read_exact(&mut body).await {
+                        break e.to_string();
+                    }
+                    let _ = waiter.tx.send(Ok(Delivery::Frame(Frame { header, body })));
                 };
                 broken.store(true, Ordering::Release);
                 let waiters: Vec<_> = pending
@@ -130,7 +181,7 @@ impl Conn {
                     .drain()
                     .collect();
                 for (_, w) in waiters {
-                    let _ = w.send(Err(ConnError::Broken {
+                    let _ = w.tx.send(Err(ConnError::Broken {
                         addr: addr.clone(),
                         reason: reason.clone(),
                     }));
@@ -187,6 +238,66 @@ impl Conn {
         payload: &[&[u8]],
         timeout: Duration,
     ) -> Result<Frame, ConnError> {
+        match self.exchange(req, payload, timeout, false).await? {
+            Delivery::Frame(f) => Ok(f),
+            Delivery::Stream { .. } => unreachable!("only asked for whole frames"),
+        }
+    }
+
+    /// Sends a read and places an `Ok` reply's data straight into `dest`
+    /// from the socket (no intermediate buffer). Returns the reply's header,
+    /// and its body when it is not `Ok` (an error message).
+    pub(crate) async fn call_read(
+        &self,
+        req: Request<'_>,
+        dest: &mut [&mut [u8]],
+        timeout: Duration,
+    ) -> Result<(Header, Vec<u8>), ConnError> {
+        let delivery = self.exchange(req, &[], timeout, true).await?;
+        let (header, mut rd, back) = match delivery {
+            Delivery::Frame(f) => return Ok((f.header, f.body)),
+            Delivery::Stream { header, rd, back } => (header, rd, back),
+        };
+        let want: usize = dest.iter().map(|d| d.len()).sum();
+        let len = header.body_len as usize;
+        let placed = tokio::time::timeout(timeout, async {
+            if len != want {
+                drain(&mut rd, len).await?;
+                return Ok(false);
+            }
+            let mut crc = 0u32;
+            for d in dest.iter_mut() {
+                rd.read_exact(d).await?;
+                crc = crc32c::crc32c_append(crc, d);
+            }
+            Ok::<bool, std::io::Error>(crc == header.payload_crc)
+        })
+        .await;
+        match placed {
+            Ok(Ok(true)) => {
+                let _ = back.send(rd);
+                Ok((header, Vec::new()))
+            }
+            Ok(Ok(false)) => {
+                let _ = back.send(rd);
+                Err(ConnError::Broken {
+                    addr: self.addr.clone(),
+                    reason: "read reply of the wrong length or checksum".into(),
+                })
+            }
+            // Dropping `rd` ends the connection: its stream is out of step.
+            Ok(Err(e)) => Err(self.broken_error(&e.to_string())),
+            Err(_) => Err(self.broken_error("read reply body timed out")),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<'_>,
+        payload: &[&[u8]],
+        timeout: Duration,
+        stream: bool,
+    ) -> Result<Delivery, ConnError> {
         if self.is_broken() {
             return Err(self.broken_error("connection already failed"));
         }
@@ -202,7 +313,7 @@ impl Conn {
         self.pending
             .lock()
             .expect("pending map poisoned")
-            .insert(id, tx);
+            .insert(id, Waiter { tx, stream });
         let result = tokio::time::timeout(timeout, async {
             self.send(&head, payload).await?;
             rx.await
@@ -328,6 +439,16 @@ impl NodeLink {
     ) -> Result<Frame, ConnError> {
         let conn = self.conn().await?;
         conn.call(req, payload, self.timeout).await
+    }
+
+    /// A read whose data the node's reply places straight into `dest`.
+    pub(crate) async fn call_read(
+        &self,
+        req: Request<'_>,
+        dest: &mut [&mut [u8]],
+    ) -> Result<(Header, Vec<u8>), ConnError> {
+        let conn = self.conn().await?;
+        conn.call_read(req, dest, self.timeout).await
     }
 
     pub(crate) async fn close(&self) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::{join_all, try_join_all};
 use tessera_api_client::ApiClient;
-use tessera_proto::{ChunkRange, DiskRef, Frame, Request, Status, VdiskRef};
+use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status, VdiskRef};
 use tessera_zone::records::{Vdisk, SECTOR_SIZE};
 use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
@@ -242,7 +242,7 @@ impl Volume {
 
     /// Reads `buf.len()` bytes at `offset`, from one copy of each chunk.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        self.read_from(offset, buf, None).await
+        self.read_from(offset, &mut [buf], None).await
     }
 
     /// Reads from copy number `copy` (placement order) of every chunk only:
@@ -256,27 +256,35 @@ impl Volume {
         if copy >= self.copies() {
             return Err(VolumeError::NoSuchCopy(copy));
         }
-        self.read_from(offset, buf, Some(copy)).await
+        self.read_from(offset, &mut [buf], Some(copy)).await
     }
 
     async fn read_from(
         &self,
         offset: u64,
-        buf: &mut [u8],
+        bufs: &mut [&mut [u8]],
         copy: Option<usize>,
     ) -> Result<(), VolumeError> {
         let inner = &self.inner;
-        inner.check_range(offset, buf.len() as u64)?;
-        let pieces = split(offset, buf.len() as u64, inner.vdisk.placement.chunk_size);
-        let mut rest: &mut [u8] = buf;
-        let mut reads = Vec::with_capacity(pieces.len());
-        for p in pieces {
-            let (this, tail) = rest.split_at_mut(p.len as usize);
-            rest = tail;
-            reads.push(inner.read_piece(&self.links, p, this, copy));
-        }
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        inner.check_range(offset, len)?;
+        let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        let dests = split_mut(bufs, pieces.iter().map(|p| p.len as usize));
+        let reads =
+            pieces
+                .into_iter()
+                .zip(dests)
+                .map(|(p, mut dest)| async move {
+                    inner.read_piece(&self.links, p, &mut dest, copy).await
+                });
         try_join_all(reads).await?;
         Ok(())
+    }
+
+    /// Reads into the concatenation of `bufs` at `offset`: the data is read
+    /// off the node's socket straight into the buffers.
+    pub async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), VolumeError> {
+        self.read_from(offset, bufs, None).await
     }
 
     /// Writes `data` at `offset` to every copy; returns once every copy holds it.
@@ -461,11 +469,20 @@ impl Inner {
 
     /// Turns a reply's status into a result, noting a fence.
     fn check_reply(&self, frame: &Frame, node: &NodeLink) -> Result<(), VolumeError> {
-        match frame.header.status() {
+        self.check_status(&frame.header, &frame.body, node)
+    }
+
+    /// Turns a reply's status into a result, noting a fence.
+    fn check_status(
+        &self,
+        header: &Header,
+        body: &[u8],
+        node: &NodeLink,
+    ) -> Result<(), VolumeError> {
+        match header.status() {
             Status::Ok => Ok(()),
             Status::StaleEpoch => {
-                let by = frame
-                    .body
+                let by = body
                     .get(..8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
                     .unwrap_or(0);
@@ -480,7 +497,7 @@ impl Inner {
             status => Err(VolumeError::Node {
                 addr: node.addr.clone(),
                 status,
-                message: String::from_utf8_lossy(&frame.body).into_owned(),
+                message: String::from_utf8_lossy(body).into_owned(),
             }),
         }
     }
@@ -591,7 +608,7 @@ impl Inner {
         &self,
         links: &[NodeLink],
         p: Piece,
-        out: &mut [u8],
+        out: &mut [&mut [u8]],
         only: Option<usize>,
     ) -> Result<(), VolumeError> {
         let copies = self.group(p.chunk);
@@ -607,26 +624,13 @@ impl Inner {
                 continue;
             }
             let range = self.range(&p, c.disk);
-            let result = async {
-                let frame = links[c.node].call(Request::Read(range), &[]).await?;
-                self.check_reply(&frame, &links[c.node])?;
-                if frame.body.len() != out.len()
-                    || crc32c::crc32c(&frame.body) != frame.header.payload_crc
-                {
-                    return Err(VolumeError::Node {
-                        addr: links[c.node].addr.clone(),
-                        status: Status::Invalid,
-                        message: "read reply of the wrong length or checksum".into(),
-                    });
-                }
-                Ok(frame.body)
-            }
-            .await;
+            let link = &links[c.node];
+            let result = match link.call_read(Request::Read(range), out).await {
+                Ok((header, body)) => self.check_status(&header, &body, link),
+                Err(e) => Err(e.into()),
+            };
             match result {
-                Ok(body) => {
-                    out.copy_from_slice(&body);
-                    return Ok(());
-                }
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "read from copy failed");
                     last_err = Some(e);
@@ -785,6 +789,37 @@ impl Drop for Renewer {
     }
 }
 
+/// Cuts the concatenation of `bufs` into consecutive pieces of `lens` bytes,
+/// each a list of sub-slices of the original buffers.
+fn split_mut<'a>(
+    bufs: &'a mut [&mut [u8]],
+    lens: impl Iterator<Item = usize>,
+) -> Vec<Vec<&'a mut [u8]>> {
+    let mut rest = bufs.iter_mut().map(|b| &mut **b);
+    let mut current: &'a mut [u8] = &mut [];
+    let mut out = Vec::new();
+    for len in lens {
+        let mut piece = Vec::new();
+        let mut need = len;
+        while need > 0 {
+            if current.is_empty() {
+                match rest.next() {
+                    Some(b) => current = b,
+                    None => break,
+                }
+                continue;
+            }
+            let n = need.min(current.len());
+            let (head, tail) = std::mem::take(&mut current).split_at_mut(n);
+            piece.push(head);
+            current = tail;
+            need -= n;
+        }
+        out.push(piece);
+    }
+    out
+}
+
 /// Walks a list of buffers, handing out sub-slices of given lengths.
 struct SliceCursor<'a, 'b> {
     bufs: &'b [&'a [u8]],
@@ -823,6 +858,19 @@ impl<'a, 'b> SliceCursor<'a, 'b> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_mut_cuts_across_buffers() {
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 5];
+        let mut bufs: [&mut [u8]; 2] = [&mut a, &mut b];
+        let pieces = split_mut(&mut bufs, [2usize, 4, 2].into_iter());
+        let lens: Vec<Vec<usize>> = pieces
+            .iter()
+            .map(|p| p.iter().map(|s| s.len()).collect())
+            .collect();
+        assert_eq!(lens, vec![vec![2], vec![1, 3], vec![2]]);
+    }
 
     #[test]
     fn cursor_splits_across_buffers() {

@@ -92,11 +92,60 @@ async fn read<D: BlockDisk, M: GuestMemory>(
     len: u64,
     segments: &[Segment],
 ) -> Result<(), String> {
+    if disjoint(segments) {
+        // The data lands in the guest's pages straight from the socket.
+        let mut slices = guest_slices_mut(mem, segments)?;
+        return disk
+            .readv(offset, &mut slices)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    // Segments that overlap cannot be lent out as distinct buffers: read
+    // into one and copy it over them in order, as the spec's byte stream.
     let mut buf = vec![0u8; len as usize];
-    disk.read(offset, &mut buf)
+    disk.readv(offset, &mut [&mut buf])
         .await
         .map_err(|e| e.to_string())?;
     write_segments(mem, segments, &buf)
+}
+
+/// Whether no two segments share a byte of guest memory.
+fn disjoint(segments: &[Segment]) -> bool {
+    let mut spans: Vec<(u64, u64)> = segments
+        .iter()
+        .map(|s| (s.addr.0, s.addr.0.saturating_add(s.len as u64)))
+        .collect();
+    spans.sort_unstable();
+    spans.windows(2).all(|w| w[0].1 <= w[1].0)
+}
+
+/// The guest's data segments as writable byte slices of its memory.
+/// Callers must pass disjoint segments (see [`disjoint`]).
+fn guest_slices_mut<'m, M: GuestMemory>(
+    mem: &'m M,
+    segments: &[Segment],
+) -> Result<Vec<&'m mut [u8]>, String> {
+    let mut out = Vec::with_capacity(segments.len());
+    for s in segments {
+        let bad = |e: vm_memory::GuestMemoryError| format!("guest memory at {:#x}: {e}", s.addr.0);
+        for slice in mem
+            .get_slices(s.addr, s.len as usize, vm_memory::Permissions::Write)
+            .map_err(bad)?
+        {
+            let slice = slice.map_err(bad)?;
+            let guard = slice.ptr_guard_mut();
+            // SAFETY: `slice` covers `slice.len()` mapped, writable bytes of
+            // guest memory that stay mapped for `'m` (the mapping is owned by
+            // `mem`, which the caller keeps alive until the read completes).
+            // The segments are pairwise disjoint (checked by the caller), so
+            // no two returned slices alias. The guest does not touch a
+            // buffer it has handed to the device until the request completes
+            // (the virtio contract); if it does, only the bytes it sees change.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
+            out.push(bytes);
+        }
+    }
+    Ok(out)
 }
 
 /// Copies `data` into the guest segments, in order.

@@ -19,11 +19,11 @@ pub trait BlockDisk: Send + Sync + 'static {
         self.clone()
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    fn read(
+    /// Reads into the concatenation of `bufs` at `offset`.
+    fn readv(
         &self,
         offset: u64,
-        buf: &mut [u8],
+        bufs: &mut [&mut [u8]],
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Writes the concatenation of `bufs` at `offset`; done when held by
@@ -65,8 +65,8 @@ impl BlockDisk for tessera_replicator::Volume {
         Arc::new(self.fork())
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
-        tessera_replicator::Volume::read(self, offset, buf).await
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), Self::Error> {
+        tessera_replicator::Volume::readv(self, offset, bufs).await
     }
 
     async fn writev(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), Self::Error> {
@@ -131,9 +131,15 @@ impl BlockDisk for MemDisk {
         self.data.lock().expect("memdisk poisoned").len() as u64
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
-        let r = self.range(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&self.data.lock().expect("memdisk poisoned")[r]);
+    async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), Self::Error> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let r = self.range(offset, len)?;
+        let d = self.data.lock().expect("memdisk poisoned");
+        let mut pos = r.start;
+        for b in bufs.iter_mut() {
+            b.copy_from_slice(&d[pos..pos + b.len()]);
+            pos += b.len();
+        }
         Ok(())
     }
 
