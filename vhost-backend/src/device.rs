@@ -121,6 +121,10 @@ fn disjoint(segments: &[Segment]) -> bool {
 
 /// The guest's data segments as writable byte slices of its memory.
 /// Callers must pass disjoint segments (see [`disjoint`]).
+// Guest memory is writable through a shared handle by design (it is the
+// guest's RAM, mapped shared): the mutable slices come from the mapping, not
+// from `mem`'s own data.
+#[allow(clippy::mut_from_ref)]
 fn guest_slices_mut<'m, M: GuestMemory>(
     mem: &'m M,
     segments: &[Segment],
