@@ -92,9 +92,9 @@ async fn read<D: BlockDisk, M: GuestMemory>(
     len: u64,
     segments: &[Segment],
 ) -> Result<(), String> {
-    if disjoint(segments) {
+    if let Some(slices) = guest_slices_mut(mem, segments) {
         // The data lands in the guest's pages straight from the socket.
-        let mut slices = guest_slices_mut(mem, segments)?;
+        let mut slices = slices?;
         return disk
             .readv(offset, &mut slices)
             .await
@@ -119,13 +119,24 @@ fn disjoint(segments: &[Segment]) -> bool {
     spans.windows(2).all(|w| w[0].1 <= w[1].0)
 }
 
-/// The guest's data segments as writable byte slices of its memory.
-/// Callers must pass disjoint segments (see [`disjoint`]).
+/// The guest's data segments as writable byte slices of its memory, or
+/// `None` if two segments overlap (their slices would alias).
 // Guest memory is writable through a shared handle by design (it is the
 // guest's RAM, mapped shared): the mutable slices come from the mapping, not
 // from `mem`'s own data.
 #[allow(clippy::mut_from_ref)]
 fn guest_slices_mut<'m, M: GuestMemory>(
+    mem: &'m M,
+    segments: &[Segment],
+) -> Option<Result<Vec<&'m mut [u8]>, String>> {
+    if !disjoint(segments) {
+        return None;
+    }
+    Some(guest_slices_mut_disjoint(mem, segments))
+}
+
+#[allow(clippy::mut_from_ref)]
+fn guest_slices_mut_disjoint<'m, M: GuestMemory>(
     mem: &'m M,
     segments: &[Segment],
 ) -> Result<Vec<&'m mut [u8]>, String> {
@@ -141,7 +152,7 @@ fn guest_slices_mut<'m, M: GuestMemory>(
             // SAFETY: `slice` covers `slice.len()` mapped, writable bytes of
             // guest memory that stay mapped for `'m` (the mapping is owned by
             // `mem`, which the caller keeps alive until the read completes).
-            // The segments are pairwise disjoint (checked by the caller), so
+            // The segments are pairwise disjoint (checked by `guest_slices_mut`), so
             // no two returned slices alias. The guest does not touch a
             // buffer it has handed to the device until the request completes
             // (the virtio contract); if it does, only the bytes it sees change.
