@@ -536,6 +536,7 @@ mod tests {
                 host: "h".into(),
                 ttl_ms: 1,
                 force: false,
+                role: None,
             },
         ));
         assert_send(&client.delete_vdisk("a", "b", true));

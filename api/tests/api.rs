@@ -174,6 +174,7 @@ async fn the_client_drives_every_route() {
                 host: "hv1".into(),
                 ttl_ms: 60_000,
                 force: false,
+                role: None,
             },
         )
         .await
@@ -188,6 +189,7 @@ async fn the_client_drives_every_route() {
                 host: "hv2".into(),
                 ttl_ms: 60_000,
                 force: false,
+                role: None,
             },
         )
         .await
@@ -240,6 +242,7 @@ async fn the_client_drives_every_route() {
             host: "hv1".into(),
             ttl_ms: 60_000,
             force: false,
+            role: None,
         },
     )
     .await

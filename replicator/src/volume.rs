@@ -126,6 +126,7 @@ impl Volume {
                     host: config.host.clone(),
                     ttl_ms: config.lease_ttl.as_millis() as u64,
                     force: config.force,
+                    role: None,
                 },
             )
             .await?;

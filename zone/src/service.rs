@@ -129,6 +129,10 @@ pub struct OpenVdisk {
     /// Take the lease even if another live holder has it.
     #[serde(default)]
     pub force: bool,
+    /// What the host does with the vDisk: front-end (runs the VM, the
+    /// default) or backup.
+    #[serde(default)]
+    pub role: Option<Role>,
 }
 
 /// Answer to [`OpenVdisk`]: everything a volume client needs to do I/O.
@@ -311,19 +315,7 @@ impl ZoneService {
         };
         self.upsert(&keys::node(&req.uuid), |_| Ok(node.clone()))
             .await?;
-        self.upsert(&keys::host(&req.host), |host: Option<Host>| {
-            let mut host = host.unwrap_or_else(|| Host {
-                schema: SCHEMA_VERSION,
-                name: req.host.clone(),
-                roles: Vec::new(),
-            });
-            if !host.roles.contains(&Role::BackEnd) {
-                host.roles.push(Role::BackEnd);
-                host.roles.sort();
-            }
-            Ok(host)
-        })
-        .await?;
+        self.ensure_host_role(&req.host, Role::BackEnd).await?;
 
         let alive_key = keys::alive(&req.uuid);
         let previous = self.store.get(&alive_key).await?.and_then(|kv| kv.lease);
@@ -756,6 +748,9 @@ impl ZoneService {
     ) -> Result<Opened, ZoneError> {
         validate_host(&req.host)?;
         validate_ttl(req.ttl_ms)?;
+        // The host that writes a vDisk is a front-end (or a backup server).
+        self.ensure_host_role(&req.host, req.role.unwrap_or(Role::FrontEnd))
+            .await?;
         let session = Uuid::new_v4();
         let (stored, ()) = self
             .update(
@@ -857,6 +852,24 @@ impl ZoneService {
             )
             .await?;
         Ok(lease)
+    }
+
+    /// Creates the host record if missing and adds `role` to it.
+    async fn ensure_host_role(&self, name: &str, role: Role) -> Result<(), ZoneError> {
+        self.upsert(&keys::host(name), |host: Option<Host>| {
+            let mut host = host.unwrap_or_else(|| Host {
+                schema: SCHEMA_VERSION,
+                name: name.to_owned(),
+                roles: Vec::new(),
+            });
+            if !host.roles.contains(&role) {
+                host.roles.push(role);
+                host.roles.sort();
+            }
+            Ok(host)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Records that the copies on `req.disks` missed writes of session
@@ -1280,6 +1293,7 @@ mod tests {
             host: host.into(),
             ttl_ms,
             force,
+            role: None,
         }
     }
 
@@ -1837,6 +1851,16 @@ mod tests {
             .await
             .expect("opens");
         assert_eq!((a.epoch, a.vdisk.epoch), (1, 1));
+        let hosts = svc.hosts().await.expect("hosts");
+        let writer = hosts
+            .iter()
+            .find(|h| h.name == "hv-a")
+            .expect("writer's host");
+        assert_eq!(
+            writer.roles,
+            vec![Role::FrontEnd],
+            "the writing host is a front-end"
+        );
         assert_eq!(
             a.vdisk.state,
             VdiskState::Online {
