@@ -35,8 +35,8 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkStale, OpenVdisk, Opened,
-    RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkClean, MarkStale, OpenVdisk,
+    Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
 };
 
 use endpoint::{encode, Endpoint};
@@ -278,6 +278,21 @@ impl ApiClient {
         self.call(
             Method::POST,
             vdisk_path(datastore, name, "/stale"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/clean`: records chunks resynced to a stale copy.
+    pub async fn mark_clean(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &MarkClean,
+    ) -> Result<Vdisk, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/clean"),
             Some(req),
         )
         .await

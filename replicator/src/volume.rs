@@ -1,6 +1,6 @@
 //! The volume client: a vDisk's byte address space over its chunks' copies.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,8 @@ use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status, VdiskRe
 use tessera_zone::records::{Vdisk, SECTOR_SIZE};
 use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
+
+mod repair;
 
 use crate::conn::NodeLink;
 use crate::layout::{split, Piece};
@@ -30,6 +32,10 @@ pub struct VolumeConfig {
     pub force: bool,
     /// Bound on one request to one storage node.
     pub io_timeout: Duration,
+    /// Resync stale copies in the background while the volume is open.
+    pub repair: bool,
+    /// Bandwidth resync may use, bytes per second.
+    pub repair_bandwidth: u64,
 }
 
 impl VolumeConfig {
@@ -42,6 +48,8 @@ impl VolumeConfig {
             lease_ttl: Duration::from_secs(10),
             force: false,
             io_timeout: Duration::from_secs(30),
+            repair: true,
+            repair_bandwidth: 256 << 20,
         }
     }
 }
@@ -90,8 +98,18 @@ struct Inner {
     min_copies: usize,
     /// Identifies this open to the nodes (the session id).
     client: [u8; 16],
-    /// Serialises recording stale copies in the zone.
-    recording: tokio::sync::Mutex<()>,
+    /// Serialises dirty/clean records in the zone.
+    pub(crate) recording: tokio::sync::Mutex<()>,
+    /// Which chunks each stale copy misses, as far as the zone knows, and
+    /// what is waiting to be recorded. Touched only while a copy is stale.
+    pub(crate) dirty: std::sync::Mutex<DirtyState>,
+    /// Per-chunk exclusion between writes and resync, striped; taken only
+    /// by writes to groups that have a non-current copy.
+    pub(crate) stripes: Vec<tokio::sync::RwLock<()>>,
+    /// Every handle's chunks written since its last flush.
+    forks: std::sync::Mutex<Vec<std::sync::Weak<ForkState>>>,
+    /// Chunks resync copied, for reports.
+    pub(crate) resynced_chunks: AtomicU64,
     /// Set once a node or the zone says another writer took over.
     fenced: AtomicBool,
     fenced_by: AtomicU64,
@@ -106,11 +124,40 @@ pub struct Volume {
     inner: Arc<Inner>,
     /// This handle's connections, by node index.
     links: Arc<Vec<NodeLink>>,
+    /// This handle's chunks written since the last flush.
+    fork: Arc<ForkState>,
     renewer: Arc<Renewer>,
 }
 
+/// A handle's own bookkeeping.
+#[derive(Default)]
+pub(crate) struct ForkState {
+    /// Chunks this handle wrote that no flush has made stable yet: if a copy
+    /// fails, it may have lost them (power loss), so they become dirty.
+    unflushed: std::sync::Mutex<HashSet<u64>>,
+}
+
+/// Dirty chunks of stale copies.
+#[derive(Default)]
+pub(crate) struct DirtyState {
+    /// Recorded in the zone (or being copied by resync).
+    pub(crate) known: HashMap<Uuid, HashSet<u64>>,
+    /// Waiting to be recorded.
+    pub(crate) pending: Vec<(Uuid, u64)>,
+}
+
+/// Stripe of the per-chunk lock table.
+pub(crate) fn stripe(chunk: u64) -> usize {
+    (chunk % STRIPES as u64) as usize
+}
+
+const STRIPES: usize = 64;
+
+/// The volume's background tasks: lease renewal and repair.
 struct Renewer {
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    repair_stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    repair_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Volume {
@@ -181,7 +228,15 @@ impl Volume {
             groups.push(copies);
         }
         let min_copies = opened.vdisk.policy.redundancy.min_copies() as usize;
+        let mut dirty = DirtyState::default();
+        for e in &opened.vdisk.dirty {
+            dirty.known.insert(e.disk, e.chunks().collect());
+        }
         let inner = Arc::new(Inner {
+            dirty: std::sync::Mutex::new(dirty),
+            stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
+            forks: std::sync::Mutex::new(Vec::new()),
+            resynced_chunks: AtomicU64::new(0),
             disks,
             min_copies,
             recording: tokio::sync::Mutex::new(()),
@@ -199,11 +254,13 @@ impl Volume {
         let links = Arc::new(inner.connect());
         inner.fence_all(&links).await?;
         let renewer = Arc::new(Renewer::start(inner.clone()));
-        Ok(Volume {
+        let volume = Volume {
+            fork: inner.new_fork(),
             inner,
             links,
             renewer,
-        })
+        };
+        Ok(volume)
     }
 
     /// A handle on the same open vDisk (lease, epoch, copy states) with
@@ -212,8 +269,22 @@ impl Volume {
         Volume {
             inner: self.inner.clone(),
             links: Arc::new(self.inner.connect()),
+            fork: self.inner.new_fork(),
             renewer: self.renewer.clone(),
         }
+    }
+
+    /// Chunks copied to stale copies by resync since the open.
+    pub fn resynced_chunks(&self) -> u64 {
+        self.inner.resynced_chunks.load(Ordering::Relaxed)
+    }
+
+    /// Whether every copy is current (as far as this volume knows).
+    pub fn all_current(&self) -> bool {
+        self.inner
+            .disks
+            .iter()
+            .all(|(_, _, st)| st.get() == CURRENT)
     }
 
     /// The vDisk record as of the open.
@@ -305,7 +376,7 @@ impl Volume {
         let mut writes = Vec::with_capacity(pieces.len());
         for p in pieces {
             let slices = cursor.take(p.len as usize);
-            writes.push(inner.write_piece(&self.links, p, slices));
+            writes.push(inner.write_piece(&self.links, &self.fork, p, slices));
         }
         try_join_all(writes).await?;
         Ok(())
@@ -318,6 +389,8 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), VolumeError> {
         let inner = &self.inner;
         inner.check_fenced()?;
+        // What this flush makes stable; put back if a copy fails it.
+        let taken = inner.take_unflushed();
         let current: Vec<_> = inner
             .disks
             .iter()
@@ -337,19 +410,32 @@ impl Volume {
             inner.check_reply(&frame, link)
         }))
         .await;
-        let mut failed = Vec::new();
+        let mut failed = false;
         for ((disk, _, st), r) in current.iter().zip(results) {
             match r {
                 Ok(()) => {}
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(%disk, error = %e, "flush failed on a copy");
-                    st.0.store(FAILING, Ordering::Release);
-                    failed.push(*disk);
+                    let _ = st.0.compare_exchange(
+                        CURRENT,
+                        FAILING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    failed = true;
                 }
             }
         }
-        inner.record_failing().await?;
+        if failed {
+            for (fork, set) in taken {
+                fork.unflushed
+                    .lock()
+                    .expect("unflushed poisoned")
+                    .extend(set);
+            }
+        }
+        inner.record_dirty(&[]).await?;
         inner.check_groups()
     }
 
@@ -373,6 +459,7 @@ impl Volume {
             let range = inner.range(&p, Uuid::nil());
             inner.update_piece(
                 &self.links,
+                &self.fork,
                 p,
                 move |disk| {
                     let r = ChunkRange {
@@ -394,6 +481,7 @@ impl Volume {
 
     /// Flushes, releases the write lease and closes the connections.
     pub async fn close(self) -> Result<(), VolumeError> {
+        self.renewer.finish_repair().await;
         let flushed = if self.is_fenced() {
             Ok(())
         } else {
@@ -421,6 +509,59 @@ impl Volume {
 }
 
 impl Inner {
+    fn new_fork(&self) -> Arc<ForkState> {
+        let fork = Arc::new(ForkState::default());
+        let mut forks = self.forks.lock().expect("forks poisoned");
+        forks.retain(|f| f.strong_count() > 0);
+        forks.push(Arc::downgrade(&fork));
+        fork
+    }
+
+    /// Every live handle's unflushed chunks, taken out (a flush in progress).
+    fn take_unflushed(&self) -> Vec<(Arc<ForkState>, HashSet<u64>)> {
+        let forks: Vec<Arc<ForkState>> = self
+            .forks
+            .lock()
+            .expect("forks poisoned")
+            .iter()
+            .filter_map(|f| f.upgrade())
+            .collect();
+        forks
+            .into_iter()
+            .map(|f| {
+                let set = std::mem::take(&mut *f.unflushed.lock().expect("unflushed poisoned"));
+                (f, set)
+            })
+            .collect()
+    }
+
+    /// Every live handle's unflushed chunks (a copy just failed).
+    fn all_unflushed(&self) -> HashSet<u64> {
+        let forks: Vec<Arc<ForkState>> = self
+            .forks
+            .lock()
+            .expect("forks poisoned")
+            .iter()
+            .filter_map(|f| f.upgrade())
+            .collect();
+        let mut all = HashSet::new();
+        for f in forks {
+            all.extend(
+                f.unflushed
+                    .lock()
+                    .expect("unflushed poisoned")
+                    .iter()
+                    .copied(),
+            );
+        }
+        all
+    }
+
+    /// Whether `disk` holds a copy of `chunk`.
+    fn holds(&self, disk: Uuid, chunk: u64) -> bool {
+        self.group(chunk).iter().any(|c| c.disk == disk)
+    }
+
     /// Fresh (lazily connecting) links to every node.
     fn connect(&self) -> Vec<NodeLink> {
         self.nodes
@@ -537,16 +678,29 @@ impl Inner {
                 }
             }
         }
-        self.record_failing().await?;
+        self.record_dirty(&[]).await?;
         self.check_groups()
     }
 
-    /// Records every failing copy stale in the zone; returns once the zone
-    /// holds the record (so writes that skipped those copies may be
-    /// acknowledged).
-    async fn record_failing(&self) -> Result<(), VolumeError> {
-        if !self.disks.iter().any(|(_, _, st)| st.get() == FAILING) {
-            return Ok(());
+    /// Records in the zone that `missed` (disk, chunk) pairs are dirty, and
+    /// every failing copy stale with the chunks it may have lost (those not
+    /// yet flushed). Returns once the zone holds all of it, so writes that
+    /// skipped those copies may then be acknowledged. Concurrent callers are
+    /// batched into one record.
+    pub(crate) async fn record_dirty(&self, missed: &[(Uuid, u64)]) -> Result<(), VolumeError> {
+        let any_failing = || self.disks.iter().any(|(_, _, st)| st.get() == FAILING);
+        {
+            let mut d = self.dirty.lock().expect("dirty poisoned");
+            let DirtyState { known, pending } = &mut *d;
+            let new: Vec<(Uuid, u64)> = missed
+                .iter()
+                .filter(|(disk, c)| !known.get(disk).is_some_and(|k| k.contains(c)))
+                .copied()
+                .collect();
+            if new.is_empty() && !any_failing() {
+                return Ok(());
+            }
+            pending.extend(new);
         }
         let _one = self.recording.lock().await;
         let failing: Vec<Uuid> = self
@@ -555,35 +709,64 @@ impl Inner {
             .filter(|(_, _, st)| st.get() == FAILING)
             .map(|(d, _, _)| *d)
             .collect();
-        if failing.is_empty() {
-            return Ok(());
+        let mut batch: HashMap<Uuid, HashSet<u64>> = HashMap::new();
+        for (disk, c) in std::mem::take(&mut self.dirty.lock().expect("dirty poisoned").pending) {
+            batch.entry(disk).or_default().insert(c);
         }
-        let recorded = self
-            .config
-            .api
-            .mark_stale(
-                &self.config.datastore,
-                &self.config.name,
-                &MarkStale {
-                    session: self.session,
-                    disks: failing.clone(),
-                },
-            )
-            .await;
-        match recorded {
-            Ok(_) => {}
-            Err(tessera_api_client::ApiError::Status { status: 409, .. }) => {
-                self.fenced.store(true, Ordering::Release);
-                return Err(VolumeError::Fenced {
-                    epoch: self.epoch,
-                    by: self.fenced_by.load(Ordering::Acquire),
-                });
+        if !failing.is_empty() {
+            let unflushed = self.all_unflushed();
+            for d in &failing {
+                let set = batch.entry(*d).or_default();
+                set.extend(unflushed.iter().copied().filter(|c| self.holds(*d, *c)));
             }
-            Err(e) => return Err(e.into()),
+        }
+        for (disk, chunks) in &batch {
+            let mut chunks: Vec<u64> = chunks.iter().copied().collect();
+            chunks.sort_unstable();
+            let recorded = self
+                .config
+                .api
+                .mark_stale(
+                    &self.config.datastore,
+                    &self.config.name,
+                    &MarkStale {
+                        session: self.session,
+                        disks: vec![*disk],
+                        chunks: chunks.clone(),
+                    },
+                )
+                .await;
+            match recorded {
+                Ok(_) => {}
+                Err(tessera_api_client::ApiError::Status { status: 409, .. }) => {
+                    self.fenced.store(true, Ordering::Release);
+                    return Err(VolumeError::Fenced {
+                        epoch: self.epoch,
+                        by: self.fenced_by.load(Ordering::Acquire),
+                    });
+                }
+                Err(e) => {
+                    // Not recorded: put them back for the next attempt.
+                    let mut d = self.dirty.lock().expect("dirty poisoned");
+                    d.pending.extend(chunks.iter().map(|c| (*disk, *c)));
+                    return Err(e.into());
+                }
+            }
+            self.dirty
+                .lock()
+                .expect("dirty poisoned")
+                .known
+                .entry(*disk)
+                .or_default()
+                .extend(chunks);
         }
         for (d, _, st) in &self.disks {
-            if failing.contains(d) {
-                st.0.store(STALE, Ordering::Release);
+            if failing.contains(d)
+                && st
+                    .0
+                    .compare_exchange(FAILING, STALE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
                 tracing::warn!(disk = %d, "copy recorded stale: it serves nothing until resynced");
             }
         }
@@ -648,12 +831,14 @@ impl Inner {
     async fn write_piece(
         &self,
         links: &[NodeLink],
+        fork: &ForkState,
         p: Piece,
         data: Vec<&[u8]>,
     ) -> Result<(), VolumeError> {
         let range = self.range(&p, Uuid::nil());
         self.update_piece(
             links,
+            fork,
             p,
             move |disk| {
                 Request::Write(
@@ -670,16 +855,25 @@ impl Inner {
     }
 
     /// Sends a mutation of one chunk to every current copy. Copies that
-    /// fail are recorded stale before the mutation is acknowledged; it is
-    /// acknowledged only if at least the policy's minimum of copies hold it.
+    /// fail are recorded stale, and the chunk dirty for every copy that did
+    /// not get it, before the mutation is acknowledged; it is acknowledged
+    /// only if at least the policy's minimum of copies hold it.
     async fn update_piece<'a>(
         &self,
         links: &[NodeLink],
+        fork: &ForkState,
         p: Piece,
         request: impl Fn(Uuid) -> Request<'a>,
         payload: &[&[u8]],
     ) -> Result<(), VolumeError> {
         let copies = self.group(p.chunk);
+        // With a copy missing, exclude resync of this chunk while we write it.
+        let degraded = copies.iter().any(|c| c.state.get() != CURRENT);
+        let _exclusion = if degraded {
+            Some(self.stripes[stripe(p.chunk)].read().await)
+        } else {
+            None
+        };
         let targets: Vec<&Copy> = copies.iter().filter(|c| c.state.get() == CURRENT).collect();
         let results = join_all(targets.iter().map(|c| {
             let req = request(c.disk);
@@ -728,9 +922,18 @@ impl Inner {
                 needed: self.min_copies,
             });
         }
-        // Copies skipped or failed must be known stale before this is acknowledged.
-        if copies.iter().any(|c| c.state.get() == FAILING) {
-            self.record_failing().await?;
+        fork.unflushed
+            .lock()
+            .expect("unflushed poisoned")
+            .insert(p.chunk);
+        // Every copy without this write must be known to miss it first.
+        let missed: Vec<(Uuid, u64)> = copies
+            .iter()
+            .filter(|c| c.state.get() != CURRENT)
+            .map(|c| (c.disk, p.chunk))
+            .collect();
+        if !missed.is_empty() {
+            self.record_dirty(&missed).await?;
         }
         Ok(())
     }
@@ -738,6 +941,13 @@ impl Inner {
 
 impl Renewer {
     fn start(inner: Arc<Inner>) -> Self {
+        let (repair_stop, repair_task) = if inner.config.repair {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(inner.clone().repair_loop(rx));
+            (Some(tx), Some(task))
+        } else {
+            (None, None)
+        };
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let period = inner.config.lease_ttl / 3;
         tokio::spawn(async move {
@@ -774,12 +984,30 @@ impl Renewer {
         });
         Renewer {
             stop: std::sync::Mutex::new(Some(tx)),
+            repair_stop: std::sync::Mutex::new(repair_stop),
+            repair_task: std::sync::Mutex::new(repair_task),
         }
     }
 
     fn stop(&self) {
+        self.stop_repair();
         if let Some(tx) = self.stop.lock().expect("renewer poisoned").take() {
             let _ = tx.send(());
+        }
+    }
+
+    fn stop_repair(&self) {
+        if let Some(tx) = self.repair_stop.lock().expect("renewer poisoned").take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Stops repair and waits until it no longer touches any copy.
+    async fn finish_repair(&self) {
+        self.stop_repair();
+        let task = self.repair_task.lock().expect("renewer poisoned").take();
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
 }

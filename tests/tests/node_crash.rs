@@ -123,7 +123,10 @@ async fn a_stale_copy_never_serves_a_read() {
     zone.datastore("ds", 2).await;
     let vdisk = zone.vdisk("ds", "v", 8 * MIB).await;
     let preferred = zone.node_of_disk(&vdisk.placement.groups[0][0]).await;
-    let vol = zone.open("ds", "v").await;
+    // No resync here: the returning copy must stay stale for the test.
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.repair = false;
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
     let old = pattern(1, 0, 2 * MIB as usize);
     vol.write(0, &old).await.unwrap();
     vol.flush().await.unwrap();
@@ -145,7 +148,9 @@ async fn a_stale_copy_never_serves_a_read() {
     vol.read(0, &mut buf).await.unwrap();
     assert!(buf == new, "read served by a stale copy");
     vol.close().await.unwrap();
-    let reopened = zone.open("ds", "v").await;
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.repair = false;
+    let reopened = tessera_replicator::Volume::open(cfg).await.unwrap();
     let mut buf = vec![0u8; 2 * MIB as usize];
     reopened.read(0, &mut buf).await.unwrap();
     assert!(buf == new, "read after reopen served by a stale copy");

@@ -263,6 +263,75 @@ pub struct Vdisk {
     /// and take no writes until the repair engine resyncs them.
     #[serde(default)]
     pub stale: Vec<Uuid>,
+    /// For each stale disk, the chunks it missed: what resync copies.
+    #[serde(default)]
+    pub dirty: Vec<DirtyChunks>,
+}
+
+/// The chunks one stale copy missed, as sorted, disjoint, half-open ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyChunks {
+    pub disk: Uuid,
+    pub ranges: Vec<[u64; 2]>,
+}
+
+impl DirtyChunks {
+    /// Number of chunks.
+    pub fn count(&self) -> u64 {
+        self.ranges.iter().map(|r| r[1] - r[0]).sum()
+    }
+
+    pub fn contains(&self, chunk: u64) -> bool {
+        self.ranges.iter().any(|r| r[0] <= chunk && chunk < r[1])
+    }
+
+    /// Every chunk, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges.iter().flat_map(|r| r[0]..r[1])
+    }
+
+    /// Adds chunks, keeping the ranges sorted, disjoint and merged.
+    pub fn add(&mut self, chunks: impl IntoIterator<Item = u64>) {
+        let mut all: Vec<[u64; 2]> = self.ranges.drain(..).collect();
+        all.extend(chunks.into_iter().map(|c| [c, c.saturating_add(1)]));
+        self.ranges = merge(all);
+    }
+
+    /// Removes chunks.
+    pub fn remove(&mut self, chunks: impl IntoIterator<Item = u64>) {
+        let mut gone: Vec<u64> = chunks.into_iter().collect();
+        gone.sort_unstable();
+        gone.dedup();
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            let mut start = r[0];
+            let lo = gone.partition_point(|&c| c < r[0]);
+            let hi = gone.partition_point(|&c| c < r[1]);
+            for &c in &gone[lo..hi] {
+                if start < c {
+                    out.push([start, c]);
+                }
+                start = c + 1;
+            }
+            if start < r[1] {
+                out.push([start, r[1]]);
+            }
+        }
+        self.ranges = out;
+    }
+}
+
+fn merge(mut ranges: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
+    ranges.retain(|r| r[0] < r[1]);
+    ranges.sort_unstable();
+    let mut out: Vec<[u64; 2]> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r[0] <= last[1] => last[1] = last[1].max(r[1]),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Why a stored record cannot be read or written.
@@ -347,7 +416,22 @@ mod tests {
             },
             created: 0,
             stale: vec![],
+            dirty: vec![],
         }
+    }
+
+    #[test]
+    fn dirty_chunk_ranges() {
+        let mut d = DirtyChunks::default();
+        d.add([5, 3, 4, 10, 11, 4]);
+        assert_eq!(d.ranges, vec![[3, 6], [10, 12]]);
+        assert_eq!(d.count(), 5);
+        assert!(d.contains(5) && !d.contains(6));
+        d.remove([4, 10, 99]);
+        assert_eq!(d.ranges, vec![[3, 4], [5, 6], [11, 12]]);
+        assert_eq!(d.chunks().collect::<Vec<_>>(), vec![3, 5, 11]);
+        d.remove([3, 5, 11]);
+        assert!(d.ranges.is_empty());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct VdiskView {
     #[serde(flatten)]
     pub vdisk: Vdisk,
     pub health: Health,
+    /// One entry per stale copy: what resync still has to do.
+    #[serde(default)]
+    pub repair: Vec<CopyRepair>,
 }
 
 /// Body of `POST /v1/datastores`.
@@ -155,6 +158,34 @@ pub struct Opened {
 pub struct MarkStale {
     pub session: Uuid,
     pub disks: Vec<Uuid>,
+    /// Chunks those disks missed (added to each one's dirty set).
+    #[serde(default)]
+    pub chunks: Vec<u64>,
+}
+
+/// Body of `POST /v1/vdisks/{datastore}/{name}/clean`: resync copied
+/// `chunks` to `disk`; with `complete`, the copy is current again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkClean {
+    pub session: Uuid,
+    pub disk: Uuid,
+    #[serde(default)]
+    pub chunks: Vec<u64>,
+    /// The copy has every chunk: it leaves the stale list (refused while
+    /// chunks remain dirty).
+    #[serde(default)]
+    pub complete: bool,
+}
+
+/// Repair state of one stale copy, in a [`VdiskView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRepair {
+    pub disk: Uuid,
+    /// Chunks still to copy to it.
+    pub dirty_chunks: u64,
+    /// Whether the node holding it is up (resync runs only then).
+    pub node_up: bool,
 }
 
 /// Body of `POST /v1/vdisks/{datastore}/{name}/renew` and `/close`.
@@ -630,6 +661,7 @@ impl ZoneService {
             },
             created: now_secs(),
             stale: Vec::new(),
+            dirty: Vec::new(),
         };
         let key = keys::vdisk(ds_name, name);
         if self.create(&key, &vdisk).await?.is_some() {
@@ -901,6 +933,61 @@ impl ZoneService {
                         if !v.stale.contains(d) {
                             v.stale.push(*d);
                         }
+                        let pos = match v.dirty.iter().position(|e| e.disk == *d) {
+                            Some(pos) => pos,
+                            None => {
+                                v.dirty.push(DirtyChunks {
+                                    disk: *d,
+                                    ranges: Vec::new(),
+                                });
+                                v.dirty.len() - 1
+                            }
+                        };
+                        v.dirty[pos].add(req.chunks.iter().copied());
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
+    /// Records chunks resync has copied to a stale copy; with `complete`,
+    /// the copy leaves the stale list (it then serves reads again). Only the
+    /// lease holder may do so.
+    pub async fn mark_clean(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: MarkClean,
+    ) -> Result<Vdisk, ZoneError> {
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
+                        return Err(ZoneError::Conflict(format!(
+                            "lease lost: vDisk {datastore}/{name} is not open by this session"
+                        )));
+                    }
+                    if let Some(e) = v.dirty.iter_mut().find(|e| e.disk == req.disk) {
+                        e.remove(req.chunks.iter().copied());
+                    }
+                    if req.complete {
+                        let left = v
+                            .dirty
+                            .iter()
+                            .find(|e| e.disk == req.disk)
+                            .map_or(0, |e| e.count());
+                        if left > 0 {
+                            return Err(ZoneError::Conflict(format!(
+                                "disk {} still misses {left} chunks of vDisk {datastore}/{name}",
+                                req.disk
+                            )));
+                        }
+                        v.stale.retain(|d| *d != req.disk);
+                        v.dirty.retain(|e| e.disk != req.disk);
                     }
                     Ok(())
                 },
@@ -1093,6 +1180,19 @@ struct Liveness {
 
 impl Liveness {
     fn view(&self, vdisk: Vdisk) -> VdiskView {
+        let repair = vdisk
+            .stale
+            .iter()
+            .map(|d| CopyRepair {
+                disk: *d,
+                dirty_chunks: vdisk
+                    .dirty
+                    .iter()
+                    .find(|e| e.disk == *d)
+                    .map_or(0, |e| e.count()),
+                node_up: self.up_disks.contains(d),
+            })
+            .collect();
         let healthy = vdisk.stale.is_empty()
             && vdisk
                 .placement
@@ -1102,6 +1202,7 @@ impl Liveness {
                 .all(|d| self.up_disks.contains(d));
         VdiskView {
             vdisk,
+            repair,
             health: if healthy {
                 Health::Healthy
             } else {
