@@ -60,6 +60,27 @@ pub enum Command {
     /// The per-VM vhost-user-blk device.
     #[command(subcommand)]
     Vhost(VhostCommand),
+    /// Verify every copy of an offline vDisk and repair bad ones (online
+    /// vDisks are scrubbed by their backend).
+    Scrub(ScrubArgs),
+    /// Repair work: stale copies and what resync still has to copy.
+    #[command(subcommand)]
+    Repair(RepairCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ScrubArgs {
+    /// DATASTORE/NAME
+    pub path: String,
+    /// Bandwidth scrub and repair may use, e.g. 100M (per second).
+    #[arg(long, default_value = "256M")]
+    pub bandwidth: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepairCommand {
+    /// vDisks with stale copies and their resync progress.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         }
         Command::Node(args::NodeCommand::Format(a)) => node::format(a),
         Command::Vhost(args::VhostCommand::Serve(a)) => vhost::serve(&global, a).await,
+        Command::Scrub(a) => vhost::scrub(&global, a).await,
         other => manage::run(&global, other).await,
     }
 }

@@ -9,7 +9,7 @@ use tessera_zone::service::{CreateDatastore, CreateVdisk};
 
 use crate::args::{
     vdisk_path, Command, DatastoreCommand, DiskCommand, Global, HostCommand, NodeCommand,
-    VdiskCommand, ZoneCommand,
+    RepairCommand, VdiskCommand, ZoneCommand,
 };
 use crate::output::{print_json, Table};
 use crate::size::{human, parse_size};
@@ -130,9 +130,40 @@ pub async fn run(g: &Global, command: Command) -> anyhow::Result<()> {
             }
             t.print();
         }
+        Command::Repair(RepairCommand::Status) => {
+            let all = api.vdisks(None).await?;
+            let repairing: Vec<_> = all.iter().filter(|v| !v.repair.is_empty()).collect();
+            if json {
+                return print_json(&repairing);
+            }
+            let mut t = Table::new(["VDISK", "STALE DISK", "NODE", "CHUNKS LEFT", "BYTES LEFT"]);
+            for v in &repairing {
+                for r in &v.repair {
+                    t.row([
+                        format!("{}/{}", v.vdisk.datastore, v.vdisk.name),
+                        r.disk.to_string(),
+                        if r.node_up {
+                            "up".into()
+                        } else {
+                            "down".into()
+                        },
+                        r.dirty_chunks.to_string(),
+                        human(r.dirty_chunks * v.vdisk.placement.chunk_size),
+                    ]);
+                }
+            }
+            t.print();
+            if repairing.is_empty() {
+                println!("every copy of every vDisk is current");
+            }
+        }
         Command::Datastore(c) => datastore(&api, json, c).await?,
         Command::Vdisk(c) => vdisk(&api, json, c).await?,
-        Command::Up(_) | Command::Api(_) | Command::Node(_) | Command::Vhost(_) => {
+        Command::Up(_)
+        | Command::Api(_)
+        | Command::Node(_)
+        | Command::Vhost(_)
+        | Command::Scrub(_) => {
             unreachable!("dispatched in main")
         }
     }
@@ -284,6 +315,18 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
             for (i, g) in d.placement.groups.iter().enumerate() {
                 let disks: Vec<String> = g.iter().map(|u| u.to_string()).collect();
                 t.row([format!("group {i}"), disks.join(" ")]);
+            }
+            for r in &v.repair {
+                t.row([
+                    "resync".into(),
+                    format!(
+                        "disk {} ({}): {} chunks ({}) left",
+                        r.disk,
+                        if r.node_up { "node up" } else { "node down" },
+                        r.dirty_chunks,
+                        human(r.dirty_chunks * d.placement.chunk_size)
+                    ),
+                ]);
             }
             t.print();
         }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tessera_replicator::{Volume, VolumeConfig};
 use tessera_vhost_backend::ServeConfig;
 
-use crate::args::{vdisk_path, Global, VhostServeArgs};
+use crate::args::{vdisk_path, Global, ScrubArgs, VhostServeArgs};
 use crate::manage::api_client;
 use crate::node::{shutdown_signal, system_host_name};
 
@@ -71,5 +71,60 @@ pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
     served.context("the vhost-user device failed")?;
     closed.context("cannot release the vDisk cleanly")?;
     tracing::info!("vDisk released");
+    Ok(())
+}
+
+/// `tessera scrub DS/NAME`: open the (offline) vDisk, compare every copy,
+/// let resync repair what differs, report.
+pub async fn scrub(global: &Global, a: ScrubArgs) -> anyhow::Result<()> {
+    let (ds, name) = vdisk_path(&a.path)?;
+    let bandwidth = crate::size::parse_size(&a.bandwidth).map_err(anyhow::Error::msg)?;
+    let api = api_client(global)?;
+    let mut config = VolumeConfig::new(api.clone(), ds, name, &system_host_name());
+    config.repair_bandwidth = bandwidth.max(1 << 20);
+    let volume = Volume::open(config).await.with_context(|| {
+        format!("cannot open vDisk {ds}/{name} (an online vDisk is scrubbed by its backend)")
+    })?;
+    let report = volume.scrub().await;
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = volume.close().await;
+            return Err(e).context("scrub failed");
+        }
+    };
+    // Wait for resync to rewrite what the scrub found.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while !volume.all_current() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let repaired_all = volume.all_current();
+    volume
+        .close()
+        .await
+        .context("cannot release the vDisk cleanly")?;
+    if global.json {
+        crate::output::print_json(&report)?;
+    } else {
+        println!(
+            "scrubbed {ds}/{name}: {} chunks, {} read; {} checksum errors, {} mismatching copies; {} copies repaired",
+            report.chunks,
+            crate::size::human(report.bytes_read),
+            report.checksum_errors.len(),
+            report.mismatches.len(),
+            report.repaired
+        );
+        for (disk, chunk) in &report.checksum_errors {
+            println!("  checksum error: disk {disk} chunk {chunk}");
+        }
+        for (disk, chunk) in &report.mismatches {
+            println!("  mismatch: disk {disk} chunk {chunk}");
+        }
+    }
+    if !repaired_all {
+        anyhow::bail!(
+            "some copies are still stale (their node may be down): see `tessera repair status`"
+        );
+    }
     Ok(())
 }

@@ -14,7 +14,7 @@ mod layout;
 mod volume;
 
 pub use conn::ConnError;
-pub use volume::{Volume, VolumeConfig};
+pub use volume::{ScrubReport, Volume, VolumeConfig};
 
 use tessera_proto::Status;
 use thiserror::Error;

@@ -14,6 +14,8 @@ use uuid::Uuid;
 
 mod repair;
 
+pub use repair::ScrubReport;
+
 use crate::conn::NodeLink;
 use crate::layout::{split, Piece};
 use crate::VolumeError;
@@ -277,6 +279,12 @@ impl Volume {
     /// Chunks copied to stale copies by resync since the open.
     pub fn resynced_chunks(&self) -> u64 {
         self.inner.resynced_chunks.load(Ordering::Relaxed)
+    }
+
+    /// Reads every chunk of every current copy, compares them, and hands
+    /// copies with bad checksums or differing data to resync.
+    pub async fn scrub(&self) -> Result<repair::ScrubReport, VolumeError> {
+        self.inner.scrub(&self.links).await
     }
 
     /// Whether every copy is current (as far as this volume knows).
@@ -802,6 +810,7 @@ impl Inner {
         };
         let tries = if only.is_some() { 1 } else { copies.len() };
         let mut last_err = None;
+        let mut corrupt: Vec<Uuid> = Vec::new();
         for i in 0..tries {
             let c = &copies[(first + i) % copies.len()];
             if only.is_none() && c.state.get() != CURRENT {
@@ -814,9 +823,40 @@ impl Inner {
                 Err(e) => Err(e.into()),
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if !corrupt.is_empty() {
+                        // The copies whose checksums failed are repaired by
+                        // resync: dirty for this chunk, stale until rewritten.
+                        for d in &corrupt {
+                            if let Some(c) = copies.iter().find(|c| c.disk == *d) {
+                                let _ = c.state.0.compare_exchange(
+                                    CURRENT,
+                                    FAILING,
+                                    Ordering::AcqRel,
+                                    Ordering::Acquire,
+                                );
+                            }
+                        }
+                        let missed: Vec<(Uuid, u64)> =
+                            corrupt.iter().map(|d| (*d, p.chunk)).collect();
+                        if let Err(e) = self.record_dirty(&missed).await {
+                            tracing::warn!(error = %e, "cannot record a corrupt copy for repair");
+                        }
+                    }
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "read from copy failed");
+                    if matches!(
+                        e,
+                        VolumeError::Node {
+                            status: Status::Checksum,
+                            ..
+                        }
+                    ) && only.is_none()
+                    {
+                        corrupt.push(c.disk);
+                    }
                     last_err = Some(e);
                 }
             }

@@ -132,3 +132,97 @@ async fn resync_runs_while_writes_go_on_and_resumes_after_a_reopen() {
     }
     vol.close().await.unwrap();
 }
+
+/// Flips a byte of `chunk`'s block `block` in the copy on node `i`'s disk
+/// file (the node is stopped meanwhile; its disk is locked while it runs).
+async fn corrupt(zone: &mut TestZone, i: usize, vdisk: uuid::Uuid, chunk: u64, block: u64) {
+    zone.stop_node(i);
+    let offset = {
+        let disk = tessera_chunkstore::Disk::open(&zone.nodes[i].disk).unwrap();
+        disk.extent_offset(vdisk, chunk).expect("chunk allocated")
+    };
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&zone.nodes[i].disk)
+        .unwrap();
+    let at = offset + block * 4096 + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5A;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+    zone.start_node(i);
+    zone.wait_nodes_up(zone.nodes.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_are_read_around_repaired_and_found_by_scrub() {
+    let mut zone = TestZone::start(2, 128 * MIB).await;
+    zone.datastore("ds", 2).await;
+    let size = 8 * MIB;
+    let vdisk = zone.vdisk("ds", "v", size).await;
+    let data = pattern(7, 0, size as usize);
+    let vol = zone.open("ds", "v").await;
+    vol.write(0, &data).await.unwrap();
+    vol.close().await.unwrap();
+    let first = zone.node_of_disk(&vdisk.placement.groups[0][0]).await;
+
+    // 1. A read meets a bad block on the preferred copy: it gets correct
+    //    data from the other copy, and the bad copy is rewritten.
+    corrupt(&mut zone, first, vdisk.uuid, 4, 3).await;
+    let vol = zone.open("ds", "v").await;
+    let mut buf = vec![0u8; MIB as usize];
+    vol.read(4 * MIB, &mut buf)
+        .await
+        .expect("read around the bad block");
+    assert!(
+        buf == data[4 * MIB as usize..5 * MIB as usize],
+        "the reader got correct data"
+    );
+    let start = Instant::now();
+    while !vol.all_current() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "bad copy not repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(vol.resynced_chunks(), 1);
+    vol.read_copy(4 * MIB, &mut buf, 0)
+        .await
+        .expect("the copy reads again");
+    assert!(
+        buf == data[4 * MIB as usize..5 * MIB as usize],
+        "the bad copy was rewritten"
+    );
+    vol.close().await.unwrap();
+
+    // 2. Silent corruption nobody reads: `tessera scrub` finds and repairs it.
+    corrupt(&mut zone, first, vdisk.uuid, 2, 0).await;
+    let out = std::process::Command::new(tessera_tests::tessera_bin())
+        .args(["--api", &zone.url, "--token-file"])
+        .arg(&zone.token_file)
+        .args(["scrub", "ds/v"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 checksum errors"), "{text}");
+    assert!(text.contains("chunk 2"), "{text}");
+    assert!(text.contains("1 copies repaired"), "{text}");
+    let vol = zone.open("ds", "v").await;
+    for copy in 0..2 {
+        let mut all = vec![0u8; size as usize];
+        vol.read_copy(0, &mut all, copy).await.unwrap();
+        assert!(all == data, "copy {copy} differs after scrub");
+    }
+    let again = vol.scrub().await.unwrap();
+    assert!(again.checksum_errors.is_empty() && again.mismatches.is_empty());
+    vol.close().await.unwrap();
+}

@@ -276,3 +276,97 @@ impl Inner {
         Ok(())
     }
 }
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScrubReport {
+    /// Chunks whose copies were compared.
+    pub chunks: u64,
+    /// Bytes read from all copies.
+    pub bytes_read: u64,
+    /// (disk, chunk) pairs whose stored checksums failed.
+    pub checksum_errors: Vec<(Uuid, u64)>,
+    /// (disk, chunk) pairs whose data differed from the first good copy.
+    pub mismatches: Vec<(Uuid, u64)>,
+    /// Copies handed to resync for repair.
+    pub repaired: u64,
+}
+
+impl Inner {
+    /// Reads every chunk from every current copy and compares them. A copy
+    /// whose checksum fails, or whose data differs from the first good copy,
+    /// is recorded dirty for that chunk: resync rewrites it.
+    pub(super) async fn scrub(&self, links: &[NodeLink]) -> Result<ScrubReport, VolumeError> {
+        let chunk_size = self.vdisk.placement.chunk_size;
+        let chunks = self.vdisk.size.div_ceil(chunk_size);
+        let started = Instant::now();
+        let mut report = ScrubReport::default();
+        for c in 0..chunks {
+            self.check_fenced()?;
+            let start = c * chunk_size;
+            let len = chunk_size.min(self.vdisk.size - start) as u32;
+            let piece = Piece {
+                chunk: c,
+                offset: 0,
+                len,
+            };
+            let copies = self.group(c);
+            let mut first: Option<Vec<u8>> = None;
+            let mut bad: Vec<Uuid> = Vec::new();
+            for (i, copy) in copies.iter().enumerate() {
+                if copy.state.get() != CURRENT {
+                    continue;
+                }
+                let mut buf = vec![0u8; len as usize];
+                let read = self
+                    .read_piece(links, piece, &mut [&mut buf[..]], Some(i))
+                    .await;
+                report.bytes_read += len as u64;
+                match read {
+                    Ok(()) => match &first {
+                        None => first = Some(buf),
+                        Some(good) if *good != buf => {
+                            tracing::warn!(chunk = c, disk = %copy.disk, "scrub: copy differs");
+                            report.mismatches.push((copy.disk, c));
+                            bad.push(copy.disk);
+                        }
+                        Some(_) => {}
+                    },
+                    Err(VolumeError::Node {
+                        status: tessera_proto::Status::Checksum,
+                        ..
+                    }) => {
+                        tracing::warn!(chunk = c, disk = %copy.disk, "scrub: checksum failed");
+                        report.checksum_errors.push((copy.disk, c));
+                        bad.push(copy.disk);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            report.chunks += 1;
+            if first.is_some() && !bad.is_empty() {
+                let _exclusive = self.stripes[stripe(c)].write().await;
+                for d in &bad {
+                    if let Some(copy) = copies.iter().find(|x| x.disk == *d) {
+                        let _ = copy.state.0.compare_exchange(
+                            CURRENT,
+                            super::FAILING,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                }
+                let missed: Vec<(Uuid, u64)> = bad.iter().map(|d| (*d, c)).collect();
+                self.record_dirty(&missed).await?;
+                report.repaired += bad.len() as u64;
+            }
+            let due = Duration::from_secs_f64(
+                report.bytes_read as f64 / self.config.repair_bandwidth.max(1) as f64,
+            );
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(report)
+    }
+}
