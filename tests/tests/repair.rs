@@ -226,3 +226,53 @@ async fn flipped_bytes_are_read_around_repaired_and_found_by_scrub() {
     assert!(again.checksum_errors.is_empty() && again.mismatches.is_empty());
     vol.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vdisk_deleted_while_a_node_was_down_stays_deleted_and_its_space_is_freed() {
+    let mut zone = TestZone::start(2, 128 * MIB).await;
+    zone.datastore("ds", 2).await;
+    let vdisk = zone.vdisk("ds", "v", 16 * MIB).await;
+    let vol = zone.open("ds", "v").await;
+    vol.write(0, &pattern(1, 0, 8 * MIB as usize))
+        .await
+        .unwrap();
+    vol.close().await.unwrap();
+    let away_disk = vdisk.placement.groups[0][1];
+    let away = zone.node_of_disk(&away_disk).await;
+    let used = |disks: &[tessera_zone::records::Disk], d: uuid::Uuid| {
+        disks.iter().find(|x| x.uuid == d).map(|x| x.used).unwrap()
+    };
+    // Heartbeats report usage: 8 chunks on each copy.
+    let start = Instant::now();
+    while used(&zone.api.disks().await.unwrap(), away_disk) < 8 * MIB {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    zone.kill_node(away);
+    zone.api.delete_vdisk("ds", "v", false).await.unwrap();
+    zone.start_node(away);
+    zone.wait_nodes_up(2).await;
+
+    // The returning node learns the vDisk is gone and frees its space; the
+    // vDisk does not come back.
+    let start = Instant::now();
+    loop {
+        let disks = zone.api.disks().await.unwrap();
+        if used(&disks, away_disk) == 0 && used(&disks, vdisk.placement.groups[0][0]) == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "space not freed: {disks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(zone.api.vdisk("ds", "v").await.is_err());
+    assert!(zone.api.vdisks(None).await.unwrap().is_empty());
+    // Its disk file no longer holds the vDisk's chunks.
+    zone.stop_node(away);
+    let disk = tessera_chunkstore::Disk::open(&zone.nodes[away].disk).unwrap();
+    assert!(disk.chunks(vdisk.uuid).is_empty());
+    assert!(disk.vdisks().is_empty());
+}
