@@ -35,8 +35,8 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkClean, MarkStale, OpenVdisk,
-    Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean, MarkStale,
+    OpenVdisk, Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
 };
 
 use endpoint::{encode, Endpoint};
@@ -293,6 +293,21 @@ impl ApiClient {
         self.call(
             Method::POST,
             vdisk_path(datastore, name, "/clean"),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/vdisks/{datastore}/{name}/activity`: updates the writer's activity log.
+    pub async fn mark_active(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: &MarkActive,
+    ) -> Result<Vdisk, ApiError> {
+        self.call(
+            Method::POST,
+            vdisk_path(datastore, name, "/activity"),
             Some(req),
         )
         .await

@@ -23,6 +23,7 @@
 //! | POST | `/v1/vdisks/{ds}/{name}/renew` | `SessionRef` → `Lease` |
 //! | POST | `/v1/vdisks/{ds}/{name}/stale` | `MarkStale` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/clean` | `MarkClean` → `Vdisk` |
+//! | POST | `/v1/vdisks/{ds}/{name}/activity` | `MarkActive` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/close` | `SessionRef` → 204 |
 //!
 //! Errors are `{"error": "..."}` on one line: 400 malformed request (bad
@@ -42,8 +43,8 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkClean, MarkStale, OpenVdisk,
-    Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView, ZoneService,
+    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean, MarkStale,
+    OpenVdisk, Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView, ZoneService,
 };
 
 use crate::auth::require_token;
@@ -75,6 +76,7 @@ pub fn router(service: ZoneService, token: Arc<str>) -> Router {
         .route("/v1/vdisks/{ds}/{name}/renew", post(renew_vdisk))
         .route("/v1/vdisks/{ds}/{name}/stale", post(mark_stale))
         .route("/v1/vdisks/{ds}/{name}/clean", post(mark_clean))
+        .route("/v1/vdisks/{ds}/{name}/activity", post(mark_active))
         .route("/v1/vdisks/{ds}/{name}/close", post(close_vdisk))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(from_fn_with_state(token, require_token))
@@ -239,6 +241,14 @@ async fn mark_clean(
     Body(req): Body<MarkClean>,
 ) -> Answer<Vdisk> {
     Ok(Json(svc.mark_clean(&ds, &name, req).await?))
+}
+
+async fn mark_active(
+    State(svc): State<ZoneService>,
+    Params((ds, name)): Params<(String, String)>,
+    Body(req): Body<MarkActive>,
+) -> Answer<Vdisk> {
+    Ok(Json(svc.mark_active(&ds, &name, req).await?))
 }
 
 async fn close_vdisk(

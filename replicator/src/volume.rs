@@ -12,6 +12,7 @@ use tessera_zone::records::{Vdisk, SECTOR_SIZE};
 use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
 
+mod activity;
 mod repair;
 
 pub use repair::ScrubReport;
@@ -112,6 +113,10 @@ struct Inner {
     forks: std::sync::Mutex<Vec<std::sync::Weak<ForkState>>>,
     /// Chunks resync copied, for reports.
     pub(crate) resynced_chunks: AtomicU64,
+    /// Extents that may have writes in flight (the activity log).
+    activity: activity::Activity,
+    /// Chunks the open rewrote to make copies agree after a writer crash.
+    reconciled_chunks: AtomicU64,
     /// Set once a node or the zone says another writer took over.
     fenced: AtomicBool,
     fenced_by: AtomicU64,
@@ -239,6 +244,12 @@ impl Volume {
             stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
             forks: std::sync::Mutex::new(Vec::new()),
             resynced_chunks: AtomicU64::new(0),
+            activity: activity::Activity::new(
+                opened.vdisk.size,
+                opened.vdisk.placement.chunk_size,
+                &[],
+            ),
+            reconciled_chunks: AtomicU64::new(0),
             disks,
             min_copies,
             recording: tokio::sync::Mutex::new(()),
@@ -255,6 +266,18 @@ impl Volume {
         });
         let links = Arc::new(inner.connect());
         inner.fence_all(&links).await?;
+        // The previous writer died with writes in flight: make the copies of
+        // the extents it was writing agree before serving anything.
+        if !inner.vdisk.activity.is_empty() {
+            let extents = inner.vdisk.activity.clone();
+            let rewritten = inner.reconcile(&links, &extents).await?;
+            inner.reconciled_chunks.store(rewritten, Ordering::Relaxed);
+            tracing::info!(
+                extents = extents.len(),
+                rewritten,
+                "reconciled the previous writer's in-flight extents"
+            );
+        }
         let renewer = Arc::new(Renewer::start(inner.clone()));
         let volume = Volume {
             fork: inner.new_fork(),
@@ -274,6 +297,12 @@ impl Volume {
             fork: self.inner.new_fork(),
             renewer: self.renewer.clone(),
         }
+    }
+
+    /// Copies of chunks the open rewrote to make copies agree after the
+    /// previous writer died mid-write.
+    pub fn reconciled_chunks(&self) -> u64 {
+        self.inner.reconciled_chunks.load(Ordering::Relaxed)
     }
 
     /// Chunks copied to stale copies by resync since the open.
@@ -592,6 +621,21 @@ impl Inner {
         }
     }
 
+    /// A zone refusal (409: the lease is gone) means this writer is fenced.
+    pub(crate) fn api_error(&self, err: tessera_api_client::ApiError) -> VolumeError {
+        if matches!(
+            err,
+            tessera_api_client::ApiError::Status { status: 409, .. }
+        ) {
+            self.fenced.store(true, Ordering::Release);
+            return VolumeError::Fenced {
+                epoch: self.epoch,
+                by: self.fenced_by.load(Ordering::Acquire),
+            };
+        }
+        err.into()
+    }
+
     fn check_fenced(&self) -> Result<(), VolumeError> {
         if self.fenced.load(Ordering::Acquire) {
             return Err(VolumeError::Fenced {
@@ -906,6 +950,7 @@ impl Inner {
         request: impl Fn(Uuid) -> Request<'a>,
         payload: &[&[u8]],
     ) -> Result<(), VolumeError> {
+        let _active = self.enter_extent(p.chunk).await?;
         let copies = self.group(p.chunk);
         // With a copy missing, exclude resync of this chunk while we write it.
         let degraded = copies.iter().any(|c| c.state.get() != CURRENT);

@@ -276,3 +276,86 @@ async fn a_vdisk_deleted_while_a_node_was_down_stays_deleted_and_its_space_is_fr
     assert!(disk.chunks(vdisk.uuid).is_empty());
     assert!(disk.vdisks().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_mid_write_leaves_copies_that_the_next_open_reconciles() {
+    use tessera_tests::blk::{BlkClient, Op};
+    let zone = TestZone::start(3, 256 * MIB).await;
+    zone.datastore("ds", 3).await;
+    let size = 64 * MIB;
+    zone.vdisk("ds", "v", size).await;
+    let mut vhost = zone.spawn_vhost("ds", "v", 1);
+    let socket = vhost.socket.clone();
+    // A client keeps 32 writes of 256 KiB in flight, over and over.
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let rounds = rounds.clone();
+        // The client may block for good once its backend is gone: the
+        // thread is left behind, not joined.
+        std::thread::spawn(move || {
+            let mut c = BlkClient::connect(&socket, 1, 8 << 20).expect("connect");
+            let mut q = c.queue();
+            for (i, b) in q.mem().iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            for round in 0u64.. {
+                let ops: Vec<Op> = (0..32u64)
+                    .map(|i| Op::Write {
+                        offset: ((round * 32 + i) * 256 * 1024 * 7) % (size - 256 * 1024),
+                        buf: (i as usize % 32) * 256 * 1024,
+                        len: 256 * 1024,
+                    })
+                    .collect();
+                if q.run(&ops).iter().any(|r| r.is_err()) {
+                    return;
+                }
+                rounds.store(round + 1, std::sync::atomic::Ordering::Release);
+            }
+        });
+    }
+    let start = Instant::now();
+    while rounds.load(std::sync::atomic::Ordering::Acquire) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "writes do not flow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // kill -9 the backend mid-stream.
+    vhost.kill();
+    let left = zone.api.vdisk("ds", "v").await.unwrap();
+    assert!(
+        !left.vdisk.activity.is_empty(),
+        "the dead writer's activity log is in the zone"
+    );
+    let hot = left.vdisk.activity.len() as u64;
+
+    // The next open (a take-over: the dead backend's lease has not expired)
+    // reconciles those extents, and only those, before serving.
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.force = true;
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
+    assert!(vol.reconciled_chunks() <= hot * 16 * 3);
+    let after = zone.api.vdisk("ds", "v").await.unwrap();
+    assert!(after.vdisk.activity.is_empty(), "the log is cleared");
+    let mut first = vec![0u8; size as usize];
+    vol.read_copy(0, &mut first, 0).await.unwrap();
+    for copy in 1..3 {
+        let mut buf = vec![0u8; size as usize];
+        vol.read_copy(0, &mut buf, copy).await.unwrap();
+        assert!(
+            buf == first,
+            "copy {copy} differs from copy 0 after the reopen"
+        );
+    }
+    // Every 4 KiB block is either untouched or one whole written block.
+    for block in first.chunks(4096) {
+        let zero = block.iter().all(|b| *b == 0);
+        let written = block
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == ((block[0] as usize + i) % 251) as u8);
+        assert!(zero || written, "a block mixes old and new data");
+    }
+    vol.close().await.unwrap();
+}

@@ -266,7 +266,15 @@ pub struct Vdisk {
     /// For each stale disk, the chunks it missed: what resync copies.
     #[serde(default)]
     pub dirty: Vec<DirtyChunks>,
+    /// The writer's activity log: extents ([`ACTIVITY_EXTENT_CHUNKS`]
+    /// chunks each) that may have writes in flight. After a writer crash the
+    /// next open makes every copy of these extents agree.
+    #[serde(default)]
+    pub activity: Vec<u64>,
 }
+
+/// Chunks per activity-log extent (16 MiB with 1 MiB chunks).
+pub const ACTIVITY_EXTENT_CHUNKS: u64 = 16;
 
 /// The chunks one stale copy missed, as sorted, disjoint, half-open ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -417,6 +425,7 @@ mod tests {
             created: 0,
             stale: vec![],
             dirty: vec![],
+            activity: vec![],
         }
     }
 

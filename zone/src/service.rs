@@ -178,6 +178,18 @@ pub struct MarkClean {
     pub complete: bool,
 }
 
+/// Body of `POST /v1/vdisks/{datastore}/{name}/activity`: the writer's
+/// activity log changes (extents that may have writes in flight).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkActive {
+    pub session: Uuid,
+    #[serde(default)]
+    pub add: Vec<u64>,
+    #[serde(default)]
+    pub remove: Vec<u64>,
+}
+
 /// Repair state of one stale copy, in a [`VdiskView`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyRepair {
@@ -662,6 +674,7 @@ impl ZoneService {
             created: now_secs(),
             stale: Vec::new(),
             dirty: Vec::new(),
+            activity: Vec::new(),
         };
         let key = keys::vdisk(ds_name, name);
         if self.create(&key, &vdisk).await?.is_some() {
@@ -952,6 +965,34 @@ impl ZoneService {
         Ok(stored.record)
     }
 
+    /// Updates the activity log of session `req.session`'s vDisk.
+    pub async fn mark_active(
+        &self,
+        datastore: &str,
+        name: &str,
+        req: MarkActive,
+    ) -> Result<Vdisk, ZoneError> {
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
+                        return Err(ZoneError::Conflict(format!(
+                            "lease lost: vDisk {datastore}/{name} is not open by this session"
+                        )));
+                    }
+                    v.activity.retain(|e| !req.remove.contains(e));
+                    v.activity.extend(req.add.iter().copied());
+                    v.activity.sort_unstable();
+                    v.activity.dedup();
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
     /// Records chunks resync has copied to a stale copy; with `complete`,
     /// the copy leaves the stale list (it then serves reads again). Only the
     /// lease holder may do so.
@@ -1012,6 +1053,8 @@ impl ZoneService {
                 if v.lease.as_ref().is_some_and(|l| l.session == req.session) {
                     v.lease = None;
                     v.state = VdiskState::Offline;
+                    // A clean close: nothing is in flight.
+                    v.activity.clear();
                 }
                 Ok(())
             },

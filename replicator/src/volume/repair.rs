@@ -49,6 +49,9 @@ impl Inner {
             if self.fenced.load(Ordering::Acquire) {
                 return;
             }
+            if let Err(e) = self.cool_extents().await {
+                tracing::warn!(error = %e, "cannot update the activity log");
+            }
             for (disk, node, state) in &self.disks {
                 if state.get() != STALE {
                     continue;
