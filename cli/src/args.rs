@@ -115,6 +115,12 @@ pub struct VhostServeArgs {
     /// Write lease time to live in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub lease_ttl_ms: u64,
+    /// Bandwidth resync and scrub may use, e.g. 100M (per second).
+    #[arg(long, default_value = "256M")]
+    pub repair_bandwidth: String,
+    /// Scrub every copy of the vDisk this often, in hours (0: never).
+    #[arg(long, default_value_t = 24)]
+    pub scrub_interval_hours: u64,
     /// Management API URL (overrides `tessera --api`).
     #[arg(long = "api")]
     pub api: Option<String>,

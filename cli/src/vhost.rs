@@ -28,6 +28,11 @@ pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
     let mut config = VolumeConfig::new(api, ds, name, &host);
     config.force = a.force;
     config.lease_ttl = Duration::from_millis(a.lease_ttl_ms.max(1000));
+    config.repair_bandwidth = crate::size::parse_size(&a.repair_bandwidth)
+        .map_err(anyhow::Error::msg)?
+        .max(1 << 20);
+    config.scrub_interval =
+        (a.scrub_interval_hours > 0).then(|| Duration::from_secs(a.scrub_interval_hours * 3600));
     let volume = Volume::open(config)
         .await
         .with_context(|| format!("cannot open vDisk {ds}/{name}"))?;

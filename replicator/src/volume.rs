@@ -37,8 +37,10 @@ pub struct VolumeConfig {
     pub io_timeout: Duration,
     /// Resync stale copies in the background while the volume is open.
     pub repair: bool,
-    /// Bandwidth resync may use, bytes per second.
+    /// Bandwidth resync and scrub may use, bytes per second.
     pub repair_bandwidth: u64,
+    /// Scrub every copy this often while open (`None`: never).
+    pub scrub_interval: Option<Duration>,
 }
 
 impl VolumeConfig {
@@ -53,6 +55,7 @@ impl VolumeConfig {
             io_timeout: Duration::from_secs(30),
             repair: true,
             repair_bandwidth: 256 << 20,
+            scrub_interval: None,
         }
     }
 }

@@ -359,3 +359,32 @@ async fn a_backend_killed_mid_write_leaves_copies_that_the_next_open_reconciles(
     }
     vol.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_scrub_repairs_a_copy_nobody_reads() {
+    let mut zone = TestZone::start(2, 128 * MIB).await;
+    zone.datastore("ds", 2).await;
+    let vdisk = zone.vdisk("ds", "v", 4 * MIB).await;
+    let data = pattern(9, 0, 4 * MIB as usize);
+    let vol = zone.open("ds", "v").await;
+    vol.write(0, &data).await.unwrap();
+    vol.close().await.unwrap();
+    let second = zone.node_of_disk(&vdisk.placement.groups[0][1]).await;
+    corrupt(&mut zone, second, vdisk.uuid, 3, 7).await;
+
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.scrub_interval = Some(Duration::from_secs(1));
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
+    let start = Instant::now();
+    while vol.resynced_chunks() == 0 || !vol.all_current() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "background scrub did not repair"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut buf = vec![0u8; MIB as usize];
+    vol.read_copy(3 * MIB, &mut buf, 1).await.unwrap();
+    assert!(buf == data[3 * MIB as usize..4 * MIB as usize]);
+    vol.close().await.unwrap();
+}

@@ -41,10 +41,30 @@ impl Inner {
     /// Runs until `stop` fires or the volume is fenced.
     pub(super) async fn repair_loop(self: Arc<Self>, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let links = self.connect();
+        let mut last_scrub = Instant::now();
         loop {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(PERIOD) => {}
+            }
+            if let Some(every) = self.config.scrub_interval {
+                if last_scrub.elapsed() >= every {
+                    last_scrub = Instant::now();
+                    let report = tokio::select! {
+                        _ = &mut stop => return,
+                        r = self.scrub(&links) => r,
+                    };
+                    match report {
+                        Ok(r) => tracing::info!(
+                            chunks = r.chunks,
+                            checksum_errors = r.checksum_errors.len(),
+                            mismatches = r.mismatches.len(),
+                            repaired = r.repaired,
+                            "background scrub done"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "background scrub failed"),
+                    }
+                }
             }
             if self.fenced.load(Ordering::Acquire) {
                 return;
