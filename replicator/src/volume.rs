@@ -378,6 +378,8 @@ impl Volume {
         copy: Option<usize>,
     ) -> Result<(), VolumeError> {
         let inner = &self.inner;
+        // A fenced writer's view is gone: another host owns the vDisk now.
+        inner.check_fenced()?;
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         inner.check_range(offset, len)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
@@ -408,6 +410,8 @@ impl Volume {
     /// the buffers to the nodes as they are (no copy of the data).
     pub async fn writev(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), VolumeError> {
         let inner = &self.inner;
+        // A fenced writer's view is gone: another host owns the vDisk now.
+        inner.check_fenced()?;
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         inner.check_range(offset, len)?;
         inner.check_fenced()?;

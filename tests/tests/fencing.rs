@@ -55,6 +55,12 @@ async fn older_epoch_is_refused_by_every_node() {
     let err = old.write(0, &pattern(2, 0, 4096)).await.unwrap_err();
     assert!(matches!(err, VolumeError::Fenced { .. }), "{err}");
     assert!(old.is_fenced());
+    // It reports the vDisk lost for reads too: no split brain in either direction.
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        old.read(0, &mut buf).await,
+        Err(VolumeError::Fenced { .. })
+    ));
     assert!(old.write(MIB, &pattern(2, MIB, 4096)).await.is_err());
 
     // Every node refuses the old epoch on its own, on every copy.
