@@ -561,16 +561,18 @@ impl Inner {
         fork
     }
 
-    /// Every live handle's unflushed chunks, taken out (a flush in progress).
-    fn take_unflushed(&self) -> Vec<(Arc<ForkState>, HashSet<u64>)> {
-        let forks: Vec<Arc<ForkState>> = self
-            .forks
+    fn live_forks(&self) -> Vec<Arc<ForkState>> {
+        self.forks
             .lock()
             .expect("forks poisoned")
             .iter()
             .filter_map(|f| f.upgrade())
-            .collect();
-        forks
+            .collect()
+    }
+
+    /// Every live handle's unflushed chunks, taken out (a flush in progress).
+    fn take_unflushed(&self) -> Vec<(Arc<ForkState>, HashSet<u64>)> {
+        self.live_forks()
             .into_iter()
             .map(|f| {
                 let set = std::mem::take(&mut *f.unflushed.lock().expect("unflushed poisoned"));
@@ -581,15 +583,8 @@ impl Inner {
 
     /// Every live handle's unflushed chunks (a copy just failed).
     fn all_unflushed(&self) -> HashSet<u64> {
-        let forks: Vec<Arc<ForkState>> = self
-            .forks
-            .lock()
-            .expect("forks poisoned")
-            .iter()
-            .filter_map(|f| f.upgrade())
-            .collect();
         let mut all = HashSet::new();
-        for f in forks {
+        for f in self.live_forks() {
             all.extend(
                 f.unflushed
                     .lock()

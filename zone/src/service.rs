@@ -932,11 +932,7 @@ impl ZoneService {
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
                 |v: &mut Vdisk| {
-                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
-                        return Err(ZoneError::Conflict(format!(
-                            "lease lost: vDisk {datastore}/{name} is not open by this session"
-                        )));
-                    }
+                    require_session(v, req.session, datastore, name)?;
                     for d in &req.disks {
                         if !v.placement.groups.iter().flatten().any(|p| p == d) {
                             return Err(ZoneError::Invalid(format!(
@@ -977,11 +973,7 @@ impl ZoneService {
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
                 |v: &mut Vdisk| {
-                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
-                        return Err(ZoneError::Conflict(format!(
-                            "lease lost: vDisk {datastore}/{name} is not open by this session"
-                        )));
-                    }
+                    require_session(v, req.session, datastore, name)?;
                     v.activity.retain(|e| !req.remove.contains(e));
                     v.activity.extend(req.add.iter().copied());
                     v.activity.sort_unstable();
@@ -1007,11 +999,7 @@ impl ZoneService {
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
                 |v: &mut Vdisk| {
-                    if v.lease.as_ref().is_none_or(|l| l.session != req.session) {
-                        return Err(ZoneError::Conflict(format!(
-                            "lease lost: vDisk {datastore}/{name} is not open by this session"
-                        )));
-                    }
+                    require_session(v, req.session, datastore, name)?;
                     if let Some(e) = v.dirty.iter_mut().find(|e| e.disk == req.disk) {
                         e.remove(req.chunks.iter().copied());
                     }
@@ -1253,6 +1241,16 @@ impl Liveness {
             },
         }
     }
+}
+
+/// Only the session holding a vDisk's lease may change its repair state.
+fn require_session(v: &Vdisk, session: Uuid, datastore: &str, name: &str) -> Result<(), ZoneError> {
+    if v.lease.as_ref().is_none_or(|l| l.session != session) {
+        return Err(ZoneError::Conflict(format!(
+            "lease lost: vDisk {datastore}/{name} is not open by this session"
+        )));
+    }
+    Ok(())
 }
 
 fn status(node: Node, up: &HashSet<Uuid>) -> NodeStatus {

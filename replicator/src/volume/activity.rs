@@ -76,6 +76,23 @@ impl Drop for InExtent<'_> {
 }
 
 impl Inner {
+    async fn log_activity(&self, add: Vec<u64>, remove: Vec<u64>) -> Result<(), VolumeError> {
+        self.config
+            .api
+            .mark_active(
+                &self.config.datastore,
+                &self.config.name,
+                &MarkActive {
+                    session: self.session,
+                    add,
+                    remove,
+                },
+            )
+            .await
+            .map(|_| ())
+            .map_err(|err| self.api_error(err))
+    }
+
     /// Counts a write into the extent of `chunk`, recording the extent in
     /// the zone first if it is not hot.
     pub(super) async fn enter_extent(&self, chunk: u64) -> Result<InExtent<'_>, VolumeError> {
@@ -91,19 +108,7 @@ impl Inner {
         }
         let _one = self.recording.lock().await;
         if a.state[e].load(Ordering::SeqCst) != HOT {
-            self.config
-                .api
-                .mark_active(
-                    &self.config.datastore,
-                    &self.config.name,
-                    &MarkActive {
-                        session: self.session,
-                        add: vec![e as u64],
-                        remove: Vec::new(),
-                    },
-                )
-                .await
-                .map_err(|err| self.api_error(err))?;
+            self.log_activity(vec![e as u64], Vec::new()).await?;
             a.state[e].store(HOT, Ordering::SeqCst);
         }
         Ok(guard)
@@ -134,23 +139,13 @@ impl Inner {
             return Ok(());
         }
         let recorded = self
-            .config
-            .api
-            .mark_active(
-                &self.config.datastore,
-                &self.config.name,
-                &MarkActive {
-                    session: self.session,
-                    add: Vec::new(),
-                    remove: cooling.iter().map(|e| *e as u64).collect(),
-                },
-            )
+            .log_activity(Vec::new(), cooling.iter().map(|e| *e as u64).collect())
             .await;
         let next = if recorded.is_ok() { COLD } else { HOT };
         for e in &cooling {
             a.state[*e].store(next, Ordering::SeqCst);
         }
-        recorded.map(|_| ()).map_err(|err| self.api_error(err))
+        recorded
     }
 
     /// After a writer crash: makes every current copy of each extent in
@@ -210,19 +205,7 @@ impl Inner {
                 }
             }
         }
-        self.config
-            .api
-            .mark_active(
-                &self.config.datastore,
-                &self.config.name,
-                &MarkActive {
-                    session: self.session,
-                    add: Vec::new(),
-                    remove: extents.to_vec(),
-                },
-            )
-            .await
-            .map_err(|err| self.api_error(err))?;
+        self.log_activity(Vec::new(), extents.to_vec()).await?;
         Ok(rewritten)
     }
 }
