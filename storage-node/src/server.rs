@@ -25,6 +25,8 @@ use crate::disks::DiskSet;
 const MAX_IN_FLIGHT: usize = 256;
 /// Replies written with one `writev`.
 const MAX_BATCH: usize = 64;
+/// Reads and writes up to this size run on the connection's own task.
+const INLINE_MAX: u32 = 64 * 1024;
 
 /// A running server; [`Server::stop`] ends it and its connections.
 pub struct Server {
@@ -158,6 +160,15 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
             }
             continue;
         }
+        // Small data requests land in (or come from) the page cache in a few
+        // microseconds: running them here saves two thread hand-offs. Large
+        // ones, flushes and metadata work go to the blocking pool.
+        if op.is_small() {
+            if tx.send(execute(&disks, op, frame)).is_err() {
+                break;
+            }
+            continue;
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -245,6 +256,14 @@ impl Op {
             Request::Fence(v) => Op::Fence(v),
             Request::DeleteVdisk(v) => Op::DeleteVdisk(v),
         })
+    }
+
+    /// Reads and writes of at most [`INLINE_MAX`] bytes.
+    fn is_small(&self) -> bool {
+        match self {
+            Op::Read(r) | Op::Write(r) => r.len <= INLINE_MAX,
+            _ => false,
+        }
     }
 
     fn opcode(&self) -> Opcode {
