@@ -18,8 +18,15 @@ use tessera_proto::{
     PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use thiserror::Error;
+use tokio::io::BufReader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// The receiving side, buffered: many replies come in with one `read`.
+type Rx = BufReader<OwnedReadHalf>;
+
+/// Bytes of the receive buffer; larger read bodies bypass it.
+const RX_BUFFER: usize = 64 * 1024;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -44,8 +51,8 @@ pub(crate) enum Delivery {
     /// into its own buffers, then hands the socket back through `back`.
     Stream {
         header: Header,
-        rd: OwnedReadHalf,
-        back: oneshot::Sender<OwnedReadHalf>,
+        rd: Rx,
+        back: oneshot::Sender<Rx>,
     },
 }
 
@@ -58,7 +65,7 @@ struct Waiter {
 type Pending = Mutex<HashMap<u64, Waiter>>;
 
 /// Reads and drops `len` bytes.
-async fn drain(rd: &mut OwnedReadHalf, mut len: usize) -> std::io::Result<()> {
+async fn drain(rd: &mut Rx, mut len: usize) -> std::io::Result<()> {
     let mut scratch = [0u8; 8192];
     while len > 0 {
         let n = scratch.len().min(len);
@@ -121,7 +128,8 @@ impl Conn {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(RX_BUFFER, rd);
         let pending: Arc<Pending> = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
         let reader = {

@@ -98,7 +98,9 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    // Buffered: a burst of pipelined requests is read with one syscall.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(write_loop(wr, rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
