@@ -116,6 +116,8 @@ pub struct Disk {
     zero_mode: AtomicU8,
     /// crc32c of a 4 KiB block of zeros.
     zero_crc: u32,
+    /// The crc table, mapped shared (see `crcmap`).
+    crcs: crate::crcmap::CrcMap,
 }
 
 impl std::fmt::Debug for Disk {
@@ -130,8 +132,18 @@ impl std::fmt::Debug for Disk {
 }
 
 impl Disk {
-    fn new(path: &Path, file: File, kind: DeviceKind, sb: Superblock, state: State) -> Disk {
-        Disk {
+    fn new(
+        path: &Path,
+        file: File,
+        kind: DeviceKind,
+        sb: Superblock,
+        state: State,
+    ) -> Result<Disk, Error> {
+        let crcs =
+            crate::crcmap::CrcMap::map(&file, sb.layout.crc_table_offset, sb.layout.crc_table_len)
+                .map_err(Error::io("map the checksum table"))?;
+        Ok(Disk {
+            crcs,
             path: path.to_path_buf(),
             file,
             kind,
@@ -140,7 +152,7 @@ impl Disk {
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zero_mode: AtomicU8::new(0),
             zero_crc: crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]),
-        }
+        })
     }
 
     /// The disk's identity.

@@ -140,6 +140,7 @@
 //! An exclusive `flock` on the device keeps a second process out.
 
 mod codec;
+mod crcmap;
 mod disk;
 mod error;
 mod layout;

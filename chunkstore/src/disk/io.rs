@@ -87,19 +87,28 @@ impl Disk {
 
     /// Reads the crcs of `count` blocks of extent `e` from block `first`.
     pub(super) fn read_crcs(&self, e: u64, first: u32, count: u32) -> Result<Vec<u32>, Error> {
-        let mut raw = vec![0u8; count as usize * 4];
-        let off = self.sb.layout.crc_offset(e, first);
-        self.read_at(&mut raw, off, "read block checksums")?;
-        Ok(raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let mut out = vec![0u32; count as usize];
+        self.crcs
+            .read(self.crc_index(e, first), &mut out)
+            .ok_or_else(|| Error::io("read block checksums")(out_of_table()))?;
+        Ok(out)
     }
 
-    /// Writes the crcs of blocks `first..first + crcs.len()` of extent `e`.
+    /// Writes the crcs of blocks `first..first + crcs.len()` of extent `e`:
+    /// stores into the shared mapping of the crc table, in the page cache at
+    /// once.
     pub(super) fn write_crcs(&self, e: u64, first: u32, crcs: &[u32]) -> Result<(), Error> {
-        let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
-        let off = self.sb.layout.crc_offset(e, first);
-        self.write_at(&raw, off, "write block checksums")
+        self.crcs
+            .write(self.crc_index(e, first), crcs)
+            .ok_or_else(|| Error::io("write block checksums")(out_of_table()))
     }
+
+    fn crc_index(&self, e: u64, first: u32) -> usize {
+        let l = &self.sb.layout;
+        ((l.crc_offset(e, first) - l.crc_table_offset) / 4) as usize
+    }
+}
+
+fn out_of_table() -> std::io::Error {
+    std::io::Error::other("checksum entry outside the crc table")
 }

@@ -209,7 +209,7 @@ impl Disk {
         scan_epochs(&dev.file, &sb.layout, &mut state, &mut slot_fixes)?;
         let extent_fixes = scan_extents(&dev.file, &sb.layout, &mut state)?;
         state.finish_load();
-        let disk = Disk::new(path, dev.file, dev.kind, sb, state);
+        let disk = Disk::new(path, dev.file, dev.kind, sb, state)?;
         for s in slot_fixes {
             disk.write_slot(s, &EpochSlot::Free)?;
         }
