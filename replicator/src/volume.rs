@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::{join_all, try_join_all};
 use tessera_api_client::ApiClient;
-use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status, VdiskRef};
+use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status};
 use tessera_zone::records::{Vdisk, SECTOR_SIZE};
 use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
@@ -707,20 +707,11 @@ impl Inner {
             .iter()
             .filter(|(_, _, st)| st.get() == CURRENT)
             .collect();
-        let results = join_all(current.iter().map(|(disk, node, _)| async move {
-            let link = &links[*node];
-            let frame = link
-                .call(
-                    Request::Fence(VdiskRef {
-                        vdisk: *self.vdisk.uuid.as_bytes(),
-                        disk: *disk.as_bytes(),
-                        epoch: self.epoch,
-                    }),
-                    &[],
-                )
-                .await?;
-            self.check_reply(&frame, link)
-        }))
+        let results = join_all(
+            current
+                .iter()
+                .map(|(disk, node, _)| self.fence_one(links, *disk, *node)),
+        )
         .await;
         for ((disk, _, st), r) in current.iter().zip(results) {
             match r {

@@ -104,7 +104,8 @@ impl Inner {
         }
     }
 
-    async fn fence_one(
+    /// Raises the vDisk's epoch on one copy to ours.
+    pub(super) async fn fence_one(
         &self,
         links: &[NodeLink],
         disk: Uuid,
