@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{join_all, try_join_all};
 use tessera_api_client::ApiClient;
@@ -41,6 +41,9 @@ pub struct VolumeConfig {
     pub repair_bandwidth: u64,
     /// Scrub every copy this often while open (`None`: never).
     pub scrub_interval: Option<Duration>,
+    /// How long a write waits, when fewer copies than the policy's minimum
+    /// are current, for one to come back before failing.
+    pub degraded_wait: Duration,
 }
 
 impl VolumeConfig {
@@ -56,6 +59,7 @@ impl VolumeConfig {
             repair: true,
             repair_bandwidth: 256 << 20,
             scrub_interval: None,
+            degraded_wait: Duration::from_secs(10),
         }
     }
 }
@@ -818,11 +822,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Fails unless every group keeps the policy's minimum of current copies.
+    /// Fails if a group has no current copy left: its data is unreachable.
+    /// (Below the policy's minimum but above zero, the volume stays open and
+    /// readable; writes wait for copies to come back, bounded, then fail.)
     fn check_groups(&self) -> Result<(), VolumeError> {
         for (g, copies) in self.groups.iter().enumerate() {
             let current = copies.iter().filter(|c| c.state.get() == CURRENT).count();
-            if current < self.min_copies {
+            if current == 0 {
                 return Err(VolumeError::Degraded {
                     group: g,
                     current,
@@ -947,58 +953,91 @@ impl Inner {
         let copies = self.group(p.chunk);
         // With a copy missing, exclude resync of this chunk while we write it.
         let degraded = copies.iter().any(|c| c.state.get() != CURRENT);
-        let _exclusion = if degraded {
+        let mut exclusion = if degraded {
             Some(self.stripes[stripe(p.chunk)].read().await)
         } else {
             None
         };
-        let targets: Vec<&Copy> = copies.iter().filter(|c| c.state.get() == CURRENT).collect();
-        let results = join_all(targets.iter().map(|c| {
-            let req = request(c.disk);
-            async move {
-                let mut attempt = 0;
-                loop {
-                    let frame = links[c.node].call(req, payload).await?;
-                    // A payload that changed under us in transit (a guest
-                    // rewriting a buffer it has in flight) is refused whole
-                    // by the node; send it again.
-                    if frame.header.status() == Status::BadPayload && attempt < 3 {
-                        attempt += 1;
-                        continue;
+        let group = (p.chunk % self.groups.len() as u64) as usize;
+        let deadline = Instant::now() + self.config.degraded_wait;
+        // Disks that hold this write.
+        let mut held: Vec<Uuid> = Vec::with_capacity(copies.len());
+        loop {
+            let targets: Vec<&Copy> = copies
+                .iter()
+                .filter(|c| c.state.get() == CURRENT && !held.contains(&c.disk))
+                .collect();
+            let results = join_all(targets.iter().map(|c| {
+                let req = request(c.disk);
+                async move {
+                    let mut attempt = 0;
+                    loop {
+                        let frame = links[c.node].call(req, payload).await?;
+                        // A payload that changed under us in transit (a guest
+                        // rewriting a buffer it has in flight) is refused whole
+                        // by the node; send it again.
+                        if frame.header.status() == Status::BadPayload && attempt < 3 {
+                            attempt += 1;
+                            continue;
+                        }
+                        return self.check_reply(&frame, &links[c.node]);
                     }
-                    return self.check_reply(&frame, &links[c.node]);
+                }
+            }))
+            .await;
+            for (c, r) in targets.iter().zip(results) {
+                match r {
+                    Ok(()) => held.push(c.disk),
+                    Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                    Err(
+                        e @ VolumeError::Node {
+                            status: Status::BadPayload,
+                            ..
+                        },
+                    ) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
+                        let _ = c.state.0.compare_exchange(
+                            CURRENT,
+                            FAILING,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
                 }
             }
-        }))
-        .await;
-        let mut held = 0;
-        for (c, r) in targets.iter().zip(results) {
-            match r {
-                Ok(()) => held += 1,
-                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
-                Err(
-                    e @ VolumeError::Node {
-                        status: Status::BadPayload,
-                        ..
-                    },
-                ) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
-                    let _ = c.state.0.compare_exchange(
-                        CURRENT,
-                        FAILING,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                }
+            if held.len() >= self.min_copies {
+                break;
             }
-        }
-        if held < self.min_copies {
-            return Err(VolumeError::Degraded {
-                group: (p.chunk % self.groups.len() as u64) as usize,
-                current: held,
-                needed: self.min_copies,
-            });
+            // Below the policy's minimum: wait, bounded, for a copy to be
+            // current again (a returning node's resync), then fail rather
+            // than acknowledge what is not safe.
+            if Instant::now() >= deadline {
+                if !held.is_empty() {
+                    // Some copies have it: the others must not pass for equal.
+                    let missed: Vec<(Uuid, u64)> = copies
+                        .iter()
+                        .filter(|c| !held.contains(&c.disk))
+                        .map(|c| (c.disk, p.chunk))
+                        .collect();
+                    if let Err(e) = self.record_dirty(&missed).await {
+                        tracing::warn!(error = %e, "cannot record copies that missed a failed write");
+                    }
+                }
+                return Err(VolumeError::Degraded {
+                    group,
+                    current: held.len(),
+                    needed: self.min_copies,
+                });
+            }
+            // Let resync take this chunk meanwhile; it works on copies the
+            // zone knows stale, so record the ones that just failed.
+            drop(exclusion.take());
+            if let Err(e @ VolumeError::Fenced { .. }) = self.record_dirty(&[]).await {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            exclusion = Some(self.stripes[stripe(p.chunk)].read().await);
         }
         fork.unflushed
             .lock()

@@ -388,3 +388,58 @@ async fn the_background_scrub_repairs_a_copy_nobody_reads() {
     assert!(buf == data[3 * MIB as usize..4 * MIB as usize]);
     vol.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_minimum_a_write_waits_a_bounded_time_then_fails_or_completes_when_a_copy_returns(
+) {
+    let mut zone = TestZone::start(3, 128 * MIB).await;
+    zone.datastore("ds", 3).await;
+    let vdisk = zone.vdisk("ds", "v", 8 * MIB).await;
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.degraded_wait = Duration::from_secs(2);
+    cfg.io_timeout = Duration::from_secs(2);
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
+    vol.write(0, &pattern(1, 0, 4096)).await.unwrap();
+    let a = zone.node_of_disk(&vdisk.placement.groups[0][1]).await;
+    let b = zone.node_of_disk(&vdisk.placement.groups[0][2]).await;
+    zone.kill_node(a);
+    zone.kill_node(b);
+
+    // mirrors=3 needs 2 current copies: with one left, the write waits, then fails.
+    let start = Instant::now();
+    let err = vol.write(MIB, &pattern(2, MIB, 4096)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tessera_replicator::VolumeError::Degraded { needed: 2, .. }
+        ),
+        "{err}"
+    );
+    assert!(start.elapsed() >= Duration::from_secs(2), "it waited");
+    assert!(start.elapsed() < Duration::from_secs(10), "a bounded time");
+    vol.close().await.unwrap();
+
+    // With a longer wait, a node that returns meanwhile is resynced and the
+    // write completes on it.
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.degraded_wait = Duration::from_secs(30);
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
+    let data = pattern(3, 2 * MIB, 4096);
+    let writer = {
+        let vol = vol.clone();
+        let data = data.clone();
+        tokio::spawn(async move { vol.write(2 * MIB, &data).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!writer.is_finished(), "the write waits for a second copy");
+    zone.start_node(a);
+    zone.wait_nodes_up(2).await;
+    writer
+        .await
+        .unwrap()
+        .expect("the write completes once a copy is back");
+    let mut buf = vec![0u8; 4096];
+    vol.read(2 * MIB, &mut buf).await.unwrap();
+    assert_eq!(buf, data);
+    vol.close().await.unwrap();
+}
