@@ -445,18 +445,11 @@ impl Volume {
             .filter(|(_, _, st)| st.get() == CURRENT)
             .collect();
         let links = &self.links;
-        let results = join_all(current.iter().map(|(disk, node, _)| async move {
-            let link = &links[*node];
-            let frame = link
-                .call(
-                    Request::Flush(DiskRef {
-                        disk: *disk.as_bytes(),
-                    }),
-                    &[],
-                )
-                .await?;
-            inner.check_reply(&frame, link)
-        }))
+        let results = join_all(
+            current
+                .iter()
+                .map(|(disk, node, _)| inner.flush_one(links, *disk, *node)),
+        )
         .await;
         let mut failed = false;
         for ((disk, _, st), r) in current.iter().zip(results) {
@@ -625,6 +618,25 @@ impl Inner {
                 size: self.vdisk.size,
             }),
         }
+    }
+
+    /// Makes everything written to one copy stable.
+    async fn flush_one(
+        &self,
+        links: &[NodeLink],
+        disk: Uuid,
+        node: usize,
+    ) -> Result<(), VolumeError> {
+        let link = &links[node];
+        let frame = link
+            .call(
+                Request::Flush(DiskRef {
+                    disk: *disk.as_bytes(),
+                }),
+                &[],
+            )
+            .await?;
+        self.check_reply(&frame, link)
     }
 
     /// A zone refusal (409: the lease is gone) means this writer is fenced.

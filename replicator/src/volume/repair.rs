@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_proto::{ChunkRange, DiskRef, Request, VdiskRef};
+use tessera_proto::{ChunkRange, Request, VdiskRef};
 use tessera_zone::service::MarkClean;
 use uuid::Uuid;
 
@@ -196,16 +196,7 @@ impl Inner {
             if !clean {
                 continue;
             }
-            let link = &links[node];
-            let frame = link
-                .call(
-                    Request::Flush(DiskRef {
-                        disk: *disk.as_bytes(),
-                    }),
-                    &[],
-                )
-                .await?;
-            self.check_reply(&frame, link)?;
+            self.flush_one(links, disk, node).await?;
             self.record_clean(disk, &mut Vec::new(), true).await?;
             if let Some((_, _, st)) = self.disks.iter().find(|(d, _, _)| *d == disk) {
                 st.0.store(CURRENT, Ordering::Release);
