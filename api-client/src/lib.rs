@@ -33,10 +33,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
+use tessera_zone::records::{Datastore, Disk, Host, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean, MarkStale,
-    OpenVdisk, Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView,
+    CreateDatastore, CreateVdisk, DatastoreDisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean,
+    MarkStale, OpenVdisk, Opened, RegisterNode, Registered, Renewed, ResizeVdisk, SessionRef,
+    VdiskView,
 };
 
 use endpoint::{encode, Endpoint};
@@ -184,6 +185,42 @@ impl ApiClient {
         .await
     }
 
+    /// `POST /v1/datastores/{name}/disks`: adds a disk (rebalance onto it).
+    pub async fn add_datastore_disk(&self, name: &str, disk: Uuid) -> Result<Datastore, ApiError> {
+        self.call(
+            Method::POST,
+            format!("/v1/datastores/{}/disks", encode(name)),
+            Some(&DatastoreDisk { disk }),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/datastores/{name}/disks/{disk}`: removes a disk (its copies drain).
+    pub async fn remove_datastore_disk(
+        &self,
+        name: &str,
+        disk: Uuid,
+    ) -> Result<Datastore, ApiError> {
+        self.call(
+            Method::DELETE,
+            format!("/v1/datastores/{}/disks/{disk}", encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/nodes/{uuid}[?force=true]`: removes a node for good (its
+    /// disks leave every datastore); answers the disks removed.
+    pub async fn remove_node(&self, node: Uuid, force: bool) -> Result<Vec<Uuid>, ApiError> {
+        let query = if force { "?force=true" } else { "" };
+        self.call(
+            Method::DELETE,
+            format!("/v1/nodes/{node}{query}"),
+            None::<&()>,
+        )
+        .await
+    }
+
     // ---- vDisks ----
 
     /// `GET /v1/vdisks[?datastore=X]`.
@@ -259,7 +296,7 @@ impl ApiClient {
         datastore: &str,
         name: &str,
         req: &SessionRef,
-    ) -> Result<Lease, ApiError> {
+    ) -> Result<Renewed, ApiError> {
         self.call(
             Method::POST,
             vdisk_path(datastore, name, "/renew"),
@@ -567,6 +604,7 @@ mod tests {
                 ttl_ms: 1,
                 force: false,
                 role: None,
+                repair: false,
             },
         ));
         assert_send(&client.delete_vdisk("a", "b", true));

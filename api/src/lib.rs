@@ -44,7 +44,29 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Name of the zone; the store must hold this zone or none.
     pub zone_name: String,
+    /// How long a storage node may stay down before its copies are rebuilt
+    /// on other disks.
+    pub rebuild_after: Duration,
+    /// How often copy moves (rebuild, drain, rebalance) are planned.
+    pub plan_interval: Duration,
 }
+
+impl ApiConfig {
+    /// A configuration with the default rebuild delay (10 minutes) and
+    /// planning interval (5 s).
+    pub fn new(dir: PathBuf, listen: SocketAddr, zone_name: &str) -> Self {
+        ApiConfig {
+            dir,
+            listen,
+            zone_name: zone_name.to_string(),
+            rebuild_after: DEFAULT_REBUILD_AFTER,
+            plan_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Default delay before a down node's copies are rebuilt elsewhere.
+pub const DEFAULT_REBUILD_AFTER: Duration = Duration::from_secs(600);
 
 /// Why the API server cannot start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +116,20 @@ pub struct ApiServer {
     pub token_path: PathBuf,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
+    planner: JoinHandle<()>,
 }
 
 impl ApiServer {
     /// Stops accepting connections, lets open ones finish (for a few
     /// seconds at most), and closes the metadata store.
     pub fn shutdown(self) -> impl std::future::Future<Output = Result<(), ApiError>> + Send {
-        let Self { stop, mut task, .. } = self;
+        let Self {
+            stop,
+            mut task,
+            planner,
+            ..
+        } = self;
+        planner.abort();
         async move {
             // The server may have ended already; then there is nobody to tell.
             let _ = stop.send(());
@@ -157,6 +186,11 @@ pub async fn start(config: ApiConfig) -> Result<ApiServer, ApiError> {
         addr: config.listen,
         source,
     })?;
+    let planner = tokio::spawn(plan_moves(
+        service.clone(),
+        config.rebuild_after,
+        config.plan_interval,
+    ));
     let app = routes::router(service, Arc::from(token));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -172,7 +206,19 @@ pub async fn start(config: ApiConfig) -> Result<ApiServer, ApiError> {
         token_path,
         stop,
         task,
+        planner,
     })
+}
+
+/// Plans copy moves every `interval` (see `tessera_zone::service::MovePlanner`).
+async fn plan_moves(service: ZoneService, rebuild_after: Duration, interval: Duration) {
+    let mut planner = tessera_zone::service::MovePlanner::new(service, rebuild_after);
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(error) = planner.run_once().await {
+            tracing::warn!(%error, "planning copy moves failed; will retry");
+        }
+    }
 }
 
 /// Runs an API server until SIGINT (ctrl-c) or SIGTERM.

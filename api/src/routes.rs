@@ -14,13 +14,16 @@
 //! | POST | `/v1/datastores` | `CreateDatastore` → 201 `Datastore` |
 //! | GET | `/v1/datastores/{name}` | → `Datastore` |
 //! | DELETE | `/v1/datastores/{name}` | → 204 |
+//! | POST | `/v1/datastores/{name}/disks` | `DatastoreDisk` → `Datastore` (rebalance onto it) |
+//! | DELETE | `/v1/datastores/{name}/disks/{disk}` | → `Datastore` (its copies drain) |
+//! | DELETE | `/v1/nodes/{uuid}[?force=true]` | → `[disk uuid]` (its disks leave every datastore) |
 //! | GET | `/v1/vdisks[?datastore=X]` | → `[VdiskView]` |
 //! | POST | `/v1/vdisks` | `CreateVdisk` → 201 `Vdisk` |
 //! | GET | `/v1/vdisks/{ds}/{name}` | → `VdiskView` |
 //! | DELETE | `/v1/vdisks/{ds}/{name}[?force=true]` | → 204 |
 //! | POST | `/v1/vdisks/{ds}/{name}/resize` | `ResizeVdisk` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/open` | `OpenVdisk` → `Opened` |
-//! | POST | `/v1/vdisks/{ds}/{name}/renew` | `SessionRef` → `Lease` |
+//! | POST | `/v1/vdisks/{ds}/{name}/renew` | `SessionRef` → `Renewed` |
 //! | POST | `/v1/vdisks/{ds}/{name}/stale` | `MarkStale` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/clean` | `MarkClean` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/activity` | `MarkActive` → `Vdisk` |
@@ -36,15 +39,16 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use tessera_zone::records::{Datastore, Disk, Host, Lease, NodeStatus, Vdisk, Zone};
+use tessera_zone::records::{Datastore, Disk, Host, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean, MarkStale,
-    OpenVdisk, Opened, RegisterNode, Registered, ResizeVdisk, SessionRef, VdiskView, ZoneService,
+    CreateDatastore, CreateVdisk, DatastoreDisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean,
+    MarkStale, OpenVdisk, Opened, RegisterNode, Registered, Renewed, ResizeVdisk, SessionRef,
+    VdiskView, ZoneService,
 };
 
 use crate::auth::require_token;
@@ -62,12 +66,18 @@ pub fn router(service: ZoneService, token: Arc<str>) -> Router {
         .route("/v1/zone", get(zone))
         .route("/v1/hosts", get(hosts))
         .route("/v1/nodes", get(nodes).post(register_node))
+        .route("/v1/nodes/{uuid}", delete(remove_node))
         .route("/v1/nodes/{uuid}/heartbeat", post(heartbeat))
         .route("/v1/disks", get(disks))
         .route("/v1/datastores", get(datastores).post(create_datastore))
         .route(
             "/v1/datastores/{name}",
             get(datastore).delete(delete_datastore),
+        )
+        .route("/v1/datastores/{name}/disks", post(add_datastore_disk))
+        .route(
+            "/v1/datastores/{name}/disks/{disk}",
+            delete(remove_datastore_disk),
         )
         .route("/v1/vdisks", get(vdisks).post(create_vdisk))
         .route("/v1/vdisks/{ds}/{name}", get(vdisk).delete(delete_vdisk))
@@ -158,6 +168,29 @@ async fn delete_datastore(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn add_datastore_disk(
+    State(svc): State<ZoneService>,
+    Params(name): Params<String>,
+    Body(req): Body<DatastoreDisk>,
+) -> Answer<Datastore> {
+    Ok(Json(svc.add_datastore_disk(&name, req.disk).await?))
+}
+
+async fn remove_datastore_disk(
+    State(svc): State<ZoneService>,
+    Params((name, disk)): Params<(String, Uuid)>,
+) -> Answer<Datastore> {
+    Ok(Json(svc.remove_datastore_disk(&name, disk).await?))
+}
+
+async fn remove_node(
+    State(svc): State<ZoneService>,
+    Params(node): Params<Uuid>,
+    QueryParams(q): QueryParams<DeleteQuery>,
+) -> Answer<Vec<Uuid>> {
+    Ok(Json(svc.remove_node(node, q.force).await?))
+}
+
 /// Query of `GET /v1/vdisks`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,7 +256,7 @@ async fn renew_vdisk(
     State(svc): State<ZoneService>,
     Params((ds, name)): Params<(String, String)>,
     Body(req): Body<SessionRef>,
-) -> Answer<Lease> {
+) -> Answer<Renewed> {
     Ok(Json(svc.renew_vdisk(&ds, &name, req).await?))
 }
 

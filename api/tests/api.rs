@@ -17,11 +17,11 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 async fn server(dir: &tempfile::TempDir) -> ApiServer {
-    let config = ApiConfig {
-        dir: dir.path().join("api"),
-        listen: "127.0.0.1:0".parse().expect("an address"),
-        zone_name: "test".into(),
-    };
+    let config = ApiConfig::new(
+        dir.path().join("api"),
+        "127.0.0.1:0".parse().expect("an address"),
+        "test",
+    );
     start(config).await.expect("the server starts")
 }
 
@@ -147,6 +147,7 @@ async fn the_client_drives_every_route() {
         lease: leases[0],
         disks: vec![],
         vdisks: vec![vdisk.uuid, Uuid::from_u128(9)],
+        copies: vec![],
     };
     assert_eq!(
         api.heartbeat(Uuid::from_u128(1), &hb)
@@ -159,6 +160,7 @@ async fn the_client_drives_every_route() {
         lease: 999_999,
         disks: vec![],
         vdisks: vec![],
+        copies: vec![],
     };
     assert!(api
         .heartbeat(Uuid::from_u128(1), &stale)
@@ -175,6 +177,7 @@ async fn the_client_drives_every_route() {
                 ttl_ms: 60_000,
                 force: false,
                 role: None,
+                repair: false,
             },
         )
         .await
@@ -190,6 +193,7 @@ async fn the_client_drives_every_route() {
                 ttl_ms: 60_000,
                 force: false,
                 role: None,
+                repair: false,
             },
         )
         .await
@@ -209,7 +213,7 @@ async fn the_client_drives_every_route() {
         )
         .await
         .expect("renew");
-    assert_eq!(lease.session, opened.session);
+    assert_eq!(lease.lease.session, opened.session);
     assert!(api
         .delete_vdisk("ds", "vm1", false)
         .await
@@ -243,6 +247,7 @@ async fn the_client_drives_every_route() {
             ttl_ms: 60_000,
             force: false,
             role: None,
+            repair: false,
         },
     )
     .await

@@ -178,6 +178,14 @@ pub struct ApiRunArgs {
     /// Name of the zone (on first start).
     #[arg(long, default_value = "local")]
     pub zone_name: String,
+    /// Seconds a storage node may stay down before its copies are rebuilt
+    /// on other disks of their datastores.
+    #[arg(long, default_value_t = 600)]
+    pub rebuild_after_secs: u64,
+    /// Bandwidth the repair worker (resync, rebuild and rebalance of vDisks
+    /// nobody has open) may use, MiB/s per vDisk.
+    #[arg(long, default_value_t = 256)]
+    pub repair_bandwidth_mib: u64,
 }
 
 impl TryFrom<ApiRunArgs> for tessera_api::ApiConfig {
@@ -186,11 +194,9 @@ impl TryFrom<ApiRunArgs> for tessera_api::ApiConfig {
         if a.zone_name.is_empty() {
             anyhow::bail!("the zone name must not be empty");
         }
-        Ok(tessera_api::ApiConfig {
-            dir: a.dir,
-            listen: a.listen,
-            zone_name: a.zone_name,
-        })
+        let mut config = tessera_api::ApiConfig::new(a.dir, a.listen, &a.zone_name);
+        config.rebuild_after = std::time::Duration::from_secs(a.rebuild_after_secs);
+        Ok(config)
     }
 }
 
@@ -202,6 +208,14 @@ pub enum NodeCommand {
     Format(NodeFormatArgs),
     /// List the zone's storage nodes.
     List,
+    /// Remove a storage node for good: its disks leave every datastore and
+    /// their copies are rebuilt on other disks.
+    Remove {
+        node: uuid::Uuid,
+        /// Remove it even though it is up (its copies drain first).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -290,6 +304,10 @@ pub enum DatastoreCommand {
     Show { name: String },
     /// Delete an empty datastore.
     Delete { name: String },
+    /// Add a disk to a datastore: vDisks rebalance onto it.
+    AddDisk { name: String, disk: uuid::Uuid },
+    /// Remove a disk from a datastore: its copies move to other disks first.
+    RemoveDisk { name: String, disk: uuid::Uuid },
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,8 +38,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         Command::Up(a) => up::run(a).await,
         Command::Api(args::ApiCommand::Run(a)) => {
             daemon_panics_abort();
-            tessera_api::run(a.try_into()?).await?;
-            Ok(())
+            api_run(a).await
         }
         Command::Node(args::NodeCommand::Run(a)) => {
             daemon_panics_abort();
@@ -50,6 +49,56 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         Command::Scrub(a) => vhost::scrub(&global, a).await,
         other => manage::run(&global, other).await,
     }
+}
+
+/// `tessera api run`: the API server, its move planner and the repair
+/// worker for vDisks nobody has open, until SIGINT or SIGTERM.
+async fn api_run(a: args::ApiRunArgs) -> anyhow::Result<()> {
+    let bandwidth = a.repair_bandwidth_mib.max(1) << 20;
+    let server = tessera_api::start(a.try_into()?).await?;
+    let worker = start_repair_worker(&server, bandwidth)?;
+    node::shutdown_signal().await;
+    tracing::info!("stopping the API server");
+    worker.stop().await;
+    server.shutdown().await?;
+    Ok(())
+}
+
+/// The repair worker of a running API server.
+pub struct Worker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the repair worker against the API server `server`.
+pub fn start_repair_worker(
+    server: &tessera_api::ApiServer,
+    bandwidth: u64,
+) -> anyhow::Result<Worker> {
+    use anyhow::Context;
+    let api = tessera_api_client::ApiClient::from_token_file(
+        &format!("http://{}", server.addr),
+        &server.token_path,
+    )
+    .context("cannot make an API client for the repair worker")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(tessera_replicator::worker::run(
+        tessera_replicator::worker::WorkerConfig {
+            api,
+            host: node::system_host_name(),
+            bandwidth,
+            period: std::time::Duration::from_secs(2),
+        },
+        stopped,
+    ));
+    Ok(Worker { stop, task })
 }
 
 /// `error: outer: inner: innermost`, one line.

@@ -113,6 +113,16 @@ pub async fn run(g: &Global, command: Command) -> anyhow::Result<()> {
             }
             t.print();
         }
+        Command::Node(NodeCommand::Remove { node, force }) => {
+            let disks = api.remove_node(node, force).await?;
+            if json {
+                return print_json(&disks);
+            }
+            println!(
+                "removed node {node}: its {} disks left every datastore; their copies are rebuilt elsewhere (`tessera repair status`)",
+                disks.len()
+            );
+        }
         Command::Disk(DiskCommand::List) => {
             let disks = api.disks().await?;
             if json {
@@ -136,11 +146,26 @@ pub async fn run(g: &Global, command: Command) -> anyhow::Result<()> {
             if json {
                 return print_json(&repairing);
             }
-            let mut t = Table::new(["VDISK", "STALE DISK", "NODE", "CHUNKS LEFT", "BYTES LEFT"]);
+            let mut t = Table::new([
+                "VDISK",
+                "KIND",
+                "STALE DISK",
+                "NODE",
+                "CHUNKS LEFT",
+                "BYTES LEFT",
+            ]);
             for v in &repairing {
                 for r in &v.repair {
+                    let kind = v
+                        .vdisk
+                        .placement
+                        .moves
+                        .iter()
+                        .find(|m| m.to == r.disk)
+                        .map_or("resync".to_string(), |m| enum_str(&m.reason));
                     t.row([
                         format!("{}/{}", v.vdisk.datastore, v.vdisk.name),
+                        kind,
                         r.disk.to_string(),
                         if r.node_up {
                             "up".into()
@@ -248,6 +273,26 @@ async fn datastore(api: &ApiClient, json: bool, c: DatastoreCommand) -> anyhow::
                 println!("deleted datastore {name}");
             }
         }
+        DatastoreCommand::AddDisk { name, disk } => {
+            let ds = api.add_datastore_disk(&name, disk).await?;
+            if json {
+                return print_json(&ds);
+            }
+            println!(
+                "added disk {disk} to datastore {name} ({} disks); vDisks rebalance onto it",
+                ds.disks.len()
+            );
+        }
+        DatastoreCommand::RemoveDisk { name, disk } => {
+            let ds = api.remove_datastore_disk(&name, disk).await?;
+            if json {
+                return print_json(&ds);
+            }
+            println!(
+                "removed disk {disk} from datastore {name} ({} disks left); its copies move to other disks",
+                ds.disks.len()
+            );
+        }
     }
     Ok(())
 }
@@ -316,9 +361,19 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
                 let disks: Vec<String> = g.iter().map(|u| u.to_string()).collect();
                 t.row([format!("group {i}"), disks.join(" ")]);
             }
+            for m in &d.placement.moves {
+                t.row([
+                    enum_str(&m.reason),
+                    format!("group {}: disk {} -> disk {}", m.group, m.from, m.to),
+                ]);
+            }
             for r in &v.repair {
                 t.row([
-                    "resync".into(),
+                    if r.replaces.is_some() {
+                        "copying".into()
+                    } else {
+                        "resync".into()
+                    },
                     format!(
                         "disk {} ({}): {} chunks ({}) left",
                         r.disk,

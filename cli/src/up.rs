@@ -39,13 +39,14 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", a.dir.display()))?;
 
-    let api = tessera_api::start(tessera_api::ApiConfig {
-        dir: dir.clone(),
-        listen: a.api,
-        zone_name: a.zone_name.clone(),
-    })
+    let api = tessera_api::start(tessera_api::ApiConfig::new(
+        dir.clone(),
+        a.api,
+        &a.zone_name,
+    ))
     .await
     .context("cannot start the management API")?;
+    let worker = crate::start_repair_worker(&api, 256 << 20)?;
     let url = format!("http://{}", api.addr);
     let token_file = dir.join("api-token");
     CurrentZone {
@@ -147,6 +148,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         terminate(&mut v, Duration::from_secs(20));
     }
     stop_children(&mut children);
+    worker.stop().await;
     api.shutdown()
         .await
         .context("the management API did not stop cleanly")?;

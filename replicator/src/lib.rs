@@ -12,6 +12,7 @@
 mod conn;
 mod layout;
 mod volume;
+pub mod worker;
 
 pub use conn::ConnError;
 pub use volume::{ScrubReport, Volume, VolumeConfig};

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::future::{join_all, try_join_all};
 use tessera_api_client::ApiClient;
 use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status};
@@ -13,6 +14,7 @@ use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
 use uuid::Uuid;
 
 mod activity;
+mod placement;
 mod repair;
 
 pub use repair::ScrubReport;
@@ -20,6 +22,8 @@ pub use repair::ScrubReport;
 use crate::conn::NodeLink;
 use crate::layout::{split, Piece};
 use crate::VolumeError;
+
+use placement::{Layout, Links};
 
 /// How to open a vDisk.
 #[derive(Clone)]
@@ -44,6 +48,8 @@ pub struct VolumeConfig {
     /// How long a write waits, when fewer copies than the policy's minimum
     /// are current, for one to come back before failing.
     pub degraded_wait: Duration,
+    /// Open as the zone's repair worker: the lease yields to any other open.
+    pub repair_worker: bool,
 }
 
 impl VolumeConfig {
@@ -60,6 +66,7 @@ impl VolumeConfig {
             repair_bandwidth: 256 << 20,
             scrub_interval: None,
             degraded_wait: Duration::from_secs(10),
+            repair_worker: false,
         }
     }
 }
@@ -84,26 +91,44 @@ const CURRENT: u8 = 0;
 const FAILING: u8 = 1;
 /// Recorded stale in the zone: no reads, no writes until resynced.
 const STALE: u8 = 2;
+/// Stale and being resynced: no reads; writes to chunks it is not missing
+/// go to it too (so what resync copied stays copied), and flushes.
+const SYNCING: u8 = 3;
 
 impl CopyState {
     fn get(&self) -> u8 {
         self.0.load(Ordering::Acquire)
     }
+
+    /// A current or resyncing copy missed a write or a flush: it goes
+    /// (back) to stale once the zone records it.
+    fn fail(&self) {
+        for from in [CURRENT, SYNCING] {
+            if self
+                .0
+                .compare_exchange(from, FAILING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
 }
 
 struct Inner {
     config: VolumeConfig,
+    /// The vDisk record as of the open (its placement may have changed
+    /// since: see `layout`).
     vdisk: Vdisk,
     epoch: u64,
     session: Uuid,
-    /// Per placement group, the copies in placement order.
-    groups: Vec<Vec<Copy>>,
-    /// Per placement group, the copy reads go to first (a local one if any).
-    read_first: Vec<usize>,
-    /// Addresses of the nodes holding the placement's disks.
-    nodes: Vec<String>,
-    /// Every disk of the placement: its node and its state.
-    disks: Vec<(Uuid, usize, Arc<CopyState>)>,
+    /// Which disks hold each group's copies, replaced whole when the zone
+    /// moves a copy (rebuild, drain, rebalance).
+    layout: ArcSwap<Layout>,
+    /// Addresses of every node a layout has used, by node index (only grows).
+    nodes: Arc<std::sync::RwLock<Vec<String>>>,
+    /// Serialises layout changes.
+    adopting: tokio::sync::Mutex<()>,
     /// Fewest current copies a write needs.
     min_copies: usize,
     /// Identifies this open to the nodes (the session id).
@@ -137,7 +162,7 @@ struct Inner {
 pub struct Volume {
     inner: Arc<Inner>,
     /// This handle's connections, by node index.
-    links: Arc<Vec<NodeLink>>,
+    links: Arc<Links>,
     /// This handle's chunks written since the last flush.
     fork: Arc<ForkState>,
     renewer: Arc<Renewer>,
@@ -188,59 +213,18 @@ impl Volume {
                     ttl_ms: config.lease_ttl.as_millis() as u64,
                     force: config.force,
                     role: None,
+                    repair: config.repair_worker,
                 },
             )
             .await?;
         let client = *opened.session.as_bytes();
-        let node_addr: HashMap<Uuid, (&str, &str)> = opened
-            .nodes
-            .iter()
-            .map(|n| (n.node.uuid, (n.node.addr.as_str(), n.node.host.as_str())))
-            .collect();
-        let disk_node: HashMap<Uuid, Uuid> =
-            opened.disks.iter().map(|d| (d.uuid, d.node)).collect();
-        let mut node_index: HashMap<Uuid, usize> = HashMap::new();
-        let mut nodes: Vec<String> = Vec::new();
-        let mut states: HashMap<Uuid, Arc<CopyState>> = HashMap::new();
-        let mut disks = Vec::new();
-        let mut groups = Vec::new();
-        let mut read_first = Vec::new();
-        for group in &opened.vdisk.placement.groups {
-            let mut copies = Vec::new();
-            for disk in group {
-                let node = disk_node
-                    .get(disk)
-                    .ok_or(VolumeError::Placement(format!("disk {disk} has no node")))?;
-                let (addr, host) = node_addr
-                    .get(node)
-                    .ok_or(VolumeError::Placement(format!("node {node} is unknown")))?;
-                let link = *node_index.entry(*node).or_insert_with(|| {
-                    nodes.push(addr.to_string());
-                    nodes.len() - 1
-                });
-                let state = states
-                    .entry(*disk)
-                    .or_insert_with(|| {
-                        let initial = if opened.vdisk.stale.contains(disk) {
-                            STALE
-                        } else {
-                            CURRENT
-                        };
-                        let state = Arc::new(CopyState(AtomicU8::new(initial)));
-                        disks.push((*disk, link, state.clone()));
-                        state
-                    })
-                    .clone();
-                copies.push(Copy {
-                    disk: *disk,
-                    node: link,
-                    local: *host == config.host,
-                    state,
-                });
-            }
-            read_first.push(copies.iter().position(|c| c.local).unwrap_or(0));
-            groups.push(copies);
-        }
+        let nodes = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let layout = Layout::build(
+            &opened.vdisk,
+            &nodes,
+            None,
+            placement::locator(&opened.disks, &opened.nodes, &config.host),
+        )?;
         let min_copies = opened.vdisk.policy.redundancy.min_copies() as usize;
         let mut dirty = DirtyState::default();
         for e in &opened.vdisk.dirty {
@@ -257,15 +241,14 @@ impl Volume {
                 &[],
             ),
             reconciled_chunks: AtomicU64::new(0),
-            disks,
+            layout: ArcSwap::from_pointee(layout),
+            nodes,
+            adopting: tokio::sync::Mutex::new(()),
             min_copies,
             recording: tokio::sync::Mutex::new(()),
             vdisk: opened.vdisk,
             epoch: opened.epoch,
             session: opened.session,
-            groups,
-            read_first,
-            nodes,
             client,
             fenced: AtomicBool::new(false),
             fenced_by: AtomicU64::new(0),
@@ -326,9 +309,15 @@ impl Volume {
     /// Whether every copy is current (as far as this volume knows).
     pub fn all_current(&self) -> bool {
         self.inner
+            .layout()
             .disks
             .iter()
             .all(|(_, _, st)| st.get() == CURRENT)
+    }
+
+    /// The placement version this volume works with.
+    pub fn placement_version(&self) -> u64 {
+        self.inner.layout().version
     }
 
     /// The vDisk record as of the open.
@@ -348,7 +337,7 @@ impl Volume {
 
     /// Number of copies of every chunk.
     pub fn copies(&self) -> usize {
-        self.inner.groups.first().map_or(0, |g| g.len())
+        self.inner.layout().groups.first().map_or(0, |g| g.len())
     }
 
     /// Whether another writer has taken the vDisk over.
@@ -439,10 +428,12 @@ impl Volume {
         inner.check_fenced()?;
         // What this flush makes stable; put back if a copy fails it.
         let taken = inner.take_unflushed();
-        let current: Vec<_> = inner
+        let layout = inner.layout();
+        // A copy being resynced holds acknowledged writes too.
+        let current: Vec<_> = layout
             .disks
             .iter()
-            .filter(|(_, _, st)| st.get() == CURRENT)
+            .filter(|(_, _, st)| matches!(st.get(), CURRENT | SYNCING))
             .collect();
         let links = &self.links;
         let results = join_all(
@@ -458,12 +449,7 @@ impl Volume {
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(%disk, error = %e, "flush failed on a copy");
-                    let _ = st.0.compare_exchange(
-                        CURRENT,
-                        FAILING,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
+                    st.fail();
                     failed = true;
                 }
             }
@@ -476,6 +462,8 @@ impl Volume {
                     .extend(set);
             }
         }
+        drop(current);
+        drop(layout);
         inner.record_dirty(&[]).await?;
         inner.check_groups()
     }
@@ -542,7 +530,7 @@ impl Volume {
                 },
             )
             .await;
-        join_all(self.links.iter().map(|n| n.close())).await;
+        self.links.close_all().await;
         flushed?;
         released?;
         Ok(())
@@ -593,17 +581,21 @@ impl Inner {
         all
     }
 
-    /// Whether `disk` holds a copy of `chunk`.
-    fn holds(&self, disk: Uuid, chunk: u64) -> bool {
-        self.group(chunk).iter().any(|c| c.disk == disk)
+    /// Whether `disk` misses `chunk` (recorded or about to be).
+    fn is_dirty(&self, disk: Uuid, chunk: u64) -> bool {
+        let d = self.dirty.lock().expect("dirty poisoned");
+        d.known.get(&disk).is_some_and(|k| k.contains(&chunk)) || d.pending.contains(&(disk, chunk))
     }
 
     /// Fresh (lazily connecting) links to every node.
-    fn connect(&self) -> Vec<NodeLink> {
-        self.nodes
-            .iter()
-            .map(|addr| NodeLink::new(addr.clone(), self.client, self.config.io_timeout))
-            .collect()
+    fn connect(&self) -> Links {
+        Links::new(self.nodes.clone(), self.client, self.config.io_timeout)
+    }
+
+    /// The current layout; held only for the span of one operation (a
+    /// layout change waits for operations on the old one to finish).
+    pub(super) fn layout(&self) -> Arc<Layout> {
+        self.layout.load_full()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
@@ -621,13 +613,8 @@ impl Inner {
     }
 
     /// Makes everything written to one copy stable.
-    async fn flush_one(
-        &self,
-        links: &[NodeLink],
-        disk: Uuid,
-        node: usize,
-    ) -> Result<(), VolumeError> {
-        let link = &links[node];
+    async fn flush_one(&self, links: &Links, disk: Uuid, node: usize) -> Result<(), VolumeError> {
+        let link = &*links.get(node);
         let frame = link
             .call(
                 Request::Flush(DiskRef {
@@ -662,10 +649,6 @@ impl Inner {
             });
         }
         Ok(())
-    }
-
-    fn group(&self, chunk: u64) -> &[Copy] {
-        &self.groups[(chunk % self.groups.len() as u64) as usize]
     }
 
     fn range(&self, p: &Piece, disk: Uuid) -> ChunkRange {
@@ -717,8 +700,9 @@ impl Inner {
     /// Raises the epoch on every current copy; unreachable copies are
     /// recorded stale (they will refuse this writer's predecessor anyway
     /// once resynced, as resync carries the new epoch).
-    async fn fence_all(&self, links: &[NodeLink]) -> Result<(), VolumeError> {
-        let current: Vec<_> = self
+    async fn fence_all(&self, links: &Links) -> Result<(), VolumeError> {
+        let layout = self.layout();
+        let current: Vec<_> = layout
             .disks
             .iter()
             .filter(|(_, _, st)| st.get() == CURRENT)
@@ -739,6 +723,8 @@ impl Inner {
                 }
             }
         }
+        drop(current);
+        drop(layout);
         self.record_dirty(&[]).await?;
         self.check_groups()
     }
@@ -749,7 +735,12 @@ impl Inner {
     /// skipped those copies may then be acknowledged. Concurrent callers are
     /// batched into one record.
     pub(crate) async fn record_dirty(&self, missed: &[(Uuid, u64)]) -> Result<(), VolumeError> {
-        let any_failing = || self.disks.iter().any(|(_, _, st)| st.get() == FAILING);
+        let any_failing = || {
+            self.layout()
+                .disks
+                .iter()
+                .any(|(_, _, st)| st.get() == FAILING)
+        };
         {
             let mut d = self.dirty.lock().expect("dirty poisoned");
             let DirtyState { known, pending } = &mut *d;
@@ -764,7 +755,8 @@ impl Inner {
             pending.extend(new);
         }
         let _one = self.recording.lock().await;
-        let failing: Vec<Uuid> = self
+        let layout = self.layout();
+        let failing: Vec<Uuid> = layout
             .disks
             .iter()
             .filter(|(_, _, st)| st.get() == FAILING)
@@ -772,15 +764,19 @@ impl Inner {
             .collect();
         let mut batch: HashMap<Uuid, HashSet<u64>> = HashMap::new();
         for (disk, c) in std::mem::take(&mut self.dirty.lock().expect("dirty poisoned").pending) {
-            batch.entry(disk).or_default().insert(c);
+            // A disk that left the placement meanwhile holds nothing to record.
+            if layout.has_disk(disk) {
+                batch.entry(disk).or_default().insert(c);
+            }
         }
         if !failing.is_empty() {
             let unflushed = self.all_unflushed();
             for d in &failing {
                 let set = batch.entry(*d).or_default();
-                set.extend(unflushed.iter().copied().filter(|c| self.holds(*d, *c)));
+                set.extend(unflushed.iter().copied().filter(|c| layout.holds(*d, *c)));
             }
         }
+        drop(layout);
         for (disk, chunks) in &batch {
             let mut chunks: Vec<u64> = chunks.iter().copied().collect();
             chunks.sort_unstable();
@@ -821,7 +817,7 @@ impl Inner {
                 .or_default()
                 .extend(chunks);
         }
-        for (d, _, st) in &self.disks {
+        for (d, _, st) in &self.layout().disks {
             if failing.contains(d)
                 && st
                     .0
@@ -838,7 +834,7 @@ impl Inner {
     /// (Below the policy's minimum but above zero, the volume stays open and
     /// readable; writes wait for copies to come back, bounded, then fail.)
     fn check_groups(&self) -> Result<(), VolumeError> {
-        for (g, copies) in self.groups.iter().enumerate() {
+        for (g, copies) in self.layout().groups.iter().enumerate() {
             let current = copies.iter().filter(|c| c.state.get() == CURRENT).count();
             if current == 0 {
                 return Err(VolumeError::Degraded {
@@ -853,15 +849,19 @@ impl Inner {
 
     async fn read_piece(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         p: Piece,
         out: &mut [&mut [u8]],
         only: Option<usize>,
     ) -> Result<(), VolumeError> {
-        let copies = self.group(p.chunk);
+        let layout = self.layout();
+        let copies = layout.group(p.chunk);
+        if only.is_some_and(|c| c >= copies.len()) {
+            return Err(VolumeError::NoSuchCopy(only.unwrap_or(0)));
+        }
         let first = match only {
             Some(c) => c,
-            None => self.read_first[(p.chunk % self.groups.len() as u64) as usize],
+            None => layout.read_first[layout.group_index(p.chunk)],
         };
         let tries = if only.is_some() { 1 } else { copies.len() };
         let mut last_err = None;
@@ -872,7 +872,7 @@ impl Inner {
                 continue;
             }
             let range = self.range(&p, c.disk);
-            let link = &links[c.node];
+            let link = &*links.get(c.node);
             let result = match link.call_read(Request::Read(range), out).await {
                 Ok((header, body)) => self.check_status(&header, &body, link),
                 Err(e) => Err(e.into()),
@@ -894,6 +894,7 @@ impl Inner {
                         }
                         let missed: Vec<(Uuid, u64)> =
                             corrupt.iter().map(|d| (*d, p.chunk)).collect();
+                        drop(layout);
                         if let Err(e) = self.record_dirty(&missed).await {
                             tracing::warn!(error = %e, "cannot record a corrupt copy for repair");
                         }
@@ -917,7 +918,7 @@ impl Inner {
             }
         }
         Err(last_err.unwrap_or(VolumeError::Degraded {
-            group: (p.chunk % self.groups.len() as u64) as usize,
+            group: layout.group_index(p.chunk),
             current: 0,
             needed: 1,
         }))
@@ -925,7 +926,7 @@ impl Inner {
 
     async fn write_piece(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         fork: &ForkState,
         p: Piece,
         data: Vec<&[u8]>,
@@ -955,14 +956,16 @@ impl Inner {
     /// only if at least the policy's minimum of copies hold it.
     async fn update_piece<'a>(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         fork: &ForkState,
         p: Piece,
         request: impl Fn(Uuid) -> Request<'a>,
         payload: &[&[u8]],
     ) -> Result<(), VolumeError> {
         let _active = self.enter_extent(p.chunk).await?;
-        let copies = self.group(p.chunk);
+        // Held to the end: a layout change waits for this write.
+        let layout = self.layout();
+        let copies = layout.group(p.chunk);
         // With a copy missing, exclude resync of this chunk while we write it.
         let degraded = copies.iter().any(|c| c.state.get() != CURRENT);
         let mut exclusion = if degraded {
@@ -970,21 +973,30 @@ impl Inner {
         } else {
             None
         };
-        let group = (p.chunk % self.groups.len() as u64) as usize;
+        let group = layout.group_index(p.chunk);
         let deadline = Instant::now() + self.config.degraded_wait;
-        // Disks that hold this write.
+        // Disks that hold this write, and how many of them are current.
         let mut held: Vec<Uuid> = Vec::with_capacity(copies.len());
+        let mut held_current;
         loop {
             let targets: Vec<&Copy> = copies
                 .iter()
-                .filter(|c| c.state.get() == CURRENT && !held.contains(&c.disk))
+                .filter(|c| !held.contains(&c.disk))
+                .filter(|c| match c.state.get() {
+                    CURRENT => true,
+                    // Under the stripe lock, so resync cannot be copying
+                    // this chunk: a copy that has it gets the write too.
+                    SYNCING => !self.is_dirty(c.disk, p.chunk),
+                    _ => false,
+                })
                 .collect();
             let results = join_all(targets.iter().map(|c| {
                 let req = request(c.disk);
                 async move {
+                    let link = links.get(c.node);
                     let mut attempt = 0;
                     loop {
-                        let frame = links[c.node].call(req, payload).await?;
+                        let frame = link.call(req, payload).await?;
                         // A payload that changed under us in transit (a guest
                         // rewriting a buffer it has in flight) is refused whole
                         // by the node; send it again.
@@ -992,7 +1004,7 @@ impl Inner {
                             attempt += 1;
                             continue;
                         }
-                        return self.check_reply(&frame, &links[c.node]);
+                        return self.check_reply(&frame, &link);
                     }
                 }
             }))
@@ -1009,36 +1021,37 @@ impl Inner {
                     ) => return Err(e),
                     Err(e) => {
                         tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
-                        let _ = c.state.0.compare_exchange(
-                            CURRENT,
-                            FAILING,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
+                        c.state.fail();
                     }
                 }
             }
-            if held.len() >= self.min_copies {
+            // A resyncing copy that took the write counts once it is current.
+            held_current = copies
+                .iter()
+                .filter(|c| held.contains(&c.disk) && c.state.get() == CURRENT)
+                .count();
+            if held_current >= self.min_copies {
                 break;
             }
             // Below the policy's minimum: wait, bounded, for a copy to be
             // current again (a returning node's resync), then fail rather
             // than acknowledge what is not safe.
             if Instant::now() >= deadline {
+                // Some copies have it: the others must not pass for equal.
+                // If only resyncing copies have it, they copy it again.
+                let missed: Vec<(Uuid, u64)> = copies
+                    .iter()
+                    .filter(|c| (held_current > 0) != held.contains(&c.disk))
+                    .map(|c| (c.disk, p.chunk))
+                    .collect();
                 if !held.is_empty() {
-                    // Some copies have it: the others must not pass for equal.
-                    let missed: Vec<(Uuid, u64)> = copies
-                        .iter()
-                        .filter(|c| !held.contains(&c.disk))
-                        .map(|c| (c.disk, p.chunk))
-                        .collect();
                     if let Err(e) = self.record_dirty(&missed).await {
                         tracing::warn!(error = %e, "cannot record copies that missed a failed write");
                     }
                 }
                 return Err(VolumeError::Degraded {
                     group,
-                    current: held.len(),
+                    current: held_current,
                     needed: self.min_copies,
                 });
             }
@@ -1058,7 +1071,7 @@ impl Inner {
         // Every copy without this write must be known to miss it first.
         let missed: Vec<(Uuid, u64)> = copies
             .iter()
-            .filter(|c| c.state.get() != CURRENT)
+            .filter(|c| c.state.get() != CURRENT && !held.contains(&c.disk))
             .map(|c| (c.disk, p.chunk))
             .collect();
         if !missed.is_empty() {
@@ -1098,7 +1111,13 @@ impl Renewer {
                     )
                     .await;
                 match renewed {
-                    Ok(_) => {}
+                    Ok(r) => {
+                        if r.placement_version > inner.layout().version {
+                            if let Err(e) = inner.refresh_placement().await {
+                                tracing::warn!(error = %e, "cannot adopt the new placement; will retry");
+                            }
+                        }
+                    }
                     Err(tessera_api_client::ApiError::Status {
                         status: 409,
                         message,

@@ -153,6 +153,16 @@ impl Link {
             .collect();
         vdisks.sort();
         vdisks.dedup();
+        let mut copies: Vec<[Uuid; 2]> = self
+            .disks
+            .iter()
+            .flat_map(|d| {
+                let disk = d.uuid();
+                d.vdisks().into_iter().map(move |(v, _, _)| [disk, v])
+            })
+            .collect();
+        copies.sort();
+        copies.dedup();
         let reply = self
             .api
             .heartbeat(
@@ -161,6 +171,7 @@ impl Link {
                     lease,
                     disks: self.disk_usage(),
                     vdisks,
+                    copies,
                 },
             )
             .await?;
@@ -175,6 +186,15 @@ impl Link {
             .await
             .unwrap_or(0);
             tracing::info!(vdisk = %orphan, extents = freed, "freed the space of a deleted vDisk");
+        }
+        for [disk, vdisk] in reply.free {
+            let Some(d) = self.disks.iter().find(|d| d.uuid() == disk).cloned() else {
+                continue;
+            };
+            let freed = tokio::task::spawn_blocking(move || d.delete_vdisk(vdisk).unwrap_or(0))
+                .await
+                .unwrap_or(0);
+            tracing::info!(%vdisk, %disk, extents = freed, "freed a copy that moved to another disk");
         }
         Ok(())
     }

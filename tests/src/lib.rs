@@ -90,14 +90,28 @@ impl TestZone {
     /// Starts the API and `n` nodes with `disk_size`-byte disk files, and
     /// waits until every node is registered and up.
     pub async fn start(n: usize, disk_size: u64) -> TestZone {
+        Self::start_with(n, disk_size, Duration::from_secs(600)).await
+    }
+
+    /// Like [`TestZone::start`], with the API rebuilding a down node's
+    /// copies elsewhere after `rebuild_after` (moves planned every 200 ms).
+    pub async fn start_with(n: usize, disk_size: u64, rebuild_after: Duration) -> TestZone {
+        // TESSERA_TEST_LOG=info shows the in-process API's and volumes' logs.
+        if let Ok(filter) = std::env::var("TESSERA_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = tessera_api::start(tessera_api::ApiConfig {
-            dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            zone_name: "test".into(),
-        })
-        .await
-        .expect("API starts");
+        let mut config = tessera_api::ApiConfig::new(
+            dir.path().to_path_buf(),
+            "127.0.0.1:0".parse().expect("addr"),
+            "test",
+        );
+        config.rebuild_after = rebuild_after;
+        config.plan_interval = Duration::from_millis(200);
+        let server = tessera_api::start(config).await.expect("API starts");
         let url = format!("http://{}", server.addr);
         let token_file = dir.path().join("api-token");
         let api = ApiClient::from_token_file(&url, &token_file).expect("API client");
@@ -110,20 +124,74 @@ impl TestZone {
             server: Some(server),
             disk_size,
         };
-        for i in 0..n {
-            let node_dir = zone.dir.path().join(format!("node{i}"));
-            std::fs::create_dir_all(&node_dir).expect("node dir");
-            zone.nodes.push(TestNode {
-                index: i,
-                disk: node_dir.join("disk0.img"),
-                dir: node_dir,
-                listen: free_port(),
-                child: None,
-            });
-            zone.start_node(i);
+        for _ in 0..n {
+            zone.add_node();
         }
         zone.wait_nodes_up(n).await;
         zone
+    }
+
+    /// Starts one more node (with a fresh disk); returns its index. Does
+    /// not wait for it to come up.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let node_dir = self.dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&node_dir).expect("node dir");
+        self.nodes.push(TestNode {
+            index: i,
+            disk: node_dir.join("disk0.img"),
+            dir: node_dir,
+            listen: free_port(),
+            child: None,
+        });
+        self.start_node(i);
+        i
+    }
+
+    /// The uuid of node `i`'s disk, once it registered.
+    pub async fn disk_of_node(&self, i: usize) -> uuid::Uuid {
+        let addr = self.nodes[i].listen.to_string();
+        let start = Instant::now();
+        loop {
+            let nodes = self.api.nodes().await.expect("nodes");
+            if let Some(n) = nodes.iter().find(|n| n.node.addr == addr) {
+                if let Some(d) = n.node.disks.first() {
+                    return *d;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "node {i} did not register"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The uuid of node `i` in the zone.
+    pub async fn node_uuid(&self, i: usize) -> uuid::Uuid {
+        let addr = self.nodes[i].listen.to_string();
+        let nodes = self.api.nodes().await.expect("nodes");
+        nodes
+            .iter()
+            .find(|n| n.node.addr == addr)
+            .map(|n| n.node.uuid)
+            .expect("node registered")
+    }
+
+    /// Runs the zone's repair worker (for vDisks nobody has open) until the
+    /// returned sender is dropped or fired.
+    pub fn start_repair_worker(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(tessera_replicator::worker::run(
+            tessera_replicator::worker::WorkerConfig {
+                api: self.api.clone(),
+                host: "repair-worker".into(),
+                bandwidth: 512 << 20,
+                period: Duration::from_millis(200),
+            },
+            stopped,
+        ));
+        stop
     }
 
     /// Starts (or restarts) node `i` with the same command line as before.

@@ -60,10 +60,10 @@ pub enum PlacementError {
 ///    uuid. The first-ranked disk is therefore disk `d` with probability
 ///    `capacity(d) / Σ capacity`: data spreads in proportion to capacity.
 /// 3. Walking the ranking, the group takes disks whose node is not in the
-///    group yet, first only disks that no earlier group of this vDisk took
-///    (so stripes spread over as many disks as possible), then, if the group
-///    is still short, disks already taken by earlier groups. No group ever
-///    holds two disks of one node.
+///    group yet: no group ever holds two disks of one node. Groups are
+///    chosen independently of each other (each with its own hash), so a
+///    change in the pool changes only the groups whose own ranking it
+///    touches.
 /// 4. Each group lists its disks in ranking order.
 ///
 /// The result depends only on the vDisk uuid, the policy and the eligible
@@ -103,7 +103,6 @@ pub fn place(
         });
     }
 
-    let mut taken: HashSet<Uuid> = HashSet::new();
     let mut groups = Vec::with_capacity(policy.stripes as usize);
     for g in 0..policy.stripes {
         let mut ranked: Vec<(f64, &PlacementDisk)> =
@@ -113,27 +112,135 @@ pub fn place(
         // Indices into `ranked` of the chosen disks.
         let mut chosen: Vec<usize> = Vec::with_capacity(needed);
         let mut nodes: HashSet<Uuid> = HashSet::new();
-        for fresh_only in [true, false] {
-            for (i, (_, d)) in ranked.iter().enumerate() {
-                if chosen.len() == needed {
-                    break;
-                }
-                if chosen.contains(&i)
-                    || nodes.contains(&d.node)
-                    || (fresh_only && taken.contains(&d.disk))
-                {
-                    continue;
-                }
+        for (i, (_, d)) in ranked.iter().enumerate() {
+            if chosen.len() == needed {
+                break;
+            }
+            if nodes.insert(d.node) {
                 chosen.push(i);
-                nodes.insert(d.node);
             }
         }
-        chosen.sort_unstable();
         let group: Vec<Uuid> = chosen.iter().map(|&i| ranked[i].1.disk).collect();
-        taken.extend(group.iter().copied());
         groups.push(group);
     }
     Ok(groups)
+}
+
+/// A copy move that placement wants: group `group`'s copy on `from` goes to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedMove {
+    pub group: u32,
+    pub from: Uuid,
+    pub to: Uuid,
+    /// `from` must leave (gone or removed) rather than being a rebalance.
+    pub forced: bool,
+}
+
+/// What placement knows about one vDisk when planning moves.
+pub struct MovePlanInput<'a> {
+    pub vdisk: Uuid,
+    pub policy: &'a Policy,
+    /// The current groups (a group with a move in progress is skipped).
+    pub groups: &'a [Vec<Uuid>],
+    /// Groups that already have a move in progress.
+    pub moving: &'a [u32],
+    /// Every disk of the datastore, as placement sees it.
+    pub candidates: &'a [PlacementDisk],
+    /// Disks whose copies must leave: node gone for good, or removed by the
+    /// operator. (Members that are not candidates at all count as gone too.)
+    pub gone: &'a HashSet<Uuid>,
+    /// Disks never to choose as a target (their old copy is being freed).
+    pub excluded: &'a HashSet<Uuid>,
+}
+
+/// Plans at most one move per group of a vDisk:
+///
+/// - a group with a gone member moves that copy to the best target;
+/// - otherwise, if the group differs from where [`place`] would put it
+///   today (a disk was added, or a returning one ranks higher), one member
+///   that placement would not choose moves to one it would.
+///
+/// The ideal placement is computed over every candidate that is not gone,
+/// as if all were up and empty: a node that is briefly down, or a disk
+/// filling up, moves nothing. A target, however, must really be eligible
+/// (up, not full), not excluded, not already a member, and on a node no
+/// remaining member uses. Because placement is rendezvous hashing, adding a
+/// disk moves only the groups that rank it among their best: bounded
+/// movement.
+pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
+    let by_disk: std::collections::HashMap<Uuid, &PlacementDisk> =
+        input.candidates.iter().map(|d| (d.disk, d)).collect();
+    let is_gone = |d: &Uuid| input.gone.contains(d) || !by_disk.contains_key(d);
+    let idealised: Vec<PlacementDisk> = input
+        .candidates
+        .iter()
+        .filter(|d| !input.gone.contains(&d.disk) && d.capacity > 0)
+        .map(|d| PlacementDisk {
+            up: true,
+            used: 0,
+            ..*d
+        })
+        .collect();
+    let ideal = place(input.vdisk, input.policy, &idealised).ok();
+    let mut out = Vec::new();
+    for (g, members) in input.groups.iter().enumerate() {
+        let g32 = g as u32;
+        if input.moving.contains(&g32) {
+            continue;
+        }
+        let ideal_g: &[Uuid] = ideal
+            .as_ref()
+            .and_then(|i| i.get(g))
+            .map_or(&[], |v| v.as_slice());
+        let (from, forced) = match members.iter().find(|d| is_gone(d)) {
+            Some(d) => (*d, true),
+            None => match members.iter().rev().find(|d| !ideal_g.contains(d)) {
+                Some(d) if !ideal_g.is_empty() => (*d, false),
+                _ => continue,
+            },
+        };
+        let staying_nodes: HashSet<Uuid> = members
+            .iter()
+            .filter(|d| **d != from)
+            .filter_map(|d| by_disk.get(d).map(|c| c.node))
+            .collect();
+        let fits = |c: &PlacementDisk| {
+            c.eligible()
+                && !is_gone(&c.disk)
+                && !input.excluded.contains(&c.disk)
+                && !members.contains(&c.disk)
+                && !staying_nodes.contains(&c.node)
+        };
+        // Prefer where placement would put it; a forced move takes the
+        // best-ranked disk that fits when the ideal one does not.
+        let preferred = ideal_g
+            .iter()
+            .filter_map(|d| by_disk.get(d).copied())
+            .find(|c| fits(c));
+        let target = match preferred {
+            Some(c) => Some(c),
+            None if forced => {
+                let mut ranked: Vec<(f64, &PlacementDisk)> = input
+                    .candidates
+                    .iter()
+                    .filter(|c| fits(c))
+                    .map(|c| (score(input.vdisk, g32, c), c))
+                    .collect();
+                ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.disk.cmp(&b.1.disk)));
+                ranked.first().map(|(_, c)| *c)
+            }
+            None => None,
+        };
+        if let Some(to) = target {
+            out.push(PlannedMove {
+                group: g32,
+                from,
+                to: to.disk,
+                forced,
+            });
+        }
+    }
+    out
 }
 
 /// The HRW score of disk `d` for group `g` of `vdisk`: lower ranks first.
@@ -251,19 +358,26 @@ mod tests {
     }
 
     #[test]
-    fn stripes_spread_over_unused_disks_first() {
+    fn groups_are_placed_independently() {
         let disks = pool(6, 1, 1 << 40);
         for _ in 0..200 {
-            let groups = place(Uuid::new_v4(), &mirror(2, 3), &disks).expect("placeable");
-            let all: HashSet<Uuid> = groups.iter().flatten().copied().collect();
-            assert_eq!(all.len(), 6, "3 groups of 2 take all 6 disks");
+            let v = Uuid::new_v4();
+            let groups = place(v, &mirror(2, 8), &disks).expect("placeable");
+            assert_eq!(groups.len(), 8);
+            assert!(groups
+                .iter()
+                .all(|g| node_of(&disks, g[0]) != node_of(&disks, g[1])));
+            // Without one disk, only the groups that held it change.
+            let gone = disks[0].disk;
+            let rest: Vec<PlacementDisk> =
+                disks.iter().copied().filter(|d| d.disk != gone).collect();
+            let after = place(v, &mirror(2, 8), &rest).expect("placeable");
+            for (before, now) in groups.iter().zip(&after) {
+                if !before.contains(&gone) {
+                    assert_eq!(before, now, "a group that did not hold the disk moved");
+                }
+            }
         }
-        // With more groups than disks allow, disks are reused, nodes still distinct.
-        let groups = place(Uuid::new_v4(), &mirror(2, 8), &disks).expect("placeable");
-        assert_eq!(groups.len(), 8);
-        assert!(groups
-            .iter()
-            .all(|g| node_of(&disks, g[0]) != node_of(&disks, g[1])));
     }
 
     #[test]
@@ -361,5 +475,463 @@ mod tests {
         };
         let groups = place(id(7), &policy, &disks).expect("placeable");
         assert_eq!(groups[0].len(), 6);
+    }
+
+    // ---- plan_moves ----
+
+    const TB: u64 = 1 << 40;
+
+    /// Something that happens to a disk.
+    type Damage = fn(&mut PlacementDisk);
+
+    /// Plans the moves of `groups` with no move in progress.
+    fn plan(
+        vdisk: Uuid,
+        policy: &Policy,
+        groups: &[Vec<Uuid>],
+        candidates: &[PlacementDisk],
+        gone: &HashSet<Uuid>,
+        excluded: &HashSet<Uuid>,
+    ) -> Vec<PlannedMove> {
+        plan_moves(&MovePlanInput {
+            vdisk,
+            policy,
+            groups,
+            moving: &[],
+            candidates,
+            gone,
+            excluded,
+        })
+    }
+
+    /// Whether `c` may receive the copy of `members` that leaves `from`,
+    /// checked independently of `plan_moves`: up, with capacity and not
+    /// full, neither gone nor excluded, not a member, and on a node none of
+    /// the staying members uses.
+    fn may_receive(
+        c: &PlacementDisk,
+        candidates: &[PlacementDisk],
+        members: &[Uuid],
+        from: Uuid,
+        gone: &HashSet<Uuid>,
+        excluded: &HashSet<Uuid>,
+    ) -> bool {
+        let staying_nodes: HashSet<Uuid> = members
+            .iter()
+            .filter(|d| **d != from)
+            .filter_map(|d| candidates.iter().find(|c| c.disk == *d).map(|c| c.node))
+            .collect();
+        c.up && c.capacity > 0
+            && c.used < c.capacity
+            && !gone.contains(&c.disk)
+            && !excluded.contains(&c.disk)
+            && !members.contains(&c.disk)
+            && !staying_nodes.contains(&c.node)
+    }
+
+    fn candidate(candidates: &[PlacementDisk], disk: Uuid) -> &PlacementDisk {
+        candidates
+            .iter()
+            .find(|c| c.disk == disk)
+            .expect("a candidate disk")
+    }
+
+    #[test]
+    fn plan_moves_rebuilds_a_gone_member_onto_an_eligible_disk() {
+        let healthy = pool(6, 2, TB);
+        let policy = mirror(3, 4);
+        // Node 3 is down (briefly: not gone), one disk of node 4 is full,
+        // one of node 5 has no capacity, one of node 6 is excluded.
+        let mut damaged = healthy.clone();
+        for d in damaged.iter_mut() {
+            if d.node == id(3) {
+                d.up = false;
+            }
+            if d.disk == id(1300) {
+                d.used = d.capacity;
+            }
+            if d.disk == id(1400) {
+                d.capacity = 0;
+            }
+        }
+        let excluded: HashSet<Uuid> = HashSet::from([id(1500)]);
+        let unusable: HashSet<Uuid> = [1200, 1201, 1300, 1400, 1500].map(id).into();
+
+        let (mut expected_rebuilds, mut rebuilds) = (0, 0);
+        for v in 0..300u128 {
+            let vdisk = id(1 << 64 | v);
+            let groups = place(vdisk, &policy, &healthy).expect("placeable");
+            let lost = groups[(v % 4) as usize][(v % 3) as usize];
+            let gone = HashSet::from([lost]);
+            let moves = plan(vdisk, &policy, &groups, &damaged, &gone, &excluded);
+
+            let mut planned_groups = HashSet::new();
+            for m in &moves {
+                assert!(
+                    planned_groups.insert(m.group),
+                    "vDisk {v}: two moves for group {}: {moves:?}",
+                    m.group
+                );
+            }
+            for (g, members) in groups.iter().enumerate() {
+                let mv = moves.iter().find(|m| m.group == g as u32);
+                if members.contains(&lost) {
+                    expected_rebuilds += 1;
+                    let possible = damaged
+                        .iter()
+                        .any(|c| may_receive(c, &damaged, members, lost, &gone, &excluded));
+                    let Some(m) = mv else {
+                        assert!(
+                            !possible,
+                            "vDisk {v} group {g} {members:?} lost {lost} and got no move although a target fits"
+                        );
+                        continue;
+                    };
+                    assert!(m.forced, "vDisk {v}: {m:?} must be forced");
+                    assert_eq!(m.from, lost, "vDisk {v}: the gone copy moves");
+                    rebuilds += 1;
+                } else if let Some(m) = mv {
+                    // Another group may take a rebalance, never a forced move.
+                    assert!(
+                        !m.forced,
+                        "vDisk {v}: {m:?} is forced without a gone member"
+                    );
+                    assert!(members.contains(&m.from), "vDisk {v}: {m:?}");
+                }
+                if let Some(m) = mv {
+                    let target = candidate(&damaged, m.to);
+                    assert!(
+                        may_receive(target, &damaged, members, m.from, &gone, &excluded),
+                        "vDisk {v} group {g} {members:?}: target of {m:?} does not fit"
+                    );
+                    assert!(!unusable.contains(&m.to), "vDisk {v}: {m:?}");
+                    let staying: Vec<Uuid> =
+                        members.iter().copied().filter(|d| *d != m.from).collect();
+                    assert!(
+                        staying.iter().all(|d| node_of(&healthy, *d) != target.node),
+                        "vDisk {v}: {m:?} puts two copies on one node"
+                    );
+                }
+            }
+        }
+        assert!(expected_rebuilds >= 300);
+        assert_eq!(
+            rebuilds, expected_rebuilds,
+            "every group that lost a copy has a fitting target here"
+        );
+    }
+
+    #[test]
+    fn a_rebuild_goes_where_placement_would_put_it() {
+        let disks = pool(5, 1, TB);
+        let policy = mirror(2, 1);
+        let none = HashSet::new();
+        for v in 0..200u128 {
+            let vdisk = id(2 << 64 | v);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let lost = groups[0][1];
+            let gone = HashSet::from([lost]);
+            let moves = plan(vdisk, &policy, &groups, &disks, &gone, &none);
+            let rest: Vec<PlacementDisk> =
+                disks.iter().filter(|d| d.disk != lost).copied().collect();
+            let ideal = place(vdisk, &policy, &rest).expect("placeable");
+            assert_eq!(moves.len(), 1, "vDisk {v}: {moves:?}");
+            assert!(
+                ideal[0].contains(&moves[0].to),
+                "vDisk {v}: {:?} is not in the ideal group {:?}",
+                moves[0],
+                ideal[0]
+            );
+            assert_eq!((moves[0].from, moves[0].forced), (lost, true));
+        }
+    }
+
+    #[test]
+    fn plan_moves_without_a_fitting_target_plans_nothing() {
+        let disks = pool(3, 1, TB);
+        let policy = mirror(2, 1);
+        let none = HashSet::new();
+        let breaks: [(&str, Damage); 3] = [
+            ("down", |d| d.up = false),
+            ("full", |d| d.used = d.capacity),
+            ("without capacity", |d| d.capacity = 0),
+        ];
+        for v in 0..50u128 {
+            let vdisk = id(v);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let lost = groups[0][0];
+            let spare = disks
+                .iter()
+                .find(|d| !groups[0].contains(&d.disk))
+                .expect("a third disk")
+                .disk;
+            let gone = HashSet::from([lost]);
+
+            // The spare is the only possible target.
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &disks, &gone, &none),
+                vec![PlannedMove {
+                    group: 0,
+                    from: lost,
+                    to: spare,
+                    forced: true
+                }]
+            );
+            // A member that is no candidate at all counts as gone.
+            let without: Vec<PlacementDisk> =
+                disks.iter().filter(|d| d.disk != lost).copied().collect();
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &without, &none, &none),
+                vec![PlannedMove {
+                    group: 0,
+                    from: lost,
+                    to: spare,
+                    forced: true
+                }]
+            );
+
+            for (what, damage) in breaks {
+                let mut broken = disks.clone();
+                damage(broken.iter_mut().find(|d| d.disk == spare).expect("spare"));
+                assert_eq!(
+                    plan(vdisk, &policy, &groups, &broken, &gone, &none),
+                    vec![],
+                    "vDisk {v}: the only spare is {what}"
+                );
+            }
+            assert_eq!(
+                plan(
+                    vdisk,
+                    &policy,
+                    &groups,
+                    &disks,
+                    &gone,
+                    &HashSet::from([spare])
+                ),
+                vec![],
+                "vDisk {v}: the only spare is excluded"
+            );
+
+            // A spare on the staying member's node does not fit either.
+            let staying = groups[0][1];
+            let mut crowded: Vec<PlacementDisk> =
+                disks.iter().filter(|d| d.disk != spare).copied().collect();
+            crowded.push(PlacementDisk {
+                disk: id(7777),
+                node: node_of(&disks, staying),
+                capacity: TB,
+                used: 0,
+                up: true,
+            });
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &crowded, &gone, &none),
+                vec![],
+                "vDisk {v}: the only spare shares the staying copy's node"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_moves_moves_one_copy_per_group_even_when_all_are_gone() {
+        let disks = pool(6, 1, TB);
+        let policy = mirror(2, 3);
+        let none = HashSet::new();
+        for v in 0..50u128 {
+            let vdisk = id(4 << 64 | v);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let gone: HashSet<Uuid> = groups[1].iter().copied().collect();
+            let moves = plan(vdisk, &policy, &groups, &disks, &gone, &none);
+            let in_group_1: Vec<&PlannedMove> = moves.iter().filter(|m| m.group == 1).collect();
+            assert_eq!(in_group_1.len(), 1, "vDisk {v}: {moves:?}");
+            assert!(in_group_1[0].forced && gone.contains(&in_group_1[0].from));
+            assert!(!gone.contains(&in_group_1[0].to));
+        }
+    }
+
+    #[test]
+    fn plan_moves_is_stable() {
+        let disks = pool(4, 2, TB);
+        let policy = mirror(2, 4);
+        let none = HashSet::new();
+        for v in 0..200u128 {
+            let vdisk = id(5 << 64 | v);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &disks, &none, &none),
+                vec![],
+                "vDisk {v}: nothing changed"
+            );
+            let mut reversed = disks.clone();
+            reversed.reverse();
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &reversed, &none, &none),
+                vec![],
+                "vDisk {v}: candidate order changes nothing"
+            );
+
+            let member = groups[v as usize % 4][0];
+            let member_node = node_of(&disks, member);
+            let mut down = disks.clone();
+            for d in down.iter_mut().filter(|d| d.node == member_node) {
+                d.up = false;
+            }
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &down, &none, &none),
+                vec![],
+                "vDisk {v}: a briefly down member moves nothing"
+            );
+
+            let mut full = disks.clone();
+            for d in full.iter_mut() {
+                if d.disk == member {
+                    d.used = d.capacity;
+                } else {
+                    d.used = d.capacity / 2;
+                }
+            }
+            assert_eq!(
+                plan(vdisk, &policy, &groups, &full, &none, &none),
+                vec![],
+                "vDisk {v}: a member filling up moves nothing"
+            );
+        }
+    }
+
+    /// vDisks placed over 4 nodes of one disk each, and the same pool with
+    /// a fifth disk (the last one).
+    fn grown_pool() -> (Vec<PlacementDisk>, Vec<PlacementDisk>) {
+        let four = pool(4, 1, TB);
+        let new = PlacementDisk {
+            disk: id(9000),
+            node: id(99),
+            capacity: TB,
+            used: 0,
+            up: true,
+        };
+        let five = four.iter().copied().chain([new]).collect();
+        (four, five)
+    }
+
+    #[test]
+    fn adding_a_disk_rebalances_a_bounded_share_onto_it() {
+        let (four, five) = grown_pool();
+        let new = *five.last().expect("the new disk");
+        let policy = mirror(2, 4);
+        let none = HashSet::new();
+        let (mut groups_total, mut moved, mut onto_new) = (0usize, 0usize, 0usize);
+        for v in 0..200u128 {
+            let vdisk = id(6 << 64 | v);
+            let groups = place(vdisk, &policy, &four).expect("placeable");
+            groups_total += groups.len();
+            let moves = plan(vdisk, &policy, &groups, &five, &none, &none);
+            let mut planned_groups = HashSet::new();
+            for m in &moves {
+                assert!(planned_groups.insert(m.group), "vDisk {v}: {moves:?}");
+                assert!(!m.forced, "vDisk {v}: {m:?} is a rebalance");
+                let members = &groups[m.group as usize];
+                assert!(members.contains(&m.from), "vDisk {v}: {m:?}");
+                assert!(
+                    may_receive(candidate(&five, m.to), &five, members, m.from, &none, &none),
+                    "vDisk {v}: {m:?} does not fit {members:?}"
+                );
+            }
+            moved += moves.len();
+            onto_new += moves.iter().filter(|m| m.to == new.disk).count();
+
+            // A group with a move in progress is skipped; the others plan
+            // the same moves.
+            if let Some(first) = moves.first() {
+                let moving = [first.group];
+                let rest = plan_moves(&MovePlanInput {
+                    vdisk,
+                    policy: &policy,
+                    groups: &groups,
+                    moving: &moving,
+                    candidates: &five,
+                    gone: &none,
+                    excluded: &none,
+                });
+                assert_eq!(rest, moves[1..].to_vec(), "vDisk {v}");
+            }
+            let all: Vec<u32> = (0..policy.stripes).collect();
+            assert_eq!(
+                plan_moves(&MovePlanInput {
+                    vdisk,
+                    policy: &policy,
+                    groups: &groups,
+                    moving: &all,
+                    candidates: &five,
+                    gone: &HashSet::from([groups[0][0]]),
+                    excluded: &none,
+                }),
+                vec![],
+                "vDisk {v}: every group is moving, even a gone copy waits"
+            );
+
+            // The new disk must really be eligible to receive a rebalance.
+            for (what, damage) in [
+                ("down", (|d| d.up = false) as Damage),
+                ("full", |d| d.used = d.capacity),
+            ] {
+                let mut broken = five.clone();
+                damage(broken.last_mut().expect("the new disk"));
+                assert!(
+                    plan(vdisk, &policy, &groups, &broken, &none, &none)
+                        .iter()
+                        .all(|m| m.to != new.disk),
+                    "vDisk {v}: the new disk is {what}"
+                );
+            }
+            assert!(
+                plan(
+                    vdisk,
+                    &policy,
+                    &groups,
+                    &five,
+                    &none,
+                    &HashSet::from([new.disk])
+                )
+                .iter()
+                .all(|m| m.to != new.disk),
+                "vDisk {v}: the new disk is excluded"
+            );
+        }
+        // The new disk takes about a fifth of all copies: 2 copies per
+        // group, so about 2/5 of the groups move one copy onto it.
+        let share = onto_new as f64 / groups_total as f64;
+        assert!(
+            (0.3..=0.5).contains(&share),
+            "{onto_new} of {groups_total} groups moved a copy onto the new disk ({share:.2}), expected about 0.40"
+        );
+        assert!(
+            moved * 4 < groups_total * 3,
+            "{moved} of {groups_total} groups move: far from bounded"
+        );
+    }
+
+    #[test]
+    fn adding_a_disk_moves_copies_only_onto_it() {
+        let (four, five) = grown_pool();
+        let new = *five.last().expect("the new disk");
+        let policy = mirror(2, 4);
+        let none = HashSet::new();
+        let mut onto_old = Vec::new();
+        for v in 0..200u128 {
+            let vdisk = id(6 << 64 | v);
+            let groups = place(vdisk, &policy, &four).expect("placeable");
+            let moves = plan(vdisk, &policy, &groups, &five, &none, &none);
+            onto_old.extend(
+                moves
+                    .iter()
+                    .filter(|m| m.to != new.disk)
+                    .map(|m| (v, groups[m.group as usize].clone(), *m)),
+            );
+        }
+        assert!(
+            onto_old.is_empty(),
+            "{} moves between old disks, e.g. {:?}",
+            onto_old.len(),
+            onto_old.first()
+        );
     }
 }

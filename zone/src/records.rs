@@ -218,6 +218,9 @@ pub struct Lease {
     /// name one (0 in records written before it was recorded).
     #[serde(default)]
     pub ttl_ms: u64,
+    /// Held by the zone's repair worker: any other open takes it over.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// Which disks hold a vDisk's chunks.
@@ -231,6 +234,33 @@ pub struct Placement {
     pub groups: Vec<Vec<Uuid>>,
     /// Bumped whenever a group's membership changes (rebuild, rebalance).
     pub version: u64,
+    /// Copies being moved: each `to` disk is already the last member of its
+    /// group (stale until resync fills it); when it is current, `from`
+    /// leaves the group. At most one move per group.
+    #[serde(default)]
+    pub moves: Vec<Move>,
+}
+
+/// A copy of one placement group moving from one disk to another (rebuild
+/// of a lost disk, drain of a removed one, or rebalance onto a new one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub group: u32,
+    pub from: Uuid,
+    pub to: Uuid,
+    pub reason: MoveReason,
+}
+
+/// Why a copy moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveReason {
+    /// The disk's node has been down longer than the rebuild delay.
+    Rebuild,
+    /// The operator removed the disk (or its node) from the datastore.
+    Drain,
+    /// A disk joined the datastore and takes its share.
+    Rebalance,
 }
 
 impl Placement {
@@ -238,6 +268,18 @@ impl Placement {
     pub fn disks_of(&self, chunk: u64) -> &[Uuid] {
         let g = (chunk % self.groups.len() as u64) as usize;
         &self.groups[g]
+    }
+
+    /// Whether any group lists `disk`.
+    pub fn holds(&self, disk: Uuid) -> bool {
+        self.groups.iter().flatten().any(|d| *d == disk)
+    }
+
+    /// The chunks of group `group` in a vDisk of `size` bytes.
+    pub fn group_chunks(&self, group: u32, size: u64) -> impl Iterator<Item = u64> {
+        let stripes = self.groups.len().max(1) as u64;
+        let chunks = size.div_ceil(self.chunk_size.max(1));
+        (group as u64..chunks).step_by(stripes as usize)
     }
 }
 
@@ -271,6 +313,11 @@ pub struct Vdisk {
     /// next open makes every copy of these extents agree.
     #[serde(default)]
     pub activity: Vec<u64>,
+    /// Disks that held copies of this vDisk and no longer do (moved away):
+    /// their nodes free that space; placement does not choose them for
+    /// this vDisk again until their node reports it freed.
+    #[serde(default)]
+    pub released: Vec<Uuid>,
 }
 
 /// Chunks per activity-log extent (16 MiB with 1 MiB chunks).
@@ -415,17 +462,20 @@ mod tests {
                 session: Uuid::from_u128(2),
                 expires_ms: 10,
                 ttl_ms: 5,
+                repair: false,
             }),
             epoch: 3,
             placement: Placement {
                 chunk_size: CHUNK_SIZE,
                 groups: vec![vec![Uuid::from_u128(3)]],
                 version: 1,
+                moves: vec![],
             },
             created: 0,
             stale: vec![],
             dirty: vec![],
             activity: vec![],
+            released: vec![],
         }
     }
 

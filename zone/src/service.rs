@@ -17,6 +17,10 @@ use crate::records::*;
 use crate::store::{CasOp, Expect, KeyValue, LeaseId, MetaStore, StoreError};
 use crate::ZoneError;
 
+mod moves;
+
+pub use moves::{MovePlanner, RecordedMove};
+
 /// Body of `POST /v1/nodes`: a storage node announcing itself and its disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +58,9 @@ pub struct Heartbeat {
     /// Current usage of each disk of the node.
     #[serde(default)]
     pub disks: Vec<RegisterDisk>,
+    /// The copies the node holds, as (disk, vDisk) pairs.
+    #[serde(default)]
+    pub copies: Vec<[Uuid; 2]>,
     /// The vDisks the node holds chunks of.
     #[serde(default)]
     pub vdisks: Vec<Uuid>,
@@ -65,15 +72,20 @@ pub struct HeartbeatReply {
     /// The vDisks of [`Heartbeat::vdisks`] the zone no longer has (deleted):
     /// the node frees their chunks.
     pub orphans: Vec<Uuid>,
+    /// Copies of [`Heartbeat::copies`] whose disk no longer holds the vDisk
+    /// (moved away): the node frees them on that disk.
+    #[serde(default)]
+    pub free: Vec<[Uuid; 2]>,
 }
 
-/// Whether every copy of a vDisk is reachable.
+/// Whether a vDisk has every copy its policy requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Health {
-    /// Every disk of the placement belongs to a node that is up.
+    /// Every placement group has as many current copies, on nodes that are
+    /// up, as the policy's width.
     Healthy,
-    /// Some disk of the placement is on a node that is down (or unknown).
+    /// Some group has fewer: a copy is stale, or its node is down (or unknown).
     Degraded,
 }
 
@@ -101,6 +113,13 @@ pub struct CreateDatastore {
     /// Member disks; default every disk of the zone.
     #[serde(default)]
     pub disks: Option<Vec<Uuid>>,
+}
+
+/// Body of `POST /v1/datastores/{name}/disks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreDisk {
+    pub disk: Uuid,
 }
 
 /// Body of `POST /v1/vdisks`.
@@ -136,6 +155,10 @@ pub struct OpenVdisk {
     /// default) or backup.
     #[serde(default)]
     pub role: Option<Role>,
+    /// The zone's repair worker opens a vDisk nobody has open to resync it;
+    /// its lease yields to any other open.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 /// Answer to [`OpenVdisk`]: everything a volume client needs to do I/O.
@@ -198,6 +221,21 @@ pub struct CopyRepair {
     pub dirty_chunks: u64,
     /// Whether the node holding it is up (resync runs only then).
     pub node_up: bool,
+    /// For a copy being built by a move (rebuild, drain, rebalance): the
+    /// disk it replaces.
+    #[serde(default)]
+    pub replaces: Option<Uuid>,
+}
+
+/// Answer to `POST /v1/vdisks/{datastore}/{name}/renew`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renewed {
+    #[serde(flatten)]
+    pub lease: Lease,
+    /// The vDisk's placement version: a writer whose placement is older
+    /// fetches the new one.
+    #[serde(default)]
+    pub placement_version: u64,
 }
 
 /// Body of `POST /v1/vdisks/{datastore}/{name}/renew` and `/close`.
@@ -441,7 +479,10 @@ impl ZoneService {
                 .filter(|v| !known.contains(v))
                 .collect();
         }
-        Ok(HeartbeatReply { orphans })
+        // Also with no copies: a node that freed its last moved copy
+        // reports none, which is what lets `released` forget it.
+        let free = self.copies_to_free(&record, &hb.copies).await?;
+        Ok(HeartbeatReply { orphans, free })
     }
 
     /// Every host of the zone.
@@ -670,11 +711,13 @@ impl ZoneService {
                 chunk_size: CHUNK_SIZE,
                 groups,
                 version: 1,
+                moves: Vec::new(),
             },
             created: now_secs(),
             stale: Vec::new(),
             dirty: Vec::new(),
             activity: Vec::new(),
+            released: Vec::new(),
         };
         let key = keys::vdisk(ds_name, name);
         if self.create(&key, &vdisk).await?.is_some() {
@@ -804,7 +847,8 @@ impl ZoneService {
                 |v: &mut Vdisk| {
                     let now = now_ms();
                     if let Some(lease) = v.lease.as_ref().filter(|l| l.expires_ms > now) {
-                        if !req.force {
+                        // A repair worker's lease yields to anyone but another worker.
+                        if !req.force && (req.repair || !lease.repair) {
                             return Err(ZoneError::Conflict(format!(
                                 "vDisk {datastore}/{name} is open on host {}",
                                 lease.holder
@@ -819,6 +863,7 @@ impl ZoneService {
                         session,
                         expires_ms: now.saturating_add(req.ttl_ms),
                         ttl_ms: req.ttl_ms,
+                        repair: req.repair,
                     });
                     v.state = VdiskState::Online {
                         host: req.host.clone(),
@@ -862,11 +907,11 @@ impl ZoneService {
         datastore: &str,
         name: &str,
         req: SessionRef,
-    ) -> Result<Lease, ZoneError> {
+    ) -> Result<Renewed, ZoneError> {
         if let Some(ttl) = req.ttl_ms {
             validate_ttl(ttl)?;
         }
-        let (_, lease) = self
+        let (stored, lease) = self
             .update(
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
@@ -896,7 +941,10 @@ impl ZoneService {
                 },
             )
             .await?;
-        Ok(lease)
+        Ok(Renewed {
+            lease,
+            placement_version: stored.record.placement.version,
+        })
     }
 
     /// Creates the host record if missing and adds `role` to it.
@@ -918,7 +966,7 @@ impl ZoneService {
     }
 
     /// Records that the copies on `req.disks` missed writes of session
-    /// `req.session`. Only the lease holder may do so (a fenced writer gets
+    /// `req.session` (disks no longer in the placement are ignored). Only the lease holder may do so (a fenced writer gets
     /// Conflict); the record is durable when this returns, so the writer may
     /// then acknowledge writes that reached only the other copies.
     pub async fn mark_stale(
@@ -934,10 +982,10 @@ impl ZoneService {
                 |v: &mut Vdisk| {
                     require_session(v, req.session, datastore, name)?;
                     for d in &req.disks {
-                        if !v.placement.groups.iter().flatten().any(|p| p == d) {
-                            return Err(ZoneError::Invalid(format!(
-                                "disk {d} holds no copy of vDisk {datastore}/{name}"
-                            )));
+                        // A disk that left the placement (a finished move)
+                        // holds nothing a reader could use: nothing to record.
+                        if !v.placement.holds(*d) {
+                            continue;
                         }
                         if !v.stale.contains(d) {
                             v.stale.push(*d);
@@ -1017,6 +1065,7 @@ impl ZoneService {
                         }
                         v.stale.retain(|d| *d != req.disk);
                         v.dirty.retain(|e| e.disk != req.disk);
+                        moves::finish_moves(v, req.disk);
                     }
                     Ok(())
                 },
@@ -1222,15 +1271,22 @@ impl Liveness {
                     .find(|e| e.disk == *d)
                     .map_or(0, |e| e.count()),
                 node_up: self.up_disks.contains(d),
+                replaces: vdisk
+                    .placement
+                    .moves
+                    .iter()
+                    .find(|m| m.to == *d)
+                    .map(|m| m.from),
             })
             .collect();
-        let healthy = vdisk.stale.is_empty()
-            && vdisk
-                .placement
-                .groups
+        let width = vdisk.policy.redundancy.width() as usize;
+        let healthy = vdisk.placement.groups.iter().all(|group| {
+            group
                 .iter()
-                .flatten()
-                .all(|d| self.up_disks.contains(d));
+                .filter(|d| self.up_disks.contains(d) && !vdisk.stale.contains(d))
+                .count()
+                >= width
+        });
         VdiskView {
             vdisk,
             repair,
@@ -1436,6 +1492,7 @@ mod tests {
             ttl_ms,
             force,
             role: None,
+            repair: false,
         }
     }
 
@@ -1451,6 +1508,7 @@ mod tests {
             lease,
             disks: Vec::new(),
             vdisks: Vec::new(),
+            copies: Vec::new(),
         }
     }
 
@@ -2050,8 +2108,11 @@ mod tests {
             )
             .await
             .expect("renews");
-        assert_eq!((lease.session, lease.ttl_ms), (b.session, 5_000));
-        assert!(lease.expires_ms >= now_ms() + 4_000);
+        assert_eq!(
+            (lease.lease.session, lease.lease.ttl_ms),
+            (b.session, 5_000)
+        );
+        assert!(lease.lease.expires_ms >= now_ms() + 4_000);
 
         svc.close_vdisk("ds", "vd", session(a.session))
             .await
@@ -2110,7 +2171,7 @@ mod tests {
             .renew_vdisk("ds", "vd", session(a.session))
             .await
             .expect("nobody took it");
-        assert_eq!(renewed.ttl_ms, 30);
+        assert_eq!(renewed.lease.ttl_ms, 30);
         tokio::time::sleep(Duration::from_millis(60)).await;
         let b = svc
             .open_vdisk("ds", "vd", open_req("hv-b", 60_000, false))

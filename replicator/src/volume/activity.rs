@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use tessera_zone::records::ACTIVITY_EXTENT_CHUNKS;
 use tessera_zone::service::MarkActive;
 
+use super::Links;
 use super::{Inner, CURRENT};
-use crate::conn::NodeLink;
 use crate::layout::Piece;
 use crate::VolumeError;
 
@@ -153,7 +153,7 @@ impl Inner {
     /// the log. Returns the chunks rewritten.
     pub(super) async fn reconcile(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         extents: &[u64],
     ) -> Result<u64, VolumeError> {
         let chunk_size = self.vdisk.placement.chunk_size;
@@ -174,7 +174,8 @@ impl Inner {
                 let mut good = vec![0u8; len as usize];
                 self.read_piece(links, piece, &mut [&mut good[..]], None)
                     .await?;
-                let copies = self.group(c);
+                let layout = self.layout();
+                let copies = layout.group(c);
                 for (i, copy) in copies.iter().enumerate() {
                     if copy.state.get() != CURRENT {
                         continue;
@@ -192,7 +193,7 @@ impl Inner {
                         continue;
                     }
                     let range = self.range(&piece, copy.disk);
-                    let link = &links[copy.node];
+                    let link = &*links.get(copy.node);
                     let frame = if good.iter().all(|b| *b == 0) {
                         link.call(tessera_proto::Request::Discard(range), &[])
                             .await?

@@ -27,8 +27,8 @@ use tessera_proto::{ChunkRange, Request, VdiskRef};
 use tessera_zone::service::MarkClean;
 use uuid::Uuid;
 
-use super::{stripe, Inner, CURRENT, STALE};
-use crate::conn::NodeLink;
+use super::Links;
+use super::{stripe, Inner, CURRENT, STALE, SYNCING};
 use crate::layout::Piece;
 use crate::VolumeError;
 
@@ -72,13 +72,32 @@ impl Inner {
             if let Err(e) = self.cool_extents().await {
                 tracing::warn!(error = %e, "cannot update the activity log");
             }
-            for (disk, node, state) in &self.disks {
+            // Taken after any placement change settled (see `adopt`), and
+            // not held: a layout change must not wait for a whole resync.
+            let stale: Vec<(Uuid, usize, Arc<super::CopyState>)> = {
+                let _settled = self.adopting.lock().await;
+                self.layout()
+                    .disks
+                    .iter()
+                    .filter(|(_, _, st)| st.get() == STALE)
+                    .cloned()
+                    .collect()
+            };
+            for (disk, node, state) in &stale {
                 if state.get() != STALE {
                     continue;
                 }
                 // Is its node back? Fencing it is both the probe and the
                 // first step: from now on it refuses every older writer.
                 if self.fence_one(&links, *disk, *node).await.is_err() {
+                    continue;
+                }
+                // From now on writes to chunks it has go to it as well.
+                if state
+                    .0
+                    .compare_exchange(STALE, SYNCING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
                     continue;
                 }
                 let started = Instant::now();
@@ -97,7 +116,13 @@ impl Inner {
                         "resync done: the copy is current again"
                     ),
                     Err(e) => {
-                        tracing::warn!(%disk, chunks = copied, error = %e, "resync interrupted; will retry")
+                        tracing::warn!(%disk, chunks = copied, error = %e, "resync interrupted; will retry");
+                        // It may have lost writes it took but did not make
+                        // stable: record those dirty, and the copy stale.
+                        state.fail();
+                        if let Err(e) = self.record_dirty(&[]).await {
+                            tracing::warn!(error = %e, "cannot record the interrupted copy stale");
+                        }
                     }
                 }
             }
@@ -107,11 +132,11 @@ impl Inner {
     /// Raises the vDisk's epoch on one copy to ours.
     pub(super) async fn fence_one(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         disk: Uuid,
         node: usize,
     ) -> Result<(), VolumeError> {
-        let link = &links[node];
+        let link = &*links.get(node);
         let frame = link
             .call(
                 Request::Fence(VdiskRef {
@@ -126,7 +151,7 @@ impl Inner {
     }
 
     /// Copies every dirty chunk of `disk`, then makes it current.
-    async fn resync(&self, links: &[NodeLink], disk: Uuid, node: usize) -> Result<(), VolumeError> {
+    async fn resync(&self, links: &Links, disk: Uuid, node: usize) -> Result<(), VolumeError> {
         let chunk_size = self.vdisk.placement.chunk_size;
         let started = Instant::now();
         let mut copied_bytes = 0u64;
@@ -197,8 +222,8 @@ impl Inner {
                 continue;
             }
             self.flush_one(links, disk, node).await?;
-            self.record_clean(disk, &mut Vec::new(), true).await?;
-            if let Some((_, _, st)) = self.disks.iter().find(|(d, _, _)| *d == disk) {
+            let vdisk = self.record_clean(disk, &mut Vec::new(), true).await?;
+            if let Some((_, _, st)) = self.layout().disks.iter().find(|(d, _, _)| *d == disk) {
                 st.0.store(CURRENT, Ordering::Release);
             }
             self.dirty
@@ -207,6 +232,10 @@ impl Inner {
                 .known
                 .remove(&disk);
             drop(barrier);
+            // A finished move changed the placement: its source leaves.
+            if let Some(vdisk) = vdisk {
+                self.adopt(&vdisk).await?;
+            }
             return Ok(());
         }
     }
@@ -214,7 +243,7 @@ impl Inner {
     /// Copies chunk `c` from a current copy to `disk`.
     async fn copy_chunk(
         &self,
-        links: &[NodeLink],
+        links: &Links,
         c: u64,
         disk: Uuid,
         node: usize,
@@ -241,7 +270,7 @@ impl Inner {
             len,
             epoch: self.epoch,
         };
-        let link = &links[node];
+        let link = &*links.get(node);
         // A chunk of zeros is discarded, not written: the copy stays thin.
         let frame = if buf.iter().all(|b| *b == 0) {
             link.call(Request::Discard(range), &[]).await?
@@ -258,9 +287,9 @@ impl Inner {
         disk: Uuid,
         chunks: &mut Vec<u64>,
         complete: bool,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<Option<tessera_zone::records::Vdisk>, VolumeError> {
         if chunks.is_empty() && !complete {
-            return Ok(());
+            return Ok(None);
         }
         let _one = self.recording.lock().await;
         let clean: Vec<u64> = {
@@ -275,7 +304,8 @@ impl Inner {
                 .collect()
         };
         chunks.clear();
-        self.config
+        let vdisk = self
+            .config
             .api
             .mark_clean(
                 &self.config.datastore,
@@ -287,8 +317,9 @@ impl Inner {
                     complete,
                 },
             )
-            .await?;
-        Ok(())
+            .await
+            .map_err(|e| self.api_error(e))?;
+        Ok(Some(vdisk))
     }
 }
 
@@ -311,7 +342,7 @@ impl Inner {
     /// Reads every chunk from every current copy and compares them. A copy
     /// whose checksum fails, or whose data differs from the first good copy,
     /// is recorded dirty for that chunk: resync rewrites it.
-    pub(super) async fn scrub(&self, links: &[NodeLink]) -> Result<ScrubReport, VolumeError> {
+    pub(super) async fn scrub(&self, links: &Links) -> Result<ScrubReport, VolumeError> {
         let chunk_size = self.vdisk.placement.chunk_size;
         let chunks = self.vdisk.size.div_ceil(chunk_size);
         let started = Instant::now();
@@ -325,7 +356,8 @@ impl Inner {
                 offset: 0,
                 len,
             };
-            let copies = self.group(c);
+            let layout = self.layout();
+            let copies = layout.group(c);
             let mut first: Option<Vec<u8>> = None;
             let mut bad: Vec<Uuid> = Vec::new();
             for (i, copy) in copies.iter().enumerate() {

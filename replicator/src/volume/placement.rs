@@ -1,0 +1,285 @@
+//! The volume's view of its placement, and how it changes while open.
+//!
+//! A [`Layout`] is immutable: which disks hold each group's copies, the
+//! node each disk is on, and each disk's copy state. When the zone moves a
+//! copy (rebuild, drain, rebalance) the volume builds a new layout and
+//! swaps it in:
+//!
+//! - disks it already knew keep their state objects (a stale copy stays
+//!   stale, a current one current);
+//! - a disk new to it starts stale if the zone says so (a move's target
+//!   always is, with every chunk of its group dirty), and its dirty set is
+//!   taken from the zone;
+//! - a disk that left the placement is forgotten, with its dirty set.
+//!
+//! Every read, write and flush holds the layout it started with until it
+//! ends. After a swap, the adoption waits until no operation holds the old
+//! layout any more before it lets resync run: a write that did not know a
+//! new copy existed cannot then land on the other copies after resync
+//! copied its chunk.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_zone::records::{Disk, NodeStatus, Vdisk};
+use uuid::Uuid;
+
+use super::{Copy, CopyState, Inner, CURRENT, STALE};
+use crate::conn::NodeLink;
+use crate::VolumeError;
+
+/// Which disks hold each group's copies, as of one placement version.
+pub(super) struct Layout {
+    /// The zone's placement version this layout follows.
+    pub(super) version: u64,
+    /// Per placement group, the copies in placement order.
+    pub(super) groups: Vec<Vec<Copy>>,
+    /// Per placement group, the copy reads go to first (a local one if any).
+    pub(super) read_first: Vec<usize>,
+    /// Every disk of the placement: its node index and its state.
+    pub(super) disks: Vec<(Uuid, usize, Arc<CopyState>)>,
+}
+
+impl Layout {
+    /// Builds the layout of `vdisk`'s placement. Disks known to `previous`
+    /// keep their state and node; others start stale if the zone lists them
+    /// stale, on the node `locate` names (address, and whether it is on this
+    /// host). Node addresses are appended to `nodes` as needed (indices are
+    /// stable).
+    pub(super) fn build(
+        vdisk: &Vdisk,
+        nodes: &std::sync::RwLock<Vec<String>>,
+        previous: Option<&Layout>,
+        locate: impl Fn(Uuid) -> Result<(String, bool), VolumeError>,
+    ) -> Result<Layout, VolumeError> {
+        let mut addrs = nodes.write().expect("nodes poisoned");
+        let mut known: HashMap<Uuid, (usize, bool, Arc<CopyState>)> = HashMap::new();
+        if let Some(p) = previous {
+            for c in p.groups.iter().flatten() {
+                known.insert(c.disk, (c.node, c.local, c.state.clone()));
+            }
+        }
+        let mut seen: HashSet<Uuid> = HashSet::new();
+        let mut all = Vec::new();
+        let mut groups = Vec::with_capacity(vdisk.placement.groups.len());
+        let mut read_first = Vec::with_capacity(vdisk.placement.groups.len());
+        for group in &vdisk.placement.groups {
+            let mut copies = Vec::with_capacity(group.len());
+            for disk in group {
+                let (node, local, state) = match known.get(disk) {
+                    Some(k) => {
+                        // Known but newly stale in the zone: the target of a
+                        // move that already holds another group's copies.
+                        // It serves nothing until resync fills it.
+                        if vdisk.stale.contains(disk) {
+                            let _ = k.2 .0.compare_exchange(
+                                CURRENT,
+                                STALE,
+                                std::sync::atomic::Ordering::AcqRel,
+                                std::sync::atomic::Ordering::Acquire,
+                            );
+                        }
+                        k.clone()
+                    }
+                    None => {
+                        let (addr, local) = locate(*disk)?;
+                        let index = match addrs.iter().position(|a| *a == addr) {
+                            Some(i) => i,
+                            None => {
+                                addrs.push(addr);
+                                addrs.len() - 1
+                            }
+                        };
+                        let initial = if vdisk.stale.contains(disk) {
+                            STALE
+                        } else {
+                            CURRENT
+                        };
+                        let entry = (index, local, Arc::new(CopyState(AtomicU8::new(initial))));
+                        known.insert(*disk, entry.clone());
+                        entry
+                    }
+                };
+                if seen.insert(*disk) {
+                    all.push((*disk, node, state.clone()));
+                }
+                copies.push(Copy {
+                    disk: *disk,
+                    node,
+                    local,
+                    state,
+                });
+            }
+            read_first.push(copies.iter().position(|c| c.local).unwrap_or(0));
+            groups.push(copies);
+        }
+        if groups.is_empty() {
+            return Err(VolumeError::Placement("the placement has no group".into()));
+        }
+        Ok(Layout {
+            version: vdisk.placement.version,
+            groups,
+            read_first,
+            disks: all,
+        })
+    }
+
+    pub(super) fn group_index(&self, chunk: u64) -> usize {
+        (chunk % self.groups.len() as u64) as usize
+    }
+
+    pub(super) fn group(&self, chunk: u64) -> &[Copy] {
+        &self.groups[self.group_index(chunk)]
+    }
+
+    /// Whether `disk` holds a copy of `chunk`.
+    pub(super) fn holds(&self, disk: Uuid, chunk: u64) -> bool {
+        self.group(chunk).iter().any(|c| c.disk == disk)
+    }
+
+    pub(super) fn has_disk(&self, disk: Uuid) -> bool {
+        self.disks.iter().any(|(d, _, _)| *d == disk)
+    }
+}
+
+/// Where the zone's records put a disk: its node's address, and whether
+/// that node is on `host`.
+pub(super) fn locator<'a>(
+    disks: &'a [Disk],
+    nodes: &'a [NodeStatus],
+    host: &'a str,
+) -> impl Fn(Uuid) -> Result<(String, bool), VolumeError> + 'a {
+    move |disk| {
+        let node = disks
+            .iter()
+            .find(|d| d.uuid == disk)
+            .map(|d| d.node)
+            .ok_or(VolumeError::Placement(format!("disk {disk} has no node")))?;
+        let n = nodes
+            .iter()
+            .find(|n| n.node.uuid == node)
+            .ok_or(VolumeError::Placement(format!("node {node} is unknown")))?;
+        Ok((n.node.addr.clone(), n.node.host == host))
+    }
+}
+
+/// One handle's connections, by node index; grows when a layout brings a
+/// node the handle has not talked to yet.
+pub(super) struct Links {
+    slots: std::sync::RwLock<Vec<Arc<NodeLink>>>,
+    addrs: Arc<std::sync::RwLock<Vec<String>>>,
+    client: [u8; 16],
+    timeout: Duration,
+}
+
+impl Links {
+    pub(super) fn new(
+        addrs: Arc<std::sync::RwLock<Vec<String>>>,
+        client: [u8; 16],
+        timeout: Duration,
+    ) -> Links {
+        Links {
+            slots: std::sync::RwLock::new(Vec::new()),
+            addrs,
+            client,
+            timeout,
+        }
+    }
+
+    /// The (lazily connecting) link to node `node`.
+    pub(super) fn get(&self, node: usize) -> Arc<NodeLink> {
+        if let Some(link) = self.slots.read().expect("links poisoned").get(node) {
+            return link.clone();
+        }
+        let mut slots = self.slots.write().expect("links poisoned");
+        let addrs = self.addrs.read().expect("nodes poisoned");
+        while slots.len() < addrs.len() {
+            let addr = addrs[slots.len()].clone();
+            slots.push(Arc::new(NodeLink::new(addr, self.client, self.timeout)));
+        }
+        slots[node].clone()
+    }
+
+    pub(super) async fn close_all(&self) {
+        let slots: Vec<Arc<NodeLink>> = self.slots.read().expect("links poisoned").clone();
+        for link in slots {
+            link.close().await;
+        }
+    }
+}
+
+impl Inner {
+    /// Fetches the vDisk's placement from the zone and adopts it if it is
+    /// newer than the layout's.
+    pub(super) async fn refresh_placement(&self) -> Result<(), VolumeError> {
+        let view = self
+            .config
+            .api
+            .vdisk(&self.config.datastore, &self.config.name)
+            .await
+            .map_err(|e| self.api_error(e))?;
+        self.adopt(&view.vdisk).await
+    }
+
+    /// Adopts `vdisk`'s placement if it is newer than the layout's; returns
+    /// once no operation uses the old layout.
+    pub(super) async fn adopt(&self, vdisk: &Vdisk) -> Result<(), VolumeError> {
+        let _one = self.adopting.lock().await;
+        let old = self.layout();
+        if vdisk.uuid != self.vdisk.uuid || vdisk.placement.version <= old.version {
+            return Ok(());
+        }
+        let known: HashSet<Uuid> = old.disks.iter().map(|(d, _, _)| *d).collect();
+        let placed: HashSet<Uuid> = vdisk.placement.groups.iter().flatten().copied().collect();
+        let (disks, nodes) = if placed.is_subset(&known) {
+            (Vec::new(), Vec::new())
+        } else {
+            let api = &self.config.api;
+            let disks = api.disks().await.map_err(|e| self.api_error(e))?;
+            let nodes = api.nodes().await.map_err(|e| self.api_error(e))?;
+            (disks, nodes)
+        };
+        let layout = Layout::build(
+            vdisk,
+            &self.nodes,
+            Some(&old),
+            locator(&disks, &nodes, &self.config.host),
+        )?;
+        {
+            let mut d = self.dirty.lock().expect("dirty poisoned");
+            // The zone's dirty sets hold what the moves added; what this
+            // volume recorded is in there too (the union may copy a chunk
+            // twice, never too few).
+            for e in &vdisk.dirty {
+                d.known.entry(e.disk).or_default().extend(e.chunks());
+            }
+            d.known.retain(|disk, _| placed.contains(disk));
+            d.pending.retain(|(disk, _)| placed.contains(disk));
+        }
+        let added: Vec<Uuid> = placed.difference(&known).copied().collect();
+        let removed: Vec<Uuid> = known.difference(&placed).copied().collect();
+        let previous = self.layout.swap(Arc::new(layout));
+        drop(old);
+        tracing::info!(
+            from = previous.version,
+            to = vdisk.placement.version,
+            ?added,
+            ?removed,
+            "adopted a new placement"
+        );
+        // Operations that started on the old layout finish before resync
+        // may touch a new copy.
+        let started = Instant::now();
+        let mut warned = false;
+        while Arc::strong_count(&previous) > 1 {
+            if !warned && started.elapsed() > Duration::from_secs(5) {
+                tracing::warn!("still waiting for I/O started on the previous placement");
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1139 @@
+//! Rebuild, drain and rebalance: the zone side of moving copies.
+//!
+//! The zone only decides and records; the vDisk's writer (or the repair
+//! worker, for a vDisk nobody has open) copies the data. A move is
+//! make-before-break:
+//!
+//! 1. [`ZoneService::plan_moves`] appends the target disk to the group,
+//!    records it stale with every chunk of the group dirty, and bumps the
+//!    placement version. Writers pick the new placement up at their next
+//!    lease renewal.
+//! 2. The writer's resync fills the target like any stale copy (its dirty
+//!    set) and records it complete ([`ZoneService::mark_clean`]).
+//! 3. Completing the target finishes its moves: the source leaves the group
+//!    (and the stale and dirty lists if it holds no other group), and the
+//!    placement version is bumped again.
+//! 4. The source's node, reporting a copy that is in no group, is told to
+//!    free it; the disk is listed in `released` until the node reports it
+//!    gone, and is never a target for this vDisk meanwhile.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use super::{Stored, ZoneService};
+use crate::placement::{plan_moves, MovePlanInput, PlacementDisk};
+use crate::records::keys;
+use crate::records::{Datastore, DirtyChunks, Disk, Move, MoveReason, Node, Vdisk};
+use crate::ZoneError;
+
+/// A move the planner recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedMove {
+    pub datastore: String,
+    pub vdisk: String,
+    pub mv: Move,
+}
+
+impl ZoneService {
+    /// Plans and records copy moves for every vDisk: off disks of
+    /// `gone_nodes` (down longer than the rebuild delay) and off disks no
+    /// longer in their datastore, and onto disks placement prefers
+    /// (rebalance). At most one move per group at a time.
+    pub async fn plan_moves(
+        &self,
+        gone_nodes: &HashSet<Uuid>,
+    ) -> Result<Vec<RecordedMove>, ZoneError> {
+        let up = self.up_nodes().await?;
+        let disks: Vec<Disk> = self.disks().await?;
+        let datastores: Vec<Datastore> = self.datastores().await?;
+        let mut recorded = Vec::new();
+        for ds in datastores {
+            if ds.deleting {
+                continue;
+            }
+            let candidates: Vec<PlacementDisk> = disks
+                .iter()
+                .filter(|d| ds.disks.contains(&d.uuid))
+                .map(|d| PlacementDisk {
+                    disk: d.uuid,
+                    node: d.node,
+                    capacity: d.capacity,
+                    used: d.used,
+                    up: up.contains(&d.node),
+                })
+                .collect();
+            let gone: HashSet<Uuid> = disks
+                .iter()
+                .filter(|d| gone_nodes.contains(&d.node))
+                .map(|d| d.uuid)
+                .collect();
+            let vdisks: Vec<Vdisk> = self.load_all(&super::vdisk_prefix(&ds.name)).await?;
+            for mut v in vdisks {
+                // A move whose target is gone too is abandoned; the group
+                // is planned again below.
+                let lost: Vec<Move> = v
+                    .placement
+                    .moves
+                    .iter()
+                    .copied()
+                    .filter(|m| gone.contains(&m.to) || !ds.disks.contains(&m.to))
+                    .collect();
+                for m in lost {
+                    match self.cancel_move(&ds.name, &v.name, m).await {
+                        Ok(updated) => v = updated,
+                        Err(ZoneError::NotFound(_)) => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                let moving: Vec<u32> = v.placement.moves.iter().map(|m| m.group).collect();
+                let excluded: HashSet<Uuid> = v.released.iter().copied().collect();
+                let planned = plan_moves(&MovePlanInput {
+                    vdisk: v.uuid,
+                    policy: &v.policy,
+                    groups: &v.placement.groups,
+                    moving: &moving,
+                    candidates: &candidates,
+                    gone: &gone,
+                    excluded: &excluded,
+                });
+                for p in planned {
+                    let from_down = disks
+                        .iter()
+                        .find(|d| d.uuid == p.from)
+                        .is_none_or(|d| !up.contains(&d.node));
+                    let reason = if !p.forced {
+                        MoveReason::Rebalance
+                    } else if gone.contains(&p.from) || from_down {
+                        MoveReason::Rebuild
+                    } else {
+                        MoveReason::Drain
+                    };
+                    let mv = Move {
+                        group: p.group,
+                        from: p.from,
+                        to: p.to,
+                        reason,
+                    };
+                    let applied = self.record_move(&ds.name, &v.name, mv).await;
+                    match applied {
+                        Ok(true) => {
+                            tracing::info!(
+                                vdisk = %format!("{}/{}", ds.name, v.name),
+                                group = mv.group, from = %mv.from, to = %mv.to, ?reason,
+                                "copy move planned"
+                            );
+                            recorded.push(RecordedMove {
+                                datastore: ds.name.clone(),
+                                vdisk: v.name.clone(),
+                                mv,
+                            });
+                        }
+                        Ok(false) | Err(ZoneError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// Records one move if the vDisk still allows it; false if it changed
+    /// meanwhile so that the move no longer applies.
+    async fn record_move(&self, datastore: &str, name: &str, mv: Move) -> Result<bool, ZoneError> {
+        let (_, applied) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    let g = mv.group as usize;
+                    let ok = g < v.placement.groups.len()
+                        && !v.placement.moves.iter().any(|m| m.group == mv.group)
+                        && v.placement.groups[g].contains(&mv.from)
+                        && !v.placement.groups[g].contains(&mv.to)
+                        && !v.released.contains(&mv.to);
+                    if !ok {
+                        return Ok(false);
+                    }
+                    let chunks: Vec<u64> = v.placement.group_chunks(mv.group, v.size).collect();
+                    v.placement.groups[g].push(mv.to);
+                    v.placement.moves.push(mv);
+                    v.placement.version += 1;
+                    if !v.stale.contains(&mv.to) {
+                        v.stale.push(mv.to);
+                    }
+                    match v.dirty.iter_mut().find(|e| e.disk == mv.to) {
+                        Some(e) => e.add(chunks),
+                        None => {
+                            let mut e = DirtyChunks {
+                                disk: mv.to,
+                                ranges: Vec::new(),
+                            };
+                            e.add(chunks);
+                            v.dirty.push(e);
+                        }
+                    }
+                    Ok(true)
+                },
+            )
+            .await?;
+        Ok(applied)
+    }
+
+    /// Abandons move `mv` (its target is gone): the target leaves the group
+    /// it was being filled for; the source stays.
+    async fn cancel_move(&self, datastore: &str, name: &str, mv: Move) -> Result<Vdisk, ZoneError> {
+        let (stored, ()) = self
+            .update(
+                &keys::vdisk(datastore, name),
+                || format!("vDisk {datastore}/{name}"),
+                |v: &mut Vdisk| {
+                    if !v.placement.moves.contains(&mv) {
+                        return Ok(());
+                    }
+                    v.placement.moves.retain(|m| *m != mv);
+                    if let Some(group) = v.placement.groups.get_mut(mv.group as usize) {
+                        group.retain(|d| *d != mv.to);
+                    }
+                    if v.placement.holds(mv.to) {
+                        let chunks: Vec<u64> = v.placement.group_chunks(mv.group, v.size).collect();
+                        if let Some(e) = v.dirty.iter_mut().find(|e| e.disk == mv.to) {
+                            e.remove(chunks);
+                        }
+                    } else {
+                        v.stale.retain(|d| *d != mv.to);
+                        v.dirty.retain(|e| e.disk != mv.to);
+                    }
+                    v.placement.version += 1;
+                    Ok(())
+                },
+            )
+            .await?;
+        tracing::warn!(vdisk = %format!("{datastore}/{name}"), group = mv.group, to = %mv.to, "copy move abandoned: its target is gone");
+        Ok(stored.record)
+    }
+
+    /// Adds a disk to a datastore; placement rebalances onto it.
+    pub async fn add_datastore_disk(&self, name: &str, disk: Uuid) -> Result<Datastore, ZoneError> {
+        self.load::<Disk>(&keys::disk(&disk))
+            .await?
+            .ok_or_else(|| ZoneError::NotFound(format!("disk {disk}")))?;
+        let (stored, ()) = self
+            .update(
+                &keys::datastore(name),
+                || format!("datastore '{name}'"),
+                |ds: &mut Datastore| {
+                    if !ds.disks.contains(&disk) {
+                        ds.disks.push(disk);
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
+    /// Removes a disk from a datastore: its copies drain to other disks.
+    pub async fn remove_datastore_disk(
+        &self,
+        name: &str,
+        disk: Uuid,
+    ) -> Result<Datastore, ZoneError> {
+        let (stored, ()) = self
+            .update(
+                &keys::datastore(name),
+                || format!("datastore '{name}'"),
+                |ds: &mut Datastore| {
+                    if !ds.disks.contains(&disk) {
+                        return Err(ZoneError::NotFound(format!(
+                            "disk {disk} in datastore '{name}'"
+                        )));
+                    }
+                    ds.disks.retain(|d| *d != disk);
+                    Ok(())
+                },
+            )
+            .await?;
+        Ok(stored.record)
+    }
+
+    /// Removes a storage node for good: its disks leave every datastore
+    /// (their copies are rebuilt elsewhere). Refused while the node is up,
+    /// unless `force`.
+    pub async fn remove_node(&self, node: Uuid, force: bool) -> Result<Vec<Uuid>, ZoneError> {
+        let Stored { record, .. } = self
+            .get::<Node>(&keys::node(&node), || format!("node {node}"))
+            .await?;
+        if !force && self.up_nodes().await?.contains(&node) {
+            return Err(ZoneError::Conflict(format!(
+                "node {node} is up; stop it first or force the removal"
+            )));
+        }
+        let mut touched = Vec::new();
+        for ds in self.datastores().await? {
+            if !ds.disks.iter().any(|d| record.disks.contains(d)) {
+                continue;
+            }
+            self.update(
+                &keys::datastore(&ds.name),
+                || format!("datastore '{}'", ds.name),
+                |d: &mut Datastore| {
+                    d.disks.retain(|x| !record.disks.contains(x));
+                    Ok(())
+                },
+            )
+            .await?;
+            touched.push(ds.uuid);
+        }
+        tracing::info!(%node, disks = record.disks.len(), "node removed from every datastore");
+        Ok(record.disks)
+    }
+
+    /// Which of the copies a node reports (disk, vDisk) it must free: the
+    /// vDisk is deleted, or the disk is in none of its groups (moved away;
+    /// recorded in `released` first, atomically with that check). Also
+    /// forgets released disks of this node that it no longer reports.
+    pub(super) async fn copies_to_free(
+        &self,
+        node: &Node,
+        copies: &[[Uuid; 2]],
+    ) -> Result<Vec<[Uuid; 2]>, ZoneError> {
+        let vdisks: Vec<Vdisk> = self.load_all(keys::VDISKS).await?;
+        let reported: HashSet<[Uuid; 2]> = copies.iter().copied().collect();
+        let mut free = Vec::new();
+        for v in &vdisks {
+            let here: Vec<Uuid> = node
+                .disks
+                .iter()
+                .copied()
+                .filter(|d| reported.contains(&[*d, v.uuid]) || v.released.contains(d))
+                .collect();
+            if here.is_empty() {
+                continue;
+            }
+            let outcome = self
+                .update(
+                    &keys::vdisk(&v.datastore, &v.name),
+                    || format!("vDisk {}/{}", v.datastore, v.name),
+                    |cur: &mut Vdisk| {
+                        let mut release = Vec::new();
+                        if cur.uuid != v.uuid {
+                            return Ok(release);
+                        }
+                        for d in &here {
+                            let held = reported.contains(&[*d, cur.uuid]);
+                            if held && !cur.placement.holds(*d) {
+                                if !cur.released.contains(d) {
+                                    cur.released.push(*d);
+                                }
+                                release.push(*d);
+                            } else if !held {
+                                cur.released.retain(|x| x != d);
+                            }
+                        }
+                        Ok(release)
+                    },
+                )
+                .await;
+            let release = match outcome {
+                Ok((_, release)) => release,
+                Err(ZoneError::NotFound(_)) => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            free.extend(release.iter().map(|d| [*d, v.uuid]));
+        }
+        Ok(free)
+    }
+}
+
+/// Finishes every move whose target is `disk` (now current): each source
+/// leaves its group, and the stale and dirty lists if it holds no other.
+pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
+    let done: Vec<Move> = v
+        .placement
+        .moves
+        .iter()
+        .copied()
+        .filter(|m| m.to == disk)
+        .collect();
+    if done.is_empty() {
+        return;
+    }
+    for m in &done {
+        if let Some(group) = v.placement.groups.get_mut(m.group as usize) {
+            group.retain(|d| *d != m.from);
+        }
+        if !v.placement.holds(m.from) {
+            v.stale.retain(|d| *d != m.from);
+            v.dirty.retain(|e| e.disk != m.from);
+        }
+    }
+    v.placement.moves.retain(|m| m.to != disk);
+    v.placement.version += 1;
+}
+
+/// Runs [`ZoneService::plan_moves`] periodically, deciding which nodes are
+/// gone for good: down for longer than the rebuild delay (counted from the
+/// first plan that saw them down, so a restart of the planner restarts the
+/// count: it errs on the side of waiting).
+pub struct MovePlanner {
+    svc: ZoneService,
+    rebuild_after: std::time::Duration,
+    down_since: std::collections::HashMap<Uuid, std::time::Instant>,
+}
+
+impl MovePlanner {
+    pub fn new(svc: ZoneService, rebuild_after: std::time::Duration) -> Self {
+        MovePlanner {
+            svc,
+            rebuild_after,
+            down_since: Default::default(),
+        }
+    }
+
+    /// One planning pass.
+    pub async fn run_once(&mut self) -> Result<Vec<RecordedMove>, ZoneError> {
+        let now = std::time::Instant::now();
+        let nodes = self.svc.nodes().await?;
+        let mut gone = HashSet::new();
+        for n in &nodes {
+            if n.state == crate::records::NodeState::Up {
+                self.down_since.remove(&n.node.uuid);
+                continue;
+            }
+            let since = *self.down_since.entry(n.node.uuid).or_insert(now);
+            if now.duration_since(since) >= self.rebuild_after {
+                gone.insert(n.node.uuid);
+            }
+        }
+        self.svc.plan_moves(&gone).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::records::{MoveReason, CHUNK_SIZE};
+    use crate::service::{
+        CopyRepair, CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, OpenVdisk,
+        RegisterDisk, RegisterNode, Registered, SessionRef,
+    };
+    use crate::sled_store::SledStore;
+
+    const TB: u64 = 1 << 40;
+
+    async fn service() -> ZoneService {
+        let store = SledStore::temporary().expect("a temporary store opens");
+        let svc = ZoneService::new(Arc::new(store));
+        svc.ensure_zone("test").await.expect("the zone is created");
+        svc
+    }
+
+    fn node_id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn disk_id(n: u128, i: u128) -> Uuid {
+        Uuid::from_u128(n * 100 + i)
+    }
+
+    /// The number of the node owning disk `disk_id(n, _)`.
+    fn node_of(disk: Uuid) -> u128 {
+        disk.as_u128() / 100
+    }
+
+    fn registration(n: u128, disks: u128) -> RegisterNode {
+        RegisterNode {
+            uuid: node_id(n),
+            host: format!("hv{n}"),
+            addr: format!("127.0.0.{n}:7000"),
+            disks: (0..disks)
+                .map(|i| RegisterDisk {
+                    uuid: disk_id(n, i),
+                    path: format!("/dev/disk{i}"),
+                    capacity: TB,
+                    used: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Registers nodes 1..=count with `disks` disks each.
+    async fn cluster(svc: &ZoneService, count: u128, disks: u128) -> Vec<Registered> {
+        let mut registered = Vec::new();
+        for n in 1..=count {
+            registered.push(
+                svc.register_node(registration(n, disks))
+                    .await
+                    .expect("the node registers"),
+            );
+        }
+        registered
+    }
+
+    /// Makes node `n` down by revoking its liveness lease.
+    async fn kill(svc: &ZoneService, n: u128) {
+        let kv = svc
+            .store()
+            .get(&keys::alive(&node_id(n)))
+            .await
+            .expect("get")
+            .expect("the node is up");
+        svc.store()
+            .revoke(kv.lease.expect("a leased key"))
+            .await
+            .expect("revoke");
+    }
+
+    fn mirrors(name: &str, mirrors: u32, stripes: Option<u32>) -> CreateDatastore {
+        CreateDatastore {
+            name: name.into(),
+            mirrors,
+            stripes,
+            disks: None,
+        }
+    }
+
+    fn vdisk_req(ds: &str, name: &str, size: u64) -> CreateVdisk {
+        CreateVdisk {
+            datastore: ds.into(),
+            name: name.into(),
+            size,
+        }
+    }
+
+    fn open_req(host: &str, ttl_ms: u64, force: bool) -> OpenVdisk {
+        OpenVdisk {
+            host: host.into(),
+            ttl_ms,
+            force,
+            role: None,
+            repair: false,
+        }
+    }
+
+    fn heartbeat(lease: u64, copies: Vec<[Uuid; 2]>) -> Heartbeat {
+        Heartbeat {
+            lease,
+            disks: Vec::new(),
+            vdisks: Vec::new(),
+            copies,
+        }
+    }
+
+    fn none() -> HashSet<Uuid> {
+        HashSet::new()
+    }
+
+    const NO_DISKS: Vec<Uuid> = Vec::new();
+    const NO_COPIES: Vec<[Uuid; 2]> = Vec::new();
+
+    /// 5 chunks: 4 MiB and one sector.
+    const SIZE: u64 = 4 * CHUNK_SIZE + 512;
+
+    /// A vDisk of datastore `ds` (mirrors=2 over 3 nodes of one disk each)
+    /// whose copy on `source` is being drained to `spare`.
+    struct Drain {
+        svc: ZoneService,
+        registered: Vec<Registered>,
+        /// The vDisk as created.
+        created: Vdisk,
+        keep: Uuid,
+        source: Uuid,
+        spare: Uuid,
+    }
+
+    async fn drained() -> Drain {
+        let svc = service().await;
+        let registered = cluster(&svc, 3, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        let created = svc
+            .create_vdisk(vdisk_req("ds", "vd", SIZE))
+            .await
+            .expect("vdisk");
+        let group = created.placement.groups[0].clone();
+        assert_eq!(group.len(), 2);
+        let (keep, source) = (group[0], group[1]);
+        let spare = (1..=3)
+            .map(|n| disk_id(n, 0))
+            .find(|d| !group.contains(d))
+            .expect("a third disk");
+
+        let ds = svc
+            .remove_datastore_disk("ds", source)
+            .await
+            .expect("removed");
+        assert!(!ds.disks.contains(&source));
+        assert!(matches!(
+            svc.remove_datastore_disk("ds", source).await,
+            Err(ZoneError::NotFound(_))
+        ));
+        let recorded = svc.plan_moves(&none()).await.expect("planned");
+        assert_eq!(
+            recorded,
+            vec![RecordedMove {
+                datastore: "ds".into(),
+                vdisk: "vd".into(),
+                mv: Move {
+                    group: 0,
+                    from: source,
+                    to: spare,
+                    reason: MoveReason::Drain,
+                },
+            }]
+        );
+        Drain {
+            svc,
+            registered,
+            created,
+            keep,
+            source,
+            spare,
+        }
+    }
+
+    impl Drain {
+        async fn vdisk(&self) -> Vdisk {
+            self.svc.vdisk("ds", "vd").await.expect("found").vdisk
+        }
+
+        async fn open(&self, host: &str) -> Uuid {
+            self.svc
+                .open_vdisk("ds", "vd", open_req(host, 60_000, false))
+                .await
+                .expect("opens")
+                .session
+        }
+
+        /// Resyncs the spare completely: finishes the move.
+        async fn finish(&self) {
+            let session = self.open("hv1").await;
+            self.svc
+                .mark_clean(
+                    "ds",
+                    "vd",
+                    MarkClean {
+                        session,
+                        disk: self.spare,
+                        chunks: (0..5).collect(),
+                        complete: true,
+                    },
+                )
+                .await
+                .expect("the spare is complete");
+        }
+
+        /// Node `n`'s heartbeat reporting `copies`.
+        async fn heartbeat(&self, n: u128, copies: Vec<[Uuid; 2]>) -> Vec<[Uuid; 2]> {
+            self.svc
+                .heartbeat(
+                    node_id(n),
+                    heartbeat(self.registered[n as usize - 1].lease, copies),
+                )
+                .await
+                .expect("heartbeat")
+                .free
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drain_moves_a_copy_make_before_break() {
+        let d = drained().await;
+        let version = d.created.placement.version;
+
+        // Recorded: the spare joins the group, stale with every chunk dirty.
+        let view = d.svc.vdisk("ds", "vd").await.expect("found");
+        let v = &view.vdisk;
+        assert_eq!(v.placement.groups, vec![vec![d.keep, d.source, d.spare]]);
+        assert_eq!(
+            v.placement.moves,
+            vec![Move {
+                group: 0,
+                from: d.source,
+                to: d.spare,
+                reason: MoveReason::Drain
+            }]
+        );
+        assert_eq!(v.placement.version, version + 1);
+        assert_eq!(v.stale, vec![d.spare]);
+        assert_eq!(
+            v.dirty,
+            vec![DirtyChunks {
+                disk: d.spare,
+                ranges: vec![[0, 5]]
+            }]
+        );
+        assert_eq!(
+            v.dirty[0].chunks().collect::<Vec<_>>(),
+            v.placement.group_chunks(0, SIZE).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            view.repair,
+            vec![CopyRepair {
+                disk: d.spare,
+                dirty_chunks: 5,
+                node_up: true,
+                replaces: Some(d.source),
+            }]
+        );
+        // The source is still up and current: a drain keeps the vDisk's
+        // full redundancy while the spare fills.
+        assert_eq!(view.health, Health::Healthy);
+
+        // Nothing more to plan while the move runs.
+        assert_eq!(d.svc.plan_moves(&none()).await.expect("planned"), vec![]);
+        assert_eq!(d.vdisk().await.placement.version, version + 1);
+
+        // The writer sees the new placement, and learns of it on renewal.
+        let opened = d
+            .svc
+            .open_vdisk("ds", "vd", open_req("hv1", 60_000, false))
+            .await
+            .expect("opens");
+        assert_eq!(
+            opened.vdisk.placement.groups[0],
+            vec![d.keep, d.source, d.spare]
+        );
+        assert!(opened.disks.iter().any(|disk| disk.uuid == d.spare));
+        let renewed = d
+            .svc
+            .renew_vdisk(
+                "ds",
+                "vd",
+                SessionRef {
+                    session: opened.session,
+                    ttl_ms: None,
+                },
+            )
+            .await
+            .expect("renews");
+        assert_eq!(renewed.placement_version, version + 1);
+
+        // Resync fills the spare in two steps, then completes it.
+        let clean = |chunks: Vec<u64>, complete: bool| MarkClean {
+            session: opened.session,
+            disk: d.spare,
+            chunks,
+            complete,
+        };
+        let v = d
+            .svc
+            .mark_clean("ds", "vd", clean(vec![0, 1, 2], false))
+            .await
+            .expect("cleaned");
+        assert_eq!(v.dirty[0].ranges, vec![[3, 5]]);
+        assert_eq!(v.placement.moves.len(), 1, "not complete yet");
+        d.svc
+            .mark_clean("ds", "vd", clean(vec![3, 4], true))
+            .await
+            .expect("complete");
+
+        let view = d.svc.vdisk("ds", "vd").await.expect("found");
+        let v = &view.vdisk;
+        assert_eq!(v.placement.groups, vec![vec![d.keep, d.spare]]);
+        assert_eq!(v.placement.moves, vec![]);
+        assert_eq!(v.placement.version, version + 2);
+        assert!(!v.placement.holds(d.source));
+        assert_eq!((v.stale.clone(), v.dirty.clone()), (vec![], vec![]));
+        assert_eq!(view.repair, vec![]);
+        assert_eq!(view.health, Health::Healthy);
+        let renewed = d
+            .svc
+            .renew_vdisk(
+                "ds",
+                "vd",
+                SessionRef {
+                    session: opened.session,
+                    ttl_ms: None,
+                },
+            )
+            .await
+            .expect("renews");
+        assert_eq!(renewed.placement_version, version + 2);
+
+        // Settled: nothing more to move.
+        assert_eq!(d.svc.plan_moves(&none()).await.expect("planned"), vec![]);
+    }
+
+    #[tokio::test]
+    async fn completing_a_target_that_misses_chunks_is_refused_and_finishes_nothing() {
+        let d = drained().await;
+        let session = d.open("hv1").await;
+        let before = d.vdisk().await;
+        let error = d
+            .svc
+            .mark_clean(
+                "ds",
+                "vd",
+                MarkClean {
+                    session,
+                    disk: d.spare,
+                    chunks: vec![0, 1, 2, 3],
+                    complete: true,
+                },
+            )
+            .await
+            .expect_err("chunk 4 is still dirty");
+        assert!(matches!(error, ZoneError::Conflict(_)), "{error:?}");
+        let after = d.vdisk().await;
+        assert_eq!(
+            after.placement, before.placement,
+            "the move is not finished"
+        );
+        assert!(after.placement.holds(d.source));
+        assert_eq!(after.stale, vec![d.spare]);
+        assert!(after
+            .dirty
+            .iter()
+            .any(|e| e.disk == d.spare && e.contains(4)));
+
+        // Completing the staying copy (not a move target) finishes nothing.
+        d.svc
+            .mark_clean(
+                "ds",
+                "vd",
+                MarkClean {
+                    session,
+                    disk: d.keep,
+                    chunks: vec![],
+                    complete: true,
+                },
+            )
+            .await
+            .expect("a current copy may be completed");
+        assert_eq!(d.vdisk().await.placement, before.placement);
+    }
+
+    #[tokio::test]
+    async fn heartbeats_free_moved_copies_and_released_disks_are_no_targets() {
+        let d = drained().await;
+        let vd = d.created.uuid;
+        let (keep_node, source_node, spare_node) =
+            (node_of(d.keep), node_of(d.source), node_of(d.spare));
+
+        // While the move runs, the source's copy is still in the placement.
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            NO_COPIES
+        );
+        assert_eq!(
+            d.heartbeat(spare_node, vec![[d.spare, vd]]).await,
+            NO_COPIES
+        );
+        assert_eq!(d.vdisk().await.released, NO_DISKS);
+
+        d.finish().await;
+        // Copies in the placement are never freed.
+        assert_eq!(d.heartbeat(keep_node, vec![[d.keep, vd]]).await, NO_COPIES);
+        assert_eq!(
+            d.heartbeat(spare_node, vec![[d.spare, vd]]).await,
+            NO_COPIES
+        );
+        // Nor is a disk of another node, whatever this one reports.
+        assert_eq!(
+            d.heartbeat(keep_node, vec![[d.source, vd]]).await,
+            NO_COPIES
+        );
+        assert_eq!(d.vdisk().await.released, NO_DISKS);
+
+        // The source's node reports the moved copy: it frees it.
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]]
+        );
+        assert_eq!(d.vdisk().await.released, vec![d.source]);
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]],
+            "told again until it is gone"
+        );
+        assert_eq!(d.vdisk().await.released, vec![d.source]);
+
+        // The source rejoins the datastore: placement would put the copy
+        // back there, but not while the old copy is being freed.
+        d.svc
+            .add_datastore_disk("ds", d.source)
+            .await
+            .expect("added");
+        assert_eq!(d.svc.plan_moves(&none()).await.expect("planned"), vec![]);
+
+        // Once the node no longer reports the copy (it still reports
+        // another one, of a deleted vDisk), the disk is no longer released
+        // and the copy may move back.
+        let stranger = Uuid::new_v4();
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, stranger]]).await,
+            NO_COPIES
+        );
+        assert_eq!(d.vdisk().await.released, NO_DISKS);
+        let recorded = d.svc.plan_moves(&none()).await.expect("planned");
+        assert_eq!(
+            recorded.iter().map(|r| r.mv).collect::<Vec<_>>(),
+            vec![Move {
+                group: 0,
+                from: d.spare,
+                to: d.source,
+                reason: MoveReason::Rebalance,
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_reporting_no_copies_at_all_clears_released() {
+        let d = drained().await;
+        let vd = d.created.uuid;
+        d.finish().await;
+        let source_node = node_of(d.source);
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]]
+        );
+        assert_eq!(d.vdisk().await.released, vec![d.source]);
+        // The node freed the copy; it holds nothing else.
+        assert_eq!(d.heartbeat(source_node, vec![]).await, NO_COPIES);
+        assert_eq!(
+            d.vdisk().await.released,
+            NO_DISKS,
+            "the freed copy is still listed as released"
+        );
+    }
+
+    #[tokio::test]
+    async fn removing_a_node_rebuilds_its_copies_elsewhere() {
+        let svc = service().await;
+        cluster(&svc, 4, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        svc.create_datastore(mirrors("other", 1, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", SIZE))
+            .await
+            .expect("vdisk");
+        let group = vdisk.placement.groups[0].clone();
+        let (lost, keep) = (group[0], group[1]);
+        let n = node_of(lost);
+
+        let error = svc
+            .remove_node(node_id(n), false)
+            .await
+            .expect_err("the node is up");
+        assert!(matches!(error, ZoneError::Conflict(_)), "{error:?}");
+        assert!(svc.datastore("ds").await.expect("ds").disks.contains(&lost));
+        assert_eq!(svc.plan_moves(&none()).await.expect("planned"), vec![]);
+        assert!(matches!(
+            svc.remove_node(node_id(99), true).await,
+            Err(ZoneError::NotFound(_))
+        ));
+
+        kill(&svc, n).await;
+        assert_eq!(
+            svc.remove_node(node_id(n), false).await.expect("removed"),
+            vec![lost]
+        );
+        for ds in ["ds", "other"] {
+            let disks = svc.datastore(ds).await.expect("datastore").disks;
+            assert!(!disks.contains(&lost), "{ds}: {disks:?}");
+            assert_eq!(disks.len(), 3, "{ds}: only the node's disk left");
+        }
+
+        let recorded = svc.plan_moves(&none()).await.expect("planned");
+        assert_eq!(recorded.len(), 1, "{recorded:?}");
+        let mv = recorded[0].mv;
+        assert_eq!(
+            (mv.group, mv.from, mv.reason),
+            (0, lost, MoveReason::Rebuild)
+        );
+        assert!(!group.contains(&mv.to));
+        assert_ne!(node_of(mv.to), node_of(keep));
+        let view = svc.vdisk("ds", "vd").await.expect("found");
+        assert_eq!(view.vdisk.placement.groups[0], vec![lost, keep, mv.to]);
+        assert_eq!(view.vdisk.stale, vec![mv.to]);
+        assert_eq!(
+            view.health,
+            Health::Degraded,
+            "one current copy on an up node"
+        );
+
+        // A node that is up may be removed with force.
+        let idle = (1..=4)
+            .find(|m| ![n, node_of(keep), node_of(mv.to)].contains(m))
+            .expect("a fourth node");
+        assert!(matches!(
+            svc.remove_node(node_id(idle), false).await,
+            Err(ZoneError::Conflict(_))
+        ));
+        assert_eq!(
+            svc.remove_node(node_id(idle), true).await.expect("forced"),
+            vec![disk_id(idle, 0)]
+        );
+        assert!(!svc
+            .datastore("ds")
+            .await
+            .expect("ds")
+            .disks
+            .contains(&disk_id(idle, 0)));
+    }
+
+    /// 3 nodes, mirrors=2, one vDisk; the node of its first copy killed.
+    /// Returns the service, the vDisk, the killed node's number and the
+    /// disk of the node holding no copy.
+    async fn one_node_down() -> (ZoneService, Vdisk, u128, Uuid) {
+        let svc = service().await;
+        cluster(&svc, 3, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", SIZE))
+            .await
+            .expect("vdisk");
+        let group = &vdisk.placement.groups[0];
+        let spare = (1..=3)
+            .map(|n| disk_id(n, 0))
+            .find(|d| !group.contains(d))
+            .expect("a third disk");
+        let n = node_of(group[0]);
+        kill(&svc, n).await;
+        (svc, vdisk, n, spare)
+    }
+
+    #[tokio::test]
+    async fn the_move_planner_rebuilds_only_after_the_delay() {
+        let (svc, vdisk, _, spare) = one_node_down().await;
+        let lost = vdisk.placement.groups[0][0];
+
+        let mut patient = MovePlanner::new(svc.clone(), Duration::from_secs(3600));
+        for _ in 0..3 {
+            assert_eq!(patient.run_once().await.expect("planned"), vec![]);
+        }
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").vdisk.placement,
+            vdisk.placement,
+            "a briefly down node moves nothing"
+        );
+
+        let mut eager = MovePlanner::new(svc.clone(), Duration::ZERO);
+        let recorded = eager.run_once().await.expect("planned");
+        assert_eq!(
+            recorded.iter().map(|r| r.mv).collect::<Vec<_>>(),
+            vec![Move {
+                group: 0,
+                from: lost,
+                to: spare,
+                reason: MoveReason::Rebuild,
+            }]
+        );
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").health,
+            Health::Degraded
+        );
+        assert_eq!(eager.run_once().await.expect("planned"), vec![]);
+    }
+
+    #[tokio::test]
+    async fn the_move_planner_counts_the_delay_while_the_node_stays_down() {
+        let (svc, vdisk, n, spare) = one_node_down().await;
+        let lost = vdisk.placement.groups[0][0];
+        let mut planner = MovePlanner::new(svc.clone(), Duration::from_millis(100));
+        assert_eq!(
+            planner.run_once().await.expect("planned"),
+            vec![],
+            "the first pass starts the count"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+
+        // The node comes back: the count restarts when it goes down again.
+        svc.register_node(registration(n, 1))
+            .await
+            .expect("re-registers");
+        assert_eq!(planner.run_once().await.expect("planned"), vec![]);
+        kill(&svc, n).await;
+        assert_eq!(planner.run_once().await.expect("planned"), vec![]);
+
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let recorded = planner.run_once().await.expect("planned");
+        assert_eq!(
+            recorded.iter().map(|r| r.mv).collect::<Vec<_>>(),
+            vec![Move {
+                group: 0,
+                from: lost,
+                to: spare,
+                reason: MoveReason::Rebuild,
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repair_lease_yields_to_any_other_open() {
+        let svc = service().await;
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", SIZE))
+            .await
+            .expect("vdisk");
+        let repair = |host: &str| OpenVdisk {
+            repair: true,
+            ..open_req(host, 60_000, false)
+        };
+
+        let worker = svc
+            .open_vdisk("ds", "vd", repair("worker1"))
+            .await
+            .expect("a free vDisk opens for repair");
+        let lease = worker.vdisk.lease.clone().expect("a lease");
+        assert!(lease.repair);
+        assert_eq!((lease.session, worker.epoch), (worker.session, 1));
+
+        // Another worker does not take it.
+        assert!(matches!(
+            svc.open_vdisk("ds", "vd", repair("worker2")).await,
+            Err(ZoneError::Conflict(_))
+        ));
+
+        // Any other open does, without force, with the next epoch.
+        let front = svc
+            .open_vdisk("ds", "vd", open_req("hv1", 60_000, false))
+            .await
+            .expect("takes over the repair lease");
+        assert_eq!(front.epoch, worker.epoch + 1);
+        let lease = front.vdisk.lease.clone().expect("a lease");
+        assert_eq!((lease.holder.as_str(), lease.repair), ("hv1", false));
+        assert!(matches!(
+            svc.renew_vdisk(
+                "ds",
+                "vd",
+                SessionRef {
+                    session: worker.session,
+                    ttl_ms: None
+                }
+            )
+            .await,
+            Err(ZoneError::Conflict(_))
+        ));
+
+        // A repair open does not take over a live writer's lease, nor does
+        // another open without force.
+        assert!(matches!(
+            svc.open_vdisk("ds", "vd", repair("worker1")).await,
+            Err(ZoneError::Conflict(_))
+        ));
+        assert!(matches!(
+            svc.open_vdisk("ds", "vd", open_req("hv2", 60_000, false))
+                .await,
+            Err(ZoneError::Conflict(_))
+        ));
+        let v = svc.vdisk("ds", "vd").await.expect("found").vdisk;
+        assert_eq!(v.epoch, front.epoch);
+        assert_eq!(v.lease.map(|l| l.session), Some(front.session));
+    }
+}
