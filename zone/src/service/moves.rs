@@ -88,6 +88,17 @@ impl ZoneService {
                 }
                 let moving: Vec<u32> = v.placement.moves.iter().map(|m| m.group).collect();
                 let excluded: HashSet<Uuid> = v.released.iter().copied().collect();
+                let unavailable: HashSet<Uuid> = v
+                    .stale
+                    .iter()
+                    .copied()
+                    .chain(
+                        disks
+                            .iter()
+                            .filter(|d| !up.contains(&d.node))
+                            .map(|d| d.uuid),
+                    )
+                    .collect();
                 let planned = plan_moves(&MovePlanInput {
                     vdisk: v.uuid,
                     policy: &v.policy,
@@ -96,6 +107,7 @@ impl ZoneService {
                     candidates: &candidates,
                     gone: &gone,
                     excluded: &excluded,
+                    unavailable: &unavailable,
                 });
                 for p in planned {
                     let from_down = disks
