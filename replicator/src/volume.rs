@@ -78,7 +78,9 @@ struct Copy {
     /// Index of the node in the volume's node list (and its connections).
     node: usize,
     local: bool,
-    /// Shared by every group position on the same disk.
+    /// The target of a move into this group: its state is its own.
+    target: bool,
+    /// Shared by every group position on the same disk (but a move target's).
     state: Arc<CopyState>,
 }
 
@@ -430,26 +432,22 @@ impl Volume {
         let taken = inner.take_unflushed();
         let layout = inner.layout();
         // A copy being resynced holds acknowledged writes too.
-        let current: Vec<_> = layout
-            .disks
-            .iter()
-            .filter(|(_, _, st)| matches!(st.get(), CURRENT | SYNCING))
-            .collect();
+        let current = layout.disks_where(|st| matches!(st, CURRENT | SYNCING));
         let links = &self.links;
         let results = join_all(
             current
                 .iter()
-                .map(|(disk, node, _)| inner.flush_one(links, *disk, *node)),
+                .map(|(disk, node)| inner.flush_one(links, *disk, *node)),
         )
         .await;
         let mut failed = false;
-        for ((disk, _, st), r) in current.iter().zip(results) {
+        for ((disk, _), r) in current.iter().zip(results) {
             match r {
                 Ok(()) => {}
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(%disk, error = %e, "flush failed on a copy");
-                    st.fail();
+                    layout.fail_disk(*disk);
                     failed = true;
                 }
             }
@@ -702,24 +700,20 @@ impl Inner {
     /// once resynced, as resync carries the new epoch).
     async fn fence_all(&self, links: &Links) -> Result<(), VolumeError> {
         let layout = self.layout();
-        let current: Vec<_> = layout
-            .disks
-            .iter()
-            .filter(|(_, _, st)| st.get() == CURRENT)
-            .collect();
+        let current = layout.disks_where(|st| st == CURRENT);
         let results = join_all(
             current
                 .iter()
-                .map(|(disk, node, _)| self.fence_one(links, *disk, *node)),
+                .map(|(disk, node)| self.fence_one(links, *disk, *node)),
         )
         .await;
-        for ((disk, _, st), r) in current.iter().zip(results) {
+        for ((disk, _), r) in current.iter().zip(results) {
             match r {
                 Ok(()) => {}
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(%disk, error = %e, "cannot fence a copy; recording it stale");
-                    st.0.store(FAILING, Ordering::Release);
+                    layout.fail_disk(*disk);
                 }
             }
         }

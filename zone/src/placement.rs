@@ -151,10 +151,6 @@ pub struct MovePlanInput<'a> {
     pub gone: &'a HashSet<Uuid>,
     /// Disks never to choose as a target (their old copy is being freed).
     pub excluded: &'a HashSet<Uuid>,
-    /// Disks whose copies are not current now (stale, or on a node that is
-    /// down): a copy of another group on a target does not count as one
-    /// that stays available while the target fills.
-    pub unavailable: &'a HashSet<Uuid>,
 }
 
 /// Plans at most one move per group of a vDisk:
@@ -186,11 +182,6 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
         })
         .collect();
     let ideal = place(input.vdisk, input.policy, &idealised).ok();
-    // A target is stale as a whole while it fills (copy state is per disk):
-    // every other group it holds must keep enough available copies.
-    let min = input.policy.redundancy.min_copies().max(1) as usize;
-    let mut unavailable: HashSet<Uuid> = input.unavailable.clone();
-    unavailable.extend(input.gone.iter().copied());
     let mut out = Vec::new();
     for (g, members) in input.groups.iter().enumerate() {
         let g32 = g as u32;
@@ -219,15 +210,6 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
                 && !input.excluded.contains(&c.disk)
                 && !members.contains(&c.disk)
                 && !staying_nodes.contains(&c.node)
-                && input.groups.iter().enumerate().all(|(h, other)| {
-                    h == g
-                        || !other.contains(&c.disk)
-                        || other
-                            .iter()
-                            .filter(|d| **d != c.disk && !unavailable.contains(d))
-                            .count()
-                            >= min
-                })
         };
         // Prefer where placement would put it; a forced move takes the
         // best-ranked disk that fits when the ideal one does not.
@@ -250,7 +232,6 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
             None => None,
         };
         if let Some(to) = target {
-            unavailable.insert(to.disk);
             out.push(PlannedMove {
                 group: g32,
                 from,
@@ -520,7 +501,6 @@ mod tests {
             candidates,
             gone,
             excluded,
-            unavailable: &HashSet::new(),
         })
     }
 
@@ -597,13 +577,9 @@ mod tests {
                 let mv = moves.iter().find(|m| m.group == g as u32);
                 if members.contains(&lost) {
                     expected_rebuilds += 1;
-                    // A fitting disk that holds another group of the vDisk
-                    // may be refused: it would leave that group short of
-                    // available copies while it fills.
-                    let possible = damaged.iter().any(|c| {
-                        may_receive(c, &damaged, members, lost, &gone, &excluded)
-                            && !groups.iter().any(|other| other.contains(&c.disk))
-                    });
+                    let possible = damaged
+                        .iter()
+                        .any(|c| may_receive(c, &damaged, members, lost, &gone, &excluded));
                     let Some(m) = mv else {
                         assert!(
                             !possible,
@@ -639,11 +615,9 @@ mod tests {
             }
         }
         assert!(expected_rebuilds >= 300);
-        // Some targets are refused to keep other groups available while
-        // they fill; most groups still get their rebuild in the first pass.
-        assert!(
-            rebuilds * 2 > expected_rebuilds,
-            "{rebuilds} of {expected_rebuilds} groups that lost a copy got a rebuild"
+        assert_eq!(
+            rebuilds, expected_rebuilds,
+            "every group that lost a copy has a fitting target here"
         );
     }
 
@@ -876,7 +850,6 @@ mod tests {
                     candidates: &five,
                     gone: &none,
                     excluded: &none,
-                    unavailable: &none,
                 });
                 assert_eq!(rest, moves[1..].to_vec(), "vDisk {v}");
             }
@@ -890,7 +863,6 @@ mod tests {
                     candidates: &five,
                     gone: &HashSet::from([groups[0][0]]),
                     excluded: &none,
-                    unavailable: &none,
                 }),
                 vec![],
                 "vDisk {v}: every group is moving, even a gone copy waits"

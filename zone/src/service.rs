@@ -987,7 +987,17 @@ impl ZoneService {
                         if !v.placement.holds(*d) {
                             continue;
                         }
-                        if !v.stale.contains(d) {
+                        // Chunks a move's target misses in the group it is
+                        // being filled for make it no staler than it is.
+                        let stripes = v.placement.groups.len().max(1) as u64;
+                        let only_filling = !req.chunks.is_empty()
+                            && req.chunks.iter().all(|c| {
+                                v.placement
+                                    .moves
+                                    .iter()
+                                    .any(|m| m.to == *d && u64::from(m.group) == c % stripes)
+                            });
+                        if !only_filling && !v.stale.contains(d) {
                             v.stale.push(*d);
                         }
                         let pos = match v.dirty.iter().position(|e| e.disk == *d) {
@@ -1260,8 +1270,13 @@ struct Liveness {
 
 impl Liveness {
     fn view(&self, vdisk: Vdisk) -> VdiskView {
-        let repair = vdisk
-            .stale
+        let mut repairing: Vec<Uuid> = vdisk.stale.clone();
+        for m in &vdisk.placement.moves {
+            if !repairing.contains(&m.to) {
+                repairing.push(m.to);
+            }
+        }
+        let repair = repairing
             .iter()
             .map(|d| CopyRepair {
                 disk: *d,
@@ -1280,10 +1295,18 @@ impl Liveness {
             })
             .collect();
         let width = vdisk.policy.redundancy.width() as usize;
-        let healthy = vdisk.placement.groups.iter().all(|group| {
+        let healthy = vdisk.placement.groups.iter().enumerate().all(|(g, group)| {
             group
                 .iter()
-                .filter(|d| self.up_disks.contains(d) && !vdisk.stale.contains(d))
+                .filter(|d| {
+                    self.up_disks.contains(d)
+                        && !vdisk.stale.contains(d)
+                        && !vdisk
+                            .placement
+                            .moves
+                            .iter()
+                            .any(|m| m.to == **d && m.group as usize == g)
+                })
                 .count()
                 >= width
         });

@@ -38,7 +38,9 @@ pub(super) struct Layout {
     pub(super) groups: Vec<Vec<Copy>>,
     /// Per placement group, the copy reads go to first (a local one if any).
     pub(super) read_first: Vec<usize>,
-    /// Every disk of the placement: its node index and its state.
+    /// Every copy slot of the placement (a disk's copies, and separately
+    /// a move target's copy): disk, node index and state. A disk may be
+    /// listed twice.
     pub(super) disks: Vec<(Uuid, usize, Arc<CopyState>)>,
 }
 
@@ -55,34 +57,29 @@ impl Layout {
         locate: impl Fn(Uuid) -> Result<(String, bool), VolumeError>,
     ) -> Result<Layout, VolumeError> {
         let mut addrs = nodes.write().expect("nodes poisoned");
-        let mut known: HashMap<Uuid, (usize, bool, Arc<CopyState>)> = HashMap::new();
+        // Where each disk is; and each copy slot's state: a disk's copies
+        // share one state, except a move's target, whose copy in the group
+        // it is filled for has its own (stale until the move finishes).
+        let mut located: HashMap<Uuid, (usize, bool)> = HashMap::new();
+        let mut states: HashMap<(Uuid, Option<usize>), Arc<CopyState>> = HashMap::new();
         if let Some(p) = previous {
-            for c in p.groups.iter().flatten() {
-                known.insert(c.disk, (c.node, c.local, c.state.clone()));
+            for (g, group) in p.groups.iter().enumerate() {
+                for c in group {
+                    located.insert(c.disk, (c.node, c.local));
+                    let key = (c.disk, c.target.then_some(g));
+                    states.insert(key, c.state.clone());
+                }
             }
         }
-        let mut seen: HashSet<Uuid> = HashSet::new();
         let mut all = Vec::new();
+        let mut listed: HashSet<(Uuid, Option<usize>)> = HashSet::new();
         let mut groups = Vec::with_capacity(vdisk.placement.groups.len());
         let mut read_first = Vec::with_capacity(vdisk.placement.groups.len());
-        for group in &vdisk.placement.groups {
+        for (g, group) in vdisk.placement.groups.iter().enumerate() {
             let mut copies = Vec::with_capacity(group.len());
             for disk in group {
-                let (node, local, state) = match known.get(disk) {
-                    Some(k) => {
-                        // Known but newly stale in the zone: the target of a
-                        // move that already holds another group's copies.
-                        // It serves nothing until resync fills it.
-                        if vdisk.stale.contains(disk) {
-                            let _ = k.2 .0.compare_exchange(
-                                CURRENT,
-                                STALE,
-                                std::sync::atomic::Ordering::AcqRel,
-                                std::sync::atomic::Ordering::Acquire,
-                            );
-                        }
-                        k.clone()
-                    }
+                let (node, local) = match located.get(disk) {
+                    Some(l) => *l,
                     None => {
                         let (addr, local) = locate(*disk)?;
                         let index = match addrs.iter().position(|a| *a == addr) {
@@ -92,23 +89,35 @@ impl Layout {
                                 addrs.len() - 1
                             }
                         };
-                        let initial = if vdisk.stale.contains(disk) {
+                        located.insert(*disk, (index, local));
+                        (index, local)
+                    }
+                };
+                let target = vdisk
+                    .placement
+                    .moves
+                    .iter()
+                    .any(|m| m.to == *disk && m.group as usize == g);
+                let key = (*disk, target.then_some(g));
+                let state = states
+                    .entry(key)
+                    .or_insert_with(|| {
+                        let initial = if target || vdisk.stale.contains(disk) {
                             STALE
                         } else {
                             CURRENT
                         };
-                        let entry = (index, local, Arc::new(CopyState(AtomicU8::new(initial))));
-                        known.insert(*disk, entry.clone());
-                        entry
-                    }
-                };
-                if seen.insert(*disk) {
+                        Arc::new(CopyState(AtomicU8::new(initial)))
+                    })
+                    .clone();
+                if listed.insert(key) {
                     all.push((*disk, node, state.clone()));
                 }
                 copies.push(Copy {
                     disk: *disk,
                     node,
                     local,
+                    target,
                     state,
                 });
             }
@@ -137,6 +146,35 @@ impl Layout {
     /// Whether `disk` holds a copy of `chunk`.
     pub(super) fn holds(&self, disk: Uuid, chunk: u64) -> bool {
         self.group(chunk).iter().any(|c| c.disk == disk)
+    }
+
+    /// Disks with a copy slot whose state passes `keep`, each once, with
+    /// its node.
+    pub(super) fn disks_where(&self, keep: impl Fn(u8) -> bool) -> Vec<(Uuid, usize)> {
+        let mut out: Vec<(Uuid, usize)> = Vec::new();
+        for (d, n, st) in &self.disks {
+            if keep(st.get()) && !out.iter().any(|(x, _)| x == d) {
+                out.push((*d, *n));
+            }
+        }
+        out
+    }
+
+    /// Every copy slot of `disk` that is current or resyncing fails.
+    pub(super) fn fail_disk(&self, disk: Uuid) {
+        for (d, _, st) in &self.disks {
+            if *d == disk {
+                st.fail();
+            }
+        }
+    }
+
+    /// Every copy slot of `disk`.
+    pub(super) fn slots(&self, disk: Uuid) -> impl Iterator<Item = &Arc<CopyState>> + '_ {
+        self.disks
+            .iter()
+            .filter(move |(d, _, _)| *d == disk)
+            .map(|(_, _, st)| st)
     }
 
     pub(super) fn has_disk(&self, disk: Uuid) -> bool {

@@ -32,6 +32,9 @@ use super::{stripe, Inner, CURRENT, STALE, SYNCING};
 use crate::layout::Piece;
 use crate::VolumeError;
 
+/// A disk's copy slot state, as the repair loop holds it.
+type Slot = (Uuid, Arc<super::CopyState>);
+
 /// How often stale copies are checked for a returning node.
 const PERIOD: Duration = Duration::from_millis(500);
 /// Chunks recorded clean per zone update, at most.
@@ -74,30 +77,35 @@ impl Inner {
             }
             // Taken after any placement change settled (see `adopt`), and
             // not held: a layout change must not wait for a whole resync.
-            let stale: Vec<(Uuid, usize, Arc<super::CopyState>)> = {
+            let (stale, slots): (Vec<(Uuid, usize)>, Vec<Slot>) = {
                 let _settled = self.adopting.lock().await;
-                self.layout()
+                let layout = self.layout();
+                let slots = layout
                     .disks
                     .iter()
-                    .filter(|(_, _, st)| st.get() == STALE)
-                    .cloned()
-                    .collect()
+                    .map(|(d, _, st)| (*d, st.clone()))
+                    .collect();
+                (layout.disks_where(|st| st == STALE), slots)
             };
-            for (disk, node, state) in &stale {
-                if state.get() != STALE {
-                    continue;
-                }
+            for (disk, node) in &stale {
+                let mine: Vec<&Arc<super::CopyState>> = slots
+                    .iter()
+                    .filter(|(d, _)| d == disk)
+                    .map(|(_, st)| st)
+                    .collect();
                 // Is its node back? Fencing it is both the probe and the
                 // first step: from now on it refuses every older writer.
                 if self.fence_one(&links, *disk, *node).await.is_err() {
                     continue;
                 }
                 // From now on writes to chunks it has go to it as well.
-                if state
-                    .0
-                    .compare_exchange(STALE, SYNCING, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-                {
+                let mut syncing = false;
+                for st in &mine {
+                    syncing |=
+                        st.0.compare_exchange(STALE, SYNCING, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok();
+                }
+                if !syncing {
                     continue;
                 }
                 let started = Instant::now();
@@ -119,7 +127,9 @@ impl Inner {
                         tracing::warn!(%disk, chunks = copied, error = %e, "resync interrupted; will retry");
                         // It may have lost writes it took but did not make
                         // stable: record those dirty, and the copy stale.
-                        state.fail();
+                        for st in &mine {
+                            st.fail();
+                        }
                         if let Err(e) = self.record_dirty(&[]).await {
                             tracing::warn!(error = %e, "cannot record the interrupted copy stale");
                         }
@@ -223,7 +233,8 @@ impl Inner {
             }
             self.flush_one(links, disk, node).await?;
             let vdisk = self.record_clean(disk, &mut Vec::new(), true).await?;
-            if let Some((_, _, st)) = self.layout().disks.iter().find(|(d, _, _)| *d == disk) {
+            // Every copy slot of the disk: its own, and a move target's.
+            for st in self.layout().slots(disk) {
                 st.0.store(CURRENT, Ordering::Release);
             }
             self.dirty

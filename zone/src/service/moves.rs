@@ -88,17 +88,6 @@ impl ZoneService {
                 }
                 let moving: Vec<u32> = v.placement.moves.iter().map(|m| m.group).collect();
                 let excluded: HashSet<Uuid> = v.released.iter().copied().collect();
-                let unavailable: HashSet<Uuid> = v
-                    .stale
-                    .iter()
-                    .copied()
-                    .chain(
-                        disks
-                            .iter()
-                            .filter(|d| !up.contains(&d.node))
-                            .map(|d| d.uuid),
-                    )
-                    .collect();
                 let planned = plan_moves(&MovePlanInput {
                     vdisk: v.uuid,
                     policy: &v.policy,
@@ -107,7 +96,6 @@ impl ZoneService {
                     candidates: &candidates,
                     gone: &gone,
                     excluded: &excluded,
-                    unavailable: &unavailable,
                 });
                 for p in planned {
                     let from_down = disks
@@ -171,9 +159,9 @@ impl ZoneService {
                     v.placement.groups[g].push(mv.to);
                     v.placement.moves.push(mv);
                     v.placement.version += 1;
-                    if !v.stale.contains(&mv.to) {
-                        v.stale.push(mv.to);
-                    }
+                    // The target is not current in this group until the
+                    // move finishes (the move says so; its copies of other
+                    // groups stay current).
                     match v.dirty.iter_mut().find(|e| e.disk == mv.to) {
                         Some(e) => e.add(chunks),
                         None => {
@@ -672,7 +660,7 @@ mod tests {
             }]
         );
         assert_eq!(v.placement.version, version + 1);
-        assert_eq!(v.stale, vec![d.spare]);
+        assert!(v.stale.is_empty(), "a move target is not stale as a whole");
         assert_eq!(
             v.dirty,
             vec![DirtyChunks {
@@ -798,7 +786,7 @@ mod tests {
             "the move is not finished"
         );
         assert!(after.placement.holds(d.source));
-        assert_eq!(after.stale, vec![d.spare]);
+        assert_eq!(after.placement.moves.len(), 1, "the move is still there");
         assert!(after
             .dirty
             .iter()
@@ -967,7 +955,11 @@ mod tests {
         assert_ne!(node_of(mv.to), node_of(keep));
         let view = svc.vdisk("ds", "vd").await.expect("found");
         assert_eq!(view.vdisk.placement.groups[0], vec![lost, keep, mv.to]);
-        assert_eq!(view.vdisk.stale, vec![mv.to]);
+        assert!(!view.vdisk.stale.contains(&mv.to));
+        assert!(view
+            .repair
+            .iter()
+            .any(|r| r.disk == mv.to && r.replaces == Some(lost)));
         assert_eq!(
             view.health,
             Health::Degraded,
