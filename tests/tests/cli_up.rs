@@ -136,6 +136,65 @@ fn up_then_cli_creates_datastore_and_vdisk() {
         assert!(err.starts_with("error: "), "{err}");
     }
 
+    // Draining a disk moves its copy (the repair worker fills the new one:
+    // nobody has vm1 open), and the vDisk is healthy on the other disks.
+    let group: Vec<String> = v["placement"]["groups"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    let out = tessera(&home, &["datastore", "remove-disk", "ds1", &group[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    loop {
+        let out = tessera(&home, &["vdisk", "show", "ds1/vm1", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let now: Vec<&str> = v["placement"]["groups"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap())
+            .collect();
+        if v["health"] == "healthy"
+            && v["placement"]["moves"].as_array().unwrap().is_empty()
+            && !now.contains(&group[0].as_str())
+        {
+            assert_eq!(now.len(), 2);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "drain did not finish: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let out = tessera(&home, &["repair", "status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("every copy of every vDisk is current"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = tessera(&home, &["datastore", "add-disk", "ds1", &group[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An up node is not removed without --force.
+    let out = tessera(&home, &["node", "list", "--json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let some_node = nodes[0]["uuid"].as_str().unwrap().to_string();
+    let out = tessera(&home, &["node", "remove", &some_node]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("is up"), "{err}");
+
     // SIGTERM stops the zone and its nodes.
     // SAFETY: kill(2) on our own child.
     unsafe {
