@@ -227,6 +227,9 @@ impl Header {
     }
 }
 
+/// Bytes of the largest block of fixed fields of any request ([`ChunkRange`]).
+pub const MAX_FIXED: usize = ChunkRange::LEN;
+
 /// Addresses a range inside one chunk of one vDisk on one disk of the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRange {
@@ -420,26 +423,39 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// Writes the request's fixed fields (the body without the payload)
+    /// into `out`; returns their length. No allocation.
+    pub fn encode_fixed(&self, out: &mut [u8; MAX_FIXED]) -> usize {
+        let mut put = |b: &[u8]| {
+            out[..b.len()].copy_from_slice(b);
+            b.len()
+        };
+        match *self {
+            Request::Hello(h) => put(&h.encode()),
+            Request::Read(r) | Request::Discard(r) | Request::WriteZeroes(r) => put(&r.encode()),
+            Request::Write(r, _) => put(&r.encode()),
+            Request::Flush(d) => put(&d.disk),
+            Request::Fence(v) | Request::DeleteVdisk(v) => put(&v.encode()),
+        }
+    }
+
     /// Encodes the request's header and fixed fields into `out`; the payload
     /// (for `Write`) is returned separately so it can be sent without a copy.
     pub fn encode_head(&self, id: u64, out: &mut Vec<u8>) -> &'a [u8] {
-        let (fixed, payload): (Vec<u8>, &'a [u8]) = match *self {
-            Request::Hello(h) => (h.encode().to_vec(), &[]),
-            Request::Read(r) | Request::Discard(r) | Request::WriteZeroes(r) => {
-                (r.encode().to_vec(), &[])
-            }
-            Request::Write(r, p) => (r.encode().to_vec(), p),
-            Request::Flush(d) => (d.disk.to_vec(), &[]),
-            Request::Fence(v) | Request::DeleteVdisk(v) => (v.encode().to_vec(), &[]),
+        let payload: &'a [u8] = match *self {
+            Request::Write(_, p) => p,
+            _ => &[],
         };
+        let mut fixed = [0u8; MAX_FIXED];
+        let n = self.encode_fixed(&mut fixed);
         let crc = if payload.is_empty() {
             0
         } else {
             crc32c::crc32c(payload)
         };
-        let body_len = (fixed.len() + payload.len()) as u32;
+        let body_len = (n + payload.len()) as u32;
         out.extend_from_slice(&Header::request(self.opcode(), id, body_len, crc).encode());
-        out.extend_from_slice(&fixed);
+        out.extend_from_slice(&fixed[..n]);
         payload
     }
 }

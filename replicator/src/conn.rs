@@ -1,20 +1,32 @@
 //! One multiplexed connection to a storage node.
 //!
 //! Any number of requests may be in flight: each caller registers its request
-//! id, writes its frame (header, fixed fields and payload slices in one
-//! `writev`, so write data goes from the caller's buffers to the socket
-//! without a copy), and awaits its reply, which a reader task routes back by
-//! id. A connection that fails in any way is marked broken and every pending
-//! caller gets an error; the next request to the node opens a new one.
+//! id, hands its frame to the connection's sender, and awaits its reply, which
+//! a reader task routes back by id. A connection that fails in any way is
+//! marked broken and every pending caller gets an error; the next request to
+//! the node opens a new one.
+//!
+//! Sending is batched: a small frame (header, fixed fields and a payload of
+//! at most [`COPY_MAX`] bytes) is appended to the connection's outbox, and a
+//! writer task sends everything the outbox holds with one `write` once the
+//! tasks that are ready to run have run, so the frames of a burst of
+//! requests (a queue depth of 32 makes 32 writes per copy) leave in one
+//! system call instead of one each. The copy into the outbox costs less
+//! than the system calls it saves, and a frame in the outbox is sent whole
+//! even if its caller gives up, so the stream never gets out of step. A
+//! larger write is sent by its caller straight from its buffers (header,
+//! fixed fields and payload slices in one `writev`, no copy), under the same
+//! lock as the writer task's sends, so frames never interleave.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_proto::{
-    read_header, ChunkRange, Frame, Header, Hello, HelloReply, Opcode, Request, Status,
+    read_header, Frame, Header, Hello, HelloReply, Request, Status, HEADER_LEN, MAX_FIXED,
     PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use thiserror::Error;
@@ -27,6 +39,13 @@ type Rx = BufReader<OwnedReadHalf>;
 
 /// Bytes of the receive buffer; larger read bodies bypass it.
 const RX_BUFFER: usize = 64 * 1024;
+
+/// Payloads up to this size are copied into the outbox and sent in batches;
+/// larger ones are sent from the caller's buffers.
+pub(crate) const COPY_MAX: usize = 64 * 1024;
+
+/// An outbox buffer grown beyond this by a burst is not kept for reuse.
+const OUTBOX_KEEP: usize = 1 << 20;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -60,9 +79,65 @@ struct Waiter {
     tx: oneshot::Sender<Result<Delivery, ConnError>>,
     /// The caller takes an `Ok` reply's body off the socket itself.
     stream: bool,
+    /// The watchdog tick after which the caller gets `Timeout`.
+    deadline: u64,
+    timeout: Duration,
 }
 
-type Pending = Mutex<HashMap<u64, Waiter>>;
+/// Hashes request ids (sequential numbers) with one multiplication: no
+/// SipHash on every request and reply.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Pending = Mutex<HashMap<u64, Waiter, BuildHasherDefault<IdHasher>>>;
+
+/// Timeouts are kept by one watchdog per connection, not one timer per
+/// request: it ticks every `timeout / 8` (10 ms..1 s) and fails the callers
+/// whose deadline tick has passed, so a request times out between `timeout`
+/// and `timeout` plus one tick after it was sent.
+fn watchdog_tick(timeout: Duration) -> Duration {
+    (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+async fn watchdog(pending: Arc<Pending>, clock: Arc<AtomicU64>, tick: Duration, addr: String) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = clock.fetch_add(1, Ordering::AcqRel) + 1;
+        let expired: Vec<Waiter> = {
+            let mut p = pending.lock().expect("pending map poisoned");
+            let ids: Vec<u64> = p
+                .iter()
+                .filter(|(_, w)| w.deadline < now)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| p.remove(id)).collect()
+        };
+        for w in expired {
+            let _ = w.tx.send(Err(ConnError::Timeout {
+                addr: addr.clone(),
+                timeout: w.timeout,
+            }));
+        }
+    }
+}
 
 /// Reads and drops `len` bytes.
 async fn drain(rd: &mut Rx, mut len: usize) -> std::io::Result<()> {
@@ -75,20 +150,93 @@ async fn drain(rd: &mut Rx, mut len: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Frames waiting for the writer task: complete frames, back to back.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+}
+
 /// A live connection.
 pub(crate) struct Conn {
     addr: String,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Every send holds it for the whole of its frames.
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    outbox: Arc<Mutex<Outbox>>,
+    /// Wakes the writer task when the outbox gets frames.
+    wake_writer: Arc<tokio::sync::Notify>,
     pending: Arc<Pending>,
     next_id: AtomicU64,
     broken: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
+    sender: tokio::task::JoinHandle<()>,
+    /// Watchdog ticks since the connection opened.
+    clock: Arc<AtomicU64>,
+    tick: Duration,
+    watchdog: tokio::task::JoinHandle<()>,
     pub(crate) hello: HelloReply,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
+        self.sender.abort();
+        self.watchdog.abort();
+    }
+}
+
+/// Marks the connection broken and fails every pending caller.
+fn fail_pending(pending: &Pending, broken: &AtomicBool, addr: &str, reason: &str) {
+    broken.store(true, Ordering::SeqCst);
+    let waiters: Vec<_> = pending
+        .lock()
+        .expect("pending map poisoned")
+        .drain()
+        .collect();
+    for (_, w) in waiters {
+        let _ = w.tx.send(Err(ConnError::Broken {
+            addr: addr.to_string(),
+            reason: reason.to_string(),
+        }));
+    }
+}
+
+/// The writer task: sends what the outbox holds, in as few system calls as
+/// the socket allows, after letting the tasks that are ready run (so the
+/// frames they queue go out together).
+async fn send_loop(
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    outbox: Arc<Mutex<Outbox>>,
+    wake: Arc<tokio::sync::Notify>,
+    pending: Arc<Pending>,
+    broken: Arc<AtomicBool>,
+    addr: String,
+) {
+    let mut spare: Vec<u8> = Vec::new();
+    loop {
+        let empty = outbox.lock().expect("outbox poisoned").buf.is_empty();
+        if empty {
+            wake.notified().await;
+        }
+        // Deferred until this worker has run every other ready task.
+        tokio::task::yield_now().await;
+        let mut wr = writer.lock().await;
+        loop {
+            {
+                let mut ob = outbox.lock().expect("outbox poisoned");
+                if ob.buf.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut ob.buf, &mut spare);
+            }
+            if let Err(e) = wr.write_all(&spare).await {
+                fail_pending(&pending, &broken, &addr, &e.to_string());
+                return;
+            }
+            spare.clear();
+            if spare.capacity() > OUTBOX_KEEP {
+                spare = Vec::new();
+            }
+        }
     }
 }
 
@@ -182,27 +330,41 @@ impl Conn {
                     }
                     let _ = waiter.tx.send(Ok(Delivery::Frame(Frame { header, body })));
                 };
-                broken.store(true, Ordering::Release);
-                let waiters: Vec<_> = pending
-                    .lock()
-                    .expect("pending map poisoned")
-                    .drain()
-                    .collect();
-                for (_, w) in waiters {
-                    let _ = w.tx.send(Err(ConnError::Broken {
-                        addr: addr.clone(),
-                        reason: reason.clone(),
-                    }));
-                }
+                fail_pending(&pending, &broken, &addr, &reason);
             })
         };
+        let writer = Arc::new(tokio::sync::Mutex::new(wr));
+        let outbox: Arc<Mutex<Outbox>> = Arc::default();
+        let wake_writer = Arc::new(tokio::sync::Notify::new());
+        let sender = tokio::spawn(send_loop(
+            writer.clone(),
+            outbox.clone(),
+            wake_writer.clone(),
+            pending.clone(),
+            broken.clone(),
+            addr.to_string(),
+        ));
+        let clock = Arc::new(AtomicU64::new(0));
+        let tick = watchdog_tick(timeout);
+        let watchdog = tokio::spawn(watchdog(
+            pending.clone(),
+            clock.clone(),
+            tick,
+            addr.to_string(),
+        ));
         let mut conn = Conn {
             addr: addr.to_string(),
-            writer: tokio::sync::Mutex::new(wr),
+            writer,
+            outbox,
+            wake_writer,
             pending,
             next_id: AtomicU64::new(1),
             broken,
             reader,
+            sender,
+            clock,
+            tick,
+            watchdog,
             hello: HelloReply {
                 version: 0,
                 node: [0; 16],
@@ -217,6 +379,7 @@ impl Conn {
                     client,
                 }),
                 &[],
+                None,
                 timeout,
             )
             .await?;
@@ -239,14 +402,16 @@ impl Conn {
     }
 
     /// Sends a request and waits for its reply. `payload` is the data of a
-    /// write, sent as is after the fixed fields.
+    /// write, sent as is after the fixed fields; `crc` its crc32c if the
+    /// caller has it.
     pub(crate) async fn call(
         &self,
         req: Request<'_>,
         payload: &[&[u8]],
+        crc: Option<u32>,
         timeout: Duration,
     ) -> Result<Frame, ConnError> {
-        match self.exchange(req, payload, timeout, false).await? {
+        match self.exchange(req, payload, crc, timeout, false).await? {
             Delivery::Frame(f) => Ok(f),
             Delivery::Stream { .. } => unreachable!("only asked for whole frames"),
         }
@@ -261,7 +426,7 @@ impl Conn {
         dest: &mut [&mut [u8]],
         timeout: Duration,
     ) -> Result<(Header, Vec<u8>), ConnError> {
-        let delivery = self.exchange(req, &[], timeout, true).await?;
+        let delivery = self.exchange(req, &[], None, timeout, true).await?;
         let (header, mut rd, back) = match delivery {
             Delivery::Frame(f) => return Ok((f.header, f.body)),
             Delivery::Stream { header, rd, back } => (header, rd, back),
@@ -303,6 +468,7 @@ impl Conn {
         &self,
         req: Request<'_>,
         payload: &[&[u8]],
+        crc: Option<u32>,
         timeout: Duration,
         stream: bool,
     ) -> Result<Delivery, ConnError> {
@@ -310,54 +476,98 @@ impl Conn {
             return Err(self.broken_error("connection already failed"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut head = Vec::with_capacity(128);
-        match req {
-            Request::Write(range, _) => encode_write_head(id, &range, payload, &mut head),
-            _ => {
-                req.encode_head(id, &mut head);
+        let payload: &[&[u8]] = match req {
+            Request::Write(..) => payload,
+            _ => &[],
+        };
+        let (head, head_len) = encode_head(&req, id, payload, crc);
+        let head = &head[..head_len];
+        let (tx, mut rx) = oneshot::channel();
+        // Ticks of the watchdog, rounded up, plus the one in progress.
+        let ticks = timeout.as_nanos().div_ceil(self.tick.as_nanos().max(1)) as u64 + 1;
+        let deadline = self.clock.load(Ordering::Acquire) + ticks;
+        self.pending.lock().expect("pending map poisoned").insert(
+            id,
+            Waiter {
+                tx,
+                stream,
+                deadline,
+                timeout,
+            },
+        );
+        let sent = if Self::copied(payload) {
+            self.send_copy(head, payload)
+        } else {
+            // A large frame may wait for the socket: the watchdog's
+            // timeout (through `rx`) ends the wait.
+            tokio::select! {
+                biased;
+                r = &mut rx => {
+                    return r.unwrap_or_else(|_| Err(self.broken_error("reader stopped")));
+                }
+                r = self.send_direct(head, payload) => r,
             }
+        };
+        if let Err(e) = sent {
+            self.pending
+                .lock()
+                .expect("pending map poisoned")
+                .remove(&id);
+            return Err(e);
         }
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending map poisoned")
-            .insert(id, Waiter { tx, stream });
-        let result = tokio::time::timeout(timeout, async {
-            self.send(&head, payload).await?;
-            rx.await
-                .unwrap_or_else(|_| Err(self.broken_error("reader stopped")))
-        })
-        .await;
-        match result {
-            Ok(r) => r,
-            Err(_) => {
-                self.pending
-                    .lock()
-                    .expect("pending map poisoned")
-                    .remove(&id);
-                Err(ConnError::Timeout {
-                    addr: self.addr.clone(),
-                    timeout,
-                })
-            }
-        }
+        rx.await
+            .unwrap_or_else(|_| Err(self.broken_error("reader stopped")))
     }
 
-    async fn send(&self, head: &[u8], payload: &[&[u8]]) -> Result<(), ConnError> {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + payload.len());
-        slices.push(IoSlice::new(head));
-        slices.extend(
-            payload
-                .iter()
-                .filter(|s| !s.is_empty())
-                .map(|s| IoSlice::new(s)),
-        );
+    /// Whether a frame with this payload goes through the outbox.
+    fn copied(payload: &[&[u8]]) -> bool {
+        payload.iter().map(|s| s.len()).sum::<usize>() <= COPY_MAX
+    }
+
+    /// Queues a small frame in the outbox for the writer task.
+    fn send_copy(&self, head: &[u8], payload: &[&[u8]]) -> Result<(), ConnError> {
+        {
+            let len: usize = payload.iter().map(|s| s.len()).sum();
+            let mut ob = self.outbox.lock().expect("outbox poisoned");
+            ob.buf.reserve(head.len() + len);
+            ob.buf.extend_from_slice(head);
+            for s in payload {
+                ob.buf.extend_from_slice(s);
+            }
+        }
+        self.wake_writer.notify_one();
+        // The writer task may have failed before it could take the frame.
+        if self.is_broken() {
+            return Err(self.broken_error("connection failed"));
+        }
+        Ok(())
+    }
+
+    /// Sends a large frame straight from the caller's buffers.
+    async fn send_direct(&self, head: &[u8], payload: &[&[u8]]) -> Result<(), ConnError> {
         let mut wr = self.writer.lock().await;
         let mut guard = SendGuard {
             broken: &self.broken,
             done: false,
         };
-        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        let mut slices = [IoSlice::new(&[]); 8];
+        let mut more = Vec::new();
+        let slices: &mut [IoSlice<'_>] = if payload.len() < slices.len() {
+            slices[0] = IoSlice::new(head);
+            for (d, s) in slices[1..].iter_mut().zip(payload) {
+                *d = IoSlice::new(s);
+            }
+            &mut slices[..1 + payload.len()]
+        } else {
+            more.push(IoSlice::new(head));
+            more.extend(payload.iter().map(|s| IoSlice::new(s)));
+            &mut more
+        };
+        let mut rest: &mut [IoSlice<'_>] = slices;
+        // Skip empty slices (a zero-length write would read as a closed socket).
+        while rest.first().is_some_and(|s| s.is_empty()) {
+            rest = &mut rest[1..];
+        }
         while !rest.is_empty() {
             match wr.write_vectored(rest).await {
                 Ok(0) => return Err(self.broken_error("socket closed")),
@@ -380,19 +590,45 @@ impl Conn {
     }
 
     pub(crate) async fn close(&self) {
-        let _ = self.writer.lock().await.shutdown().await;
+        let mut wr = self.writer.lock().await;
+        // What the writer task has not taken yet goes out first.
+        let rest = std::mem::take(&mut self.outbox.lock().expect("outbox poisoned").buf);
+        if !rest.is_empty() && wr.write_all(&rest).await.is_err() {
+            return;
+        }
+        let _ = wr.shutdown().await;
     }
 }
 
-/// Encodes the head of a write whose payload is the concatenation of `payload`.
-fn encode_write_head(id: u64, range: &ChunkRange, payload: &[&[u8]], out: &mut Vec<u8>) {
-    let crc = payload
-        .iter()
-        .fold(0u32, |crc, s| crc32c::crc32c_append(crc, s));
+/// Bytes of the largest frame head: header and fixed fields.
+const MAX_HEAD: usize = HEADER_LEN + MAX_FIXED;
+
+/// Encodes the head of `req` (header and fixed fields; for a write, the
+/// payload is the concatenation of `payload`) into a stack buffer.
+/// Encodes a request's header and fixed fields; the payload's crc32c is
+/// `crc` if the caller computed it already (one write to several copies).
+fn encode_head(
+    req: &Request<'_>,
+    id: u64,
+    payload: &[&[u8]],
+    crc: Option<u32>,
+) -> ([u8; MAX_HEAD], usize) {
+    let mut fixed = [0u8; MAX_FIXED];
+    let n = req.encode_fixed(&mut fixed);
+    let crc = crc.unwrap_or_else(|| payload_crc(payload));
     let len: usize = payload.iter().map(|s| s.len()).sum();
-    let body_len = (ChunkRange::LEN + len) as u32;
-    out.extend_from_slice(&Header::request(Opcode::Write, id, body_len, crc).encode());
-    out.extend_from_slice(&range.encode());
+    let header = Header::request(req.opcode(), id, (n + len) as u32, crc).encode();
+    let mut head = [0u8; MAX_HEAD];
+    head[..HEADER_LEN].copy_from_slice(&header);
+    head[HEADER_LEN..HEADER_LEN + n].copy_from_slice(&fixed[..n]);
+    (head, HEADER_LEN + n)
+}
+
+/// The crc32c of a payload given as slices.
+pub(crate) fn payload_crc(payload: &[&[u8]]) -> u32 {
+    payload
+        .iter()
+        .fold(0u32, |crc, s| crc32c::crc32c_append(crc, s))
 }
 
 /// A node's address and its (re)connectable connection.
@@ -445,8 +681,19 @@ impl NodeLink {
         req: Request<'_>,
         payload: &[&[u8]],
     ) -> Result<Frame, ConnError> {
+        self.call_crc(req, payload, None).await
+    }
+
+    /// Like [`NodeLink::call`], with the payload's crc32c computed once by
+    /// a caller that sends the same payload to several copies.
+    pub(crate) async fn call_crc(
+        &self,
+        req: Request<'_>,
+        payload: &[&[u8]],
+        crc: Option<u32>,
+    ) -> Result<Frame, ConnError> {
         let conn = self.conn().await?;
-        conn.call(req, payload, self.timeout).await
+        conn.call(req, payload, crc, self.timeout).await
     }
 
     /// A read whose data the node's reply places straight into `dest`.

@@ -984,13 +984,17 @@ impl Inner {
                     _ => false,
                 })
                 .collect();
+            // The payload's checksum, once for every copy (a retry after a
+            // payload changed in transit computes it again).
+            let crc = (!payload.is_empty()).then(|| crate::conn::payload_crc(payload));
             let results = join_all(targets.iter().map(|c| {
                 let req = request(c.disk);
                 async move {
                     let link = links.get(c.node);
                     let mut attempt = 0;
                     loop {
-                        let frame = link.call(req, payload).await?;
+                        let crc = if attempt == 0 { crc } else { None };
+                        let frame = link.call_crc(req, payload, crc).await?;
                         // A payload that changed under us in transit (a guest
                         // rewriting a buffer it has in flight) is refused whole
                         // by the node; send it again.

@@ -3,12 +3,16 @@
 //! Each queue has its own worker thread (the vhost-user-backend epoll
 //! loop). On a kick the worker pops every available chain, parses it, and
 //! hands each valid request to the async runtime; it never waits for I/O.
-//! The task that runs a request writes its status, puts it on the used ring
-//! and signals the guest (subject to EVENT_IDX suppression). Requests of one
-//! queue share nothing with other queues but the disk: the only locks on the
-//! I/O path are the queue's own vring lock and in-flight counter.
+//! The task that runs a request writes its status and adds the request to
+//! its queue's completion list. Completions are put on the used ring in
+//! batches: the task that finds the list idle becomes its drainer, lets the
+//! other ready tasks run first (their completions join the list), then takes
+//! the vring lock once for the whole list and signals the guest once
+//! (subject to EVENT_IDX suppression). Requests of one queue share nothing
+//! with other queues but the disk: the only locks on the I/O path are the
+//! queue's own vring lock, completion list and in-flight counter.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -32,34 +36,130 @@ use crate::request::Request;
 type Mem = GuestMemoryMmap<()>;
 type MemGuard = GuestMemoryLoadGuard<Mem>;
 
-/// Requests of one queue still being executed.
+/// Requests of one queue not yet on its used ring.
 #[derive(Default)]
 struct InFlight {
-    count: Mutex<usize>,
+    count: AtomicUsize,
+    /// Only for waiting: taken by the waiter and by the finisher that
+    /// brings the count to zero.
+    lock: Mutex<()>,
     drained: Condvar,
 }
 
 impl InFlight {
     fn start(&self) {
-        *self.count.lock().expect("in-flight poisoned") += 1;
+        self.count.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn finish(&self) {
-        let mut n = self.count.lock().expect("in-flight poisoned");
-        *n -= 1;
-        if *n == 0 {
+    fn finish(&self, n: usize) {
+        if n > 0 && self.count.fetch_sub(n, Ordering::AcqRel) == n {
+            let _l = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.drained.notify_all();
         }
     }
 
     /// Waits until no request is in flight; false on timeout.
     fn wait_drained(&self, timeout: Duration) -> bool {
-        let n = self.count.lock().expect("in-flight poisoned");
-        let (n, _) = self
+        let l = self.lock.lock().expect("in-flight poisoned");
+        let _ = self
             .drained
-            .wait_timeout_while(n, timeout, |n| *n > 0)
+            .wait_timeout_while(l, timeout, |_| self.count.load(Ordering::Acquire) > 0)
             .expect("in-flight poisoned");
-        *n == 0
+        self.count.load(Ordering::Acquire) == 0
+    }
+}
+
+/// A request whose status is written, waiting to be put on the used ring.
+struct Done {
+    /// The queue's generation when the request was started: requests of
+    /// one generation belong to the same vring.
+    generation: u64,
+    vring: VringRwLock,
+    head: u16,
+    used_len: u32,
+}
+
+#[derive(Default)]
+struct CompletionList {
+    done: Vec<Done>,
+    /// An emptied list kept for reuse (no allocation per batch).
+    spare: Vec<Done>,
+    /// A drainer is at work: it will take what is added meanwhile.
+    draining: bool,
+}
+
+/// One queue's state on the I/O path.
+#[derive(Default)]
+struct QueueState {
+    in_flight: InFlight,
+    completions: Mutex<CompletionList>,
+    /// Bumped when the queue stops and when guest memory is replaced (a new
+    /// front-end), so completions of different vrings are never batched.
+    generation: AtomicU64,
+}
+
+impl QueueState {
+    /// Adds a completion; true if the caller must drain the list.
+    fn push(&self, done: Done) -> bool {
+        let mut l = self.completions.lock().expect("completions poisoned");
+        l.done.push(done);
+        !std::mem::replace(&mut l.draining, true)
+    }
+
+    /// Puts every listed completion on its used ring, signalling the guest
+    /// once per batch, until the list is empty. Only the drainer calls it.
+    fn drain(&self) {
+        let mut batch: Vec<Done> = Vec::new();
+        loop {
+            {
+                let mut l = self.completions.lock().expect("completions poisoned");
+                if batch.capacity() > l.spare.capacity() {
+                    l.spare = std::mem::take(&mut batch);
+                }
+                if l.done.is_empty() {
+                    l.draining = false;
+                    return;
+                }
+                let spare = std::mem::take(&mut l.spare);
+                batch = std::mem::replace(&mut l.done, spare);
+            }
+            let mut i = 0;
+            while i < batch.len() {
+                let generation = batch[i].generation;
+                let vring = &batch[i].vring;
+                let mut j = i;
+                let notify = {
+                    let mut state = vring.get_mut();
+                    while j < batch.len() && batch[j].generation == generation {
+                        let d = &batch[j];
+                        if let Err(e) = state.add_used(d.head, d.used_len) {
+                            tracing::warn!(head = d.head, error = %e, "cannot return request to the used ring");
+                        }
+                        j += 1;
+                    }
+                    state.needs_notification()
+                };
+                if !matches!(notify, Ok(false)) {
+                    if let Err(e) = vring.signal_used_queue() {
+                        tracing::warn!(error = %e, "cannot signal the guest");
+                    }
+                }
+                i = j;
+            }
+            let n = batch.len();
+            batch.clear();
+            self.in_flight.finish(n);
+        }
+    }
+}
+
+/// The drainer role: drains its queue's completion list when dropped (also
+/// if its task is dropped while it lets other tasks run).
+struct Drainer<'a>(&'a QueueState);
+
+impl Drop for Drainer<'_> {
+    fn drop(&mut self) {
+        self.0.drain();
     }
 }
 
@@ -71,7 +171,7 @@ struct Inner<D> {
     serial: [u8; 20],
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     event_idx: AtomicBool,
-    in_flight: Vec<InFlight>,
+    queues: Vec<QueueState>,
 }
 
 /// A virtio-blk device over a [`BlockDisk`], for one vhost-user connection
@@ -113,7 +213,7 @@ impl<D: BlockDisk> VhostUserBlk<D> {
                 serial: id,
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
-                in_flight: (0..num_queues).map(|_| InFlight::default()).collect(),
+                queues: (0..num_queues).map(|_| QueueState::default()).collect(),
             }),
         }
     }
@@ -124,7 +224,10 @@ impl<D: BlockDisk> VhostUserBlk<D> {
 
     /// Waits until every queue's requests have completed; false on timeout.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        self.inner.in_flight.iter().all(|q| q.wait_drained(timeout))
+        self.inner
+            .queues
+            .iter()
+            .all(|q| q.in_flight.wait_drained(timeout))
     }
 
     fn memory(&self) -> Option<MemGuard> {
@@ -185,28 +288,42 @@ impl<D: BlockDisk> VhostUserBlk<D> {
                 return;
             }
         };
+        let qs = &self.inner.queues[q];
+        qs.in_flight.start();
+        let generation = qs.generation.load(Ordering::Acquire);
         let inner = self.inner.clone();
         let vring = vring.clone();
         let mem = mem.clone();
-        inner.in_flight[q].start();
         self.inner.runtime.spawn(async move {
             let (status, used) = execute(&*inner.disks[q], &*mem, &request, &inner.serial).await;
-            complete(&vring, &mem, head, Some(request.status_addr), status, used);
-            inner.in_flight[q].finish();
+            let used_len = write_status(&mem, head, Some(request.status_addr), status, used);
+            let qs = &inner.queues[q];
+            let done = Done {
+                generation,
+                vring,
+                head,
+                used_len,
+            };
+            if qs.push(done) {
+                let _drainer = Drainer(qs);
+                // Deferred until this worker has run every other ready
+                // task: their completions go on the ring with this one.
+                tokio::task::yield_now().await;
+            }
         });
     }
 }
 
-/// Writes the status, returns the chain to the guest and signals it if needed.
-fn complete(
-    vring: &VringRwLock,
+/// Writes the status byte; returns the used length to report (0 without a
+/// usable status byte).
+fn write_status(
     mem: &MemGuard,
     head: u16,
     status_addr: Option<GuestAddress>,
     status: u8,
     used_len: u32,
-) {
-    let used_len = match status_addr {
+) -> u32 {
+    match status_addr {
         Some(addr) => match mem.write_obj(status, addr) {
             Ok(()) => used_len,
             Err(e) => {
@@ -215,7 +332,20 @@ fn complete(
             }
         },
         None => 0,
-    };
+    }
+}
+
+/// Writes the status, returns the chain to the guest and signals it if
+/// needed (for requests refused before they started).
+fn complete(
+    vring: &VringRwLock,
+    mem: &MemGuard,
+    head: u16,
+    status_addr: Option<GuestAddress>,
+    status: u8,
+    used_len: u32,
+) {
+    let used_len = write_status(mem, head, status_addr, status, used_len);
     if let Err(e) = vring.add_used(head, used_len) {
         tracing::warn!(head, error = %e, "cannot return request to the used ring");
         return;
@@ -268,6 +398,10 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {
         *self.inner.mem.write().expect("memory slot poisoned") = Some(mem);
+        // A new memory table may come with new vrings (a new front-end).
+        for q in &self.inner.queues {
+            q.generation.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -290,8 +424,9 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(q) = self.inner.in_flight.get(queue_index as usize) {
-            if !q.wait_drained(Duration::from_secs(60)) {
+        if let Some(q) = self.inner.queues.get(queue_index as usize) {
+            q.generation.fetch_add(1, Ordering::AcqRel);
+            if !q.in_flight.wait_drained(Duration::from_secs(60)) {
                 tracing::warn!(
                     queue = queue_index,
                     "requests still in flight when the queue stopped"
@@ -301,22 +436,26 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
         Ok(())
     }
 
+    /// vhost-user-backend gives each worker thread only the vrings of its
+    /// `queues_per_thread` mask, and numbers the events by position in that
+    /// mask: with one queue per thread, thread `t`'s event 0 is queue `t`.
     fn handle_event(
         &self,
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
         if evset != EventSet::IN {
             return Err(std::io::Error::other(format!(
                 "unexpected event set {evset:?}"
             )));
         }
-        let q = device_event as usize;
-        let Some(vring) = vrings.get(q) else {
+        let local = device_event as usize;
+        let q = thread_id;
+        let (Some(vring), 0, true) = (vrings.get(local), local, q < self.num_queues()) else {
             return Err(std::io::Error::other(format!(
-                "event for unknown queue {q}"
+                "event {local} of worker {thread_id}: no such queue"
             )));
         };
         self.process_queue(q, vring)
@@ -421,9 +560,12 @@ mod tests {
             }
         }
 
+        /// As vhost-user-backend does: worker thread `q` holds only queue
+        /// `q`'s vring, its event 0.
         fn kick(&self, q: u16) {
+            let q = q as usize;
             self.blk
-                .handle_event(q, EventSet::IN, &self.vrings, 0)
+                .handle_event(0, EventSet::IN, &self.vrings[q..q + 1], q)
                 .unwrap();
         }
 
@@ -781,6 +923,73 @@ mod tests {
         assert_eq!((used[&a], used[&b]), (1, 1));
     }
 
+    /// Requests completing together are put on the used ring in batches
+    /// (by whichever task drains the queue's completion list): every one
+    /// gets its status and used element, with and without EVENT_IDX.
+    #[test]
+    fn a_burst_of_requests_all_complete() {
+        for event_idx in [false, true] {
+            let dev = Device::new(1, SERIAL);
+            dev.blk.set_event_idx(event_idx);
+            dev.vrings[0].set_queue_event_idx(event_idx);
+            let mut drv = Driver::new(&dev, 0);
+            let mut heads = Vec::new();
+            // 4 writes (3 descriptors each) and 2 flushes: the 16 descriptors.
+            for i in 0..4u64 {
+                dev.write_header(i, VIRTIO_BLK_T_OUT, 8 * i);
+                dev.mem
+                    .write_slice(&[i as u8 + 1; 512], GuestAddress(data(i)))
+                    .unwrap();
+                dev.mem.write_obj(0xffu8, GuestAddress(status(i))).unwrap();
+                heads.push(drv.push(&[(hdr(i), 16, R), (data(i), 512, R), (status(i), 1, W)]));
+            }
+            for i in 4..6u64 {
+                dev.write_header(i, VIRTIO_BLK_T_FLUSH, 0);
+                dev.mem.write_obj(0xffu8, GuestAddress(status(i))).unwrap();
+                heads.push(drv.push(&[(hdr(i), 16, R), (status(i), 1, W)]));
+            }
+            dev.kick(0);
+            let used = drv.wait_used(6);
+            for (i, h) in heads.iter().enumerate() {
+                assert_eq!(used[h], 1, "request {i}");
+                assert_eq!(dev.byte(status(i as u64)), S_OK, "request {i}");
+            }
+            assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+            let contents = dev.disk.contents();
+            for i in 0..4usize {
+                let at = 8 * i * 512;
+                assert_eq!(&contents[at..at + 512], &[i as u8 + 1; 512]);
+            }
+        }
+    }
+
+    /// Bursts on two queues at once: each used ring gets its own requests
+    /// and only those (completions are batched per queue).
+    #[test]
+    fn bursts_on_two_queues_stay_on_their_rings() {
+        let dev = Device::new(2, SERIAL);
+        let mut drivers = [Driver::new(&dev, 0), Driver::new(&dev, 1)];
+        let mut heads = [Vec::new(), Vec::new()];
+        for (q, drv) in drivers.iter_mut().enumerate() {
+            for i in 0..8u64 {
+                let slot = q as u64 * 8 + i;
+                dev.write_header(slot, VIRTIO_BLK_T_FLUSH, 0);
+                heads[q].push(drv.push(&[(hdr(slot), 16, R), (status(slot), 1, W)]));
+            }
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| dev.kick(0));
+            s.spawn(|| dev.kick(1));
+        });
+        for (q, drv) in drivers.iter().enumerate() {
+            let used = drv.wait_used(8);
+            let mut got: Vec<u16> = used.keys().copied().collect();
+            got.sort_unstable();
+            assert_eq!(got, heads[q], "queue {q}");
+        }
+        assert!(dev.blk.wait_idle(Duration::from_secs(5)));
+    }
+
     #[test]
     fn unexpected_events_are_errors() {
         let dev = Device::new(1, SERIAL);
@@ -791,6 +1000,11 @@ mod tests {
         assert!(dev
             .blk
             .handle_event(1, EventSet::IN, &dev.vrings, 0)
+            .is_err());
+        // A worker beyond the device's queues.
+        assert!(dev
+            .blk
+            .handle_event(0, EventSet::IN, &dev.vrings, 1)
             .is_err());
         // Kicked before the guest memory is known.
         let runtime = tokio::runtime::Builder::new_current_thread()
