@@ -1434,22 +1434,22 @@ mod tests {
 
     const TB: u64 = 1 << 40;
 
-    async fn service() -> ZoneService {
+    pub(super) async fn service() -> ZoneService {
         let store = SledStore::temporary().expect("a temporary store opens");
         let svc = ZoneService::new(Arc::new(store));
         svc.ensure_zone("test").await.expect("the zone is created");
         svc
     }
 
-    fn node_id(n: u128) -> Uuid {
+    pub(super) fn node_id(n: u128) -> Uuid {
         Uuid::from_u128(n)
     }
 
-    fn disk_id(n: u128, i: u128) -> Uuid {
+    pub(super) fn disk_id(n: u128, i: u128) -> Uuid {
         Uuid::from_u128(n * 100 + i)
     }
 
-    fn registration(n: u128, disks: u128) -> RegisterNode {
+    pub(super) fn registration(n: u128, disks: u128) -> RegisterNode {
         RegisterNode {
             uuid: node_id(n),
             host: format!("hv{n}"),
@@ -1466,7 +1466,7 @@ mod tests {
     }
 
     /// Registers nodes 1..=count with `disks` disks each.
-    async fn cluster(svc: &ZoneService, count: u128, disks: u128) -> Vec<Registered> {
+    pub(super) async fn cluster(svc: &ZoneService, count: u128, disks: u128) -> Vec<Registered> {
         let mut registered = Vec::new();
         for n in 1..=count {
             registered.push(
@@ -1479,7 +1479,7 @@ mod tests {
     }
 
     /// Makes node `n` down by revoking its liveness lease.
-    async fn kill(svc: &ZoneService, n: u128) {
+    pub(super) async fn kill(svc: &ZoneService, n: u128) {
         let kv = svc
             .store()
             .get(&keys::alive(&node_id(n)))
@@ -1492,7 +1492,7 @@ mod tests {
             .expect("revoke");
     }
 
-    fn mirrors(name: &str, mirrors: u32, stripes: Option<u32>) -> CreateDatastore {
+    pub(super) fn mirrors(name: &str, mirrors: u32, stripes: Option<u32>) -> CreateDatastore {
         CreateDatastore {
             name: name.into(),
             mirrors,
@@ -1501,7 +1501,7 @@ mod tests {
         }
     }
 
-    fn vdisk_req(ds: &str, name: &str, size: u64) -> CreateVdisk {
+    pub(super) fn vdisk_req(ds: &str, name: &str, size: u64) -> CreateVdisk {
         CreateVdisk {
             datastore: ds.into(),
             name: name.into(),
@@ -1509,7 +1509,7 @@ mod tests {
         }
     }
 
-    fn open_req(host: &str, ttl_ms: u64, force: bool) -> OpenVdisk {
+    pub(super) fn open_req(host: &str, ttl_ms: u64, force: bool) -> OpenVdisk {
         OpenVdisk {
             host: host.into(),
             ttl_ms,

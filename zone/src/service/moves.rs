@@ -412,107 +412,20 @@ impl MovePlanner {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
     use crate::records::{MoveReason, CHUNK_SIZE};
-    use crate::service::{
-        CopyRepair, CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, OpenVdisk,
-        RegisterDisk, RegisterNode, Registered, SessionRef,
+    use crate::service::tests::{
+        cluster, disk_id, kill, mirrors, node_id, open_req, registration, service, vdisk_req,
     };
-    use crate::sled_store::SledStore;
-
-    const TB: u64 = 1 << 40;
-
-    async fn service() -> ZoneService {
-        let store = SledStore::temporary().expect("a temporary store opens");
-        let svc = ZoneService::new(Arc::new(store));
-        svc.ensure_zone("test").await.expect("the zone is created");
-        svc
-    }
-
-    fn node_id(n: u128) -> Uuid {
-        Uuid::from_u128(n)
-    }
-
-    fn disk_id(n: u128, i: u128) -> Uuid {
-        Uuid::from_u128(n * 100 + i)
-    }
+    use crate::service::{
+        CopyRepair, Health, Heartbeat, MarkClean, OpenVdisk, Registered, SessionRef,
+    };
 
     /// The number of the node owning disk `disk_id(n, _)`.
     fn node_of(disk: Uuid) -> u128 {
         disk.as_u128() / 100
-    }
-
-    fn registration(n: u128, disks: u128) -> RegisterNode {
-        RegisterNode {
-            uuid: node_id(n),
-            host: format!("hv{n}"),
-            addr: format!("127.0.0.{n}:7000"),
-            disks: (0..disks)
-                .map(|i| RegisterDisk {
-                    uuid: disk_id(n, i),
-                    path: format!("/dev/disk{i}"),
-                    capacity: TB,
-                    used: 0,
-                })
-                .collect(),
-        }
-    }
-
-    /// Registers nodes 1..=count with `disks` disks each.
-    async fn cluster(svc: &ZoneService, count: u128, disks: u128) -> Vec<Registered> {
-        let mut registered = Vec::new();
-        for n in 1..=count {
-            registered.push(
-                svc.register_node(registration(n, disks))
-                    .await
-                    .expect("the node registers"),
-            );
-        }
-        registered
-    }
-
-    /// Makes node `n` down by revoking its liveness lease.
-    async fn kill(svc: &ZoneService, n: u128) {
-        let kv = svc
-            .store()
-            .get(&keys::alive(&node_id(n)))
-            .await
-            .expect("get")
-            .expect("the node is up");
-        svc.store()
-            .revoke(kv.lease.expect("a leased key"))
-            .await
-            .expect("revoke");
-    }
-
-    fn mirrors(name: &str, mirrors: u32, stripes: Option<u32>) -> CreateDatastore {
-        CreateDatastore {
-            name: name.into(),
-            mirrors,
-            stripes,
-            disks: None,
-        }
-    }
-
-    fn vdisk_req(ds: &str, name: &str, size: u64) -> CreateVdisk {
-        CreateVdisk {
-            datastore: ds.into(),
-            name: name.into(),
-            size,
-        }
-    }
-
-    fn open_req(host: &str, ttl_ms: u64, force: bool) -> OpenVdisk {
-        OpenVdisk {
-            host: host.into(),
-            ttl_ms,
-            force,
-            role: None,
-            repair: false,
-        }
     }
 
     fn heartbeat(lease: u64, copies: Vec<[Uuid; 2]>) -> Heartbeat {
