@@ -35,6 +35,7 @@ fn registration(n: u128) -> RegisterNode {
         uuid: Uuid::from_u128(n),
         host: format!("hv{n}"),
         addr: format!("127.0.0.{n}:7000"),
+        socket: None,
         disks: vec![RegisterDisk {
             uuid: Uuid::from_u128(100 + n),
             path: "/dev/vdb".into(),

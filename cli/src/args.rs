@@ -232,6 +232,14 @@ pub struct NodeRunArgs {
     /// Host name of this machine in the zone [default: the system host name].
     #[arg(long)]
     pub host: Option<String>,
+    /// Unix socket for local sessions: vDisk processes on this host share
+    /// their (guest) memory with the node and skip the network copies
+    /// [default: DIR/node.sock].
+    #[arg(long, conflicts_with = "no_local_socket")]
+    pub local_socket: Option<PathBuf>,
+    /// Serve TCP only.
+    #[arg(long)]
+    pub no_local_socket: bool,
     /// A disk to serve (repeatable): a formatted block device or file.
     #[arg(long = "disk", required = true)]
     pub disks: Vec<PathBuf>,

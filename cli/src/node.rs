@@ -24,7 +24,13 @@ pub async fn run(global: &Global, a: NodeRunArgs) -> anyhow::Result<()> {
         g.token_file = a.token_file.clone().or(g.token_file);
         Some(api_client(&g)?)
     };
+    let local_socket = if a.no_local_socket {
+        None
+    } else {
+        Some(a.local_socket.unwrap_or_else(|| a.dir.join("node.sock")))
+    };
     let config = NodeConfig {
+        local_socket,
         dir: a.dir,
         listen: a.listen,
         advertise: a.advertise,

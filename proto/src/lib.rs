@@ -51,6 +51,7 @@
 //! come with a new protocol version; a node keeps speaking the older ones.
 
 mod codec;
+pub mod local;
 mod message;
 
 pub use codec::{read_frame, read_header, Frame, FrameError};

@@ -14,8 +14,13 @@ pub const MAX_PAYLOAD: u32 = 4 << 20;
 pub const MAX_BODY: u32 = MAX_PAYLOAD + 4096;
 /// Lowest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
-/// Highest protocol version this build speaks.
-pub const PROTOCOL_MAX: u16 = 1;
+/// Highest protocol version this build speaks (2: local sessions, with
+/// `MapMemory`, `ReadShm` and `WriteShm`).
+pub const PROTOCOL_MAX: u16 = 2;
+/// Most memory regions one local session maps.
+pub const MAX_REGIONS: usize = 64;
+/// Most shared-memory segments one `ReadShm`/`WriteShm` names.
+pub const MAX_SEGMENTS: usize = 1024;
 /// Sector size: offsets and lengths of chunk I/O are multiples of it.
 pub const SECTOR: u32 = 512;
 
@@ -53,6 +58,8 @@ pub enum ProtoError {
     StatusInRequest(u32),
     #[error("frame is a request where a reply was expected, or the reverse")]
     Direction,
+    #[error("shared-memory request: {0}")]
+    BadShm(&'static str),
 }
 
 /// What a frame asks (or, in a reply, answers).
@@ -67,6 +74,13 @@ pub enum Opcode {
     WriteZeroes = 6,
     Fence = 7,
     DeleteVdisk = 8,
+    /// First frame of a local session (Unix socket): the client's memory
+    /// regions, whose file descriptors ride along (`SCM_RIGHTS`).
+    MapMemory = 9,
+    /// A read placed by the node straight into the client's mapped memory.
+    ReadShm = 10,
+    /// A write the node takes from the client's mapped memory.
+    WriteShm = 11,
 }
 
 impl TryFrom<u8> for Opcode {
@@ -81,6 +95,9 @@ impl TryFrom<u8> for Opcode {
             6 => Opcode::WriteZeroes,
             7 => Opcode::Fence,
             8 => Opcode::DeleteVdisk,
+            9 => Opcode::MapMemory,
+            10 => Opcode::ReadShm,
+            11 => Opcode::WriteShm,
             other => return Err(ProtoError::UnknownOpcode(other)),
         })
     }
@@ -227,8 +244,8 @@ impl Header {
     }
 }
 
-/// Bytes of the largest block of fixed fields of any request ([`ChunkRange`]).
-pub const MAX_FIXED: usize = ChunkRange::LEN;
+/// Bytes of the largest block of fixed fields of any request ([`ShmRange`]).
+pub const MAX_FIXED: usize = ShmRange::LEN;
 
 /// Addresses a range inside one chunk of one vDisk on one disk of the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,6 +291,142 @@ impl ChunkRange {
             });
         }
         Ok(r)
+    }
+}
+
+/// Fixed fields of `ReadShm` and `WriteShm`: the chunk range, and the
+/// segments of the client's mapped memory that hold (or receive) its data,
+/// which follow as the frame's payload ([`ShmSeg`], 16 bytes each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRange {
+    pub range: ChunkRange,
+    /// [`SHM_CHECK_CRC`]: the header's `payload_crc` is the data's crc32c,
+    /// which the node checks on the bytes it took (a write).
+    pub flags: u32,
+    pub segments: u32,
+}
+
+/// `ShmRange::flags`: check the data against the header's `payload_crc`.
+pub const SHM_CHECK_CRC: u32 = 1;
+
+impl ShmRange {
+    pub const LEN: usize = ChunkRange::LEN + 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..ChunkRange::LEN].copy_from_slice(&self.range.encode());
+        b[56..60].copy_from_slice(&self.flags.to_le_bytes());
+        b[60..64].copy_from_slice(&self.segments.to_le_bytes());
+        b
+    }
+
+    /// Decodes the fixed fields and checks the segment list that follows:
+    /// its length, and that the segments add up to the range's length.
+    fn decode(body: &[u8]) -> Result<(Self, &[u8]), ProtoError> {
+        let r = ShmRange {
+            range: ChunkRange::decode(&body[..ChunkRange::LEN])?,
+            flags: le32(&body[56..60]),
+            segments: le32(&body[60..64]),
+        };
+        if r.flags & !SHM_CHECK_CRC != 0 {
+            return Err(ProtoError::BadShm("unknown flags"));
+        }
+        let n = r.segments as usize;
+        if n == 0 || n > MAX_SEGMENTS {
+            return Err(ProtoError::BadShm("segment count out of range"));
+        }
+        let segs = &body[Self::LEN..];
+        if segs.len() != n * ShmSeg::LEN {
+            return Err(ProtoError::BadShm("segment list length"));
+        }
+        let total =
+            ShmSeg::iter(segs).try_fold(0u64, |t, s| (s.len > 0).then_some(t + u64::from(s.len)));
+        if total != Some(u64::from(r.range.len)) {
+            return Err(ProtoError::BadShm("segments do not add up to the range"));
+        }
+        Ok((r, segs))
+    }
+}
+
+/// One piece of a local request's data in the client's memory: `len` bytes
+/// at `offset` in region `region` of the session's `MapMemory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmSeg {
+    pub region: u32,
+    pub len: u32,
+    pub offset: u64,
+}
+
+impl ShmSeg {
+    pub const LEN: usize = 16;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&self.region.to_le_bytes());
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b
+    }
+
+    /// The segments of an encoded list (whole entries only).
+    pub fn iter(b: &[u8]) -> impl Iterator<Item = ShmSeg> + '_ {
+        b.chunks_exact(Self::LEN).map(|c| ShmSeg {
+            region: le32(&c[0..4]),
+            len: le32(&c[4..8]),
+            offset: le64(&c[8..16]),
+        })
+    }
+}
+
+/// One region of `MapMemory`: `len` bytes of the n-th passed file
+/// descriptor, from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRegion {
+    pub len: u64,
+    pub offset: u64,
+}
+
+impl ShmRegion {
+    pub const LEN: usize = 16;
+
+    /// A `MapMemory` body: a count, then the regions.
+    pub fn encode_list(regions: &[ShmRegion]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + regions.len() * Self::LEN);
+        b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        b.extend_from_slice(&[0u8; 4]);
+        for r in regions {
+            b.extend_from_slice(&r.len.to_le_bytes());
+            b.extend_from_slice(&r.offset.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes a `MapMemory` body; every region is non-empty and its end
+    /// fits in 64 bits.
+    pub fn decode_list(body: &[u8]) -> Result<Vec<ShmRegion>, ProtoError> {
+        if body.len() < 8 {
+            return Err(ProtoError::BadShm("region list too short"));
+        }
+        let n = le32(&body[0..4]) as usize;
+        if n > MAX_REGIONS {
+            return Err(ProtoError::BadShm("too many regions"));
+        }
+        if body.len() != 8 + n * Self::LEN {
+            return Err(ProtoError::BadShm("region list length"));
+        }
+        body[8..]
+            .chunks_exact(Self::LEN)
+            .map(|c| {
+                let r = ShmRegion {
+                    len: le64(&c[0..8]),
+                    offset: le64(&c[8..16]),
+                };
+                if r.len == 0 || r.offset.checked_add(r.len).is_none() {
+                    return Err(ProtoError::BadShm("empty or overflowing region"));
+                }
+                Ok(r)
+            })
+            .collect()
     }
 }
 
@@ -335,6 +488,11 @@ pub enum Request<'a> {
     WriteZeroes(ChunkRange),
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
+    /// The regions' list as encoded ([`ShmRegion::decode_list`] checked it).
+    MapMemory(&'a [u8]),
+    /// Fixed fields and the encoded segment list.
+    ReadShm(ShmRange, &'a [u8]),
+    WriteShm(ShmRange, &'a [u8]),
 }
 
 impl<'a> Request<'a> {
@@ -407,6 +565,25 @@ impl<'a> Request<'a> {
                     Request::DeleteVdisk(v)
                 }
             }
+            Opcode::MapMemory => {
+                ShmRegion::decode_list(body)?;
+                Request::MapMemory(body)
+            }
+            Opcode::ReadShm | Opcode::WriteShm => {
+                if body.len() < ShmRange::LEN {
+                    return Err(ProtoError::BodyLength {
+                        op,
+                        got: body.len(),
+                        expected: ShmRange::LEN,
+                    });
+                }
+                let (r, segs) = ShmRange::decode(body)?;
+                if op == Opcode::ReadShm {
+                    Request::ReadShm(r, segs)
+                } else {
+                    Request::WriteShm(r, segs)
+                }
+            }
         })
     }
 
@@ -420,6 +597,9 @@ impl<'a> Request<'a> {
             Request::WriteZeroes(_) => Opcode::WriteZeroes,
             Request::Fence(_) => Opcode::Fence,
             Request::DeleteVdisk(_) => Opcode::DeleteVdisk,
+            Request::MapMemory(_) => Opcode::MapMemory,
+            Request::ReadShm(..) => Opcode::ReadShm,
+            Request::WriteShm(..) => Opcode::WriteShm,
         }
     }
 
@@ -436,19 +616,30 @@ impl<'a> Request<'a> {
             Request::Write(r, _) => put(&r.encode()),
             Request::Flush(d) => put(&d.disk),
             Request::Fence(v) | Request::DeleteVdisk(v) => put(&v.encode()),
+            Request::MapMemory(_) => 0,
+            Request::ReadShm(r, _) | Request::WriteShm(r, _) => put(&r.encode()),
+        }
+    }
+
+    /// What follows the fixed fields: a write's data, a local request's
+    /// segment list, a `MapMemory` region list.
+    pub fn payload(&self) -> &'a [u8] {
+        match *self {
+            Request::Write(_, p)
+            | Request::MapMemory(p)
+            | Request::ReadShm(_, p)
+            | Request::WriteShm(_, p) => p,
+            _ => &[],
         }
     }
 
     /// Encodes the request's header and fixed fields into `out`; the payload
     /// (for `Write`) is returned separately so it can be sent without a copy.
     pub fn encode_head(&self, id: u64, out: &mut Vec<u8>) -> &'a [u8] {
-        let payload: &'a [u8] = match *self {
-            Request::Write(_, p) => p,
-            _ => &[],
-        };
+        let payload = self.payload();
         let mut fixed = [0u8; MAX_FIXED];
         let n = self.encode_fixed(&mut fixed);
-        let crc = if payload.is_empty() {
+        let crc = if !matches!(self, Request::Write(..)) || payload.is_empty() {
             0
         } else {
             crc32c::crc32c(payload)
@@ -567,6 +758,38 @@ mod tests {
             roundtrip(Request::DeleteVdisk(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
             roundtrip(Request::Flush(DiskRef { disk: r.disk }), id);
             roundtrip(Request::Hello(Hello { min_version: 1, max_version: r.len as u16, client: r.vdisk }), id);
+            // Local requests: the range split into segments of `data[0] + 1`
+            // sectors at most.
+            if r.len > 0 {
+                let step = (u32::from(data.first().copied().unwrap_or(0)) + 1) * SECTOR;
+                let mut segs = Vec::new();
+                let mut at = 0;
+                while at < r.len {
+                    let len = step.min(r.len - at);
+                    segs.extend_from_slice(&ShmSeg { region: at % 3, len, offset: u64::from(at) * 7 }.encode());
+                    at += len;
+                }
+                let sr = ShmRange { range: r, flags: SHM_CHECK_CRC, segments: (segs.len() / ShmSeg::LEN) as u32 };
+                roundtrip(Request::ReadShm(sr, &segs), id);
+                roundtrip(Request::WriteShm(ShmRange { flags: 0, ..sr }, &segs), id);
+                let total: u64 = ShmSeg::iter(&segs).map(|s| u64::from(s.len)).sum();
+                prop_assert_eq!(total, u64::from(r.len));
+            }
+            let regions: Vec<ShmRegion> = data.iter().map(|&b| ShmRegion { len: u64::from(b) + 1, offset: r.chunk >> 1 }).collect();
+            let list = ShmRegion::encode_list(&regions);
+            roundtrip(Request::MapMemory(&list), id);
+            prop_assert_eq!(ShmRegion::decode_list(&list).unwrap(), regions);
+        }
+
+        /// A segment list that does not add up to its range is refused.
+        #[test]
+        fn shm_segments_must_cover_the_range(r in range(), extra in 1u32..4096) {
+            let seg = ShmSeg { region: 0, len: r.len + extra, offset: 0 };
+            let sr = ShmRange { range: r, flags: 0, segments: 1 };
+            let mut body = sr.encode().to_vec();
+            body.extend_from_slice(&seg.encode());
+            let h = Header::request(Opcode::ReadShm, 1, body.len() as u32, 0);
+            prop_assert!(Request::decode(&h, &body).is_err());
         }
 
         /// Arbitrary bytes never panic the decoders; whatever decodes re-encodes identically.
@@ -581,7 +804,7 @@ mod tests {
 
         /// Headers that are valid except for garbage in the body never panic either.
         #[test]
-        fn valid_header_garbage_body(op in 1u8..=8, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
+        fn valid_header_garbage_body(op in 1u8..=11, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
             let h = Header::request(Opcode::try_from(op).unwrap(), 7, body.len() as u32, crc);
             let h = Header::decode(&h.encode()).unwrap();
             let _ = Request::decode(&h, &body);

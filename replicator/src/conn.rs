@@ -26,16 +26,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_proto::{
-    read_header, Frame, Header, Hello, HelloReply, Request, Status, HEADER_LEN, MAX_FIXED,
-    PROTOCOL_MAX, PROTOCOL_MIN,
+    read_header, Frame, Header, Hello, HelloReply, Request, ShmRange, ShmSeg, Status, HEADER_LEN,
+    MAX_FIXED, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
 use thiserror::Error;
 use tokio::io::BufReader;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::shm::{SharedMemory, ShmTable};
 
 /// The receiving side, buffered: many replies come in with one `read`.
-type Rx = BufReader<OwnedReadHalf>;
+type Rx = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+/// The sending side (a TCP or Unix socket).
+type Tx = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Bytes of the receive buffer; larger read bodies bypass it.
 const RX_BUFFER: usize = 64 * 1024;
@@ -46,7 +49,7 @@ pub(crate) const COPY_MAX: usize = 64 * 1024;
 
 /// An outbox buffer grown beyond this by a burst is not kept for reuse.
 const OUTBOX_KEEP: usize = 1 << 20;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
 /// Why a request to a node got no answer.
@@ -160,7 +163,7 @@ struct Outbox {
 pub(crate) struct Conn {
     addr: String,
     /// Every send holds it for the whole of its frames.
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<tokio::sync::Mutex<Tx>>,
     outbox: Arc<Mutex<Outbox>>,
     /// Wakes the writer task when the outbox gets frames.
     wake_writer: Arc<tokio::sync::Notify>,
@@ -174,6 +177,10 @@ pub(crate) struct Conn {
     tick: Duration,
     watchdog: tokio::task::JoinHandle<()>,
     pub(crate) hello: HelloReply,
+    /// A local session's shared memory (the node mapped it).
+    shm: Option<Arc<ShmTable>>,
+    /// A local session's table generation.
+    generation: Option<u64>,
 }
 
 impl Drop for Conn {
@@ -204,7 +211,7 @@ fn fail_pending(pending: &Pending, broken: &AtomicBool, addr: &str, reason: &str
 /// the socket allows, after letting the tasks that are ready run (so the
 /// frames they queue go out together).
 async fn send_loop(
-    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    writer: Arc<tokio::sync::Mutex<Tx>>,
     outbox: Arc<Mutex<Outbox>>,
     wake: Arc<tokio::sync::Notify>,
     pending: Arc<Pending>,
@@ -256,7 +263,47 @@ impl Drop for SendGuard<'_> {
 }
 
 impl Conn {
-    /// Connects and says hello.
+    /// Opens a local session on the node's Unix socket `path`: passes it
+    /// `table`'s regions, then says hello.
+    pub(crate) async fn connect_local(
+        path: &str,
+        client: [u8; 16],
+        timeout: Duration,
+        table: Arc<ShmTable>,
+    ) -> Result<Arc<Conn>, ConnError> {
+        let fail = |reason: String| ConnError::Connect {
+            addr: path.to_string(),
+            reason,
+        };
+        let handshake = {
+            let path = path.to_string();
+            let table = table.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                let (regions, fds) = table.wire();
+                tessera_proto::local::client_handshake(&mut s, &regions, &fds)?;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(s)
+            })
+        };
+        let std = handshake
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let stream = UnixStream::from_std(std).map_err(|e| fail(e.to_string()))?;
+        let (rd, wr) = stream.into_split();
+        let generation = table.generation;
+        let shm = (!table.is_empty()).then_some(table);
+        let mut conn = Self::start(path, Box::new(rd), Box::new(wr), client, timeout, shm).await?;
+        if let Some(c) = Arc::get_mut(&mut conn) {
+            c.generation = Some(generation);
+        }
+        Ok(conn)
+    }
+
+    /// Connects over TCP and says hello.
     pub(crate) async fn connect(
         addr: &str,
         client: [u8; 16],
@@ -277,6 +324,18 @@ impl Conn {
             reason: e.to_string(),
         })?;
         let (rd, wr) = stream.into_split();
+        Self::start(addr, Box::new(rd), Box::new(wr), client, timeout, None).await
+    }
+
+    /// Starts the connection's tasks and says hello.
+    async fn start(
+        addr: &str,
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Tx,
+        client: [u8; 16],
+        timeout: Duration,
+        shm: Option<Arc<ShmTable>>,
+    ) -> Result<Arc<Conn>, ConnError> {
         let mut rd = BufReader::with_capacity(RX_BUFFER, rd);
         let pending: Arc<Pending> = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
@@ -370,6 +429,8 @@ impl Conn {
                 node: [0; 16],
                 disks: Vec::new(),
             },
+            shm,
+            generation: None,
         };
         let reply = conn
             .call(
@@ -404,6 +465,10 @@ impl Conn {
     /// Sends a request and waits for its reply. `payload` is the data of a
     /// write, sent as is after the fixed fields; `crc` its crc32c if the
     /// caller has it.
+    ///
+    /// On a local session, a write whose payload lies in shared memory goes
+    /// as `WriteShm`: the node takes the data from there, checking it
+    /// against `crc` if given (the same data goes to other copies).
     pub(crate) async fn call(
         &self,
         req: Request<'_>,
@@ -411,6 +476,25 @@ impl Conn {
         crc: Option<u32>,
         timeout: Duration,
     ) -> Result<Frame, ConnError> {
+        if let (Request::Write(range, _), Some(shm)) = (req, &self.shm) {
+            if let Some(segs) = shm.translate(payload) {
+                let req = Request::WriteShm(
+                    ShmRange {
+                        range,
+                        flags: if crc.is_some() { SHM_CHECK_CRC } else { 0 },
+                        segments: (segs.len() / ShmSeg::LEN) as u32,
+                    },
+                    &segs,
+                );
+                return match self
+                    .exchange(req, &[], Some(crc.unwrap_or(0)), timeout, false)
+                    .await?
+                {
+                    Delivery::Frame(f) => Ok(f),
+                    Delivery::Stream { .. } => unreachable!("only asked for whole frames"),
+                };
+            }
+        }
         match self.exchange(req, payload, crc, timeout, false).await? {
             Delivery::Frame(f) => Ok(f),
             Delivery::Stream { .. } => unreachable!("only asked for whole frames"),
@@ -426,6 +510,23 @@ impl Conn {
         dest: &mut [&mut [u8]],
         timeout: Duration,
     ) -> Result<(Header, Vec<u8>), ConnError> {
+        // A local session places the data in shared memory itself.
+        if let (Request::Read(range), Some(shm)) = (req, &self.shm) {
+            if let Some(segs) = shm.translate(dest) {
+                let req = Request::ReadShm(
+                    ShmRange {
+                        range,
+                        flags: 0,
+                        segments: (segs.len() / ShmSeg::LEN) as u32,
+                    },
+                    &segs,
+                );
+                return match self.exchange(req, &[], Some(0), timeout, false).await? {
+                    Delivery::Frame(f) => Ok((f.header, f.body)),
+                    Delivery::Stream { .. } => unreachable!("only asked for whole frames"),
+                };
+            }
+        }
         let delivery = self.exchange(req, &[], None, timeout, true).await?;
         let (header, mut rd, back) = match delivery {
             Delivery::Frame(f) => return Ok((f.header, f.body)),
@@ -476,8 +577,11 @@ impl Conn {
             return Err(self.broken_error("connection already failed"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // A local request's segment list (or a memory map) travels as its payload.
+        let listed = [req.payload()];
         let payload: &[&[u8]] = match req {
             Request::Write(..) => payload,
+            _ if !listed[0].is_empty() => &listed,
             _ => &[],
         };
         let (head, head_len) = encode_head(&req, id, payload, crc);
@@ -631,9 +735,20 @@ pub(crate) fn payload_crc(payload: &[&[u8]]) -> u32 {
         .fold(0u32, |crc, s| crc32c::crc32c_append(crc, s))
 }
 
+/// Where a node is: its TCP address, and its local-session socket if the
+/// node is on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeAddr {
+    pub(crate) addr: String,
+    pub(crate) socket: Option<String>,
+}
+
 /// A node's address and its (re)connectable connection.
 pub(crate) struct NodeLink {
     pub(crate) addr: String,
+    /// The node's local-session socket (it is on this host).
+    socket: Option<String>,
+    shm: Arc<SharedMemory>,
     client: [u8; 16],
     timeout: Duration,
     /// The live connection; read on every request (uncontended read lock).
@@ -643,9 +758,16 @@ pub(crate) struct NodeLink {
 }
 
 impl NodeLink {
-    pub(crate) fn new(addr: String, client: [u8; 16], timeout: Duration) -> Self {
+    pub(crate) fn new(
+        addr: NodeAddr,
+        shm: Arc<SharedMemory>,
+        client: [u8; 16],
+        timeout: Duration,
+    ) -> Self {
         NodeLink {
-            addr,
+            addr: addr.addr,
+            socket: addr.socket,
+            shm,
             client,
             timeout,
             current: std::sync::RwLock::new(None),
@@ -653,12 +775,18 @@ impl NodeLink {
         }
     }
 
+    /// The current connection, unless it failed or is a local session
+    /// whose memory table has been replaced since it opened.
     fn live(&self) -> Option<Arc<Conn>> {
         self.current
             .read()
             .expect("connection slot poisoned")
             .as_ref()
             .filter(|c| !c.is_broken())
+            .filter(|c| {
+                c.generation
+                    .is_none_or(|g| g == self.shm.current().generation)
+            })
             .cloned()
     }
 
@@ -671,7 +799,23 @@ impl NodeLink {
         if let Some(c) = self.live() {
             return Ok(c);
         }
-        let c = Conn::connect(&self.addr, self.client, self.timeout).await?;
+        let local = match &self.socket {
+            Some(path) => {
+                let table = self.shm.current();
+                match Conn::connect_local(path, self.client, self.timeout, table).await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, addr = %self.addr, "no local session: using TCP");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let c = match local {
+            Some(c) => c,
+            None => Conn::connect(&self.addr, self.client, self.timeout).await?,
+        };
         *self.current.write().expect("connection slot poisoned") = Some(c.clone());
         Ok(c)
     }

@@ -11,10 +11,12 @@
 
 mod conn;
 mod layout;
+mod shm;
 mod volume;
 pub mod worker;
 
 pub use conn::ConnError;
+pub use shm::SharedRegion;
 pub use volume::{ScrubReport, Volume, VolumeConfig};
 
 use tessera_proto::Status;

@@ -21,6 +21,7 @@ pub use repair::ScrubReport;
 
 use crate::conn::NodeLink;
 use crate::layout::{split, Piece};
+use crate::shm::{SharedMemory, SharedRegion};
 use crate::VolumeError;
 
 use placement::{Layout, Links};
@@ -128,7 +129,9 @@ struct Inner {
     /// moves a copy (rebuild, drain, rebalance).
     layout: ArcSwap<Layout>,
     /// Addresses of every node a layout has used, by node index (only grows).
-    nodes: Arc<std::sync::RwLock<Vec<String>>>,
+    nodes: Arc<std::sync::RwLock<Vec<crate::conn::NodeAddr>>>,
+    /// Memory the device adapter shares with the nodes on this host.
+    shm: Arc<SharedMemory>,
     /// Serialises layout changes.
     adopting: tokio::sync::Mutex<()>,
     /// Fewest current copies a write needs.
@@ -245,6 +248,7 @@ impl Volume {
             reconciled_chunks: AtomicU64::new(0),
             layout: ArcSwap::from_pointee(layout),
             nodes,
+            shm: Arc::default(),
             adopting: tokio::sync::Mutex::new(()),
             min_copies,
             recording: tokio::sync::Mutex::new(()),
@@ -282,6 +286,15 @@ impl Volume {
 
     /// A handle on the same open vDisk (lease, epoch, copy states) with
     /// connections of its own to the nodes.
+    /// Lists the regions of this process's memory, backed by files, that
+    /// storage nodes on this host may map: reads and writes whose buffers
+    /// lie in them skip the socket (see [`crate::SharedRegion`]). Replaces
+    /// the previous list; call it before memory it no longer lists can be
+    /// unmapped.
+    pub fn share_memory(&self, regions: Vec<SharedRegion>) {
+        self.inner.shm.set(regions);
+    }
+
     pub fn fork(&self) -> Volume {
         Volume {
             inner: self.inner.clone(),
@@ -587,7 +600,12 @@ impl Inner {
 
     /// Fresh (lazily connecting) links to every node.
     fn connect(&self) -> Links {
-        Links::new(self.nodes.clone(), self.client, self.config.io_timeout)
+        Links::new(
+            self.nodes.clone(),
+            self.shm.clone(),
+            self.client,
+            self.config.io_timeout,
+        )
     }
 
     /// The current layout; held only for the span of one operation (a
@@ -985,8 +1003,11 @@ impl Inner {
                 })
                 .collect();
             // The payload's checksum, once for every copy (a retry after a
-            // payload changed in transit computes it again).
-            let crc = (!payload.is_empty()).then(|| crate::conn::payload_crc(payload));
+            // payload changed in transit computes it again). A write to one
+            // copy leaves it to the connection: a local session's node
+            // checksums its own private copy of the data instead.
+            let crc = (!payload.is_empty() && targets.len() > 1)
+                .then(|| crate::conn::payload_crc(payload));
             let results = join_all(targets.iter().map(|c| {
                 let req = request(c.disk);
                 async move {

@@ -29,6 +29,9 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     /// Host this node runs on.
     pub host: String,
+    /// Unix socket for local sessions (clients on this host share their
+    /// memory with the node); `None`: TCP only.
+    pub local_socket: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
     /// The zone's management API; `None` runs the node stand-alone.
     pub api: Option<ApiClient>,

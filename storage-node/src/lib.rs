@@ -9,17 +9,18 @@
 mod config;
 mod disks;
 mod server;
+mod shm;
 mod zone_link;
 
 pub use config::{DiskSpec, NodeConfig, NodeIdentity};
 pub use disks::{DiskSet, DisksError};
 pub use server::{serve, Server};
-pub use zone_link::ZoneLink;
+pub use zone_link::{Advertise, ZoneLink};
 
 use std::sync::Arc;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 /// Why the node could not start or stopped.
 #[derive(Debug, Error)]
@@ -44,6 +45,22 @@ pub enum NodeError {
     Zone(String),
 }
 
+/// Binds the local-session socket, replacing a socket file a previous run
+/// left. A failure only costs the local path: clients fall back to TCP.
+fn bind_local(path: &std::path::Path) -> Option<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+    match UnixListener::bind(path) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no local sessions: cannot bind the socket");
+            None
+        }
+    }
+}
+
 /// Runs a storage node until `shutdown` resolves.
 pub async fn run(
     config: NodeConfig,
@@ -66,16 +83,21 @@ pub async fn run(
         source,
     })?;
     let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
-    tracing::info!(node = %identity.uuid, %addr, disks = disks.len(), "storage node serving");
+    let local = config.local_socket.as_deref().and_then(bind_local);
+    let socket = local.as_ref().and(config.local_socket.clone());
+    tracing::info!(node = %identity.uuid, %addr, local = ?socket, disks = disks.len(), "storage node serving");
 
-    let server = serve(listener, identity.uuid, disks.clone());
+    let server = serve(listener, local, identity.uuid, disks.clone());
     let link = match &config.api {
         Some(api) => Some(ZoneLink::start(
             api.clone(),
             identity.clone(),
             config.dir.clone(),
-            config.host.clone(),
-            advertise,
+            Advertise {
+                host: config.host.clone(),
+                addr: advertise,
+                socket: socket.map(|p| p.display().to_string()),
+            },
             disks.clone(),
             config.heartbeat_interval,
         )),

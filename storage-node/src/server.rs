@@ -9,17 +9,20 @@ use std::sync::Arc;
 
 use tessera_chunkstore::{Disk, Error as StoreError};
 use tessera_proto::{
-    read_frame, ChunkRange, Frame, Header, HelloReply, Opcode, Request, Status, VdiskRef,
-    HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    read_frame, ChunkRange, Frame, Header, HelloReply, Opcode, Request, ShmRange, Status, VdiskRef,
+    HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::disks::DiskSet;
+use crate::shm::ShmTable;
+
+/// How long a local client may take to send its memory map.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Requests one connection may have in flight before the node stops reading it.
 const MAX_IN_FLIGHT: usize = 256;
@@ -41,8 +44,14 @@ impl Server {
     }
 }
 
-/// Serves the storage protocol on `listener` until stopped.
-pub fn serve(listener: TcpListener, node: Uuid, disks: Arc<DiskSet>) -> Server {
+/// Serves the storage protocol on `listener`, and local sessions on
+/// `local` (a Unix socket on this host), until stopped.
+pub fn serve(
+    listener: TcpListener,
+    local: Option<UnixListener>,
+    node: Uuid,
+    disks: Arc<DiskSet>,
+) -> Server {
     let (stop, mut stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -54,12 +63,26 @@ pub fn serve(listener: TcpListener, node: Uuid, disks: Arc<DiskSet>) -> Server {
                         let disks = disks.clone();
                         conns.spawn(async move {
                             tracing::debug!(%peer, "connection opened");
-                            connection(stream, node, disks).await;
+                            tcp_connection(stream, node, disks).await;
                             tracing::debug!(%peer, "connection closed");
                         });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                accepted = accept_local(local.as_ref()) => match accepted {
+                    Ok(stream) => {
+                        let disks = disks.clone();
+                        conns.spawn(async move {
+                            tracing::debug!("local session opened");
+                            local_connection(stream, node, disks).await;
+                            tracing::debug!("local session closed");
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "local accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
@@ -69,6 +92,14 @@ pub fn serve(listener: TcpListener, node: Uuid, disks: Arc<DiskSet>) -> Server {
         conns.shutdown().await;
     });
     Server { stop, task }
+}
+
+/// The next local session, or never without a local listener.
+async fn accept_local(local: Option<&UnixListener>) -> std::io::Result<UnixStream> {
+    match local {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
 }
 
 /// One encoded reply.
@@ -93,12 +124,67 @@ impl Reply {
     }
 }
 
-async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
-    let peer = stream.peer_addr().ok();
+async fn tcp_connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
     if let Err(e) = stream.set_nodelay(true) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
     let (rd, wr) = stream.into_split();
+    connection(rd, wr, peer, node, disks, None).await;
+}
+
+/// A local session: the memory-map handshake (blocking, bounded by
+/// [`HANDSHAKE_TIMEOUT`]), then the protocol with shared-memory requests.
+async fn local_connection(stream: UnixStream, node: Uuid, disks: Arc<DiskSet>) {
+    let handshake = tokio::task::spawn_blocking(move || {
+        let mut std = stream.into_std()?;
+        std.set_nonblocking(false)?;
+        std.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        std.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let (regions, fds) = tessera_proto::local::server_receive(&std)?;
+        let table = ShmTable::map(&regions, &fds);
+        let answer = table.as_ref().map(|_| ()).map_err(Clone::clone);
+        tessera_proto::local::server_answer(&mut std, answer)?;
+        let table = table.map_err(std::io::Error::other)?;
+        std.set_read_timeout(None)?;
+        std.set_write_timeout(None)?;
+        std.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>((std, table, regions.len()))
+    })
+    .await;
+    let (std, table, regions) = match handshake {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "local session handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let stream = match UnixStream::from_std(std) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register a local session");
+            return;
+        }
+    };
+    tracing::info!(regions, "local session: mapped the client's memory");
+    let (rd, wr) = stream.into_split();
+    connection(rd, wr, "local".into(), node, disks, Some(Arc::new(table))).await;
+}
+
+async fn connection<R, W>(
+    rd: R,
+    wr: W,
+    peer: String,
+    node: Uuid,
+    disks: Arc<DiskSet>,
+    shm: Option<Arc<ShmTable>>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     // Buffered: a burst of pipelined requests is read with one syscall.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
@@ -109,7 +195,7 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
-                tracing::warn!(?peer, error = %e, cause = ?std::error::Error::source(&e), "dropping connection");
+                tracing::warn!(%peer, error = %e, cause = ?std::error::Error::source(&e), "dropping connection");
                 break;
             }
         };
@@ -119,7 +205,7 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
                 // The frame is whole and the stream in step: refuse this
                 // write alone.
                 tracing::warn!(
-                    ?peer,
+                    %peer,
                     id = frame.header.id,
                     "write payload failed its checksum"
                 );
@@ -135,7 +221,7 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
                 continue;
             }
             Err(e) => {
-                tracing::warn!(?peer, error = %e, "malformed request, dropping connection");
+                tracing::warn!(%peer, error = %e, "malformed request, dropping connection");
                 break;
             }
         };
@@ -166,7 +252,7 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
         // microseconds: running them here saves two thread hand-offs. Large
         // ones, flushes and metadata work go to the blocking pool.
         if op.is_small() {
-            if tx.send(execute(&disks, op, frame)).is_err() {
+            if tx.send(execute(&disks, shm.as_deref(), op, frame)).is_err() {
                 break;
             }
             continue;
@@ -175,9 +261,10 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
             break;
         };
         let disks = disks.clone();
+        let shm = shm.clone();
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&disks, op, frame);
+            let reply = execute(&disks, shm.as_deref(), op, frame);
             drop(permit);
             let _ = tx.send(reply);
         });
@@ -188,7 +275,7 @@ async fn connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
     let _ = writer.await;
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -215,8 +302,8 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Repl
 }
 
 /// Writes every slice, in as few `writev` calls as the socket allows.
-pub(crate) async fn write_all_vectored(
-    wr: &mut OwnedWriteHalf,
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     mut slices: &mut [IoSlice<'_>],
 ) -> std::io::Result<()> {
     while !slices.is_empty() {
@@ -233,7 +320,10 @@ pub(crate) async fn write_all_vectored(
 /// stays in the frame body it arrived in.
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Hello { min: u16, max: u16 },
+    Hello {
+        min: u16,
+        max: u16,
+    },
     Read(ChunkRange),
     Write(ChunkRange),
     Flush([u8; 16]),
@@ -241,6 +331,10 @@ enum Op {
     WriteZeroes(ChunkRange),
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
+    /// A local session's first frame, anywhere else: refused.
+    MapMemory,
+    ReadShm(ShmRange),
+    WriteShm(ShmRange),
 }
 
 impl Op {
@@ -257,6 +351,9 @@ impl Op {
             Request::WriteZeroes(r) => Op::WriteZeroes(r),
             Request::Fence(v) => Op::Fence(v),
             Request::DeleteVdisk(v) => Op::DeleteVdisk(v),
+            Request::MapMemory(_) => Op::MapMemory,
+            Request::ReadShm(r, _) => Op::ReadShm(r),
+            Request::WriteShm(r, _) => Op::WriteShm(r),
         })
     }
 
@@ -264,6 +361,7 @@ impl Op {
     fn is_small(&self) -> bool {
         match self {
             Op::Read(r) | Op::Write(r) => r.len <= INLINE_MAX,
+            Op::ReadShm(r) | Op::WriteShm(r) => r.range.len <= INLINE_MAX,
             _ => false,
         }
     }
@@ -278,15 +376,21 @@ impl Op {
             Op::WriteZeroes(_) => Opcode::WriteZeroes,
             Op::Fence(_) => Opcode::Fence,
             Op::DeleteVdisk(_) => Opcode::DeleteVdisk,
+            Op::MapMemory => Opcode::MapMemory,
+            Op::ReadShm(_) => Opcode::ReadShm,
+            Op::WriteShm(_) => Opcode::WriteShm,
         }
     }
 }
 
 /// Runs one request against the disks (blocking).
-fn execute(disks: &DiskSet, op: Op, frame: Frame) -> Reply {
+fn execute(disks: &DiskSet, shm: Option<&ShmTable>, op: Op, frame: Frame) -> Reply {
     let id = frame.header.id;
     let opcode = op.opcode();
-    let result = run_op(disks, op, &frame.body);
+    let result = match op {
+        Op::ReadShm(_) | Op::WriteShm(_) | Op::MapMemory => run_shm(disks, shm, op, &frame),
+        _ => run_op(disks, op, &frame.body),
+    };
     match result {
         Ok(body) => Reply::new(opcode, id, Status::Ok, body),
         Err(OpError::Status(status, msg)) => Reply::error(opcode, id, status, &msg),
@@ -345,9 +449,70 @@ fn targets<'a>(disks: &'a DiskSet, uuid: &[u8; 16]) -> Result<Vec<&'a Arc<Disk>>
     }
 }
 
+/// The shared-memory requests of a local session.
+fn run_shm(
+    disks: &DiskSet,
+    shm: Option<&ShmTable>,
+    op: Op,
+    frame: &Frame,
+) -> Result<Vec<u8>, OpError> {
+    let invalid = |msg: &str| OpError::Status(Status::Invalid, msg.to_string());
+    let Some(shm) = shm else {
+        return Err(invalid("shared-memory requests need a local session"));
+    };
+    let list = &frame.body[ShmRange::LEN..];
+    let mut segs = shm
+        .segments(list)
+        .ok_or_else(|| invalid("a segment lies outside the session's memory"))?;
+    match op {
+        Op::ReadShm(sr) => {
+            let r = sr.range;
+            let d = disk(disks, &r.disk)?;
+            let vdisk = Uuid::from_bytes(r.vdisk);
+            if let [one] = segs.as_mut_slice() {
+                // Straight into the client's memory; verified there.
+                match d.read(vdisk, r.chunk, r.offset, one) {
+                    Err(StoreError::Checksum { .. }) => {}
+                    other => return other.map(|()| Vec::new()).map_err(OpError::from),
+                }
+                // The client's memory may have changed under the check:
+                // only a failure in private memory means a bad copy.
+            }
+            let mut buf = vec![0u8; r.len as usize];
+            d.read(vdisk, r.chunk, r.offset, &mut buf)?;
+            let mut at = 0;
+            for s in segs {
+                s.copy_from_slice(&buf[at..at + s.len()]);
+                at += s.len();
+            }
+            Ok(Vec::new())
+        }
+        Op::WriteShm(sr) => {
+            let r = sr.range;
+            let d = disk(disks, &r.disk)?;
+            // A private copy: what is checked, checksummed and stored is one
+            // and the same, whatever the client does to its memory meanwhile.
+            let mut data = Vec::with_capacity(r.len as usize);
+            for s in &segs {
+                data.extend_from_slice(s);
+            }
+            if sr.flags & SHM_CHECK_CRC != 0 && crc32c::crc32c(&data) != frame.header.payload_crc {
+                return Err(OpError::Status(
+                    Status::BadPayload,
+                    "payload checksum mismatch".into(),
+                ));
+            }
+            d.write(Uuid::from_bytes(r.vdisk), r.chunk, r.offset, &data, r.epoch)?;
+            Ok(Vec::new())
+        }
+        _ => Err(invalid("MapMemory only starts a local session")),
+    }
+}
+
 fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
     match op {
         Op::Hello { .. } => Ok(Vec::new()),
+        Op::MapMemory | Op::ReadShm(_) | Op::WriteShm(_) => unreachable!("run_shm's"),
         Op::Read(r) => {
             let d = disk(disks, &r.disk)?;
             let mut buf = vec![0u8; r.len as usize];

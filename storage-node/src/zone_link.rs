@@ -22,10 +22,20 @@ struct Link {
     api: ApiClient,
     identity: NodeIdentity,
     dir: PathBuf,
-    host: String,
-    addr: String,
+    advertise: Advertise,
     disks: Arc<DiskSet>,
     interval: Duration,
+}
+
+/// Where clients find the node, as registered in the zone.
+#[derive(Debug, Clone)]
+pub struct Advertise {
+    /// The host it runs on.
+    pub host: String,
+    /// Storage protocol address, `ip:port`.
+    pub addr: String,
+    /// Local-session socket, for clients on the same host.
+    pub socket: Option<String>,
 }
 
 impl ZoneLink {
@@ -33,8 +43,7 @@ impl ZoneLink {
         api: ApiClient,
         identity: NodeIdentity,
         dir: PathBuf,
-        host: String,
-        addr: String,
+        advertise: Advertise,
         disks: Arc<DiskSet>,
         interval: Duration,
     ) -> Self {
@@ -43,8 +52,7 @@ impl ZoneLink {
             api,
             identity,
             dir,
-            host,
-            addr,
+            advertise,
             disks,
             interval,
         };
@@ -123,8 +131,9 @@ impl Link {
             .api
             .register_node(&RegisterNode {
                 uuid: self.identity.uuid,
-                host: self.host.clone(),
-                addr: self.addr.clone(),
+                host: self.advertise.host.clone(),
+                addr: self.advertise.addr.clone(),
+                socket: self.advertise.socket.clone(),
                 disks: self.disk_usage(),
             })
             .await?;

@@ -59,6 +59,8 @@ pub struct TestNode {
     pub dir: PathBuf,
     pub listen: SocketAddr,
     pub disk: PathBuf,
+    /// The host it claims ([`TEST_HOST`] unless a test moved it).
+    pub host: String,
     child: Option<Child>,
 }
 
@@ -142,6 +144,7 @@ impl TestZone {
             disk: node_dir.join("disk0.img"),
             dir: node_dir,
             listen: free_port(),
+            host: TEST_HOST.to_string(),
             child: None,
         });
         self.start_node(i);
@@ -209,7 +212,7 @@ impl TestZone {
             .arg(&node.dir)
             .arg("--listen")
             .arg(node.listen.to_string())
-            .args(["--host", TEST_HOST, "--heartbeat-ms", "200"])
+            .args(["--host", &node.host, "--heartbeat-ms", "200"])
             .arg("--disk")
             .arg(&node.disk)
             .arg("--disk-size")
@@ -225,6 +228,19 @@ impl TestZone {
             .spawn()
             .expect("spawn tessera node run");
         node.child = Some(child);
+    }
+
+    /// What node `i` logged so far.
+    pub fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Stops node `i` and starts it again claiming to run on `host` (a
+    /// node on another host is reached over TCP, never a local session).
+    pub fn restart_node_on_host(&mut self, i: usize, host: &str) {
+        self.stop_node(i);
+        self.nodes[i].host = host.to_string();
+        self.start_node(i);
     }
 
     /// `kill -9` node `i` and reap it.

@@ -19,6 +19,11 @@ pub trait BlockDisk: Send + Sync + 'static {
         self.clone()
     }
 
+    /// The guest memory's file-backed regions, listed again whenever the
+    /// memory table changes: a disk whose storage can map them may move
+    /// data to and from them directly. The default ignores them.
+    fn share_memory(&self, _regions: Vec<tessera_replicator::SharedRegion>) {}
+
     /// Reads into the concatenation of `bufs` at `offset`.
     fn readv(
         &self,
@@ -63,6 +68,11 @@ impl BlockDisk for tessera_replicator::Volume {
     /// Each queue gets its own connections to the storage nodes.
     fn for_queue(self: &Arc<Self>) -> Arc<Self> {
         Arc::new(self.fork())
+    }
+
+    /// Every queue's handle shares the list.
+    fn share_memory(&self, regions: Vec<tessera_replicator::SharedRegion>) {
+        tessera_replicator::Volume::share_memory(self, regions);
     }
 
     async fn readv(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), Self::Error> {

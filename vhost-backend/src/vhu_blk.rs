@@ -20,8 +20,8 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -34,6 +34,22 @@ use crate::disk::BlockDisk;
 use crate::request::Request;
 
 type Mem = GuestMemoryMmap<()>;
+
+/// The file-backed regions of guest memory, as the disk shares them.
+fn shared_regions(mem: &Mem) -> Vec<tessera_replicator::SharedRegion> {
+    mem.iter()
+        .filter_map(|r| {
+            let file = r.file_offset()?;
+            let addr = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+            Some(tessera_replicator::SharedRegion {
+                addr: addr as usize,
+                len: usize::try_from(r.len()).ok()?,
+                file: file.arc().clone(),
+                offset: file.start(),
+            })
+        })
+        .collect()
+}
 type MemGuard = GuestMemoryLoadGuard<Mem>;
 
 /// Requests of one queue not yet on its used ring.
@@ -396,7 +412,15 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
         out
     }
 
+    /// Takes the new memory table, and lists its regions with the disk so
+    /// the storage nodes on this host can map them. Called on the control
+    /// thread, which also makes every later mapping change: the disk has
+    /// the new list before memory the old list names can be reused.
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {
+        let regions = shared_regions(&mem.memory());
+        if let Some(disk) = self.inner.disks.first() {
+            disk.share_memory(regions);
+        }
         *self.inner.mem.write().expect("memory slot poisoned") = Some(mem);
         // A new memory table may come with new vrings (a new front-end).
         for q in &self.inner.queues {

@@ -102,6 +102,10 @@ pub struct Node {
     pub host: String,
     /// Storage protocol address, `ip:port`.
     pub addr: String,
+    /// Unix socket for local sessions: clients on `host` share their memory
+    /// with the node through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     /// Disks it serves.
     pub disks: Vec<Uuid>,
     /// Seconds since the Unix epoch of its last registration.

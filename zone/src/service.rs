@@ -28,6 +28,9 @@ pub struct RegisterNode {
     pub uuid: Uuid,
     pub host: String,
     pub addr: String,
+    /// Unix socket for local sessions (clients on the same host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     pub disks: Vec<RegisterDisk>,
 }
 
@@ -346,6 +349,15 @@ impl ZoneService {
                 quote(&req.addr)
             ))
         })?;
+        if let Some(socket) = &req.socket {
+            // sun_path holds 108 bytes with the terminating NUL.
+            if !socket.starts_with('/') || socket.len() > 107 || socket.contains('\0') {
+                return Err(ZoneError::Invalid(format!(
+                    "node socket {} is not an absolute path of at most 107 bytes",
+                    quote(socket)
+                )));
+            }
+        }
         let mut seen = HashSet::new();
         for disk in &req.disks {
             if !seen.insert(disk.uuid) {
@@ -391,6 +403,7 @@ impl ZoneService {
             uuid: req.uuid,
             host: req.host.clone(),
             addr: req.addr.clone(),
+            socket: req.socket.clone(),
             disks: req.disks.iter().map(|d| d.uuid).collect(),
             registered: now_secs(),
         };
@@ -1454,6 +1467,7 @@ mod tests {
             uuid: node_id(n),
             host: format!("hv{n}"),
             addr: format!("127.0.0.{n}:7000"),
+            socket: None,
             disks: (0..disks)
                 .map(|i| RegisterDisk {
                     uuid: disk_id(n, i),

@@ -15,6 +15,11 @@
 //!   `bench/ceph/setup.sh`), served by `qemu-storage-daemon`'s `rbd` driver;
 //! - `m1`, `m2`, `m3`: Tessera vDisks with `mirrors=1/2/3` on a 3-node
 //!   [`TestZone`], each served by its own `tessera vhost serve` (1 queue).
+//!   Node 0 is on the vhost process's host (a local session: guest memory
+//!   shared with the node); nodes 1 and 2 claim other hosts, so they are
+//!   reached over TCP (loopback), as peers on other machines would be. `m1`
+//!   keeps its one copy on node 0 (a datastore of that disk alone: the local
+//!   disk an operator gives a mirrors=1 vDisk); `m2` and `m3` use all three.
 //!
 //! Every system is exported over vhost-user-blk and driven by the same
 //! client (the `blkio` crate's `virtio-blk-vhost-user` driver, one queue,
@@ -41,6 +46,7 @@ use tessera_bench::load::{Client, Job, Measured, Pattern};
 use tessera_bench::machine::{utc_now, Machine};
 use tessera_bench::procs::{preallocated_file, shell_quote, CpuSample, Ready, Server, Watched};
 use tessera_tests::{free_port, tessera_bin, TestZone, VhostProcess, TEST_HOST};
+use tessera_zone::service::CreateDatastore;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -519,7 +525,20 @@ fn setup_tessera(
 ) -> Result<()> {
     let ds = sys.id;
     rt.block_on(async {
-        zone.datastore(ds, mirrors).await;
+        let disks = if mirrors == 1 {
+            Some(vec![zone.disk_of_node(0).await])
+        } else {
+            None
+        };
+        zone.api
+            .create_datastore(&CreateDatastore {
+                name: ds.into(),
+                mirrors,
+                stripes: None,
+                disks,
+            })
+            .await
+            .expect("create datastore");
         zone.vdisk(ds, "bench", range).await;
     });
     let vhost = zone.spawn_vhost(ds, "bench", 1);
@@ -537,9 +556,10 @@ fn setup_tessera(
     });
     for n in &zone.nodes {
         sys.commands.push(format!(
-            "{bin} node run --dir {} --listen {} --host {TEST_HOST} --heartbeat-ms 200 --disk {} --disk-size {disk_size} --api {} --token-file {}",
+            "{bin} node run --dir {} --listen {} --host {} --heartbeat-ms 200 --disk {} --disk-size {disk_size} --api {} --token-file {}",
             shell_quote(&n.dir.display().to_string()),
             n.listen,
+            n.host,
             shell_quote(&n.disk.display().to_string()),
             zone.url,
             shell_quote(&zone.token_file.display().to_string()),
@@ -549,8 +569,13 @@ fn setup_tessera(
             pid: n.pid().context("node process gone")?,
         });
     }
+    let over = if mirrors == 1 {
+        "node 0's disk (on the vhost process's host)"
+    } else {
+        "the 3 nodes' disks (node 0 on the vhost process's host, nodes 1-2 on other hosts)"
+    };
     sys.commands.push(format!(
-        "# datastore {ds}: mirrors={mirrors} over the 3 nodes' disks; vDisk {ds}/bench: {range} bytes"
+        "# datastore {ds}: mirrors={mirrors} over {over}; vDisk {ds}/bench: {range} bytes"
     ));
     sys.vhost = Some(vhost);
     Ok(())
@@ -1050,7 +1075,12 @@ fn main() -> Result<()> {
             "tessera: starting a 3-node zone ({} MiB disk files)",
             disk / MIB
         );
-        Some(rt.block_on(TestZone::start(3, disk)))
+        let mut zone = rt.block_on(TestZone::start(3, disk));
+        // Nodes 1 and 2 stand for nodes on other hosts: TCP, no local session.
+        zone.restart_node_on_host(1, "bench-peer-1");
+        zone.restart_node_on_host(2, "bench-peer-2");
+        rt.block_on(zone.wait_nodes_up(3));
+        Some(zone)
     } else {
         None
     };

@@ -27,7 +27,8 @@ use tessera_zone::records::{Disk, NodeStatus, Vdisk};
 use uuid::Uuid;
 
 use super::{Copy, CopyState, Inner, CURRENT, STALE};
-use crate::conn::NodeLink;
+use crate::conn::{NodeAddr, NodeLink};
+use crate::shm::SharedMemory;
 use crate::VolumeError;
 
 /// Which disks hold each group's copies, as of one placement version.
@@ -52,9 +53,9 @@ impl Layout {
     /// stable).
     pub(super) fn build(
         vdisk: &Vdisk,
-        nodes: &std::sync::RwLock<Vec<String>>,
+        nodes: &std::sync::RwLock<Vec<NodeAddr>>,
         previous: Option<&Layout>,
-        locate: impl Fn(Uuid) -> Result<(String, bool), VolumeError>,
+        locate: impl Fn(Uuid) -> Result<(NodeAddr, bool), VolumeError>,
     ) -> Result<Layout, VolumeError> {
         let mut addrs = nodes.write().expect("nodes poisoned");
         // Where each disk is; and each copy slot's state: a disk's copies
@@ -182,13 +183,14 @@ impl Layout {
     }
 }
 
-/// Where the zone's records put a disk: its node's address, and whether
-/// that node is on `host`.
+/// Where the zone's records put a disk: its node's address (with its
+/// local-session socket if the node is on `host`), and whether that node is
+/// on `host`.
 pub(super) fn locator<'a>(
     disks: &'a [Disk],
     nodes: &'a [NodeStatus],
     host: &'a str,
-) -> impl Fn(Uuid) -> Result<(String, bool), VolumeError> + 'a {
+) -> impl Fn(Uuid) -> Result<(NodeAddr, bool), VolumeError> + 'a {
     move |disk| {
         let node = disks
             .iter()
@@ -199,7 +201,12 @@ pub(super) fn locator<'a>(
             .iter()
             .find(|n| n.node.uuid == node)
             .ok_or(VolumeError::Placement(format!("node {node} is unknown")))?;
-        Ok((n.node.addr.clone(), n.node.host == host))
+        let local = n.node.host == host;
+        let addr = NodeAddr {
+            addr: n.node.addr.clone(),
+            socket: n.node.socket.clone().filter(|_| local),
+        };
+        Ok((addr, local))
     }
 }
 
@@ -207,20 +214,23 @@ pub(super) fn locator<'a>(
 /// node the handle has not talked to yet.
 pub(super) struct Links {
     slots: std::sync::RwLock<Vec<Arc<NodeLink>>>,
-    addrs: Arc<std::sync::RwLock<Vec<String>>>,
+    addrs: Arc<std::sync::RwLock<Vec<NodeAddr>>>,
+    shm: Arc<SharedMemory>,
     client: [u8; 16],
     timeout: Duration,
 }
 
 impl Links {
     pub(super) fn new(
-        addrs: Arc<std::sync::RwLock<Vec<String>>>,
+        addrs: Arc<std::sync::RwLock<Vec<NodeAddr>>>,
+        shm: Arc<SharedMemory>,
         client: [u8; 16],
         timeout: Duration,
     ) -> Links {
         Links {
             slots: std::sync::RwLock::new(Vec::new()),
             addrs,
+            shm,
             client,
             timeout,
         }
@@ -235,7 +245,12 @@ impl Links {
         let addrs = self.addrs.read().expect("nodes poisoned");
         while slots.len() < addrs.len() {
             let addr = addrs[slots.len()].clone();
-            slots.push(Arc::new(NodeLink::new(addr, self.client, self.timeout)));
+            slots.push(Arc::new(NodeLink::new(
+                addr,
+                self.shm.clone(),
+                self.client,
+                self.timeout,
+            )));
         }
         slots[node].clone()
     }

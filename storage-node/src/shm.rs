@@ -1,0 +1,166 @@
+//! A local session's view of its client's memory: the regions passed in
+//! `MapMemory`, mapped shared into the node.
+//!
+//! Only `ReadShm` and `WriteShm` touch them, at offsets checked against each
+//! region's length. The client (and the guest whose memory it is) may change
+//! the bytes at any time: a write takes a private copy before anything is
+//! checked or stored, and a read that fails its checksum in shared memory is
+//! read again into private memory before the node calls the copy bad.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tessera_proto::{ShmRegion, ShmSeg};
+
+/// One mapped region; unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; the node
+// only copies bytes in and out of it (see `ShmTable::segment`).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; concurrent copies into disjoint or overlapping ranges
+// only affect the bytes' values, which the client owns.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the
+        // mapping past the table that owns it.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// The regions of one local session.
+pub(crate) struct ShmTable {
+    regions: Vec<Mapping>,
+}
+
+impl ShmTable {
+    /// Maps every region (read-write, shared).
+    pub(crate) fn map(regions: &[ShmRegion], fds: &[OwnedFd]) -> Result<ShmTable, String> {
+        let mut mapped = Vec::with_capacity(regions.len());
+        for (i, (r, fd)) in regions.iter().zip(fds).enumerate() {
+            let len = usize::try_from(r.len).map_err(|_| format!("region {i} is too large"))?;
+            let offset = libc::off_t::try_from(r.offset)
+                .map_err(|_| format!("region {i} offset is too large"))?;
+            // SAFETY: a fresh shared mapping of a descriptor we own; the
+            // kernel checks the descriptor, length and offset.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    offset,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(format!(
+                    "cannot map region {i} ({len} bytes at {offset}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            mapped.push(Mapping {
+                ptr: ptr.cast(),
+                len,
+            });
+        }
+        Ok(ShmTable { regions: mapped })
+    }
+
+    /// The bytes a segment names, if it lies inside its region.
+    ///
+    /// The slice aliases memory another process writes: callers only copy
+    /// to or from it (a torn value is the writer's own doing, and every
+    /// use below tolerates it), and never hold it past the request.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn segment(&self, seg: &ShmSeg) -> Option<&mut [u8]> {
+        let m = self.regions.get(seg.region as usize)?;
+        let start = usize::try_from(seg.offset).ok()?;
+        let end = start.checked_add(seg.len as usize)?;
+        if end > m.len {
+            return None;
+        }
+        // SAFETY: [start, end) is inside the live mapping (checked above),
+        // which outlives the returned borrow (it is tied to `self`).
+        Some(unsafe { std::slice::from_raw_parts_mut(m.ptr.add(start), end - start) })
+    }
+
+    /// Every segment of a request, or `None` if one is out of bounds.
+    pub(crate) fn segments(&self, list: &[u8]) -> Option<Vec<&mut [u8]>> {
+        ShmSeg::iter(list).map(|s| self.segment(&s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn file(len: usize) -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("tessera-node-shm-{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all(&vec![0u8; len]).unwrap();
+        f
+    }
+
+    #[test]
+    fn segments_are_bounds_checked_and_shared_with_the_file() {
+        let mut f = file(16384);
+        let fd: OwnedFd = f.try_clone().unwrap().into();
+        let t = ShmTable::map(
+            &[ShmRegion {
+                len: 8192,
+                offset: 4096,
+            }],
+            &[fd],
+        )
+        .unwrap();
+        let s = t
+            .segment(&ShmSeg {
+                region: 0,
+                len: 512,
+                offset: 8192 - 512,
+            })
+            .unwrap();
+        s.fill(7);
+        f.seek(std::io::SeekFrom::Start(4096 + 8192 - 512)).unwrap();
+        let mut back = [0u8; 512];
+        f.read_exact(&mut back).unwrap();
+        assert_eq!(back, [7u8; 512]);
+        // Past the end, another region, offsets that overflow: refused.
+        assert!(t
+            .segment(&ShmSeg {
+                region: 0,
+                len: 513,
+                offset: 8192 - 512
+            })
+            .is_none());
+        assert!(t
+            .segment(&ShmSeg {
+                region: 1,
+                len: 1,
+                offset: 0
+            })
+            .is_none());
+        assert!(t
+            .segment(&ShmSeg {
+                region: 0,
+                len: 1,
+                offset: u64::MAX
+            })
+            .is_none());
+    }
+}
