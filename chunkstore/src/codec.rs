@@ -52,7 +52,7 @@ pub(crate) fn put_uuid(buf: &mut [u8], off: usize, v: &uuid::Uuid) {
 /// The crc32c of `buf` with its last 4 bytes taken as zero.
 fn crc_with_zeroed_tail(buf: &[u8]) -> u32 {
     let body = buf.len() - 4;
-    crc32c::crc32c_append(crc32c::crc32c(&buf[..body]), &[0u8; 4])
+    tessera_crc::crc32c_append(tessera_crc::crc32c(&buf[..body]), &[0u8; 4])
 }
 
 /// Stores the structure's crc32c in its last 4 bytes.
@@ -87,7 +87,7 @@ mod tests {
         seal(&mut buf);
         let mut zeroed = buf;
         put_u32(&mut zeroed, 12, 0);
-        assert_eq!(get_u32(&buf, 12), crc32c::crc32c(&zeroed));
+        assert_eq!(get_u32(&buf, 12), tessera_crc::crc32c(&zeroed));
     }
 
     #[test]

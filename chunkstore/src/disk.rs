@@ -151,7 +151,7 @@ impl Disk {
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zero_mode: AtomicU8::new(0),
-            zero_crc: crc32c::crc32c(&[0u8; BLOCK_SIZE as usize]),
+            zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
         })
     }
 

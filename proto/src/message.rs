@@ -203,7 +203,7 @@ impl Header {
         b[16..20].copy_from_slice(&self.body_len.to_le_bytes());
         b[20..24].copy_from_slice(&self.status.to_le_bytes());
         b[24..28].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..28]);
+        let crc = tessera_crc::crc32c(&b[0..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -216,7 +216,7 @@ impl Header {
         if b[4] != FRAME_VERSION {
             return Err(ProtoError::BadVersion(b[4]));
         }
-        if crc32c::crc32c(&b[0..28]) != le32(&b[28..32]) {
+        if tessera_crc::crc32c(&b[0..28]) != le32(&b[28..32]) {
             return Err(ProtoError::HeaderChecksum);
         }
         let opcode = Opcode::try_from(b[5])?;
@@ -541,7 +541,7 @@ impl<'a> Request<'a> {
                 let r = ChunkRange::decode(&body[..ChunkRange::LEN])?;
                 exact(ChunkRange::LEN + r.len as usize)?;
                 let payload = &body[ChunkRange::LEN..];
-                if crc32c::crc32c(payload) != header.payload_crc {
+                if tessera_crc::crc32c(payload) != header.payload_crc {
                     return Err(ProtoError::PayloadChecksum);
                 }
                 Request::Write(r, payload)
@@ -642,7 +642,7 @@ impl<'a> Request<'a> {
         let crc = if !matches!(self, Request::Write(..)) || payload.is_empty() {
             0
         } else {
-            crc32c::crc32c(payload)
+            tessera_crc::crc32c(payload)
         };
         let body_len = (n + payload.len()) as u32;
         out.extend_from_slice(&Header::request(self.opcode(), id, body_len, crc).encode());
@@ -861,7 +861,7 @@ mod tests {
     fn oversized_body_rejected_before_reading_it() {
         let mut h = Header::request(Opcode::Write, 1, 0, 0).encode();
         h[16..20].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
-        let crc = crc32c::crc32c(&h[0..28]);
+        let crc = tessera_crc::crc32c(&h[0..28]);
         h[28..32].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             Header::decode(&h),

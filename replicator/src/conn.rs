@@ -542,7 +542,7 @@ impl Conn {
             let mut crc = 0u32;
             for d in dest.iter_mut() {
                 rd.read_exact(d).await?;
-                crc = crc32c::crc32c_append(crc, d);
+                crc = tessera_crc::crc32c_append(crc, d);
             }
             Ok::<bool, std::io::Error>(crc == header.payload_crc)
         })
@@ -732,7 +732,7 @@ fn encode_head(
 pub(crate) fn payload_crc(payload: &[&[u8]]) -> u32 {
     payload
         .iter()
-        .fold(0u32, |crc, s| crc32c::crc32c_append(crc, s))
+        .fold(0u32, |crc, s| tessera_crc::crc32c_append(crc, s))
 }
 
 /// Where a node is: its TCP address, and its local-session socket if the

@@ -111,7 +111,7 @@ struct Reply {
 impl Reply {
     fn new(op: Opcode, id: u64, status: Status, body: Vec<u8>) -> Self {
         let crc = if status == Status::Ok && op == Opcode::Read {
-            crc32c::crc32c(&body)
+            tessera_crc::crc32c(&body)
         } else {
             0
         };
@@ -496,7 +496,9 @@ fn run_shm(
             for s in &segs {
                 data.extend_from_slice(s);
             }
-            if sr.flags & SHM_CHECK_CRC != 0 && crc32c::crc32c(&data) != frame.header.payload_crc {
+            if sr.flags & SHM_CHECK_CRC != 0
+                && tessera_crc::crc32c(&data) != frame.header.payload_crc
+            {
                 return Err(OpError::Status(
                     Status::BadPayload,
                     "payload checksum mismatch".into(),

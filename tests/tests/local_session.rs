@@ -237,11 +237,14 @@ async fn local_socket_refuses_bad_sessions_and_out_of_bounds_segments() {
         ];
         let w = Request::WriteShm(sr(&two_segs, SHM_CHECK_CRC), &segs(&two_segs));
         assert_eq!(
-            roundtrip(&mut s, w, 4, crc32c::crc32c(&data) ^ 1),
+            roundtrip(&mut s, w, 4, tessera_crc::crc32c(&data) ^ 1),
             Status::BadPayload
         );
         // The session goes on: a good write, then a read into another place.
-        assert_eq!(roundtrip(&mut s, w, 5, crc32c::crc32c(&data)), Status::Ok);
+        assert_eq!(
+            roundtrip(&mut s, w, 5, tessera_crc::crc32c(&data)),
+            Status::Ok
+        );
         let back = [ShmSeg {
             region: 0,
             len: 8192,

@@ -37,7 +37,7 @@ async fn expect_dropped(addr: &str, bytes: &[u8]) {
 }
 
 fn with_crc(mut h: [u8; HEADER_LEN]) -> [u8; HEADER_LEN] {
-    let crc = crc32c::crc32c(&h[0..28]);
+    let crc = tessera_crc::crc32c(&h[0..28]);
     h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }

@@ -119,7 +119,7 @@ impl Disk {
     /// Checks each 4 KiB block of `data` (block `first` onwards) against `crcs`.
     fn verify(&self, key: &ChunkKey, first: u32, data: &[u8], crcs: &[u32]) -> Result<(), Error> {
         for (i, (block, &crc)) in data.chunks_exact(BS as usize).zip(crcs).enumerate() {
-            if crc32c::crc32c(block) != crc {
+            if tessera_crc::crc32c(block) != crc {
                 return Err(Error::Checksum {
                     vdisk: key.0,
                     chunk: key.1,
@@ -183,7 +183,10 @@ impl Disk {
         let img = self.block_image(key, extent, offset, data, Some(&old))?;
         let base = self.sb.layout.extent_data_offset(extent) + u64::from(range.start * BS);
         self.write_at(&img, base, "write chunk data")?;
-        let crcs: Vec<u32> = img.chunks_exact(BS as usize).map(crc32c::crc32c).collect();
+        let crcs: Vec<u32> = img
+            .chunks_exact(BS as usize)
+            .map(tessera_crc::crc32c)
+            .collect();
         self.write_crcs(extent, range.start, &crcs)
     }
 
@@ -223,7 +226,7 @@ impl Disk {
             .iter_mut()
             .zip(img.chunks_exact(BS as usize))
         {
-            *slot = crc32c::crc32c(block);
+            *slot = tessera_crc::crc32c(block);
         }
         self.write_crcs(extent, 0, &crcs)
     }
