@@ -44,6 +44,11 @@
 //! back to back without waiting: replies carry the request's id and may come in
 //! any order. A node answers every well-formed request exactly once.
 //!
+//! A *local session* (a Unix socket, client and node on one host) starts
+//! instead with `MapMemory`, whose file descriptors travel with it (see
+//! [`local`]); then `Hello` and the rest as above, plus `ReadShm` and
+//! `WriteShm` (protocol version 2), whose data stays in the mapped memory.
+//!
 //! # Versioning
 //!
 //! The frame layout has its own `version` byte; the set of opcodes and their

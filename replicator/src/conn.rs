@@ -159,6 +159,15 @@ struct Outbox {
     buf: Vec<u8>,
 }
 
+/// What a local session adds to a connection.
+#[derive(Default)]
+struct Local {
+    /// The shared memory the node mapped (none if the table was empty).
+    shm: Option<Arc<ShmTable>>,
+    /// The table's generation (`None`: a TCP connection).
+    generation: Option<u64>,
+}
+
 /// A live connection.
 pub(crate) struct Conn {
     addr: String,
@@ -294,13 +303,10 @@ impl Conn {
             .map_err(|e| fail(e.to_string()))?;
         let stream = UnixStream::from_std(std).map_err(|e| fail(e.to_string()))?;
         let (rd, wr) = stream.into_split();
-        let generation = table.generation;
+        let generation = Some(table.generation);
         let shm = (!table.is_empty()).then_some(table);
-        let mut conn = Self::start(path, Box::new(rd), Box::new(wr), client, timeout, shm).await?;
-        if let Some(c) = Arc::get_mut(&mut conn) {
-            c.generation = Some(generation);
-        }
-        Ok(conn)
+        let local = Local { shm, generation };
+        Self::start(path, Box::new(rd), Box::new(wr), client, timeout, local).await
     }
 
     /// Connects over TCP and says hello.
@@ -324,7 +330,15 @@ impl Conn {
             reason: e.to_string(),
         })?;
         let (rd, wr) = stream.into_split();
-        Self::start(addr, Box::new(rd), Box::new(wr), client, timeout, None).await
+        Self::start(
+            addr,
+            Box::new(rd),
+            Box::new(wr),
+            client,
+            timeout,
+            Local::default(),
+        )
+        .await
     }
 
     /// Starts the connection's tasks and says hello.
@@ -334,7 +348,7 @@ impl Conn {
         wr: Tx,
         client: [u8; 16],
         timeout: Duration,
-        shm: Option<Arc<ShmTable>>,
+        local: Local,
     ) -> Result<Arc<Conn>, ConnError> {
         let mut rd = BufReader::with_capacity(RX_BUFFER, rd);
         let pending: Arc<Pending> = Arc::default();
@@ -429,8 +443,8 @@ impl Conn {
                 node: [0; 16],
                 disks: Vec::new(),
             },
-            shm,
-            generation: None,
+            shm: local.shm,
+            generation: local.generation,
         };
         let reply = conn
             .call(
