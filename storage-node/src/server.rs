@@ -474,20 +474,22 @@ fn run_shm(
             let r = sr.range;
             let d = disk(disks, &r.disk)?;
             let vdisk = Uuid::from_bytes(r.vdisk);
-            if let [one] = segs.as_mut_slice() {
+            if segs.len() == 1 {
                 // Straight into the client's memory; verified there.
+                let one = segs.pop().expect("one segment").into_slice();
                 match d.read(vdisk, r.chunk, r.offset, one) {
                     Err(StoreError::Checksum { .. }) => {}
                     other => return other.map(|()| Vec::new()).map_err(OpError::from),
                 }
                 // The client's memory may have changed under the check:
                 // only a failure in private memory means a bad copy.
+                segs = shm.segments(list).expect("checked above");
             }
             let mut buf = vec![0u8; r.len as usize];
             d.read(vdisk, r.chunk, r.offset, &mut buf)?;
             let mut at = 0;
             for s in segs {
-                s.copy_from_slice(&buf[at..at + s.len()]);
+                s.copy_in(&buf[at..at + s.len()]);
                 at += s.len();
             }
             Ok(Vec::new())
@@ -499,7 +501,7 @@ fn run_shm(
             // and the same, whatever the client does to its memory meanwhile.
             let mut data = Vec::with_capacity(r.len as usize);
             for s in &segs {
-                data.extend_from_slice(s);
+                s.copy_out(&mut data);
             }
             if sr.flags & SHM_CHECK_CRC != 0
                 && tessera_crc::crc32c(&data) != frame.header.payload_crc

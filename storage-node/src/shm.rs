@@ -73,27 +73,68 @@ impl ShmTable {
         Ok(ShmTable { regions: mapped })
     }
 
-    /// The bytes a segment names, if it lies inside its region.
-    ///
-    /// The slice aliases memory another process writes: callers only copy
-    /// to or from it (a torn value is the writer's own doing, and every
-    /// use below tolerates it), and never hold it past the request.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) fn segment(&self, seg: &ShmSeg) -> Option<&mut [u8]> {
+    /// The memory a segment names, if it lies inside its region.
+    pub(crate) fn segment(&self, seg: &ShmSeg) -> Option<Segment<'_>> {
         let m = self.regions.get(seg.region as usize)?;
         let start = usize::try_from(seg.offset).ok()?;
         let end = start.checked_add(seg.len as usize)?;
         if end > m.len {
             return None;
         }
-        // SAFETY: [start, end) is inside the live mapping (checked above),
-        // which outlives the returned borrow (it is tied to `self`).
-        Some(unsafe { std::slice::from_raw_parts_mut(m.ptr.add(start), end - start) })
+        Some(Segment {
+            // SAFETY: start <= end <= m.len: inside the live mapping.
+            ptr: unsafe { m.ptr.add(start) },
+            len: end - start,
+            _table: std::marker::PhantomData,
+        })
     }
 
     /// Every segment of a request, or `None` if one is out of bounds.
-    pub(crate) fn segments(&self, list: &[u8]) -> Option<Vec<&mut [u8]>> {
+    pub(crate) fn segments(&self, list: &[u8]) -> Option<Vec<Segment<'_>>> {
         ShmSeg::iter(list).map(|s| self.segment(&s)).collect()
+    }
+}
+
+/// A checked range of a session's mapped memory. Segments of one request
+/// may overlap (the client's choice), so none hands out a reference that
+/// outlives one copy; the client may change the bytes at any time, which
+/// only changes the values copied.
+pub(crate) struct Segment<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _table: std::marker::PhantomData<&'a ShmTable>,
+}
+
+impl<'a> Segment<'a> {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends the segment's bytes to `out`.
+    pub(crate) fn copy_out(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        // SAFETY: ptr..ptr+len is inside a mapping the table keeps alive for
+        // 'a; `out` has room for len more bytes and is private memory, so
+        // the ranges do not overlap; set_len covers exactly what was copied.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr, out.as_mut_ptr().add(out.len()), self.len);
+            out.set_len(out.len() + self.len);
+        }
+    }
+
+    /// Copies `src` (private memory, `len` bytes) into the segment.
+    pub(crate) fn copy_in(&self, src: &[u8]) {
+        assert_eq!(src.len(), self.len, "segment length");
+        // SAFETY: as in copy_out; `src` is private memory of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr, self.len) };
+    }
+
+    /// The segment as a slice, for a read placed straight into it. Taking
+    /// `self` by value keeps it the only view of this memory in the node.
+    pub(crate) fn into_slice(self) -> &'a mut [u8] {
+        // SAFETY: inside the live mapping (see `segment`); the segment is
+        // consumed, so the node holds no other view of these bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
@@ -135,7 +176,10 @@ mod tests {
                 offset: 8192 - 512,
             })
             .unwrap();
-        s.fill(7);
+        s.copy_in(&[7u8; 512]);
+        let mut out = Vec::new();
+        s.copy_out(&mut out);
+        assert_eq!(out, [7u8; 512]);
         f.seek(std::io::SeekFrom::Start(4096 + 8192 - 512)).unwrap();
         let mut back = [0u8; 512];
         f.read_exact(&mut back).unwrap();
