@@ -65,6 +65,10 @@ struct Args {
     /// gets the `tessera` command line as its arguments.
     #[arg(long)]
     vhost_wrap: Option<String>,
+    /// Nodes 1 and 2 claim other hosts (TCP), as in blkbench; by default
+    /// all three share the vhost process's host (local sessions).
+    #[arg(long)]
+    remote_peers: bool,
 }
 
 /// Voluntary and involuntary context switches of every live thread of `pid`.
@@ -126,7 +130,12 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let disk = range + 512 * MIB;
-    let zone = rt.block_on(TestZone::start(3, disk));
+    let mut zone = rt.block_on(TestZone::start(3, disk));
+    if args.remote_peers {
+        zone.restart_node_on_host(1, "perfload-peer-1");
+        zone.restart_node_on_host(2, "perfload-peer-2");
+        rt.block_on(zone.wait_nodes_up(3));
+    }
     let ds = format!("m{}", args.mirrors);
     rt.block_on(async {
         zone.datastore(&ds, args.mirrors).await;
