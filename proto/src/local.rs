@@ -285,6 +285,30 @@ mod tests {
         assert!(server_receive(&b).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends first (no descriptors), the node's side of
+        /// the handshake returns an error or a checked region list, never
+        /// panics, and never waits for more than was announced.
+        #[test]
+        fn arbitrary_first_frames_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), op in 1u8..=11, garbage in proptest::prelude::any::<bool>()) {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let mut frame = if garbage {
+                body.clone()
+            } else {
+                let mut h = Header::request(Opcode::try_from(op).unwrap(), 0, body.len() as u32, 0).encode().to_vec();
+                h.extend_from_slice(&body);
+                h
+            };
+            frame.resize(frame.len().max(HEADER_LEN), 0);
+            a.write_all(&frame).unwrap();
+            drop(a); // a short frame ends in EOF, not a wait
+            if let Ok((regions, fds)) = server_receive(&b) {
+                proptest::prop_assert_eq!(regions.len(), fds.len());
+                proptest::prop_assert!(regions.is_empty(), "no descriptors were sent");
+            }
+        }
+    }
+
     fn tempfile_fd(content: &[u8]) -> std::fs::File {
         let dir = std::env::temp_dir();
         let path = dir.join(format!(

@@ -164,6 +164,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any pieces inside the two regions translate to segments that name
+        /// exactly those bytes, in order; a piece outside makes it `None`.
+        #[test]
+        fn segments_name_exactly_the_pieces(cuts in proptest::collection::vec((0usize..16384, 1usize..3000), 1..12), outside in proptest::prelude::any::<bool>()) {
+            let buf = vec![0u8; 16384];
+            let t = table(&buf);
+            let mut pieces: Vec<&[u8]> = cuts
+                .iter()
+                .map(|&(at, len)| &buf[at..(at + len).min(16384)])
+                .collect();
+            let crosses = pieces.iter().any(|p| {
+                let start = p.as_ptr() as usize - buf.as_ptr() as usize;
+                start < 8192 && start + p.len() > 8192
+            });
+            let other = [0u8; 64];
+            if outside {
+                pieces.push(&other[..]);
+            }
+            let got = t.translate(&pieces);
+            if outside || crosses {
+                proptest::prop_assert!(got.is_none());
+            } else {
+                let segs: Vec<ShmSeg> = ShmSeg::iter(&got.unwrap()).collect();
+                let mut named = Vec::new();
+                for s in &segs {
+                    let base = s.region as usize * 8192 + s.offset as usize;
+                    named.extend(base..base + s.len as usize);
+                }
+                let mut want = Vec::new();
+                for p in &pieces {
+                    let start = p.as_ptr() as usize - buf.as_ptr() as usize;
+                    want.extend(start..start + p.len());
+                }
+                proptest::prop_assert_eq!(named, want);
+            }
+        }
+    }
+
     #[test]
     fn translates_and_merges_adjacent_pieces() {
         let buf = vec![0u8; 16384];
