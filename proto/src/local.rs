@@ -309,22 +309,10 @@ mod tests {
         }
     }
 
+    /// An unlinked file holding `content`.
     fn tempfile_fd(content: &[u8]) -> std::fs::File {
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!(
-            "tessera-proto-local-{}-{}",
-            std::process::id(),
-            content.len() + content[0] as usize
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let mut f = tempfile::tempfile().unwrap();
         f.write_all(content).unwrap();
-        std::fs::remove_file(&path).unwrap();
         f
     }
 }

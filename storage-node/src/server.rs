@@ -521,7 +521,10 @@ fn run_shm(
 fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
     match op {
         Op::Hello { .. } => Ok(Vec::new()),
-        Op::MapMemory | Op::ReadShm(_) | Op::WriteShm(_) => unreachable!("run_shm's"),
+        Op::MapMemory | Op::ReadShm(_) | Op::WriteShm(_) => Err(OpError::Status(
+            Status::Invalid,
+            "shared-memory requests are run by run_shm".into(),
+        )),
         Op::Read(r) => {
             let d = disk(disks, &r.disk)?;
             let mut buf = vec![0u8; r.len as usize];

@@ -141,19 +141,11 @@ impl<'a> Segment<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Seek, Write};
+    use std::io::{Read, Seek};
 
     fn file(len: usize) -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("tessera-node-shm-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f.write_all(&vec![0u8; len]).unwrap();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len as u64).unwrap();
         f
     }
 

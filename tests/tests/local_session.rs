@@ -116,15 +116,7 @@ fn session(path: &std::path::Path) -> (UnixStream, std::fs::File) {
 }
 
 fn tempfile() -> std::fs::File {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mem");
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap()
+    tempfile::tempfile().unwrap()
 }
 
 /// Sends one request and returns the reply's status.
