@@ -56,12 +56,11 @@ pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     {
         let disk = Arc::new(volume.clone());
-        let runtime = tokio::runtime::Handle::current();
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
-                let r = tessera_vhost_backend::serve(disk, runtime, &serve_config, stop);
+                let r = tessera_vhost_backend::serve(disk, &serve_config, stop);
                 let _ = done_tx.send(r);
             })
             .context("cannot start the vhost-user thread")?;

@@ -45,17 +45,11 @@ pub enum ServeError {
 /// ends. Blocking: run it on its own thread.
 pub fn serve<D: BlockDisk>(
     disk: Arc<D>,
-    runtime: tokio::runtime::Handle,
     config: &ServeConfig,
     stop: Arc<AtomicBool>,
 ) -> Result<(), ServeError> {
-    let device = VhostUserBlk::new(
-        disk,
-        runtime,
-        config.num_queues,
-        config.queue_size,
-        &config.serial,
-    );
+    let device = VhostUserBlk::new(disk, config.num_queues, config.queue_size, &config.serial)
+        .map_err(|e| ServeError::Daemon(e.to_string()))?;
     // One listening socket for the life of the process: a front-end that
     // connects while the previous one is being torn down waits in its backlog.
     let mut listener =
