@@ -1,5 +1,9 @@
-//! The storage protocol server: one task reads a connection's frames, disk work
-//! runs on the blocking pool, and one task writes the replies back in batches.
+//! The storage protocol server: one task reads a connection's frames and runs
+//! the small requests itself; large ones and metadata work run on the blocking
+//! pool. The reading task writes the replies it produced in batches, once no
+//! whole frame is left in its buffer (so a lone request is answered by the
+//! thread that read it, with no hand-off); a second task writes the blocking
+//! pool's replies.
 //!
 //! A malformed frame drops its connection (and only that connection); a
 //! well-formed request that fails gets an error status in its reply.
@@ -14,6 +18,7 @@ use tessera_proto::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Mutex;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -187,10 +192,19 @@ async fn connection<R, W>(
 {
     // Buffered: a burst of pipelined requests is read with one syscall.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    let wr = Arc::new(Mutex::new(wr));
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let writer = tokio::spawn(write_loop(wr.clone(), rx));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // Replies of this task, written before it would wait for more requests.
+    let mut ready: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     loop {
+        if !ready.is_empty() && (ready.len() >= MAX_BATCH || !whole_frame(rd.buffer())) {
+            if let Err(e) = write_replies(&wr, &mut ready).await {
+                tracing::debug!(%peer, error = %e, "reply write failed");
+                break;
+            }
+        }
         let frame = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
             Ok(None) => break,
@@ -209,15 +223,12 @@ async fn connection<R, W>(
                     id = frame.header.id,
                     "write payload failed its checksum"
                 );
-                let reply = Reply::error(
+                ready.push(Reply::error(
                     frame.header.opcode,
                     frame.header.id,
                     Status::BadPayload,
                     "payload checksum mismatch",
-                );
-                if tx.send(reply).is_err() {
-                    break;
-                }
+                ));
                 continue;
             }
             Err(e) => {
@@ -243,18 +254,14 @@ async fn connection<R, W>(
                 .encode();
                 Reply::new(Opcode::Hello, id, Status::Ok, body)
             };
-            if tx.send(reply).is_err() {
-                break;
-            }
+            ready.push(reply);
             continue;
         }
         // Small data requests land in (or come from) the page cache in a few
         // microseconds: running them here saves two thread hand-offs. Large
         // ones, flushes and metadata work go to the blocking pool.
         if op.is_small() {
-            if tx.send(execute(&disks, shm.as_deref(), op, frame)).is_err() {
-                break;
-            }
+            ready.push(execute(&disks, shm.as_deref(), op, frame));
             continue;
         }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -269,13 +276,53 @@ async fn connection<R, W>(
             let _ = tx.send(reply);
         });
     }
-    // Outstanding blocking tasks hold their own senders: the writer finishes
-    // once every accepted request has been answered.
+    // What this task answered goes out first; outstanding blocking tasks
+    // hold their own senders: the writer finishes once every accepted
+    // request has been answered.
+    if !ready.is_empty() {
+        if let Err(e) = write_replies(&wr, &mut ready).await {
+            tracing::debug!(%peer, error = %e, "reply write failed");
+        }
+    }
     drop(tx);
     let _ = writer.await;
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+/// Whether `buf` starts with a whole frame (or with bytes that are no frame
+/// header: reading them fails at once). Otherwise reading the next request
+/// may wait for the client.
+fn whole_frame(buf: &[u8]) -> bool {
+    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
+        return false;
+    };
+    match Header::decode(head) {
+        Ok(h) => buf.len() - HEADER_LEN >= h.body_len as usize,
+        Err(_) => true,
+    }
+}
+
+/// Writes `replies` (emptied) with as few `writev` calls as the socket allows.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    wr: &Mutex<W>,
+    replies: &mut Vec<Reply>,
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(replies.len() * 2);
+    for r in replies.iter() {
+        slices.push(IoSlice::new(&r.header));
+        if !r.body.is_empty() {
+            slices.push(IoSlice::new(&r.body));
+        }
+    }
+    let result = write_all_vectored(&mut *wr.lock().await, &mut slices).await;
+    replies.clear();
+    result
+}
+
+/// Writes the blocking pool's replies, in batches, then closes the sending side.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: Arc<Mutex<W>>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) {
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -285,20 +332,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
                 Err(_) => break,
             }
         }
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
-        for r in &batch {
-            slices.push(IoSlice::new(&r.header));
-            if !r.body.is_empty() {
-                slices.push(IoSlice::new(&r.body));
-            }
-        }
-        if let Err(e) = write_all_vectored(&mut wr, &mut slices).await {
+        if let Err(e) = write_replies(&wr, &mut batch).await {
             tracing::debug!(error = %e, "reply write failed");
             return;
         }
-        batch.clear();
     }
-    let _ = wr.shutdown().await;
+    let _ = wr.lock().await.shutdown().await;
 }
 
 /// Writes every slice, in as few `writev` calls as the socket allows.
@@ -572,5 +611,35 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
             }
             Ok(Vec::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body_len: u32) -> Vec<u8> {
+        let mut f = Header::request(Opcode::Write, 7, body_len, 0)
+            .encode()
+            .to_vec();
+        f.resize(HEADER_LEN + body_len as usize, 0xab);
+        f
+    }
+
+    /// Replies wait only while a whole request is buffered: a partial
+    /// header or body means the next read may wait for the client.
+    #[test]
+    fn whole_frame_needs_header_and_body() {
+        assert!(!whole_frame(&[]));
+        let f = frame(100);
+        for cut in 0..f.len() {
+            assert!(!whole_frame(&f[..cut]), "{cut} bytes of {}", f.len());
+        }
+        assert!(whole_frame(&f));
+        let mut two = f.clone();
+        two.extend_from_slice(&frame(0)[..5]);
+        assert!(whole_frame(&two));
+        // Not a header: reading it fails at once, no wait.
+        assert!(whole_frame(&[0u8; HEADER_LEN]));
     }
 }

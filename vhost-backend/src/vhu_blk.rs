@@ -19,9 +19,7 @@
 //! with other queues but the disk: the only locks on the I/O path are the
 //! queue's own vring lock, completion list and in-flight counter.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -151,11 +149,14 @@ impl Drop for QueueRuntime {
 }
 
 /// The queue's kick eventfd as the queue's runtime watches it: a duplicate
-/// of the vring's descriptor, registered once per vring.
+/// of the vring's descriptor, registered once per vring. Only watched,
+/// never read: the runtime's registration is edge-triggered and every kick
+/// is an edge, while the count stays for the epoll loop, which reads it
+/// after every readiness it sees (and would fail on an emptied one).
 struct KickWatch {
     generation: u64,
     raw: RawFd,
-    fd: Arc<AsyncFd<File>>,
+    fd: Arc<AsyncFd<OwnedFd>>,
 }
 
 /// One queue's state on the I/O path.
@@ -183,7 +184,7 @@ impl QueueState {
     /// The vring's kick as this queue's runtime watches it; `None` if the
     /// vring has none (requests then wait for the epoll loop). Must run in
     /// the queue's runtime.
-    fn kick_watch(&self, vring: &VringRwLock) -> Option<Arc<AsyncFd<File>>> {
+    fn kick_watch(&self, vring: &VringRwLock) -> Option<Arc<AsyncFd<OwnedFd>>> {
         let generation = self.generation.load(Ordering::Acquire);
         let state = vring.get_ref();
         let raw = state.get_kick().as_ref()?.as_raw_fd();
@@ -200,12 +201,9 @@ impl QueueState {
         let watch = fd
             .try_clone_to_owned()
             .and_then(|owned| {
-                let file = File::from(owned);
-                set_nonblocking(&file)?;
-                // SAFETY: `file` owns its descriptor and the `AsyncFd` owns
-                // `file`: the descriptor stays open, the same description,
-                // for the `AsyncFd`'s whole life.
-                unsafe { AsyncFd::register_with_interest(file, tokio::io::Interest::READABLE) }
+                // SAFETY: the `AsyncFd` owns `owned`, so the descriptor stays
+                // open, the same description, for the `AsyncFd`'s whole life.
+                unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
                     .map_err(|e| e.into_parts().1)
             })
             .map_err(|e| tracing::warn!(error = %e, "cannot watch the queue's kick; kicks wait for the epoll loop"))
@@ -386,13 +384,10 @@ impl<D: BlockDisk> VhostUserBlk<D> {
                 tokio::select! {
                     () = idle => {}
                     ready = kick.readable() => {
-                        let mut ready = ready?;
-                        let mut count = [0u8; 8];
-                        match ready.try_io(|f| f.get_ref().read(&mut count)) {
-                            Ok(Ok(_)) => self.process_queue(q, vring)?,
-                            Ok(Err(e)) => return Err(e),
-                            Err(_would_block) => {}
-                        }
+                        // Cleared before the ring is read: a later kick is a
+                        // new edge.
+                        ready?.clear_ready();
+                        self.process_queue(q, vring)?;
                     }
                 }
             }
@@ -633,20 +628,6 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
         };
         self.serve_queue(q, vring)
     }
-}
-
-fn set_nonblocking(file: &File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor `file` owns; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1160,7 +1141,8 @@ mod tests {
         let (kick_rx, kick_tx) =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).unwrap();
         // SAFETY: the consumer's descriptor is handed over whole to the File.
-        let kick_file = unsafe { File::from_raw_fd(kick_rx.into_raw_fd()) };
+        let kick_file = unsafe { std::fs::File::from_raw_fd(kick_rx.into_raw_fd()) };
+        let mut kick_count = kick_file.try_clone().unwrap();
         dev.vrings[0].set_kick(Some(kick_file));
         let mut drv = Driver::new(&dev, 0);
         dev.write_header(0, VIRTIO_BLK_T_FLUSH, 0);
@@ -1204,6 +1186,12 @@ mod tests {
             assert_eq!(dev.byte(status(0)), S_OK);
             assert_eq!(&disk.disk.contents()[1024..1536], &payload[..]);
         });
+        // The kick is left for the epoll loop, which reads it after seeing it
+        // (an emptied count would fail that read and end the queue's worker).
+        let mut count = [0u8; 8];
+        use std::io::Read;
+        assert_eq!(kick_count.read(&mut count).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(count), 1);
     }
 
     /// Requests completing together are put on the used ring in batches
