@@ -264,6 +264,13 @@ async fn connection<R, W>(
             ready.push(execute(&disks, shm.as_deref(), op, frame));
             continue;
         }
+        // About to wait for the blocking pool: answer what is done first.
+        if !ready.is_empty() && in_flight.available_permits() == 0 {
+            if let Err(e) = write_replies(&wr, &mut ready).await {
+                tracing::debug!(%peer, error = %e, "reply write failed");
+                break;
+            }
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
