@@ -7,16 +7,15 @@ mod open;
 mod tests;
 mod vdisk;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU8;
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use uuid::Uuid;
 
+use crate::device::Device;
 use crate::state::{ChunkKey, State};
 use crate::superblock::Superblock;
-use crate::{Error, BLOCK_SIZE, DEFAULT_EXTENT_SIZE, FORMAT_VERSION, SECTOR_SIZE};
+use crate::{Error, BLOCK_SIZE, DEFAULT_EXTENT_SIZE, SECTOR_SIZE};
 
 /// Number of chunk lock stripes.
 const STRIPES: usize = 256;
@@ -68,8 +67,16 @@ pub struct DiskInfo {
     pub extents_used: u64,
     /// Extents on the free list.
     pub extents_free: u64,
-    /// Extents whose record is damaged: neither free nor used.
+    /// Extents whose record is damaged in every copy (or could not be
+    /// written): neither free nor used.
     pub quarantined_extents: u64,
+    /// Unallocated chunks that a damaged extent may hold: they read as
+    /// errors, not zeros, until written or discarded whole.
+    pub suspect_chunks: u64,
+    /// Damaged extents whose owner cannot be told: while there is one,
+    /// every unallocated chunk reads as an error until written or discarded
+    /// whole.
+    pub ownerless_extents: u64,
     /// `extents_total * extent_size`.
     pub capacity: u64,
     /// `extents_used * extent_size`.
@@ -78,8 +85,14 @@ pub struct DiskInfo {
     pub epoch_slots_total: u64,
     /// Slots holding a vDisk's epoch.
     pub epoch_slots_used: u64,
-    /// Slots whose record is damaged.
+    /// Slots whose content was lost (every copy damaged).
     pub quarantined_epoch_slots: u64,
+    /// How many times epoch slots were found lost (0: never). While it is
+    /// not 0, a vDisk not fenced since the last loss is refused writes.
+    pub epoch_loss_serial: u64,
+    /// Whether the epoch and extent tables have a second copy (disks
+    /// formatted at version 2; not disks upgraded from version 1).
+    pub mirrored_tables: bool,
 }
 
 /// One allocated chunk of a vDisk.
@@ -93,31 +106,17 @@ pub struct ChunkInfo {
     pub generation: u64,
 }
 
-/// What kind of device backs the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeviceKind {
-    /// A (preallocated) regular file.
-    File,
-    /// A raw block device.
-    BlockDevice,
-}
-
 /// One formatted device, open for I/O. `Send + Sync`; all methods take `&self`.
 ///
-/// Dropping it closes the device and releases its lock.
+/// Dropping it closes the device (and releases a [`crate::FileDevice`]'s lock).
 pub struct Disk {
     path: PathBuf,
-    file: File,
-    kind: DeviceKind,
+    dev: Arc<dyn Device>,
     sb: Superblock,
     state: Mutex<State>,
     stripes: Box<[RwLock<()>]>,
-    /// Which way of zeroing a range works here (see `io::zero`).
-    zero_mode: AtomicU8,
     /// crc32c of a 4 KiB block of zeros.
     zero_crc: u32,
-    /// The crc table, mapped shared (see `crcmap`).
-    crcs: crate::crcmap::CrcMap,
 }
 
 impl std::fmt::Debug for Disk {
@@ -126,33 +125,20 @@ impl std::fmt::Debug for Disk {
         f.debug_struct("Disk")
             .field("path", &self.path)
             .field("uuid", &self.sb.disk_uuid)
-            .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
 }
 
 impl Disk {
-    fn new(
-        path: &Path,
-        file: File,
-        kind: DeviceKind,
-        sb: Superblock,
-        state: State,
-    ) -> Result<Disk, Error> {
-        let crcs =
-            crate::crcmap::CrcMap::map(&file, sb.layout.crc_table_offset, sb.layout.crc_table_len)
-                .map_err(Error::io("map the checksum table"))?;
-        Ok(Disk {
-            crcs,
+    fn new(path: &Path, dev: Arc<dyn Device>, sb: Superblock, state: State) -> Disk {
+        Disk {
             path: path.to_path_buf(),
-            file,
-            kind,
+            dev,
             sb,
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            zero_mode: AtomicU8::new(0),
             zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
-        })
+        }
     }
 
     /// The disk's identity.
@@ -160,7 +146,8 @@ impl Disk {
         self.sb.disk_uuid
     }
 
-    /// The path the disk was opened from.
+    /// The path the disk was opened from (empty for a device opened with
+    /// [`Disk::open_device`]).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -173,7 +160,7 @@ impl Disk {
         let slots_total = u64::from(l.epoch_slots);
         DiskInfo {
             uuid: self.sb.disk_uuid,
-            format_version: FORMAT_VERSION,
+            format_version: self.sb.version,
             extent_size: l.extent_size,
             block_size: BLOCK_SIZE,
             device_size: l.device_size,
@@ -182,18 +169,22 @@ impl Disk {
             extents_used,
             extents_free: c.extents_free,
             quarantined_extents: c.extents_quarantined,
+            suspect_chunks: c.suspect_chunks,
+            ownerless_extents: c.ownerless_extents,
             capacity: l.extents_total * u64::from(l.extent_size),
             used: extents_used * u64::from(l.extent_size),
             epoch_slots_total: slots_total,
-            epoch_slots_used: slots_total - c.slots_free - c.slots_quarantined,
-            quarantined_epoch_slots: c.slots_quarantined,
+            epoch_slots_used: slots_total - c.slots_free - c.slots_lost,
+            quarantined_epoch_slots: c.slots_lost,
+            epoch_loss_serial: c.loss_serial,
+            mirrored_tables: l.mirrored(),
         }
     }
 
     /// Makes everything written before durable (fdatasync).
     pub fn flush(&self) -> Result<(), Error> {
-        self.file
-            .sync_data()
+        self.dev
+            .sync()
             .map_err(Error::io("flush the device (fdatasync)"))
     }
 

@@ -69,7 +69,9 @@ pub enum Error {
     /// No free extent (or no free epoch slot) is left.
     #[error("no free space is left on the disk")]
     NoSpace,
-    /// A block's data does not match its stored crc32c.
+    /// A block's data does not match its stored crc32c (it was damaged, or
+    /// a write to it was torn by power loss, or it holds what another owner
+    /// of the extent wrote).
     #[error("checksum mismatch in vdisk {vdisk} chunk {chunk} block {block}")]
     Checksum {
         /// The vDisk.
@@ -79,9 +81,52 @@ pub enum Error {
         /// The 4 KiB block index within the chunk.
         block: u32,
     },
+    /// The chunk's data or checksums cannot be read from the device (a
+    /// media error).
+    #[error("cannot read vdisk {vdisk} chunk {chunk} from the device")]
+    Unreadable {
+        /// The vDisk.
+        vdisk: Uuid,
+        /// The chunk index.
+        chunk: u64,
+        /// The device's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The chunk has no extent here, but an extent whose record is damaged
+    /// may hold it: reading it as zeros could hide its data. Reads, and
+    /// writes or discards of part of it, fail until it is written or
+    /// discarded whole.
+    #[error("vdisk {vdisk} chunk {chunk} may be held by an extent whose record is damaged")]
+    OwnershipUnknown {
+        /// The vDisk.
+        vdisk: Uuid,
+        /// The chunk index.
+        chunk: u64,
+    },
+    /// Epoch slots were lost to damage and the vDisk was not fenced since:
+    /// its stored epoch may be lower than its fence. Writes, discards and
+    /// deletions are refused until a [`crate::Disk::fence`] at or above its
+    /// stored epoch.
+    #[error("the fence of vdisk {vdisk} is unknown since epoch slots were lost; fence it again")]
+    FenceUnknown {
+        /// The vDisk.
+        vdisk: Uuid,
+    },
 }
 
 impl Error {
+    /// Whether this copy of the chunk cannot be trusted for the request's
+    /// range ([`Error::Checksum`], [`Error::Unreadable`],
+    /// [`Error::OwnershipUnknown`]): the caller should read another copy and
+    /// rewrite this one. (The storage node answers `Status::Checksum`.)
+    pub fn is_bad_copy(&self) -> bool {
+        matches!(
+            self,
+            Error::Checksum { .. } | Error::Unreadable { .. } | Error::OwnershipUnknown { .. }
+        )
+    }
+
     /// Wraps an I/O error with what was being done.
     pub(crate) fn io(op: &'static str) -> impl FnOnce(io::Error) -> Error {
         move |source| Error::Io { op, source }

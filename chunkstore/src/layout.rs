@@ -32,6 +32,12 @@ pub enum LayoutError {
 }
 
 /// Where everything lies on one formatted device.
+///
+/// A disk formatted at version 2 has *mirrored* tables: a second copy of the
+/// epoch table and of the extent table, and a 64-byte ownership *stamp* in
+/// front of each extent's crcs. A disk upgraded from version 1 keeps the
+/// version-1 geometry: one copy of each table and no stamps (both mirror
+/// offsets are 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Layout {
     /// Device size in bytes when formatted.
@@ -42,12 +48,16 @@ pub(crate) struct Layout {
     pub epoch_slots: u32,
     /// Byte offset of the epoch table.
     pub epoch_table_offset: u64,
-    /// Byte length of the epoch table.
+    /// Byte length of the epoch table (and of its mirror).
     pub epoch_table_len: u64,
+    /// Byte offset of the epoch table's mirror; 0: none.
+    pub epoch_mirror_offset: u64,
     /// Byte offset of the extent table.
     pub extent_table_offset: u64,
-    /// Byte length of the extent table.
+    /// Byte length of the extent table (and of its mirror).
     pub extent_table_len: u64,
+    /// Byte offset of the extent table's mirror; 0: none.
+    pub extent_mirror_offset: u64,
     /// Byte offset of the crc table.
     pub crc_table_offset: u64,
     /// Byte length of the crc table.
@@ -56,6 +66,20 @@ pub(crate) struct Layout {
     pub data_offset: u64,
     /// Number of extents.
     pub extents_total: u64,
+}
+
+/// Size of an extent's ownership stamp in the crc table (mirrored layouts).
+pub(crate) const STAMP_SIZE: u64 = 64;
+
+/// Bytes of crc table per extent: the stamp (mirrored layouts) and one u32
+/// per block, rounded up so that every stamp is 64-byte aligned.
+fn crc_run(extent_size: u32, mirrored: bool) -> u64 {
+    let crcs = u64::from(extent_size / BLOCK_SIZE) * 4;
+    if mirrored {
+        STAMP_SIZE + crcs.div_ceil(STAMP_SIZE) * STAMP_SIZE
+    } else {
+        crcs
+    }
 }
 
 fn round_up(v: u64, align: u64) -> Option<u64> {
@@ -79,15 +103,16 @@ pub(crate) fn check_extent_size(extent_size: u32) -> Result<(), LayoutError> {
 }
 
 impl Layout {
-    /// The layout with `n` extents, or `None` if it does not fit.
+    /// The mirrored layout with `n` extents, or `None` if it does not fit.
     fn with_extents(device_size: u64, extent_size: u32, epoch_slots: u32, n: u64) -> Option<Self> {
         let es = u64::from(extent_size);
-        let bpe = es / u64::from(BLOCK_SIZE);
         let epoch_table_len = u64::from(epoch_slots) * RECORD_SIZE;
-        let extent_table_offset = round_up(EPOCH_TABLE_OFFSET + epoch_table_len, META_ALIGN)?;
+        let epoch_mirror_offset = round_up(EPOCH_TABLE_OFFSET + epoch_table_len, META_ALIGN)?;
+        let extent_table_offset = round_up(epoch_mirror_offset + epoch_table_len, META_ALIGN)?;
         let extent_table_len = round_up(n.checked_mul(RECORD_SIZE)?, META_ALIGN)?;
-        let crc_table_offset = extent_table_offset.checked_add(extent_table_len)?;
-        let crc_table_len = round_up(n.checked_mul(bpe)?.checked_mul(4)?, META_ALIGN)?;
+        let extent_mirror_offset = extent_table_offset.checked_add(extent_table_len)?;
+        let crc_table_offset = extent_mirror_offset.checked_add(extent_table_len)?;
+        let crc_table_len = round_up(n.checked_mul(crc_run(extent_size, true))?, META_ALIGN)?;
         let align = es / gcd(es, DATA_ALIGN) * DATA_ALIGN;
         let data_offset = round_up(crc_table_offset.checked_add(crc_table_len)?, align)?;
         let end = data_offset.checked_add(n.checked_mul(es)?)?;
@@ -97,8 +122,10 @@ impl Layout {
             epoch_slots,
             epoch_table_offset: EPOCH_TABLE_OFFSET,
             epoch_table_len,
+            epoch_mirror_offset,
             extent_table_offset,
             extent_table_len,
+            extent_mirror_offset,
             crc_table_offset,
             crc_table_len,
             data_offset,
@@ -142,13 +169,8 @@ impl Layout {
         if self.epoch_table_offset < 2 * u64::from(BLOCK_SIZE) {
             return Err(Bad("epoch table overlaps the superblocks"));
         }
-        let offsets = [
-            self.epoch_table_offset,
-            self.extent_table_offset,
-            self.crc_table_offset,
-        ];
-        if offsets.iter().any(|o| o % META_ALIGN != 0) {
-            return Err(Bad("a table is not 4 KiB aligned"));
+        if (self.epoch_mirror_offset == 0) != (self.extent_mirror_offset == 0) {
+            return Err(Bad("only one of the tables has a mirror"));
         }
         if n == 0 {
             return Err(Bad("no extents"));
@@ -157,26 +179,26 @@ impl Layout {
         if need_records.is_none_or(|need| self.extent_table_len < need) {
             return Err(Bad("extent table too short"));
         }
-        let need_crcs = n
-            .checked_mul(es / u64::from(BLOCK_SIZE))
-            .and_then(|b| b.checked_mul(4));
+        let need_crcs = n.checked_mul(crc_run(self.extent_size, self.mirrored()));
         if need_crcs.is_none_or(|need| self.crc_table_len < need) {
             return Err(Bad("crc table too short"));
         }
-        let ends = [
-            (
-                self.epoch_table_offset,
-                self.epoch_table_len,
-                self.extent_table_offset,
-            ),
-            (
-                self.extent_table_offset,
-                self.extent_table_len,
-                self.crc_table_offset,
-            ),
-            (self.crc_table_offset, self.crc_table_len, self.data_offset),
-        ];
-        for (off, len, next) in ends {
+        // Every region, in the order the format requires.
+        let mut regions = vec![(self.epoch_table_offset, self.epoch_table_len)];
+        if self.mirrored() {
+            regions.push((self.epoch_mirror_offset, self.epoch_table_len));
+        }
+        regions.push((self.extent_table_offset, self.extent_table_len));
+        if self.mirrored() {
+            regions.push((self.extent_mirror_offset, self.extent_table_len));
+        }
+        regions.push((self.crc_table_offset, self.crc_table_len));
+        if regions.iter().any(|(o, _)| o % META_ALIGN != 0) {
+            return Err(Bad("a table is not 4 KiB aligned"));
+        }
+        regions.push((self.data_offset, 0));
+        for w in regions.windows(2) {
+            let ((off, len), (next, _)) = (w[0], w[1]);
             if off.checked_add(len).is_none_or(|end| end > next) {
                 return Err(Bad("regions overlap or are out of order"));
             }
@@ -193,6 +215,30 @@ impl Layout {
         Ok(())
     }
 
+    /// Whether the tables have mirrors and the extents stamps (version-2
+    /// geometry), rather than the version-1 geometry.
+    pub(crate) fn mirrored(&self) -> bool {
+        self.extent_mirror_offset != 0
+    }
+
+    /// Byte offsets of the copies of the epoch table (one or two).
+    pub(crate) fn epoch_tables(&self) -> Vec<u64> {
+        let mut v = vec![self.epoch_table_offset];
+        if self.mirrored() {
+            v.push(self.epoch_mirror_offset);
+        }
+        v
+    }
+
+    /// Byte offsets of the copies of the extent table (one or two).
+    pub(crate) fn extent_tables(&self) -> Vec<u64> {
+        let mut v = vec![self.extent_table_offset];
+        if self.mirrored() {
+            v.push(self.extent_mirror_offset);
+        }
+        v
+    }
+
     /// 4 KiB blocks per extent.
     pub(crate) fn blocks_per_extent(&self) -> u32 {
         self.extent_size / BLOCK_SIZE
@@ -203,19 +249,26 @@ impl Layout {
         self.data_offset + e * u64::from(self.extent_size)
     }
 
-    /// Byte offset of extent `e`'s record.
-    pub(crate) fn extent_record_offset(&self, e: u64) -> u64 {
-        self.extent_table_offset + e * RECORD_SIZE
+    /// Byte offset of extent `e`'s record in the table copy at `table`.
+    pub(crate) fn extent_record_offset(&self, table: u64, e: u64) -> u64 {
+        table + e * RECORD_SIZE
     }
 
-    /// Byte offset of epoch slot `s`.
-    pub(crate) fn epoch_slot_offset(&self, s: u32) -> u64 {
-        self.epoch_table_offset + u64::from(s) * RECORD_SIZE
+    /// Byte offset of epoch slot `s` in the table copy at `table`.
+    pub(crate) fn epoch_slot_offset(&self, table: u64, s: u32) -> u64 {
+        table + u64::from(s) * RECORD_SIZE
+    }
+
+    /// Byte offset of extent `e`'s stamp (mirrored layouts only).
+    pub(crate) fn stamp_offset(&self, e: u64) -> u64 {
+        self.crc_table_offset + e * crc_run(self.extent_size, true)
     }
 
     /// Byte offset of the crc of block `block` of extent `e`.
     pub(crate) fn crc_offset(&self, e: u64, block: u32) -> u64 {
-        self.crc_table_offset + (e * u64::from(self.blocks_per_extent()) + u64::from(block)) * 4
+        let run = crc_run(self.extent_size, self.mirrored());
+        let stamp = if self.mirrored() { STAMP_SIZE } else { 0 };
+        self.crc_table_offset + e * run + stamp + u64::from(block) * 4
     }
 }
 
@@ -228,8 +281,14 @@ mod tests {
         let l = Layout::compute(8 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS).unwrap();
         l.validate().unwrap();
         assert_eq!(l.epoch_table_len, 1 << 20);
-        assert_eq!(l.data_offset, 2 << 20);
-        assert_eq!(l.extents_total, 96);
+        assert_eq!(l.epoch_mirror_offset, l.epoch_table_offset + (1 << 20));
+        assert_eq!(l.extent_table_offset, l.epoch_mirror_offset + (1 << 20));
+        assert_eq!(l.extent_table_len, 8192);
+        assert_eq!(l.extent_mirror_offset, l.extent_table_offset + 8192);
+        assert_eq!(l.crc_table_offset, l.extent_mirror_offset + 8192);
+        assert_eq!(l.data_offset, 3 << 20);
+        assert_eq!(l.extents_total, 80);
+        assert!(l.mirrored());
     }
 
     #[test]
@@ -271,14 +330,67 @@ mod tests {
         let mut l = Layout::compute(8 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS).unwrap();
         l.crc_table_offset -= 4096;
         assert!(l.validate().is_err());
+        let mut l = Layout::compute(8 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS).unwrap();
+        l.epoch_mirror_offset = 0;
+        assert!(l.validate().is_err());
+        let mut l = Layout::compute(8 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS).unwrap();
+        l.extent_mirror_offset = l.extent_table_offset;
+        assert!(l.validate().is_err());
+    }
+
+    /// The version-1 geometry (no mirrors, no stamps), as version 1 computed it.
+    fn version_1(device_size: u64, extent_size: u32, n: u64) -> Layout {
+        let bpe = u64::from(extent_size / BLOCK_SIZE);
+        let extent_table_offset = EPOCH_TABLE_OFFSET + u64::from(DEFAULT_EPOCH_SLOTS) * RECORD_SIZE;
+        let extent_table_len = round_up(n * RECORD_SIZE, META_ALIGN).unwrap();
+        let crc_table_offset = extent_table_offset + extent_table_len;
+        let crc_table_len = round_up(n * bpe * 4, META_ALIGN).unwrap();
+        Layout {
+            device_size,
+            extent_size,
+            epoch_slots: DEFAULT_EPOCH_SLOTS,
+            epoch_table_offset: EPOCH_TABLE_OFFSET,
+            epoch_table_len: u64::from(DEFAULT_EPOCH_SLOTS) * RECORD_SIZE,
+            epoch_mirror_offset: 0,
+            extent_table_offset,
+            extent_table_len,
+            extent_mirror_offset: 0,
+            crc_table_offset,
+            crc_table_len,
+            data_offset: round_up(crc_table_offset + crc_table_len, 1 << 20).unwrap(),
+            extents_total: n,
+        }
+    }
+
+    #[test]
+    fn version_1_geometry() {
+        let l = version_1(8 << 20, 64 << 10, 96);
+        l.validate().unwrap();
+        assert!(!l.mirrored());
+        assert_eq!(l.data_offset, 2 << 20);
+        assert_eq!(l.epoch_tables(), vec![l.epoch_table_offset]);
+        assert_eq!(l.extent_tables(), vec![l.extent_table_offset]);
+        assert_eq!(l.crc_offset(1, 2), l.crc_table_offset + (16 + 2) * 4);
     }
 
     #[test]
     fn offsets() {
         let l = Layout::compute(8 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS).unwrap();
         assert_eq!(l.extent_data_offset(2), l.data_offset + (128 << 10));
-        assert_eq!(l.extent_record_offset(3), l.extent_table_offset + 192);
-        assert_eq!(l.crc_offset(1, 2), l.crc_table_offset + (16 + 2) * 4);
-        assert_eq!(l.epoch_slot_offset(5), l.epoch_table_offset + 320);
+        assert_eq!(
+            l.extent_record_offset(l.extent_mirror_offset, 3),
+            l.extent_mirror_offset + 192
+        );
+        // 64 KiB extents: a 64-byte stamp and 16 crcs per extent.
+        assert_eq!(l.stamp_offset(1), l.crc_table_offset + 128);
+        assert_eq!(l.crc_offset(1, 2), l.crc_table_offset + 128 + 64 + 2 * 4);
+        assert_eq!(
+            l.epoch_slot_offset(l.epoch_table_offset, 5),
+            l.epoch_table_offset + 320
+        );
+        assert_eq!(
+            l.epoch_tables(),
+            vec![l.epoch_table_offset, l.epoch_mirror_offset]
+        );
     }
 }

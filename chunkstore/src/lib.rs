@@ -140,18 +140,21 @@
 //! An exclusive `flock` on the device keeps a second process out.
 
 mod codec;
-mod crcmap;
+mod device;
 mod disk;
 mod error;
 mod layout;
+mod powerloss;
 mod record;
 mod state;
 mod superblock;
 mod sys;
 
+pub use device::{Device, FileDevice};
 pub use disk::{ChunkInfo, Disk, DiskInfo, FormatOptions};
 pub use error::Error;
 pub use layout::LayoutError;
+pub use powerloss::{CrashPlan, PendingWrite, PowerLossDevice, Survivor};
 pub use superblock::SuperblockError;
 
 /// Checksum unit: one crc32c per block of this many bytes.
@@ -160,5 +163,6 @@ pub const BLOCK_SIZE: u32 = 4096;
 pub const SECTOR_SIZE: u32 = 512;
 /// Default extent size, equal to the chunk size (1 MiB).
 pub const DEFAULT_EXTENT_SIZE: u32 = 1 << 20;
-/// The on-disk format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version this crate writes (it also reads, and
+/// upgrades, version 1).
+pub const FORMAT_VERSION: u32 = 2;

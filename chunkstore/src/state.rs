@@ -1,8 +1,9 @@
 //! In-memory state of an open disk: chunk map, extent and slot allocators,
-//! per-vDisk epochs and gates. Pure bookkeeping: no I/O happens here, and the
-//! caller decides (per the crash discipline) when a change may be made.
+//! per-vDisk epochs and gates, and what is known about damaged metadata.
+//! Pure bookkeeping: no I/O happens here, and the caller decides (per the
+//! crash discipline) when a change may be made.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
@@ -17,6 +18,8 @@ pub(crate) struct Mapping {
     pub extent: u64,
     /// Allocation generation.
     pub generation: u64,
+    /// The owner tag of the extent's block crcs (0: plain, version 1).
+    pub tag: u32,
     /// False while the first write is still filling the extent (its record
     /// is not written yet); such mappings are hidden from listings.
     pub committed: bool,
@@ -37,6 +40,8 @@ struct VdiskEntry {
     gate: Gate,
     slot: Option<u32>,
     epoch: u64,
+    /// The loss serial the slot was written under (see `confirmed`).
+    trust: u64,
 }
 
 /// Counters for [`crate::DiskInfo`].
@@ -44,8 +49,30 @@ struct VdiskEntry {
 pub(crate) struct Counts {
     pub extents_free: u64,
     pub extents_quarantined: u64,
+    pub suspect_chunks: u64,
+    pub ownerless_extents: u64,
     pub slots_free: u64,
-    pub slots_quarantined: u64,
+    pub slots_lost: u64,
+    pub loss_serial: u64,
+}
+
+/// Extents whose every record copy is damaged, so that their owner is not
+/// known for sure (see the crate documentation, *Damage*).
+#[derive(Debug, Default)]
+struct Damaged {
+    /// Damaged extents whose stamp and blocks name one owner: that chunk
+    /// reads as an error (not as zeros) until it is rewritten or discarded
+    /// whole, which frees these extents.
+    suspects: HashMap<ChunkKey, Vec<u64>>,
+    /// Damaged extents whose owner could be any chunk: while there is one,
+    /// every unallocated chunk reads as an error until rewritten or
+    /// discarded whole in this session.
+    ownerless: Vec<u64>,
+    /// Chunks rewritten or discarded whole while `ownerless` is not empty.
+    resolved: HashSet<ChunkKey>,
+    /// Extents whose record write failed while running: their on-disk state
+    /// is unknown until the next open.
+    unknown: u64,
 }
 
 /// The in-memory state. Guarded by one mutex in `Disk`.
@@ -54,11 +81,14 @@ pub(crate) struct State {
     chunks: BTreeMap<ChunkKey, Mapping>,
     /// Kept in descending order at load; `pop` hands out the lowest first.
     free_extents: Vec<u64>,
-    extents_quarantined: u64,
+    damaged: Damaged,
     next_generation: u64,
     vdisks: HashMap<Uuid, VdiskEntry>,
     free_slots: Vec<u32>,
-    slots_quarantined: u64,
+    slots_lost: u64,
+    /// Bumped (on disk, in the lost slots' markers) every time epoch slots
+    /// are found lost; 0 if none ever was.
+    loss_serial: u64,
 }
 
 impl State {
@@ -67,11 +97,12 @@ impl State {
         State {
             chunks: BTreeMap::new(),
             free_extents: Vec::new(),
-            extents_quarantined: 0,
+            damaged: Damaged::default(),
             next_generation: 1,
             vdisks: HashMap::new(),
             free_slots: Vec::new(),
-            slots_quarantined: 0,
+            slots_lost: 0,
+            loss_serial: 0,
         }
     }
 
@@ -82,16 +113,23 @@ impl State {
         self.free_extents.push(e);
     }
 
-    /// Loader: one more extent with a damaged record.
-    pub(crate) fn load_quarantined_extent(&mut self) {
-        self.extents_quarantined += 1;
+    /// Loader: extent `e`'s record is damaged and its stamp and blocks name
+    /// `suspect` as its owner.
+    pub(crate) fn load_suspect(&mut self, suspect: ChunkKey, e: u64) {
+        self.damaged.suspects.entry(suspect).or_default().push(e);
+    }
+
+    /// Loader: extent `e`'s record is damaged and its owner cannot be told.
+    pub(crate) fn load_ownerless(&mut self, e: u64) {
+        self.damaged.ownerless.push(e);
     }
 
     /// Loader: a committed chunk.
-    pub(crate) fn load_chunk(&mut self, key: ChunkKey, extent: u64, generation: u64) {
+    pub(crate) fn load_chunk(&mut self, key: ChunkKey, extent: u64, generation: u64, tag: u32) {
         let m = Mapping {
             extent,
             generation,
+            tag,
             committed: true,
         };
         self.chunks.insert(key, m);
@@ -107,16 +145,22 @@ impl State {
         self.free_slots.push(s);
     }
 
-    /// Loader: one more slot with a damaged record.
-    pub(crate) fn load_quarantined_slot(&mut self) {
-        self.slots_quarantined += 1;
+    /// Loader: one more slot whose content was lost (never reused).
+    pub(crate) fn load_lost_slot(&mut self) {
+        self.slots_lost += 1;
+    }
+
+    /// Loader: the highest loss serial.
+    pub(crate) fn load_loss_serial(&mut self, serial: u64) {
+        self.loss_serial = serial;
     }
 
     /// Loader: the vDisk's epoch lives in slot `slot`.
-    pub(crate) fn load_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64) {
+    pub(crate) fn load_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64) {
         let entry = self.vdisks.entry(vdisk).or_default();
         entry.slot = Some(slot);
         entry.epoch = epoch;
+        entry.trust = trust;
     }
 
     /// Loader: done; orders the free lists so the lowest index goes first.
@@ -132,8 +176,38 @@ impl State {
         self.chunks.get(key).copied()
     }
 
-    /// Takes a free extent for `key` with a fresh generation (uncommitted).
-    pub(crate) fn allocate(&mut self, key: ChunkKey) -> Option<Mapping> {
+    /// Whether an unmapped chunk may own a damaged extent, so that reading
+    /// it as zeros could hide its data.
+    pub(crate) fn uncertain(&self, key: &ChunkKey) -> bool {
+        self.damaged.suspects.contains_key(key)
+            || (!self.damaged.ownerless.is_empty() && !self.damaged.resolved.contains(key))
+    }
+
+    /// The chunk's whole content was just written or discarded: it is no
+    /// longer uncertain. Returns the damaged extents that named it as their
+    /// owner: the caller writes their records free, then calls
+    /// [`State::release_damaged`].
+    pub(crate) fn resolve(&mut self, key: ChunkKey) -> Vec<u64> {
+        if !self.damaged.ownerless.is_empty() {
+            self.damaged.resolved.insert(key);
+        }
+        self.damaged.suspects.remove(&key).unwrap_or_default()
+    }
+
+    /// Damaged extents whose free records are written go to the free list.
+    pub(crate) fn release_damaged(&mut self, extents: &[u64]) {
+        self.free_extents.extend_from_slice(extents);
+    }
+
+    /// Damaged extents whose free records could not be written stay out of
+    /// use until the next open.
+    pub(crate) fn keep_damaged(&mut self, extents: &[u64]) {
+        self.damaged.unknown += extents.len() as u64;
+    }
+
+    /// Takes a free extent for `key` with a fresh generation (uncommitted);
+    /// `tag` computes the owner tag from the generation.
+    pub(crate) fn allocate(&mut self, key: ChunkKey, tag: impl Fn(u64) -> u32) -> Option<Mapping> {
         let extent = self.free_extents.pop()?;
         let generation = self.next_generation;
         // Saturates rather than wraps: 2^64 allocations do not happen, a
@@ -142,6 +216,7 @@ impl State {
         let m = Mapping {
             extent,
             generation,
+            tag: tag(generation),
             committed: false,
         };
         self.chunks.insert(key, m);
@@ -167,7 +242,7 @@ impl State {
     /// is neither free nor mapped until the next open.
     pub(crate) fn quarantine(&mut self, key: &ChunkKey) {
         if self.chunks.remove(key).is_some() {
-            self.extents_quarantined += 1;
+            self.damaged.unknown += 1;
         }
     }
 
@@ -203,6 +278,22 @@ impl State {
         self.vdisks.get(&vdisk).map_or(0, |e| e.epoch)
     }
 
+    /// Whether the vDisk's stored epoch is known to be its fence: always,
+    /// unless epoch slots were lost (then the vDisk might have had a higher
+    /// epoch in one of them) and the vDisk was not fenced again since.
+    pub(crate) fn confirmed(&self, vdisk: Uuid) -> bool {
+        self.loss_serial == 0
+            || self
+                .vdisks
+                .get(&vdisk)
+                .is_some_and(|e| e.slot.is_some() && e.trust >= self.loss_serial)
+    }
+
+    /// The loss serial new slots are written under.
+    pub(crate) fn loss_serial(&self) -> u64 {
+        self.loss_serial
+    }
+
     /// The vDisk's epoch slot, if it has one.
     pub(crate) fn slot(&self, vdisk: Uuid) -> Option<u32> {
         self.vdisks.get(&vdisk).and_then(|e| e.slot)
@@ -218,11 +309,12 @@ impl State {
         self.free_slots.push(slot);
     }
 
-    /// The vDisk's slot now durably holds `epoch`.
-    pub(crate) fn set_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64) {
+    /// The vDisk's slot now durably holds `epoch`, written under `trust`.
+    pub(crate) fn set_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64) {
         let entry = self.vdisks.entry(vdisk).or_default();
         entry.slot = Some(slot);
         entry.epoch = epoch;
+        entry.trust = trust;
     }
 
     /// Forgets the vDisk; its slot (whose free record is written) is free.
@@ -254,11 +346,16 @@ impl State {
 
     /// Free and quarantined counts.
     pub(crate) fn counts(&self) -> Counts {
+        let d = &self.damaged;
+        let suspected: u64 = d.suspects.values().map(|v| v.len() as u64).sum();
         Counts {
             extents_free: self.free_extents.len() as u64,
-            extents_quarantined: self.extents_quarantined,
+            extents_quarantined: suspected + d.ownerless.len() as u64 + d.unknown,
+            suspect_chunks: d.suspects.len() as u64,
+            ownerless_extents: d.ownerless.len() as u64,
             slots_free: self.free_slots.len() as u64,
-            slots_quarantined: self.slots_quarantined,
+            slots_lost: self.slots_lost,
+            loss_serial: self.loss_serial,
         }
     }
 }
@@ -279,10 +376,11 @@ mod tests {
     fn allocation_lowest_first_and_generations_increase() {
         let mut s = loaded(3, 1);
         let v = Uuid::from_u128(1);
-        let a = s.allocate((v, 0)).unwrap();
-        let b = s.allocate((v, 1)).unwrap();
+        let a = s.allocate((v, 0), |g| g as u32 + 100).unwrap();
+        let b = s.allocate((v, 1), |g| g as u32 + 100).unwrap();
         assert_eq!((a.extent, b.extent), (0, 1));
         assert!(b.generation > a.generation);
+        assert_eq!(a.tag, a.generation as u32 + 100);
         assert!(!a.committed);
         s.commit(&(v, 0));
         assert!(s.lookup(&(v, 0)).unwrap().committed);
@@ -293,13 +391,13 @@ mod tests {
     fn abort_release_quarantine() {
         let mut s = loaded(2, 0);
         let v = Uuid::from_u128(1);
-        s.allocate((v, 0)).unwrap();
+        s.allocate((v, 0), |_| 1).unwrap();
         s.abort_allocation(&(v, 0));
         assert_eq!(s.lookup(&(v, 0)), None);
         assert_eq!(s.counts().extents_free, 2);
-        s.allocate((v, 0)).unwrap();
-        s.allocate((v, 1)).unwrap();
-        assert_eq!(s.allocate((v, 2)), None);
+        s.allocate((v, 0), |_| 1).unwrap();
+        s.allocate((v, 1), |_| 1).unwrap();
+        assert_eq!(s.allocate((v, 2), |_| 1), None);
         s.commit(&(v, 0));
         assert_eq!(s.release(&(v, 0)).map(|m| m.extent), Some(0));
         s.quarantine(&(v, 1));
@@ -309,19 +407,53 @@ mod tests {
     }
 
     #[test]
+    fn suspects_and_ownerless_extents() {
+        let mut s = State::new();
+        let v = Uuid::from_u128(1);
+        s.load_suspect((v, 3), 7);
+        s.finish_load();
+        assert!(s.uncertain(&(v, 3)));
+        assert!(!s.uncertain(&(v, 4)));
+        assert_eq!(s.counts().extents_quarantined, 1);
+        assert_eq!(s.resolve((v, 3)), vec![7]);
+        s.release_damaged(&[7]);
+        assert!(!s.uncertain(&(v, 3)));
+        assert_eq!(s.counts().extents_free, 1);
+        // An ownerless extent makes every chunk uncertain until resolved.
+        s.load_ownerless(9);
+        assert!(s.uncertain(&(v, 4)) && s.uncertain(&(Uuid::from_u128(2), 0)));
+        assert!(s.resolve((v, 4)).is_empty());
+        assert!(!s.uncertain(&(v, 4)));
+        assert!(s.uncertain(&(v, 5)));
+        assert_eq!(s.counts().ownerless_extents, 1);
+    }
+
+    #[test]
     fn epochs_and_listing() {
         let mut s = loaded(4, 2);
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         assert_eq!(s.epoch(a), 0);
         let slot = s.take_slot().unwrap();
-        s.set_epoch(a, slot, 5);
-        s.allocate((b, 3)).unwrap();
+        s.set_epoch(a, slot, 5, 0);
+        s.allocate((b, 3), |_| 1).unwrap();
         assert_eq!(s.vdisks(), vec![(a, 5, 0)]);
         s.commit(&(b, 3));
         assert_eq!(s.vdisks(), vec![(a, 5, 0), (b, 0, 1)]);
         s.remove_vdisk(a);
         assert_eq!(s.epoch(a), 0);
         assert_eq!(s.counts().slots_free, 2);
+    }
+
+    #[test]
+    fn lost_slots_unconfirm_until_fenced_again() {
+        let mut s = loaded(0, 2);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        s.load_epoch(a, 5, 3, 0);
+        assert!(s.confirmed(a) && s.confirmed(b));
+        s.load_loss_serial(1);
+        assert!(!s.confirmed(a) && !s.confirmed(b));
+        s.set_epoch(a, 5, 3, 1);
+        assert!(s.confirmed(a) && !s.confirmed(b));
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub enum SuperblockError {
     /// The recorded geometry breaks a rule of the format.
     #[error("the recorded geometry is invalid")]
     Geometry(#[source] LayoutError),
+    /// The copy could not be read from the device.
+    #[error("the superblock copy cannot be read")]
+    Unreadable,
     /// The device is smaller than when it was formatted.
     #[error("the device has {actual} bytes but was formatted with {recorded}")]
     DeviceShrunk {
@@ -57,6 +60,11 @@ pub enum SuperblockError {
 /// The decoded content of a superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Superblock {
+    /// The format version this copy was written with (1 or 2).
+    pub version: u32,
+    /// The format version the disk was formatted with, if it was upgraded
+    /// since (0: formatted with `version`).
+    pub upgraded_from: u32,
     /// The disk's identity.
     pub disk_uuid: Uuid,
     /// Format flags (none defined in version 1).
@@ -73,7 +81,8 @@ pub(crate) fn has_magic(buf: &[u8]) -> bool {
 }
 
 impl Superblock {
-    /// Encodes the superblock into one sealed 4 KiB block.
+    /// Encodes the superblock into one sealed 4 KiB block, at the current
+    /// format version (whatever `version` says).
     pub(crate) fn encode(&self) -> Vec<u8> {
         let l = &self.layout;
         let mut b = vec![0u8; SUPERBLOCK_SIZE];
@@ -95,6 +104,9 @@ impl Superblock {
         put_u64(&mut b, 104, l.data_offset);
         put_u64(&mut b, 112, l.extents_total);
         put_u64(&mut b, 120, self.created);
+        put_u64(&mut b, 128, l.epoch_mirror_offset);
+        put_u64(&mut b, 136, l.extent_mirror_offset);
+        put_u32(&mut b, 144, self.upgraded_from);
         crate::codec::seal(&mut b);
         b
     }
@@ -111,7 +123,7 @@ impl Superblock {
             return Err(SuperblockError::Checksum);
         }
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(SuperblockError::UnsupportedVersion(version));
         }
         let flags = get_u32(b, 12);
@@ -134,9 +146,14 @@ impl Superblock {
             crc_table_len: get_u64(b, 96),
             data_offset: get_u64(b, 104),
             extents_total: get_u64(b, 112),
+            // Version 1 has no mirrors; its bytes 128.. are reserved (zero).
+            epoch_mirror_offset: if version >= 2 { get_u64(b, 128) } else { 0 },
+            extent_mirror_offset: if version >= 2 { get_u64(b, 136) } else { 0 },
         };
         layout.validate().map_err(SuperblockError::Geometry)?;
         Ok(Superblock {
+            version,
+            upgraded_from: if version >= 2 { get_u32(b, 144) } else { 0 },
             disk_uuid: get_uuid(b, 16),
             flags,
             created: get_u64(b, 120),
@@ -155,6 +172,8 @@ mod tests {
 
     fn sample() -> Superblock {
         Superblock {
+            version: FORMAT_VERSION,
+            upgraded_from: 0,
             disk_uuid: Uuid::from_u128(42),
             flags: 0,
             created: 1_700_000_000,
@@ -183,12 +202,19 @@ mod tests {
         b[200] ^= 1;
         assert_eq!(Superblock::decode(&b), Err(SuperblockError::Checksum));
         let mut b = good.clone();
-        put_u32(&mut b, 8, 2);
+        put_u32(&mut b, 8, 3);
         seal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
-            Err(SuperblockError::UnsupportedVersion(2))
+            Err(SuperblockError::UnsupportedVersion(3))
         );
+        let mut b = good.clone();
+        put_u64(&mut b, 128, 0);
+        seal(&mut b);
+        assert!(matches!(
+            Superblock::decode(&b),
+            Err(SuperblockError::Geometry(_))
+        ));
         let mut b = good.clone();
         put_u32(&mut b, 12, 1);
         seal(&mut b);
@@ -222,7 +248,7 @@ mod tests {
             let Ok(layout) = Layout::compute(mib << 20, es_blocks * BLOCK_SIZE, DEFAULT_EPOCH_SLOTS) else {
                 return Ok(());
             };
-            let sb = Superblock { disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
+            let sb = Superblock { version: FORMAT_VERSION, upgraded_from: 0, disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
             prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         }
     }

@@ -58,7 +58,7 @@ fn bytes(sector: u32, sectors: u32) -> (u32, usize) {
 fn run(path: &Path, ops: &[Op]) -> Result<(), TestCaseError> {
     let opts = FormatOptions {
         extent_size: ES,
-        size: Some(3 << 20),
+        size: Some(4 << 20),
         ..FormatOptions::new(Uuid::from_u128(1))
     };
     let mut disk = Some(Disk::format(path, &opts).unwrap());

@@ -463,9 +463,14 @@ impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
         let status = match &e {
             StoreError::StaleEpoch { current, .. } => return OpError::Stale(*current),
-            StoreError::Checksum { .. } => Status::Checksum,
+            // This copy's data cannot be trusted here (checksum, media
+            // error, or a chunk a damaged extent may hold): the client
+            // reads another copy and has this one rewritten.
+            e if e.is_bad_copy() => Status::Checksum,
             StoreError::NoSpace => Status::NoSpace,
             StoreError::InvalidRange { .. } => Status::Invalid,
+            // FenceUnknown among them: the writer fails this copy, and
+            // fences it again before it resyncs it.
             _ => Status::IoError,
         };
         tracing::warn!(error = %e, "request failed");
@@ -648,5 +653,58 @@ mod tests {
         assert!(whole_frame(&two));
         // Not a header: reading it fails at once, no wait.
         assert!(whole_frame(&[0u8; HEADER_LEN]));
+    }
+
+    fn status_of(e: StoreError) -> Option<Status> {
+        match OpError::from(e) {
+            OpError::Status(s, _) => Some(s),
+            OpError::Stale(_) => None,
+        }
+    }
+
+    /// A copy that cannot be trusted answers Checksum, so that the client
+    /// reads another copy and has this one rewritten; a lost fence answers
+    /// IoError, so that the writer fails the copy and fences it again.
+    #[test]
+    fn store_errors_map_to_statuses() {
+        let v = Uuid::from_u128(1);
+        let eio = || std::io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(
+            status_of(StoreError::Checksum {
+                vdisk: v,
+                chunk: 0,
+                block: 1
+            }),
+            Some(Status::Checksum)
+        );
+        assert_eq!(
+            status_of(StoreError::Unreadable {
+                vdisk: v,
+                chunk: 0,
+                source: eio()
+            }),
+            Some(Status::Checksum)
+        );
+        assert_eq!(
+            status_of(StoreError::OwnershipUnknown { vdisk: v, chunk: 0 }),
+            Some(Status::Checksum)
+        );
+        assert_eq!(
+            status_of(StoreError::FenceUnknown { vdisk: v }),
+            Some(Status::IoError)
+        );
+        assert_eq!(
+            status_of(StoreError::Io {
+                op: "write",
+                source: eio()
+            }),
+            Some(Status::IoError)
+        );
+        assert!(status_of(StoreError::StaleEpoch {
+            vdisk: v,
+            current: 2,
+            got: 1
+        })
+        .is_none());
     }
 }

@@ -4,6 +4,11 @@
 //! exclusive otherwise) across its data and crc I/O, so a reader never sees
 //! data without its crc. The state mutex is only taken for lookups and
 //! allocator changes, never across I/O.
+//!
+//! A block's stored crc is `crc32c(block) ^ tag`, where `tag` is the owner
+//! tag of the extent's allocation (`record::owner_tag`; 0 for extents
+//! allocated by version 1): a block written for another owner, or for an
+//! earlier allocation of the same chunk, never verifies.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -11,8 +16,8 @@ use std::ops::Range;
 use uuid::Uuid;
 
 use super::{read, write, Disk};
-use crate::record::ExtentRecord;
-use crate::state::ChunkKey;
+use crate::record::{owner_tag, ExtentRecord, Stamp};
+use crate::state::{ChunkKey, Mapping};
 use crate::{Error, BLOCK_SIZE};
 
 const BS: u32 = BLOCK_SIZE;
@@ -23,12 +28,22 @@ fn blocks(offset: u32, len: usize) -> Range<u32> {
     offset / BS..end.div_ceil(BS)
 }
 
+/// The stored crcs of whole blocks: crc32c of each, tagged.
+fn tagged_crcs(img: &[u8], tag: u32) -> Vec<u32> {
+    img.chunks_exact(BS as usize)
+        .map(|b| tessera_crc::crc32c(b) ^ tag)
+        .collect()
+}
+
 impl Disk {
     /// Reads `buf.len()` bytes of a chunk at `offset`.
     ///
     /// `offset` and the length are multiples of 512 and stay within the
-    /// chunk. Unallocated chunks and never-written ranges read as zeros. The
-    /// crc of every 4 KiB block touched is verified.
+    /// chunk. Unallocated chunks and never-written ranges read as zeros,
+    /// except an unallocated chunk that a damaged extent may hold
+    /// ([`Error::OwnershipUnknown`]). The crc of every 4 KiB block touched is
+    /// verified ([`Error::Checksum`]); a device read error is
+    /// [`Error::Unreadable`].
     pub fn read(&self, vdisk: Uuid, chunk: u64, offset: u32, buf: &mut [u8]) -> Result<(), Error> {
         self.check_range(offset, buf.len())?;
         if buf.is_empty() {
@@ -38,22 +53,28 @@ impl Disk {
         let _stripe = read(self.stripe(&key));
         // An uncommitted mapping is never seen here: its writer holds the
         // stripe exclusively until it commits or aborts.
-        let mapping = self.state().lookup(&key);
+        let (mapping, uncertain) = {
+            let st = self.state();
+            let m = st.lookup(&key);
+            (m, m.is_none() && st.uncertain(&key))
+        };
         let Some(m) = mapping else {
+            if uncertain {
+                return Err(Error::OwnershipUnknown { vdisk, chunk });
+            }
             buf.fill(0);
             return Ok(());
         };
         let range = blocks(offset, buf.len());
-        let crcs = self.read_crcs(m.extent, range.start, range.len() as u32)?;
+        let crcs = self.read_crcs(&key, m.extent, range.start, range.len() as u32)?;
         let base = self.sb.layout.extent_data_offset(m.extent) + u64::from(range.start * BS);
-        const OP: &str = "read chunk data";
         if offset % BS == 0 && buf.len() % BS as usize == 0 {
-            self.read_at(buf, base, OP)?;
-            self.verify(&key, range.start, buf, &crcs)
+            self.read_chunk_at(&key, buf, base)?;
+            self.verify(&key, range.start, buf, &crcs, m.tag)
         } else {
             let mut tmp = vec![0u8; range.len() * BS as usize];
-            self.read_at(&mut tmp, base, OP)?;
-            self.verify(&key, range.start, &tmp, &crcs)?;
+            self.read_chunk_at(&key, &mut tmp, base)?;
+            self.verify(&key, range.start, &tmp, &crcs, m.tag)?;
             let skip = (offset - range.start * BS) as usize;
             buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
             Ok(())
@@ -63,9 +84,12 @@ impl Disk {
     /// Writes `data` into a chunk at `offset`, on behalf of a writer at `epoch`.
     ///
     /// Fails with [`Error::StaleEpoch`] (writing nothing) if `epoch` is older
-    /// than the vDisk's stored epoch; a newer epoch is persisted first. The
+    /// than the vDisk's stored epoch, and with [`Error::FenceUnknown`] if the
+    /// vDisk's fence was lost; a newer epoch is persisted (synced) first. The
     /// first write to a chunk allocates its extent. Partial 4 KiB blocks are
-    /// read (and verified), merged and rewritten.
+    /// read (and verified), merged and rewritten. A chunk that a damaged
+    /// extent may hold ([`Error::OwnershipUnknown`]) takes only a write of
+    /// the whole chunk.
     pub fn write(
         &self,
         vdisk: Uuid,
@@ -81,10 +105,19 @@ impl Disk {
             }
             let key = (vdisk, chunk);
             let _stripe = write(self.stripe(&key));
-            let existing = self.state().lookup(&key);
+            let (existing, uncertain) = {
+                let st = self.state();
+                let m = st.lookup(&key);
+                (m, m.is_none() && st.uncertain(&key))
+            };
             match existing {
-                Some(m) => self.overwrite(&key, m.extent, offset, data),
-                None => self.write_new(&key, offset, data),
+                Some(m) => self.overwrite(&key, &m, offset, data),
+                None if !uncertain => self.write_new(&key, offset, data),
+                None if self.whole(offset, data.len()) => {
+                    self.write_new(&key, offset, data)?;
+                    self.resolve(key)
+                }
+                None => Err(Error::OwnershipUnknown { vdisk, chunk }),
             }
         })
     }
@@ -105,21 +138,56 @@ impl Disk {
         self.admitted(vdisk, epoch, || {
             let key = (vdisk, chunk);
             let _stripe = write(self.stripe(&key));
-            let mapping = self.state().lookup(&key);
-            let Some(m) = mapping else {
-                return Ok(()); // already reads as zeros
+            let (mapping, uncertain) = {
+                let st = self.state();
+                let m = st.lookup(&key);
+                (m, m.is_none() && st.uncertain(&key))
             };
-            if offset == 0 && len == self.sb.layout.extent_size {
-                return self.free_chunk(&key, m.extent);
+            let whole = self.whole(offset, len as usize);
+            match mapping {
+                Some(m) if whole => self.free_chunk(&key, m.extent),
+                Some(m) => self.zero_within(&key, &m, offset, len),
+                None if !uncertain || len == 0 => Ok(()), // already reads as zeros
+                None if whole => self.resolve(key),
+                None => Err(Error::OwnershipUnknown { vdisk, chunk }),
             }
-            self.zero_within(&key, m.extent, offset, len)
         })
     }
 
-    /// Checks each 4 KiB block of `data` (block `first` onwards) against `crcs`.
-    fn verify(&self, key: &ChunkKey, first: u32, data: &[u8], crcs: &[u32]) -> Result<(), Error> {
+    /// Whether a range covers the whole chunk.
+    fn whole(&self, offset: u32, len: usize) -> bool {
+        offset == 0 && len as u64 == u64::from(self.sb.layout.extent_size)
+    }
+
+    /// The chunk's content was just set whole: damaged extents that named it
+    /// as their owner are freed (their records written free).
+    fn resolve(&self, key: ChunkKey) -> Result<(), Error> {
+        let extents = self.state().resolve(key);
+        for e in extents {
+            let generation = self.state().high_generation();
+            match self.write_extent_record(e, &ExtentRecord::Free { generation }) {
+                Ok(()) => self.state().release_damaged(&[e]),
+                Err(err) => {
+                    tracing::warn!(extent = e, error = %err, "cannot free a damaged extent; it stays quarantined");
+                    self.state().keep_damaged(&[e]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks each 4 KiB block of `data` (block `first` onwards) against its
+    /// stored crc.
+    fn verify(
+        &self,
+        key: &ChunkKey,
+        first: u32,
+        data: &[u8],
+        crcs: &[u32],
+        tag: u32,
+    ) -> Result<(), Error> {
         for (i, (block, &crc)) in data.chunks_exact(BS as usize).zip(crcs).enumerate() {
-            if tessera_crc::crc32c(block) != crc {
+            if tessera_crc::crc32c(block) ^ tag != crc {
                 return Err(Error::Checksum {
                     vdisk: key.0,
                     chunk: key.1,
@@ -131,15 +199,14 @@ impl Disk {
     }
 
     /// The full-block image of a write: `data` at `offset`, surrounded by the
-    /// current content of the partial edge blocks (verified against `crcs`),
-    /// or by zeros when `fresh` (a new extent). Borrows `data` when aligned.
+    /// current content of the partial edge blocks (verified), or by zeros
+    /// for a fresh extent (`m` is `None`). Borrows `data` when aligned.
     fn block_image<'a>(
         &self,
         key: &ChunkKey,
-        extent: u64,
+        m: Option<&Mapping>,
         offset: u32,
         data: &'a [u8],
-        crcs: Option<&[u32]>,
     ) -> Result<Cow<'a, [u8]>, Error> {
         let range = blocks(offset, data.len());
         let end = offset + data.len() as u32;
@@ -147,8 +214,8 @@ impl Disk {
             return Ok(Cow::Borrowed(data));
         }
         let mut img = vec![0u8; range.len() * BS as usize];
-        if let Some(crcs) = crcs {
-            let base = self.sb.layout.extent_data_offset(extent);
+        if let Some(m) = m {
+            let base = self.sb.layout.extent_data_offset(m.extent);
             let last = range.end - 1;
             let mut edges = vec![];
             if offset % BS != 0 || (range.len() == 1 && end % BS != 0) {
@@ -160,9 +227,9 @@ impl Disk {
             for b in edges {
                 let i = (b - range.start) as usize;
                 let block = &mut img[i * BS as usize..(i + 1) * BS as usize];
-                let op = "read a block to merge a partial write";
-                self.read_at(block, base + u64::from(b * BS), op)?;
-                self.verify(key, b, block, &crcs[i..=i])?;
+                let crc = self.read_crcs(key, m.extent, b, 1)?;
+                self.read_chunk_at(key, block, base + u64::from(b * BS))?;
+                self.verify(key, b, block, &crc, m.tag)?;
             }
         }
         let skip = (offset - range.start * BS) as usize;
@@ -170,30 +237,29 @@ impl Disk {
         Ok(Cow::Owned(img))
     }
 
-    /// Overwrites part of an allocated chunk: data, then crcs.
+    /// Overwrites part of an allocated chunk: data, then crcs (one write).
     fn overwrite(
         &self,
         key: &ChunkKey,
-        extent: u64,
+        m: &Mapping,
         offset: u32,
         data: &[u8],
     ) -> Result<(), Error> {
         let range = blocks(offset, data.len());
-        let old = self.read_crcs(extent, range.start, range.len() as u32)?;
-        let img = self.block_image(key, extent, offset, data, Some(&old))?;
-        let base = self.sb.layout.extent_data_offset(extent) + u64::from(range.start * BS);
+        let img = self.block_image(key, Some(m), offset, data)?;
+        let base = self.sb.layout.extent_data_offset(m.extent) + u64::from(range.start * BS);
         self.write_at(&img, base, "write chunk data")?;
-        let crcs: Vec<u32> = img
-            .chunks_exact(BS as usize)
-            .map(tessera_crc::crc32c)
-            .collect();
-        self.write_crcs(extent, range.start, &crcs)
+        self.write_crcs(m.extent, range.start, &tagged_crcs(&img, m.tag))
     }
 
-    /// First write to a chunk: allocate, zero the rest, data, crcs, record.
+    /// First write to a chunk: allocate, zero the rest, data, stamp and
+    /// crcs, record.
     fn write_new(&self, key: &ChunkKey, offset: u32, data: &[u8]) -> Result<(), Error> {
-        let m = self.state().allocate(*key).ok_or(Error::NoSpace)?;
-        if let Err(e) = self.fill_new(key, m.extent, offset, data) {
+        let m = self
+            .state()
+            .allocate(*key, |g| owner_tag(key.0, key.1, g))
+            .ok_or(Error::NoSpace)?;
+        if let Err(e) = self.fill_new(key, &m, offset, data) {
             self.state().abort_allocation(key);
             return Err(e);
         }
@@ -201,6 +267,7 @@ impl Disk {
             vdisk: key.0,
             chunk: key.1,
             generation: m.generation,
+            tagged: true,
         };
         if let Err(e) = self.write_extent_record(m.extent, &rec) {
             tracing::warn!(extent = m.extent, error = %e, "quarantining an extent whose record could not be written");
@@ -212,23 +279,23 @@ impl Disk {
     }
 
     /// Steps (2)–(4) of a first write: everything but the record.
-    fn fill_new(&self, key: &ChunkKey, extent: u64, offset: u32, data: &[u8]) -> Result<(), Error> {
+    fn fill_new(&self, key: &ChunkKey, m: &Mapping, offset: u32, data: &[u8]) -> Result<(), Error> {
         let l = &self.sb.layout;
         let range = blocks(offset, data.len());
-        let base = l.extent_data_offset(extent);
+        let base = l.extent_data_offset(m.extent);
         let (start, end) = (u64::from(range.start * BS), u64::from(range.end * BS));
         self.zero(base, start)?;
         self.zero(base + end, u64::from(l.extent_size) - end)?;
-        let img = self.block_image(key, extent, offset, data, None)?;
+        let img = self.block_image(key, None, offset, data)?;
         self.write_at(&img, base + start, "write chunk data")?;
-        let mut crcs = vec![self.zero_crc; l.blocks_per_extent() as usize];
-        for (slot, block) in crcs[range.start as usize..range.end as usize]
-            .iter_mut()
-            .zip(img.chunks_exact(BS as usize))
-        {
-            *slot = tessera_crc::crc32c(block);
-        }
-        self.write_crcs(extent, 0, &crcs)
+        let mut crcs = vec![self.zero_crc ^ m.tag; l.blocks_per_extent() as usize];
+        crcs[range.start as usize..range.end as usize].copy_from_slice(&tagged_crcs(&img, m.tag));
+        let stamp = Stamp {
+            vdisk: key.0,
+            chunk: key.1,
+            generation: m.generation,
+        };
+        self.write_stamp_and_crcs(m.extent, &stamp, &crcs)
     }
 
     /// Frees a chunk's extent: record (free) first, then the free list.
@@ -240,7 +307,7 @@ impl Disk {
     }
 
     /// Partial discard: zero whole blocks in place, merge partial ones.
-    fn zero_within(&self, key: &ChunkKey, extent: u64, offset: u32, len: u32) -> Result<(), Error> {
+    fn zero_within(&self, key: &ChunkKey, m: &Mapping, offset: u32, len: u32) -> Result<(), Error> {
         if len == 0 {
             return Ok(());
         }
@@ -249,19 +316,19 @@ impl Disk {
         if offset % BS != 0 {
             let head_end = end.min(whole.start * BS);
             let zeros = vec![0u8; (head_end - offset) as usize];
-            self.overwrite(key, extent, offset, &zeros)?;
+            self.overwrite(key, m, offset, &zeros)?;
         }
         if whole.start < whole.end {
-            let base = self.sb.layout.extent_data_offset(extent);
+            let base = self.sb.layout.extent_data_offset(m.extent);
             let bytes = u64::from(whole.len() as u32 * BS);
             self.zero(base + u64::from(whole.start * BS), bytes)?;
-            let crcs = vec![self.zero_crc; whole.len()];
-            self.write_crcs(extent, whole.start, &crcs)?;
+            let crcs = vec![self.zero_crc ^ m.tag; whole.len()];
+            self.write_crcs(m.extent, whole.start, &crcs)?;
         }
         let tail_start = (end / BS) * BS;
         if end % BS != 0 && tail_start >= offset.div_ceil(BS) * BS {
             let zeros = vec![0u8; (end - tail_start) as usize];
-            self.overwrite(key, extent, tail_start, &zeros)?;
+            self.overwrite(key, m, tail_start, &zeros)?;
         }
         Ok(())
     }

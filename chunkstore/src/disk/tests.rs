@@ -79,7 +79,8 @@ fn format_open_round_trip() {
     let (_dir, path, disk) = new_disk();
     let info = disk.info();
     assert_eq!(info.uuid, Uuid::from_u128(0xd15c));
-    assert_eq!(info.format_version, 1);
+    assert_eq!(info.format_version, 2);
+    assert!(info.mirrored_tables);
     assert_eq!(info.extent_size, ES);
     assert_eq!(info.device_size, SIZE);
     assert!(info.extents_total > 0);
@@ -192,12 +193,12 @@ fn newer_format_version_is_refused() {
         .unwrap();
     let mut b = vec![0u8; 4096];
     f.read_exact_at(&mut b, 0).unwrap();
-    put_u32(&mut b, 8, 2);
+    put_u32(&mut b, 8, 3);
     seal(&mut b);
     f.write_all_at(&b, 0).unwrap();
     assert!(matches!(
         Disk::open(&path),
-        Err(Error::UnsupportedVersion { found: 2 })
+        Err(Error::UnsupportedVersion { found: 3 })
     ));
 }
 
@@ -494,18 +495,27 @@ fn duplicate_claims_keep_the_newer_generation() {
         vdisk: V,
         chunk: 0,
         generation: new.generation,
+        tagged: true,
     };
-    poke(
-        &path,
-        layout.extent_record_offset(new.extent),
-        &forged.encode(new.extent),
-    );
+    for (copy, table) in layout.extent_tables().into_iter().enumerate() {
+        poke(
+            &path,
+            layout.extent_record_offset(table, new.extent),
+            &forged.encode(new.extent, copy as u8),
+        );
+    }
     let disk = Disk::open(&path).unwrap();
     let now = disk.chunks(V);
     assert_eq!(now.len(), 1);
     assert_eq!(now[0].extent, new.extent);
     assert!(now[0].generation > old.generation);
-    assert_eq!(read_all(&disk, V, 0)[..4096], [2; 4096]);
+    // The winner's blocks carry the tag of chunk 1's allocation: under
+    // chunk 0 they fail their checksums rather than read as chunk 1's data.
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        disk.read(V, 0, 0, &mut buf),
+        Err(Error::Checksum { .. })
+    ));
     assert_eq!(disk.info().extents_used, 1);
     drop(disk);
     // The loser was rewritten as free on disk.
@@ -514,22 +524,152 @@ fn duplicate_claims_keep_the_newer_generation() {
 }
 
 #[test]
-fn damaged_record_is_quarantined() {
+fn a_damaged_copy_is_repaired_from_the_other() {
     let (_dir, path, disk) = new_disk();
-    disk.write(V, 0, 0, &[1; 4096], 0).unwrap();
+    disk.write(V, 0, 0, &[1; 4096], 3).unwrap();
     let e = disk.chunks(V)[0].extent;
-    let layout = disk.sb.layout;
+    let slot = disk.state().slot(V).unwrap();
+    let l = disk.sb.layout;
     drop(disk);
-    flip(&path, layout.extent_record_offset(e) + 30);
-    flip(&path, layout.extent_record_offset(e + 5) + 3);
-    flip(&path, layout.epoch_slot_offset(3) + 3);
+    flip(&path, l.extent_record_offset(l.extent_table_offset, e) + 30);
+    flip(
+        &path,
+        l.extent_record_offset(l.extent_mirror_offset, e + 5) + 3,
+    );
+    flip(&path, l.epoch_slot_offset(l.epoch_table_offset, slot) + 25);
+    flip(&path, l.epoch_slot_offset(l.epoch_mirror_offset, 3) + 3);
+    for _ in 0..2 {
+        let disk = Disk::open(&path).unwrap();
+        let info = disk.info();
+        assert_eq!(info.quarantined_extents, 0);
+        assert_eq!(info.quarantined_epoch_slots, 0);
+        assert_eq!(info.epoch_loss_serial, 0);
+        assert_eq!(info.extents_used, 1);
+        assert_eq!(disk.epoch(V), 3);
+        assert_eq!(read_all(&disk, V, 0)[..4096], [1; 4096]);
+    }
+    // Repaired on disk: the other copies can go now.
+    flip(
+        &path,
+        l.extent_record_offset(l.extent_mirror_offset, e) + 30,
+    );
+    flip(&path, l.epoch_slot_offset(l.epoch_mirror_offset, slot) + 25);
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.info().quarantined_extents, 0);
+    assert_eq!(disk.epoch(V), 3);
+    assert_eq!(read_all(&disk, V, 0)[..4096], [1; 4096]);
+}
+
+#[test]
+fn a_record_damaged_in_both_copies_never_reads_as_zeros() {
+    let (_dir, path, disk) = new_disk();
+    disk.write(V, 0, 0, &pattern(5, ES as usize), 0).unwrap();
+    disk.write(V, 1, 0, &[2; 4096], 0).unwrap();
+    disk.discard(V, 1, 0, ES, 0).unwrap();
+    let e = disk.chunks(V)[0].extent;
+    let l = disk.sb.layout;
+    drop(disk);
+    for table in l.extent_tables() {
+        flip(&path, l.extent_record_offset(table, e) + 30);
+        // Extent e + 1 held chunk 1, since freed; e + 2 was never used.
+        flip(&path, l.extent_record_offset(table, e + 1) + 30);
+        flip(&path, l.extent_record_offset(table, e + 2) + 30);
+    }
     let disk = Disk::open(&path).unwrap();
     let info = disk.info();
-    assert_eq!(info.quarantined_extents, 2);
-    assert_eq!(info.quarantined_epoch_slots, 1);
-    assert_eq!(info.extents_used, 0);
-    assert_eq!(info.extents_free, info.extents_total - 2);
+    assert_eq!(info.quarantined_extents, 2, "{info:?}");
+    assert_eq!(info.suspect_chunks, 2);
+    assert_eq!(info.ownerless_extents, 0);
     assert!(disk.chunks(V).is_empty());
+    let mut buf = vec![0u8; 4096];
+    for chunk in [0, 1] {
+        assert!(matches!(
+            disk.read(V, chunk, 0, &mut buf),
+            Err(Error::OwnershipUnknown { chunk: c, .. }) if c == chunk
+        ));
+        assert!(matches!(
+            disk.write(V, chunk, 0, &[3; 4096], 0),
+            Err(Error::OwnershipUnknown { .. })
+        ));
+        assert!(matches!(
+            disk.discard(V, chunk, 0, 4096, 0),
+            Err(Error::OwnershipUnknown { .. })
+        ));
+    }
+    // Other chunks are not affected.
+    disk.read(V, 2, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0; 4096]);
+    // The replicator's repair: a whole-chunk write, or a whole discard.
+    disk.write(V, 0, 0, &pattern(5, ES as usize), 0).unwrap();
+    disk.discard(V, 1, 0, ES, 0).unwrap();
+    assert_eq!(read_all(&disk, V, 0), pattern(5, ES as usize));
+    assert_eq!(read_all(&disk, V, 1), vec![0; ES as usize]);
+    let info = disk.info();
+    assert_eq!((info.quarantined_extents, info.suspect_chunks), (0, 0));
+    assert_eq!(info.extents_used, 1);
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    let info = disk.info();
+    assert_eq!((info.quarantined_extents, info.extents_used), (0, 1));
+    assert_eq!(read_all(&disk, V, 0), pattern(5, ES as usize));
+}
+
+#[test]
+fn an_epoch_slot_damaged_in_both_copies_refuses_writes_until_fenced() {
+    let (_dir, path, disk) = new_disk();
+    let w = Uuid::from_u128(2);
+    disk.write(V, 0, 0, &[1; 4096], 7).unwrap();
+    disk.write(w, 0, 0, &[1; 4096], 2).unwrap();
+    let slot = disk.state().slot(V).unwrap();
+    let l = disk.sb.layout;
+    drop(disk);
+    for table in l.epoch_tables() {
+        flip(&path, l.epoch_slot_offset(table, slot) + 25);
+    }
+    for round in 0..2 {
+        let disk = Disk::open(&path).unwrap();
+        let info = disk.info();
+        assert_eq!(info.quarantined_epoch_slots, 1);
+        assert_eq!(info.epoch_loss_serial, 1);
+        // V's epoch is gone: no writer is admitted, however old or new.
+        assert_eq!(disk.epoch(V), 0);
+        for epoch in [0, 6, 7, 8] {
+            assert!(matches!(
+                disk.write(V, 0, 0, &[9; 4096], epoch),
+                Err(Error::FenceUnknown { .. })
+            ));
+        }
+        // W's slot is intact, but W might have had a second slot: the same.
+        assert_eq!(disk.epoch(w), 2);
+        if round == 0 {
+            assert!(matches!(
+                disk.write(w, 0, 0, &[9; 4096], 2),
+                Err(Error::FenceUnknown { .. })
+            ));
+            assert!(matches!(
+                disk.write(w, 0, 0, &[9; 4096], 1),
+                Err(Error::StaleEpoch { .. })
+            ));
+            // A fence confirms W (at its epoch or above)...
+            assert_eq!(disk.fence(w, 1).unwrap(), 2);
+            assert_eq!(disk.fence(w, 2).unwrap(), 2);
+        }
+        disk.write(w, 0, 0, &[9; 4096], 2).unwrap();
+        // ...and the data is all there.
+        assert_eq!(read_all(&disk, V, 0)[..4096], [1; 4096]);
+    }
+    // The confirmation survives reopening; V needs its own fence.
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.fence(V, 8).unwrap(), 8);
+    disk.write(V, 0, 0, &[9; 4096], 8).unwrap();
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.epoch(V), 8);
+    disk.write(V, 0, 0, &[9; 4096], 8).unwrap();
+    assert!(matches!(
+        disk.write(V, 0, 0, &[9; 4096], 7),
+        Err(Error::StaleEpoch { .. })
+    ));
 }
 
 #[test]

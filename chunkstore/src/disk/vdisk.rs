@@ -4,6 +4,9 @@
 //! operation, epoch check included) and exclusively by `fence` and
 //! `delete_vdisk`. So once `fence(e)` returns, no write with an older epoch is
 //! still in flight, and a deletion never races an allocation of its vDisk.
+//!
+//! An epoch raise is written to every copy of the vDisk's slot and synced
+//! before it takes effect: a raise that returned survives power loss.
 
 use uuid::Uuid;
 
@@ -14,9 +17,12 @@ use crate::Error;
 impl Disk {
     /// Raises the vDisk's stored epoch to `max(stored, epoch)` and returns it.
     ///
-    /// A raise is written to the epoch table (pwrite) before this returns and
-    /// waits for in-flight writes of the vDisk. Fails with [`Error::NoSpace`]
-    /// if a new vDisk needs a slot and the epoch table is full.
+    /// A raise is written to every copy of the epoch slot and synced
+    /// (fdatasync) before this returns, and waits for in-flight writes of the
+    /// vDisk. After epoch slots were lost ([`Error::FenceUnknown`]), a fence
+    /// at or above the stored epoch confirms the vDisk's fence (and is
+    /// written likewise). Fails with [`Error::NoSpace`] if a new vDisk needs
+    /// a slot and the epoch table is full.
     pub fn fence(&self, vdisk: Uuid, epoch: u64) -> Result<u64, Error> {
         loop {
             let gate = self.state().gate(vdisk);
@@ -24,24 +30,39 @@ impl Disk {
             if g.retired {
                 continue; // deleted meanwhile: use the new entry
             }
-            let (slot, current) = {
+            let (slot, current, confirmed, trust) = {
                 let st = self.state();
-                (st.slot(vdisk), st.epoch(vdisk))
+                (
+                    st.slot(vdisk),
+                    st.epoch(vdisk),
+                    st.confirmed(vdisk),
+                    st.loss_serial(),
+                )
             };
-            if epoch <= current {
+            if epoch < current || (epoch == current && confirmed) {
                 return Ok(current);
             }
             let (slot, fresh) = match slot {
                 Some(s) => (s, false),
                 None => (self.state().take_slot().ok_or(Error::NoSpace)?, true),
             };
-            if let Err(e) = self.write_slot(slot, &EpochSlot::Used { vdisk, epoch }) {
+            let written = self
+                .write_slot(
+                    slot,
+                    &EpochSlot::Used {
+                        vdisk,
+                        epoch,
+                        trust,
+                    },
+                )
+                .and_then(|()| self.sync("make an epoch raise durable (fdatasync)"));
+            if let Err(e) = written {
                 if fresh {
                     self.state().return_slot(slot);
                 }
                 return Err(e);
             }
-            self.state().set_epoch(vdisk, slot, epoch);
+            self.state().set_epoch(vdisk, slot, epoch, trust);
             return Ok(epoch);
         }
     }
@@ -93,13 +114,19 @@ impl Disk {
             if g.retired {
                 continue;
             }
-            let current = self.state().epoch(vdisk);
+            let (current, confirmed) = {
+                let st = self.state();
+                (st.epoch(vdisk), st.confirmed(vdisk))
+            };
             if epoch < current {
                 return Err(Error::StaleEpoch {
                     vdisk,
                     current,
                     got: epoch,
                 });
+            }
+            if !confirmed {
+                return Err(Error::FenceUnknown { vdisk });
             }
             if epoch > current {
                 drop(g);

@@ -1,0 +1,94 @@
+//! Micro-benchmark of the data path's cost per operation (page cache only,
+//! no flush): `cargo test --release -p tessera-chunkstore --test write_cost
+//! -- --ignored --nocapture`. Ignored by default: it measures, it does not
+//! check. Uses only the public API, so it runs unchanged against older
+//! versions of the crate for before/after comparisons.
+
+use std::time::Instant;
+
+use tessera_chunkstore::{Disk, FormatOptions};
+use uuid::Uuid;
+
+const MIB: u64 = 1 << 20;
+const ES: u32 = 1 << 20;
+const CHUNKS: u64 = 64;
+const V: Uuid = Uuid::from_u128(0xbe7c);
+
+/// xorshift64*: deterministic offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// Runs `op` `n` times (after a warm-up of `n / 10`) and returns µs per op.
+fn per_op(n: u64, mut op: impl FnMut(u64)) -> f64 {
+    for i in 0..n / 10 {
+        op(i);
+    }
+    let t = Instant::now();
+    for i in 0..n {
+        op(i);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+#[test]
+#[ignore = "a measurement, run explicitly"]
+fn write_path_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let opts = FormatOptions {
+        extent_size: ES,
+        size: Some((CHUNKS + 16) * MIB),
+        ..FormatOptions::new(Uuid::from_u128(1))
+    };
+    let disk = Disk::format(&path, &opts).unwrap();
+    let full = vec![0x5au8; ES as usize];
+    for c in 0..CHUNKS {
+        disk.write(V, c, 0, &full, 1).unwrap();
+    }
+    disk.flush().unwrap();
+    let mut r = Rng(0x1234_5678);
+    let sizes: [(&str, usize); 4] = [
+        ("512 B (partial block)", 512),
+        ("4 KiB", 4096),
+        ("64 KiB", 64 << 10),
+        ("1 MiB", ES as usize),
+    ];
+    for (name, len) in sizes {
+        let data = vec![0xa5u8; len];
+        let n = if len >= 1 << 20 { 500 } else { 20_000 };
+        let slots = u64::from(ES) / len as u64;
+        let us = per_op(n, |_| {
+            let c = r.below(CHUNKS);
+            let off = (r.below(slots) * len as u64) as u32;
+            disk.write(V, c, off, &data, 1).unwrap();
+        });
+        println!("overwrite {name:>22}: {us:8.2} us/op");
+    }
+    for (name, len) in sizes {
+        let mut buf = vec![0u8; len];
+        let n = if len >= 1 << 20 { 500 } else { 20_000 };
+        let slots = u64::from(ES) / len as u64;
+        let us = per_op(n, |_| {
+            let c = r.below(CHUNKS);
+            let off = (r.below(slots) * len as u64) as u32;
+            disk.read(V, c, off, &mut buf).unwrap();
+        });
+        println!("read      {name:>22}: {us:8.2} us/op");
+    }
+    // First writes: allocate, zero the rest, data, crcs, record; then free.
+    let data = vec![0x33u8; 4096];
+    let us = per_op(2000, |i| {
+        let c = CHUNKS + 1_000 + i;
+        disk.write(V, c, 0, &data, 1).unwrap();
+        disk.discard(V, c, 0, ES, 1).unwrap();
+    });
+    println!("first 4 KiB write + free of a chunk: {us:8.2} us/op");
+}
