@@ -3,9 +3,12 @@
 //! One async method per route of the API server (`tessera-api`), JSON in and
 //! out. Each call opens its own HTTP/1.1 connection (management calls are
 //! rare; no pool to keep healthy), authenticates with the bearer token, and
-//! fails with an [`ApiError`] that carries the server's own explanation when
-//! the server refuses. Every future is `Send`: the client works from any tokio
-//! runtime, multi-threaded included.
+//! fails with an [`ApiError`] that carries the server's own explanation and
+//! code when the server refuses ([`ApiError::LeaseLost`] for a lost lease).
+//! A request refused with code `contention` (others kept updating the
+//! record; the update wrote nothing) is sent again a few times, after short
+//! randomized pauses, before the error is returned. Every future is `Send`: the client
+//! works from any tokio runtime, multi-threaded included.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tessera_api_client::ApiError> {
@@ -47,6 +50,12 @@ pub use error::ApiError;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest answer accepted.
 const MAX_RESPONSE: usize = 64 << 20;
+/// Times a request refused with code `contention` is sent in all.
+const CONTENTION_TRIES: u32 = 5;
+/// Pause before the first resend after contention; doubled for each next
+/// one, each drawn between half and one and a half of it: about 750 ms over
+/// the [`CONTENTION_TRIES`] tries, 1.1 s at most.
+const CONTENTION_PAUSE: Duration = Duration::from_millis(50);
 
 /// A client of one API server.
 #[derive(Clone)]
@@ -66,10 +75,13 @@ impl fmt::Debug for ApiClient {
     }
 }
 
-/// The body of every error answer.
+/// The body of every error answer (`code` is absent from servers before
+/// error codes).
 #[derive(Deserialize)]
 struct ErrorBody {
     error: String,
+    #[serde(default)]
+    code: Option<String>,
 }
 
 impl ApiClient {
@@ -390,6 +402,9 @@ impl ApiClient {
     }
 
     /// Sends a request; answers the body of a 2xx answer, or the error.
+    /// Sends it again after a refusal with code `contention` (the update
+    /// wrote nothing), [`CONTENTION_TRIES`] times in all, within the call's
+    /// timeout.
     async fn exchange<B: Serialize + ?Sized>(
         &self,
         method: Method,
@@ -405,6 +420,39 @@ impl ApiClient {
                 })?
                 .into(),
         };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let request = self.request(method.clone(), path, body.clone())?;
+            let (status, bytes) = tokio::time::timeout_at(deadline, self.send(request))
+                .await
+                .map_err(|_| ApiError::Timeout {
+                    url: self.endpoint.url.clone(),
+                    after: self.timeout,
+                })??;
+            if status.is_success() {
+                return Ok(bytes);
+            }
+            let error = refusal(status, &bytes);
+            if !error.is_contention() || tries >= CONTENTION_TRIES {
+                return Err(error);
+            }
+            let pause = contention_pause(tries);
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// The HTTP request: target, content type, host, bearer token.
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
         let has_body = !body.is_empty();
         let mut request = Request::builder()
             .method(method)
@@ -425,20 +473,7 @@ impl ApiClient {
         if let Ok(auth) = HeaderValue::from_str(&format!("Bearer {}", self.token)) {
             headers.insert(AUTHORIZATION, auth);
         }
-
-        let (status, bytes) = tokio::time::timeout(self.timeout, self.send(request))
-            .await
-            .map_err(|_| ApiError::Timeout {
-                url: self.endpoint.url.clone(),
-                after: self.timeout,
-            })??;
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        Err(ApiError::Status {
-            status: status.as_u16(),
-            message: error_message(status, &bytes),
-        })
+        Ok(request)
     }
 
     async fn send(&self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ApiError> {
@@ -475,6 +510,7 @@ impl ApiClient {
                     Ok(error) => transport_error(*error),
                     Err(_) => ApiError::Status {
                         status: status.as_u16(),
+                        code: None,
                         message: format!("the answer is larger than {MAX_RESPONSE} bytes"),
                     },
                 })?
@@ -492,12 +528,21 @@ fn vdisk_path(datastore: &str, name: &str, suffix: &str) -> String {
     format!("/v1/vdisks/{}/{}{suffix}", encode(datastore), encode(name))
 }
 
-/// The server's explanation of a refusal: the `error` field of its JSON
-/// answer, else the start of the body, else the status's reason phrase.
-fn error_message(status: StatusCode, body: &[u8]) -> String {
-    if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {
-        return parsed.error;
-    }
+/// The error of a refusal: its code and explanation are the `code` and
+/// `error` fields of the server's JSON answer; without one, there is no
+/// code and the explanation is the start of the body, else the status's
+/// reason phrase.
+fn refusal(status: StatusCode, body: &[u8]) -> ApiError {
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(parsed) => (parsed.code, parsed.error),
+        Err(_) => (None, error_text(status, body)),
+    };
+    ApiError::refused(status.as_u16(), code, message)
+}
+
+/// The start of a body that is not the API's JSON, else the status's reason
+/// phrase.
+fn error_text(status: StatusCode, body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     if text.is_empty() {
@@ -509,24 +554,261 @@ fn error_message(status: StatusCode, body: &[u8]) -> String {
     text.chars().take(200).collect()
 }
 
+/// The pause after the `tries`-th refusal for contention:
+/// [`CONTENTION_PAUSE`] doubled per earlier try, times a random factor
+/// between 0.5 and 1.5 so that the contenders do not come back together.
+fn contention_pause(tries: u32) -> Duration {
+    let base = CONTENTION_PAUSE * 2u32.saturating_pow(tries.saturating_sub(1));
+    // The last 32 bits of a v4 uuid are random (the OS generator).
+    let random = Uuid::new_v4().as_u128() as u32;
+    base.mul_f64(0.5 + f64::from(random) / f64::from(u32::MAX))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
+    /// The `(status, code, message)` of a refusal that is a `Status`.
+    fn status_of(error: ApiError) -> (u16, Option<String>, String) {
+        match error {
+            ApiError::Status {
+                status,
+                code,
+                message,
+            } => (status, code, message),
+            other => panic!("not a Status: {other:?}"),
+        }
+    }
+
     #[test]
-    fn error_messages_come_from_the_body() {
+    fn refusals_carry_the_code_and_message_of_the_body() {
+        let e = refusal(
+            StatusCode::NOT_FOUND,
+            br#"{"error":"vDisk a/b does not exist","code":"not_found"}"#,
+        );
+        assert!(e.is_not_found() && !e.is_lease_lost() && !e.is_contention());
         assert_eq!(
-            error_message(
-                StatusCode::NOT_FOUND,
-                br#"{"error":"vDisk a/b does not exist"}"#
+            status_of(e),
+            (
+                404,
+                Some("not_found".into()),
+                "vDisk a/b does not exist".into()
+            )
+        );
+
+        let e = refusal(
+            StatusCode::CONFLICT,
+            b"{\"error\":\"lease lost: vDisk a/b is not open\",\"code\":\"lease_lost\"}\n",
+        );
+        assert!(
+            matches!(&e, ApiError::LeaseLost { message } if message == "lease lost: vDisk a/b is not open"),
+            "{e:?}"
+        );
+        assert!(e.is_lease_lost() && e.is_conflict() && !e.is_not_found());
+        assert_eq!((e.status(), e.code()), (Some(409), Some("lease_lost")));
+        assert_eq!(
+            e.to_string(),
+            "lease lost: vDisk a/b is not open (HTTP 409)"
+        );
+
+        let e = refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error":"vDisk a/b is being changed by others too often; try again","code":"contention"}"#,
+        );
+        assert!(e.is_contention() && !e.is_lease_lost() && !e.is_conflict());
+        assert_eq!((e.status(), e.code()), (Some(503), Some("contention")));
+
+        let e = refusal(
+            StatusCode::CONFLICT,
+            br#"{"error":"disk x still misses 2 chunks of vDisk a/b","code":"still_dirty"}"#,
+        );
+        assert!(e.is_still_dirty() && e.is_conflict() && !e.is_lease_lost());
+
+        // An unknown route is no missing object; unknown fields are ignored.
+        let e = refusal(
+            StatusCode::NOT_FOUND,
+            br#"{"error":"no such route","code":"no_route","more":1}"#,
+        );
+        assert!(!e.is_not_found(), "{e:?}");
+        assert_eq!(e.code(), Some("no_route"));
+    }
+
+    #[test]
+    fn refusals_without_a_code_are_status_without_one() {
+        // A server from before error codes.
+        let e = refusal(
+            StatusCode::CONFLICT,
+            br#"{"error":"lease lost: vDisk a/b is not open"}"#,
+        );
+        assert!(!e.is_lease_lost() && e.is_conflict());
+        assert_eq!(
+            status_of(e),
+            (409, None, "lease lost: vDisk a/b is not open".into())
+        );
+        let e = refusal(
+            StatusCode::NOT_FOUND,
+            br#"{"error":"vDisk a/b does not exist"}"#,
+        );
+        assert!(e.is_not_found(), "a 404 without a code is a missing object");
+        assert_eq!(e.to_string(), "vDisk a/b does not exist (HTTP 404)");
+
+        // Not the API's JSON.
+        assert_eq!(
+            status_of(refusal(StatusCode::BAD_GATEWAY, b"  upstream down\n")),
+            (502, None, "upstream down".into())
+        );
+        assert_eq!(
+            status_of(refusal(StatusCode::NOT_FOUND, b"")),
+            (404, None, "Not Found".into())
+        );
+        assert_eq!(
+            status_of(refusal(StatusCode::CONFLICT, br#"{"error":"x","code":7}"#)),
+            (409, None, r#"{"error":"x","code":7}"#.into())
+        );
+        for error in [
+            ApiError::Timeout {
+                url: "u".into(),
+                after: Duration::from_secs(1),
+            },
+            ApiError::InvalidUrl {
+                url: "u".into(),
+                reason: "r",
+            },
+        ] {
+            assert_eq!((error.status(), error.code()), (None, None));
+            assert!(!error.is_lease_lost() && !error.is_not_found() && !error.is_contention());
+        }
+    }
+
+    #[test]
+    fn contention_pauses_grow_and_stay_near_a_second_in_all() {
+        for _ in 0..100 {
+            let pauses: Vec<Duration> = (1..CONTENTION_TRIES).map(contention_pause).collect();
+            for (i, pause) in pauses.iter().enumerate() {
+                let base = CONTENTION_PAUSE * (1 << i);
+                assert!(
+                    *pause >= base / 2 && *pause <= base * 3 / 2,
+                    "{i}: {pause:?}"
+                );
+            }
+            let total: Duration = pauses.iter().sum();
+            assert!(total <= Duration::from_millis(1125), "{total:?}");
+        }
+    }
+
+    /// A server answering its connections in turn with `answers` (status
+    /// line and JSON body; the last one repeated), counting them.
+    async fn scripted(answers: Vec<(&'static str, &'static str)>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = answers[n.min(answers.len() - 1)];
+                // Requests without a body: the head ends the request.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(len) => head.extend_from_slice(&buf[..len]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, served)
+    }
+
+    const CONTENDED: (&str, &str) = (
+        "503 Service Unavailable",
+        r#"{"error":"vDisk a/b is being changed by others too often; try again","code":"contention"}"#,
+    );
+
+    #[tokio::test]
+    async fn contention_is_retried_until_the_request_goes_through() {
+        let (url, served) = scripted(vec![CONTENDED, CONTENDED, ("204 No Content", "")]).await;
+        let client = ApiClient::new(&url, "t".into()).expect("valid");
+        client
+            .delete_vdisk("a", "b", false)
+            .await
+            .expect("the third try goes through");
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn contention_is_returned_after_the_last_try() {
+        let (url, served) = scripted(vec![CONTENDED]).await;
+        let client = ApiClient::new(&url, "t".into()).expect("valid");
+        let started = std::time::Instant::now();
+        let error = client
+            .delete_vdisk("a", "b", false)
+            .await
+            .expect_err("always contended");
+        assert!(error.is_contention(), "{error:?}");
+        assert_eq!(served.load(Ordering::SeqCst), CONTENTION_TRIES as usize);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(375) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn contention_retries_stop_at_the_timeout() {
+        let (url, served) = scripted(vec![CONTENDED]).await;
+        let client = ApiClient::new(&url, "t".into())
+            .expect("valid")
+            .with_timeout(Duration::from_millis(120));
+        let error = client
+            .delete_vdisk("a", "b", false)
+            .await
+            .expect_err("always contended");
+        assert!(error.is_contention(), "{error:?}");
+        assert!(served.load(Ordering::SeqCst) < CONTENTION_TRIES as usize);
+    }
+
+    #[tokio::test]
+    async fn other_refusals_are_not_retried() {
+        for answer in [
+            (
+                "409 Conflict",
+                r#"{"error":"lease lost: vDisk a/b is not open","code":"lease_lost"}"#,
             ),
-            "vDisk a/b does not exist"
-        );
-        assert_eq!(
-            error_message(StatusCode::BAD_GATEWAY, b"  upstream down\n"),
-            "upstream down"
-        );
-        assert_eq!(error_message(StatusCode::NOT_FOUND, b""), "Not Found");
+            (
+                "503 Service Unavailable",
+                r#"{"error":"the zone metadata store failed","code":"store_unavailable"}"#,
+            ),
+            ("503 Service Unavailable", r#"{"error":"old server"}"#),
+        ] {
+            let (url, served) = scripted(vec![answer, ("204 No Content", "")]).await;
+            let client = ApiClient::new(&url, "t".into()).expect("valid");
+            let error = client
+                .delete_vdisk("a", "b", false)
+                .await
+                .expect_err("refused");
+            assert_eq!(
+                error.status(),
+                Some(answer.0[..3].parse().expect("a status"))
+            );
+            assert_eq!(served.load(Ordering::SeqCst), 1, "{answer:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
@@ -96,7 +96,7 @@ pub async fn require_token(
         Some(false) => "the API token is wrong",
         None => "the request needs the header Authorization: Bearer <token>, with the token of the api-token file",
     };
-    let mut response = HttpError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    let mut response = HttpError::unauthorized(message).into_response();
     response
         .headers_mut()
         .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

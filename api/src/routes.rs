@@ -29,10 +29,16 @@
 //! | POST | `/v1/vdisks/{ds}/{name}/activity` | `MarkActive` → `Vdisk` |
 //! | POST | `/v1/vdisks/{ds}/{name}/close` | `SessionRef` → 204 |
 //!
-//! Errors are `{"error": "..."}` on one line: 400 malformed request (bad
-//! JSON, wrong types, unknown fields, missing content type, bad path or
-//! query), 401 missing or wrong token, 404 unknown route or object, 405 wrong
-//! method, 409 conflict, 413 body over 1 MiB, 5xx store failures.
+//! Errors are `{"error": "...", "code": "..."}` on one line (status: code):
+//! 400 `invalid` (malformed request: bad JSON, wrong types, unknown fields,
+//! missing content type, bad path or query; or out-of-range values), 401
+//! `unauthorized` (missing or wrong token), 404 `no_route` or `not_found`
+//! (unknown object), 405 `method_not_allowed`, 409 `already_exists`,
+//! `conflict`, `unsatisfiable`, `lease_lost` (the session does not hold the
+//! vDisk's lease: the writer is fenced), `still_dirty` (a copy completed
+//! while it still misses chunks), 413 `too_large` (body over 1 MiB), 503
+//! `contention` (an update gave up under concurrent updates and wrote
+//! nothing: send it again) and `store_unavailable`, 500 `record_unreadable`.
 
 use std::sync::Arc;
 

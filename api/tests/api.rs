@@ -1,7 +1,8 @@
 //! The API server driven over real HTTP: by the client for every route, and
-//! by raw requests for malformed input.
+//! by raw requests for malformed input; the codes of error answers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -9,9 +10,11 @@ use tessera_api::{start, ApiConfig, ApiServer};
 use tessera_api_client::{ApiClient, ApiError};
 use tessera_zone::records::{NodeState, Redundancy, Role, VdiskState};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Health, Heartbeat, OpenVdisk, RegisterDisk, RegisterNode,
-    SessionRef,
+    CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, MarkStale, OpenVdisk, RegisterDisk,
+    RegisterNode, SessionRef, ZoneService,
 };
+use tessera_zone::sled_store::SledStore;
+use tessera_zone::testing::Contended;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
@@ -94,7 +97,7 @@ async fn the_client_drives_every_route() {
         .await
         .expect_err("exists");
     assert!(
-        matches!(&error, ApiError::Status { status: 409, message } if message == "datastore 'ds' already exists"),
+        matches!(&error, ApiError::Status { status: 409, code: Some(code), message } if code == "already_exists" && message == "datastore 'ds' already exists"),
         "{error}"
     );
     let error = api
@@ -141,7 +144,7 @@ async fn the_client_drives_every_route() {
         .await
         .expect_err("shrink");
     assert!(
-        matches!(&error, ApiError::Status { status: 400, message } if message == "shrinking a vDisk is not supported")
+        matches!(&error, ApiError::Status { status: 400, code: Some(code), message } if code == "invalid" && message == "shrinking a vDisk is not supported")
     );
 
     let hb = Heartbeat {
@@ -352,8 +355,9 @@ fn token(server: &ApiServer) -> String {
         .to_owned()
 }
 
-/// Asserts a JSON error answer of one line with this status.
-fn assert_error(answer: &Raw, status: u16) -> String {
+/// Asserts a JSON error answer of one line with this status and code;
+/// answers its message.
+fn assert_error(answer: &Raw, status: u16, code: &str) -> String {
     assert_eq!(answer.status, status, "{answer:?}");
     assert!(
         answer
@@ -368,6 +372,7 @@ fn assert_error(answer: &Raw, status: u16) -> String {
         "one line: {answer:?}"
     );
     let value: serde_json::Value = serde_json::from_str(&answer.body).expect("a JSON body");
+    assert_eq!(value["code"].as_str(), Some(code), "{answer:?}");
     value["error"].as_str().expect("an error field").to_owned()
 }
 
@@ -517,10 +522,19 @@ async fn malformed_requests_get_json_4xx_and_the_server_keeps_serving() {
         ),
     ];
     for (name, head, body, status) in cases {
+        let code = match (status, name) {
+            (400, _) => "invalid",
+            (401, _) => "unauthorized",
+            (404, "unknown route") => "no_route",
+            (404, _) => "not_found",
+            (405, _) => "method_not_allowed",
+            (413, _) => "too_large",
+            _ => unreachable!("{name}: {status}"),
+        };
         let answer = raw(addr, &head, &body).await;
-        let message = assert_error(&answer, status);
+        let message = assert_error(&answer, status, code);
         assert!(!message.is_empty(), "{name}: an explanation");
-        println!("{name}: {status} {message}");
+        println!("{name}: {status} {code} {message}");
     }
 
     let health = raw(addr, "GET /healthz HTTP/1.1", b"").await;
@@ -584,9 +598,10 @@ fn arbitrary_bodies_get_a_4xx() {
                 "{:?} → {answer:?}",
                 String::from_utf8_lossy(&body)
             );
+            let value = serde_json::from_str::<serde_json::Value>(&answer.body);
             prop_assert!(
-                serde_json::from_str::<serde_json::Value>(&answer.body).is_ok(),
-                "a JSON error: {answer:?}"
+                value.is_ok_and(|v| v["error"].is_string() && v["code"].is_string()),
+                "a JSON error with a code: {answer:?}"
             );
             Ok(())
         })
@@ -595,4 +610,180 @@ fn arbitrary_bodies_get_a_4xx() {
     let zone = runtime.block_on(raw(addr, &format!("GET /v1/zone HTTP/1.1\r\n{auth}"), b""));
     assert_eq!(zone.status, 200);
     runtime.block_on(server.shutdown()).expect("shutdown");
+}
+
+const TOKEN: &str = "0123456789abcdef";
+
+/// An API server over a store whose records can be made to lose their
+/// compare-and-swaps, as under heavy concurrent updates.
+async fn contended_server() -> (SocketAddr, Arc<Contended<SledStore>>) {
+    let store = Arc::new(Contended::new(
+        SledStore::temporary().expect("a store"),
+        "/tessera/",
+    ));
+    let service = ZoneService::new(store.clone());
+    service.ensure_zone("test").await.expect("the zone");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("an address");
+    let app = tessera_api::routes::router(service, Arc::from(TOKEN));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, store)
+}
+
+fn open_req(host: &str, force: bool) -> OpenVdisk {
+    OpenVdisk {
+        host: host.into(),
+        ttl_ms: 60_000,
+        force,
+        role: None,
+        repair: false,
+    }
+}
+
+fn renew(session: Uuid, ttl_ms: u64) -> SessionRef {
+    SessionRef {
+        session,
+        ttl_ms: Some(ttl_ms),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_loss_still_dirty_and_contention_answer_their_codes() {
+    let (addr, store) = contended_server().await;
+    let api = ApiClient::new(&format!("http://{addr}"), TOKEN.into()).expect("a client");
+    api.register_node(&registration(1)).await.expect("register");
+    api.create_datastore(&CreateDatastore {
+        name: "ds".into(),
+        mirrors: 1,
+        stripes: None,
+        disks: None,
+    })
+    .await
+    .expect("datastore");
+    let vdisk = api
+        .create_vdisk(&CreateVdisk {
+            datastore: "ds".into(),
+            name: "vm1".into(),
+            size: 1 << 30,
+        })
+        .await
+        .expect("vdisk");
+    let disk = vdisk.placement.groups[0][0];
+    let a = api
+        .open_vdisk("ds", "vm1", &open_req("hv1", false))
+        .await
+        .expect("open");
+    let b = api
+        .open_vdisk("ds", "vm1", &open_req("hv2", true))
+        .await
+        .expect("take over");
+
+    // The session that was taken over: lease_lost, as its own variant.
+    let error = api
+        .renew_vdisk("ds", "vm1", &renew(a.session, 30_000))
+        .await
+        .expect_err("taken over");
+    assert!(
+        matches!(&error, ApiError::LeaseLost { message } if message == "lease lost: vDisk ds/vm1 was taken over by host hv2"),
+        "{error:?}"
+    );
+    assert_eq!(
+        (error.status(), error.code(), error.is_lease_lost()),
+        (Some(409), Some("lease_lost"), true)
+    );
+    let error = api
+        .mark_stale(
+            "ds",
+            "vm1",
+            &MarkStale {
+                session: a.session,
+                disks: vec![disk],
+                chunks: vec![1],
+            },
+        )
+        .await
+        .expect_err("taken over");
+    assert!(error.is_lease_lost(), "{error:?}");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let post =
+        |path: &str| format!("POST {path} HTTP/1.1\r\n{auth}\r\nContent-Type: application/json");
+    let stranger = format!(r#"{{"session":"{}"}}"#, Uuid::new_v4());
+    let answer = raw(addr, &post("/v1/vdisks/ds/vm1/renew"), stranger.as_bytes()).await;
+    assert_eq!(
+        assert_error(&answer, 409, "lease_lost"),
+        "lease lost: vDisk ds/vm1 was taken over by host hv2"
+    );
+
+    // Other 409s are no lease loss: the volume client must not be fenced by them.
+    let error = api
+        .open_vdisk("ds", "vm1", &open_req("hv3", false))
+        .await
+        .expect_err("open elsewhere");
+    assert_eq!(
+        (error.status(), error.code()),
+        (Some(409), Some("conflict"))
+    );
+    assert!(!error.is_lease_lost());
+    api.mark_stale(
+        "ds",
+        "vm1",
+        &MarkStale {
+            session: b.session,
+            disks: vec![disk],
+            chunks: vec![1, 2],
+        },
+    )
+    .await
+    .expect("stale");
+    let error = api
+        .mark_clean(
+            "ds",
+            "vm1",
+            &MarkClean {
+                session: b.session,
+                disk,
+                chunks: vec![1],
+                complete: true,
+            },
+        )
+        .await
+        .expect_err("chunk 2 is still dirty");
+    assert!(
+        error.is_still_dirty() && !error.is_lease_lost(),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("disk {disk} still misses 1 chunks of vDisk ds/vm1 (HTTP 409)")
+    );
+
+    // Contention: 503 with its code; the client tries 5 times before it
+    // gives up, each try being a full compare-and-swap loop on the server.
+    store.lose(u64::MAX);
+    let body = format!(r#"{{"session":"{}","ttl_ms":20000}}"#, b.session);
+    let answer = raw(addr, &post("/v1/vdisks/ds/vm1/renew"), body.as_bytes()).await;
+    assert_eq!(
+        assert_error(&answer, 503, "contention"),
+        "vDisk ds/vm1 is being changed by others too often; try again"
+    );
+    let before = store.attempts();
+    let error = api
+        .renew_vdisk("ds", "vm1", &renew(b.session, 21_000))
+        .await
+        .expect_err("always contended");
+    assert!(error.is_contention() && !error.is_lease_lost(), "{error:?}");
+    assert_eq!(error.status(), Some(503));
+    // Each try is a compare-and-swap loop of 64 attempts on the server.
+    let tries = (store.attempts() - before) / 64;
+    assert_eq!(tries, 5, "the client tried 5 times");
+
+    // Contention that ends: the client's next try goes through.
+    store.lose(64);
+    let renewed = api
+        .renew_vdisk("ds", "vm1", &renew(b.session, 22_000))
+        .await
+        .expect("the second try goes through");
+    assert_eq!(renewed.lease.ttl_ms, 22_000);
 }

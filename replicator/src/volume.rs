@@ -642,12 +642,9 @@ impl Inner {
         self.check_reply(&frame, link)
     }
 
-    /// A zone refusal (409: the lease is gone) means this writer is fenced.
+    /// A zone refusal for a lost lease (code lease_lost) means this writer is fenced.
     pub(crate) fn api_error(&self, err: tessera_api_client::ApiError) -> VolumeError {
-        if matches!(
-            err,
-            tessera_api_client::ApiError::Status { status: 409, .. }
-        ) {
+        if matches!(err, tessera_api_client::ApiError::LeaseLost { .. }) {
             self.fenced.store(true, Ordering::Release);
             return VolumeError::Fenced {
                 epoch: self.epoch,
@@ -807,7 +804,7 @@ impl Inner {
                 .await;
             match recorded {
                 Ok(_) => {}
-                Err(tessera_api_client::ApiError::Status { status: 409, .. }) => {
+                Err(tessera_api_client::ApiError::LeaseLost { .. }) => {
                     self.fenced.store(true, Ordering::Release);
                     return Err(VolumeError::Fenced {
                         epoch: self.epoch,
@@ -1137,10 +1134,7 @@ impl Renewer {
                             }
                         }
                     }
-                    Err(tessera_api_client::ApiError::Status {
-                        status: 409,
-                        message,
-                    }) => {
+                    Err(tessera_api_client::ApiError::LeaseLost { message }) => {
                         tracing::error!(%message, "write lease lost; refusing further writes");
                         inner.fenced.store(true, Ordering::Release);
                         return;

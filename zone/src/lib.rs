@@ -11,7 +11,11 @@
 //! - [`sled_store`]: the embedded implementation over sled;
 //! - [`placement`]: weighted rendezvous hashing of vDisk groups onto disks;
 //! - [`service`]: [`ZoneService`](service::ZoneService), the zone operations,
-//!   each mutation a compare-and-swap loop; errors are [`ZoneError`].
+//!   each mutation a compare-and-swap loop; errors are [`ZoneError`], each
+//!   with a stable code ([`error::code`]) that callers act on.
+//!
+//! With the `testing` feature, [`testing`] offers fault-injecting stores for
+//! other crates' tests.
 
 pub mod error;
 pub mod placement;
@@ -22,5 +26,7 @@ pub mod store;
 
 #[cfg(any(test, doc, feature = "conformance"))]
 pub mod conformance;
+#[cfg(any(test, doc, feature = "testing"))]
+pub mod testing;
 
 pub use error::ZoneError;

@@ -645,34 +645,41 @@ impl ZoneService {
         validate_name("datastore", name)?;
         let key = keys::datastore(name);
         let what = || format!("datastore '{name}'");
-        let (marked, _) = self
-            .update(&key, what, |ds: &mut Datastore| {
-                ds.deleting = true;
-                Ok(())
-            })
-            .await?;
-        let vdisks = self.store.range(&vdisk_prefix(name)).await?.len();
-        if vdisks > 0 {
+        let unmark = || async {
             self.update(&key, what, |ds: &mut Datastore| {
                 ds.deleting = false;
                 Ok(())
             })
-            .await?;
-            return Err(ZoneError::Conflict(format!(
-                "datastore '{name}' still holds {vdisks} vDisks"
-            )));
+            .await
+        };
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let (marked, _) = self
+                .update(&key, what, |ds: &mut Datastore| {
+                    ds.deleting = true;
+                    Ok(())
+                })
+                .await?;
+            let vdisks = self.store.range(&vdisk_prefix(name)).await?.len();
+            if vdisks > 0 {
+                unmark().await?;
+                return Err(ZoneError::Conflict(format!(
+                    "datastore '{name}' still holds {vdisks} vDisks"
+                )));
+            }
+            let deleted = self
+                .store
+                .compare_and_swap(&key, Expect::ModRevision(marked.revision), CasOp::Delete)
+                .await?;
+            if deleted.succeeded {
+                tracing::info!(datastore = name, "datastore deleted");
+                return Ok(());
+            }
+            // The datastore changed after it was marked (a disk added or
+            // removed): mark and check again.
         }
-        let deleted = self
-            .store
-            .compare_and_swap(&key, Expect::ModRevision(marked.revision), CasOp::Delete)
-            .await?;
-        if !deleted.succeeded {
-            return Err(ZoneError::Conflict(format!(
-                "datastore '{name}' changed while it was being deleted; try again"
-            )));
-        }
-        tracing::info!(datastore = name, "datastore deleted");
-        Ok(())
+        // Contention promises that nothing changed: take the mark back.
+        unmark().await?;
+        Err(ZoneError::Contention(what()))
     }
 
     // ---- vDisks ----
@@ -835,7 +842,7 @@ impl ZoneService {
                 return Ok(());
             }
         }
-        Err(contention(&key))
+        Err(ZoneError::Contention(format!("vDisk {datastore}/{name}")))
     }
 
     /// Opens a vDisk for writing on `req.host`: takes its lease with a new
@@ -914,7 +921,8 @@ impl ZoneService {
 
     /// Extends the lease of session `req.session` by `req.ttl_ms` (default:
     /// the time to live it was opened with). An expired lease that nobody took
-    /// over may still be renewed; a lease taken over is lost.
+    /// over may still be renewed; a lease taken over (or given back) is lost:
+    /// [`ZoneError::LeaseLost`].
     pub async fn renew_vdisk(
         &self,
         datastore: &str,
@@ -932,14 +940,14 @@ impl ZoneService {
                     let lease = match v.lease.as_mut() {
                         Some(lease) if lease.session == req.session => lease,
                         Some(lease) => {
-                            return Err(ZoneError::Conflict(format!(
-                                "lease lost: vDisk {datastore}/{name} was taken over by host {}",
+                            return Err(ZoneError::LeaseLost(format!(
+                                "vDisk {datastore}/{name} was taken over by host {}",
                                 lease.holder
                             )))
                         }
                         None => {
-                            return Err(ZoneError::Conflict(format!(
-                                "lease lost: vDisk {datastore}/{name} is not open"
+                            return Err(ZoneError::LeaseLost(format!(
+                                "vDisk {datastore}/{name} is not open"
                             )))
                         }
                     };
@@ -979,9 +987,10 @@ impl ZoneService {
     }
 
     /// Records that the copies on `req.disks` missed writes of session
-    /// `req.session` (disks no longer in the placement are ignored). Only the lease holder may do so (a fenced writer gets
-    /// Conflict); the record is durable when this returns, so the writer may
-    /// then acknowledge writes that reached only the other copies.
+    /// `req.session` (disks no longer in the placement are ignored). Only the
+    /// lease holder may do so (a fenced writer gets [`ZoneError::LeaseLost`]);
+    /// the record is durable when this returns, so the writer may then
+    /// acknowledge writes that reached only the other copies.
     pub async fn mark_stale(
         &self,
         datastore: &str,
@@ -1032,7 +1041,8 @@ impl ZoneService {
         Ok(stored.record)
     }
 
-    /// Updates the activity log of session `req.session`'s vDisk.
+    /// Updates the activity log of session `req.session`'s vDisk. Only the
+    /// lease holder may do so ([`ZoneError::LeaseLost`] otherwise).
     pub async fn mark_active(
         &self,
         datastore: &str,
@@ -1057,8 +1067,10 @@ impl ZoneService {
     }
 
     /// Records chunks resync has copied to a stale copy; with `complete`,
-    /// the copy leaves the stale list (it then serves reads again). Only the
-    /// lease holder may do so.
+    /// the copy leaves the stale list (it then serves reads again), or, if
+    /// other chunks of the copy remain dirty, the call fails with
+    /// [`ZoneError::StillDirty`] and records nothing. Only the lease holder
+    /// may do so ([`ZoneError::LeaseLost`] otherwise).
     pub async fn mark_clean(
         &self,
         datastore: &str,
@@ -1081,10 +1093,11 @@ impl ZoneService {
                             .find(|e| e.disk == req.disk)
                             .map_or(0, |e| e.count());
                         if left > 0 {
-                            return Err(ZoneError::Conflict(format!(
-                                "disk {} still misses {left} chunks of vDisk {datastore}/{name}",
-                                req.disk
-                            )));
+                            return Err(ZoneError::StillDirty {
+                                disk: req.disk,
+                                vdisk: format!("{datastore}/{name}"),
+                                missing: left,
+                            });
                         }
                         v.stale.retain(|d| *d != req.disk);
                         v.dirty.retain(|e| e.disk != req.disk);
@@ -1243,7 +1256,7 @@ impl ZoneService {
                 ));
             }
         }
-        Err(contention(key))
+        Err(ZoneError::Contention(what()))
     }
 
     /// Creates or replaces the record at `key` with `make(current)`, by
@@ -1272,7 +1285,7 @@ impl ZoneService {
                 return Ok(record);
             }
         }
-        Err(contention(key))
+        Err(ZoneError::Contention(key.to_owned()))
     }
 }
 
@@ -1338,8 +1351,8 @@ impl Liveness {
 /// Only the session holding a vDisk's lease may change its repair state.
 fn require_session(v: &Vdisk, session: Uuid, datastore: &str, name: &str) -> Result<(), ZoneError> {
     if v.lease.as_ref().is_none_or(|l| l.session != session) {
-        return Err(ZoneError::Conflict(format!(
-            "lease lost: vDisk {datastore}/{name} is not open by this session"
+        return Err(ZoneError::LeaseLost(format!(
+            "vDisk {datastore}/{name} is not open by this session"
         )));
     }
     Ok(())
@@ -1356,12 +1369,6 @@ fn status(node: Node, up: &HashSet<Uuid>) -> NodeStatus {
 
 fn vdisk_prefix(datastore: &str) -> String {
     format!("{}{datastore}/", keys::VDISKS)
-}
-
-fn contention(key: &str) -> ZoneError {
-    ZoneError::Conflict(format!(
-        "{key} is being changed by others too often; try again"
-    ))
 }
 
 fn now_ms() -> u64 {
@@ -1444,6 +1451,7 @@ fn validate_ttl(ttl_ms: u64) -> Result<(), ZoneError> {
 mod tests {
     use super::*;
     use crate::sled_store::SledStore;
+    use crate::testing::Contended;
 
     const TB: u64 = 1 << 40;
 
@@ -2130,9 +2138,13 @@ mod tests {
             .renew_vdisk("ds", "vd", session(a.session))
             .await
             .expect_err("taken over");
+        assert!(matches!(error, ZoneError::LeaseLost(_)), "{error:?}");
         assert_eq!(
-            error.to_string(),
-            "lease lost: vDisk ds/vd was taken over by host hv-b"
+            (error.code(), error.to_string().as_str()),
+            (
+                "lease_lost",
+                "lease lost: vDisk ds/vd was taken over by host hv-b"
+            )
         );
         let lease = svc
             .renew_vdisk(
@@ -2175,6 +2187,7 @@ mod tests {
             .renew_vdisk("ds", "vd", session(b.session))
             .await
             .expect_err("closed");
+        assert!(matches!(error, ZoneError::LeaseLost(_)), "{error:?}");
         assert_eq!(error.to_string(), "lease lost: vDisk ds/vd is not open");
 
         assert!(matches!(
@@ -2217,7 +2230,7 @@ mod tests {
         assert_eq!(b.epoch, 2);
         assert!(matches!(
             svc.renew_vdisk("ds", "vd", session(a.session)).await,
-            Err(ZoneError::Conflict(_))
+            Err(ZoneError::LeaseLost(_))
         ));
     }
 
@@ -2239,6 +2252,237 @@ mod tests {
         let winners: Vec<Opened> = [a, b, c].into_iter().filter_map(Result::ok).collect();
         assert_eq!(winners.len(), 1);
         assert_eq!(winners[0].epoch, 1);
+    }
+
+    #[tokio::test]
+    async fn lease_bound_updates_of_another_session_are_lease_lost() {
+        let svc = service().await;
+        cluster(&svc, 2, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+        let disk = vdisk.placement.groups[0][0];
+        let a = svc
+            .open_vdisk("ds", "vd", open_req("hv-a", 60_000, false))
+            .await
+            .expect("opens");
+        let b = svc
+            .open_vdisk("ds", "vd", open_req("hv-b", 60_000, true))
+            .await
+            .expect("takes over");
+
+        let stale = |session| MarkStale {
+            session,
+            disks: vec![disk],
+            chunks: vec![1],
+        };
+        let clean = |session| MarkClean {
+            session,
+            disk,
+            chunks: vec![1],
+            complete: false,
+        };
+        let active = |session| MarkActive {
+            session,
+            add: vec![0],
+            remove: vec![],
+        };
+        let lost = [
+            svc.mark_stale("ds", "vd", stale(a.session)).await.err(),
+            svc.mark_clean("ds", "vd", clean(a.session)).await.err(),
+            svc.mark_active("ds", "vd", active(a.session)).await.err(),
+        ];
+        for error in lost {
+            let error = error.expect("refused");
+            assert!(matches!(error, ZoneError::LeaseLost(_)), "{error:?}");
+            assert_eq!(
+                (
+                    error.code(),
+                    error.http_status(),
+                    error.to_string().as_str()
+                ),
+                (
+                    "lease_lost",
+                    409,
+                    "lease lost: vDisk ds/vd is not open by this session"
+                )
+            );
+        }
+        let v = svc.vdisk("ds", "vd").await.expect("found").vdisk;
+        assert!(v.stale.is_empty() && v.activity.is_empty(), "{v:?}");
+
+        svc.mark_stale("ds", "vd", stale(b.session))
+            .await
+            .expect("the holder records");
+        svc.close_vdisk("ds", "vd", session(b.session))
+            .await
+            .expect("closes");
+        assert!(matches!(
+            svc.mark_clean("ds", "vd", clean(b.session)).await,
+            Err(ZoneError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            svc.renew_vdisk("ds", "vd", session(b.session)).await,
+            Err(ZoneError::LeaseLost(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_completion_while_chunks_are_dirty_is_still_dirty_and_records_nothing() {
+        let svc = service().await;
+        cluster(&svc, 2, 1).await;
+        svc.create_datastore(mirrors("ds", 2, None))
+            .await
+            .expect("datastore");
+        let vdisk = svc
+            .create_vdisk(vdisk_req("ds", "vd", 1 << 30))
+            .await
+            .expect("vdisk");
+        let disk = vdisk.placement.groups[0][0];
+        let a = svc
+            .open_vdisk("ds", "vd", open_req("hv-a", 60_000, false))
+            .await
+            .expect("opens");
+        svc.mark_stale(
+            "ds",
+            "vd",
+            MarkStale {
+                session: a.session,
+                disks: vec![disk],
+                chunks: vec![1, 2, 3],
+            },
+        )
+        .await
+        .expect("stale");
+        let error = svc
+            .mark_clean(
+                "ds",
+                "vd",
+                MarkClean {
+                    session: a.session,
+                    disk,
+                    chunks: vec![1],
+                    complete: true,
+                },
+            )
+            .await
+            .expect_err("chunks 2 and 3 are dirty");
+        assert!(
+            matches!(&error, ZoneError::StillDirty { disk: d, vdisk, missing: 2 } if *d == disk && vdisk == "ds/vd"),
+            "{error:?}"
+        );
+        assert_eq!((error.code(), error.http_status()), ("still_dirty", 409));
+        let v = svc.vdisk("ds", "vd").await.expect("found");
+        assert_eq!(v.vdisk.stale, vec![disk]);
+        assert_eq!(v.repair[0].dirty_chunks, 3, "chunk 1 was not recorded");
+    }
+
+    /// A service whose vDisk and datastore records lose every
+    /// compare-and-swap once `lose` is called.
+    async fn contended() -> (ZoneService, Arc<Contended<SledStore>>) {
+        let store = SledStore::temporary().expect("opens");
+        let store = Arc::new(Contended::new(store, "/tessera/"));
+        let svc = ZoneService::new(store.clone());
+        svc.ensure_zone("test").await.expect("zone");
+        cluster(&svc, 1, 1).await;
+        svc.create_datastore(mirrors("ds", 1, None))
+            .await
+            .expect("datastore");
+        svc.create_vdisk(vdisk_req("ds", "vd", 1 << 20))
+            .await
+            .expect("vdisk");
+        (svc, store)
+    }
+
+    #[tokio::test]
+    async fn updates_that_always_lose_their_compare_and_swap_are_contention() {
+        let (svc, store) = contended().await;
+        let a = svc
+            .open_vdisk("ds", "vd", open_req("hv-a", 60_000, false))
+            .await
+            .expect("opens");
+        let before = svc.vdisk("ds", "vd").await.expect("found").vdisk;
+        store.lose(u64::MAX);
+
+        let tried = store.attempts();
+        let renew = SessionRef {
+            session: a.session,
+            ttl_ms: Some(30_000),
+        };
+        let error = svc
+            .renew_vdisk("ds", "vd", renew.clone())
+            .await
+            .expect_err("contended");
+        assert!(matches!(error, ZoneError::Contention(_)), "{error:?}");
+        assert_eq!(
+            (
+                error.code(),
+                error.http_status(),
+                error.to_string().as_str()
+            ),
+            (
+                "contention",
+                503,
+                "vDisk ds/vd is being changed by others too often; try again"
+            )
+        );
+        assert_eq!(store.attempts() - tried, MAX_CAS_ATTEMPTS as u64);
+        let error = svc
+            .delete_vdisk("ds", "vd", true)
+            .await
+            .expect_err("contended");
+        assert_eq!(error.code(), "contention", "{error:?}");
+        let error = svc
+            .open_vdisk("ds", "vd", open_req("hv-b", 60_000, true))
+            .await
+            .expect_err("contended");
+        assert_eq!(error.code(), "contention", "{error:?}");
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("found").vdisk,
+            before,
+            "nothing changed"
+        );
+
+        store.lose(0);
+        svc.renew_vdisk("ds", "vd", renew)
+            .await
+            .expect("renews once others stop");
+    }
+
+    #[tokio::test]
+    async fn a_datastore_deletion_that_keeps_losing_gives_up_unmarked() {
+        let (svc, store) = contended().await;
+        svc.delete_vdisk("ds", "vd", false).await.expect("delete");
+        // Marked by an earlier deletion; every deletion attempt now loses
+        // (the mark is already there: marking writes nothing).
+        svc.update(
+            &keys::datastore("ds"),
+            || "ds".into(),
+            |ds: &mut Datastore| {
+                ds.deleting = true;
+                Ok(())
+            },
+        )
+        .await
+        .expect("marked");
+        store.lose(MAX_CAS_ATTEMPTS as u64);
+        let error = svc.delete_datastore("ds").await.expect_err("contended");
+        assert_eq!(
+            (error.code(), error.to_string().as_str()),
+            (
+                "contention",
+                "datastore 'ds' is being changed by others too often; try again"
+            )
+        );
+        assert!(
+            !svc.datastore("ds").await.expect("still there").deleting,
+            "the mark was taken back"
+        );
+        svc.delete_datastore("ds").await.expect("deleted");
     }
 
     #[tokio::test]

@@ -692,8 +692,20 @@ mod tests {
             )
             .await
             .expect_err("chunk 4 is still dirty");
-        assert!(matches!(error, ZoneError::Conflict(_)), "{error:?}");
+        assert!(
+            matches!(error, ZoneError::StillDirty { disk, missing: 1, .. } if disk == d.spare),
+            "{error:?}"
+        );
         let after = d.vdisk().await;
+        assert_eq!(
+            after
+                .dirty
+                .iter()
+                .find(|e| e.disk == d.spare)
+                .map(|e| e.count()),
+            Some(5),
+            "the refused call recorded nothing"
+        );
         assert_eq!(
             after.placement, before.placement,
             "the move is not finished"
@@ -1035,7 +1047,7 @@ mod tests {
                 }
             )
             .await,
-            Err(ZoneError::Conflict(_))
+            Err(ZoneError::LeaseLost(_))
         ));
 
         // A repair open does not take over a live writer's lease, nor does
