@@ -23,6 +23,8 @@ use crate::{Error, BLOCK_SIZE, FORMAT_VERSION};
 const TABLE_BATCH: u64 = 16384;
 /// Damaged entries logged one by one before only a summary is logged.
 const WARN_LIMIT: u64 = 16;
+/// Unit of a media error.
+const SECTOR: usize = crate::SECTOR_SIZE as usize;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -77,19 +79,17 @@ fn write_table(
     Ok(())
 }
 
-/// Reads one batch of table entries into `buf`; returns, per 4 KiB page,
-/// whether it could be read (a media error spoils only its own pages).
+/// Reads one batch of table entries into `buf`; returns, per 512-byte
+/// sector, whether it could be read (a media error spoils only its own
+/// sectors).
 fn read_batch(dev: &dyn Device, buf: &mut [u8], offset: u64) -> Vec<bool> {
-    let pages = buf.len().div_ceil(BLOCK_SIZE as usize);
+    let sectors = buf.len().div_ceil(SECTOR);
     if dev.read_at(buf, offset).is_ok() {
-        return vec![true; pages];
+        return vec![true; sectors];
     }
-    buf.chunks_mut(BLOCK_SIZE as usize)
+    buf.chunks_mut(SECTOR)
         .enumerate()
-        .map(|(p, page)| {
-            dev.read_at(page, offset + (p * BLOCK_SIZE as usize) as u64)
-                .is_ok()
-        })
+        .map(|(i, sector)| dev.read_at(sector, offset + (i * SECTOR) as u64).is_ok())
         .collect()
 }
 
@@ -103,7 +103,7 @@ fn scan_copies(
     mut visit: impl FnMut(u64, &[Option<&[u8]>]),
 ) {
     let mut bufs = vec![vec![0u8; (TABLE_BATCH as usize) * ENTRY_SIZE]; offsets.len()];
-    let per_page = BLOCK_SIZE as usize / ENTRY_SIZE;
+    let per_sector = SECTOR / ENTRY_SIZE;
     let mut i = 0;
     while i < count {
         let n = (count - i).min(TABLE_BATCH) as usize;
@@ -118,7 +118,7 @@ fn scan_copies(
         for j in 0..n {
             entries.clear();
             for (c, buf) in bufs.iter().enumerate() {
-                let ok = readable[c][j / per_page];
+                let ok = readable[c][j / per_sector];
                 entries.push(ok.then(|| &buf[j * ENTRY_SIZE..(j + 1) * ENTRY_SIZE]));
             }
             visit(i + j as u64, &entries);
