@@ -1,0 +1,272 @@
+//! [`Disk`]: one formatted device, shared by the node's I/O threads.
+
+mod data;
+mod io;
+mod open;
+mod vdisk;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU8;
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+
+use uuid::Uuid;
+
+use crate::legacy_v1::state::{ChunkKey, State};
+use crate::legacy_v1::superblock::Superblock;
+use crate::legacy_v1::{Error, BLOCK_SIZE, DEFAULT_EXTENT_SIZE, FORMAT_VERSION, SECTOR_SIZE};
+
+/// Number of chunk lock stripes.
+const STRIPES: usize = 256;
+
+/// How to format a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatOptions {
+    /// The new disk's identity.
+    pub disk_uuid: Uuid,
+    /// Extent (= chunk) size in bytes: a multiple of 4096, 4 KiB ..= 1 GiB.
+    pub extent_size: u32,
+    /// Regular files only: the size to give a missing or empty file.
+    /// `None`: use the existing size. Ignored for block devices.
+    pub size: Option<u64>,
+    /// Overwrite an existing Tessera superblock.
+    pub force: bool,
+}
+
+impl FormatOptions {
+    /// Default options (1 MiB extents, existing size, no force) for `disk_uuid`.
+    pub fn new(disk_uuid: Uuid) -> Self {
+        FormatOptions {
+            disk_uuid,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            size: None,
+            force: false,
+        }
+    }
+}
+
+/// A snapshot of a disk's identity and usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The disk's identity.
+    pub uuid: Uuid,
+    /// On-disk format version.
+    pub format_version: u32,
+    /// Extent (= chunk) size in bytes.
+    pub extent_size: u32,
+    /// Checksum unit in bytes.
+    pub block_size: u32,
+    /// Device size recorded at format time.
+    pub device_size: u64,
+    /// Unix seconds at format time.
+    pub created: u64,
+    /// Extents in the data region.
+    pub extents_total: u64,
+    /// Extents holding a chunk (or being filled by a first write).
+    pub extents_used: u64,
+    /// Extents on the free list.
+    pub extents_free: u64,
+    /// Extents whose record is damaged: neither free nor used.
+    pub quarantined_extents: u64,
+    /// `extents_total * extent_size`.
+    pub capacity: u64,
+    /// `extents_used * extent_size`.
+    pub used: u64,
+    /// Slots in the epoch table.
+    pub epoch_slots_total: u64,
+    /// Slots holding a vDisk's epoch.
+    pub epoch_slots_used: u64,
+    /// Slots whose record is damaged.
+    pub quarantined_epoch_slots: u64,
+}
+
+/// One allocated chunk of a vDisk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Chunk index within the vDisk.
+    pub chunk: u64,
+    /// Extent holding it.
+    pub extent: u64,
+    /// Allocation generation (disk-wide, strictly increasing).
+    pub generation: u64,
+}
+
+/// What kind of device backs the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceKind {
+    /// A (preallocated) regular file.
+    File,
+    /// A raw block device.
+    BlockDevice,
+}
+
+/// One formatted device, open for I/O. `Send + Sync`; all methods take `&self`.
+///
+/// Dropping it closes the device and releases its lock.
+pub struct Disk {
+    path: PathBuf,
+    file: File,
+    kind: DeviceKind,
+    sb: Superblock,
+    state: Mutex<State>,
+    stripes: Box<[RwLock<()>]>,
+    /// Which way of zeroing a range works here (see `io::zero`).
+    zero_mode: AtomicU8,
+    /// crc32c of a 4 KiB block of zeros.
+    zero_crc: u32,
+    /// The crc table, mapped shared (see `crcmap`).
+    crcs: crate::legacy_v1::crcmap::CrcMap,
+}
+
+impl std::fmt::Debug for Disk {
+    /// Identity only: the in-memory maps can be huge.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("path", &self.path)
+            .field("uuid", &self.sb.disk_uuid)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Disk {
+    fn new(
+        path: &Path,
+        file: File,
+        kind: DeviceKind,
+        sb: Superblock,
+        state: State,
+    ) -> Result<Disk, Error> {
+        let crcs = crate::legacy_v1::crcmap::CrcMap::map(
+            &file,
+            sb.layout.crc_table_offset,
+            sb.layout.crc_table_len,
+        )
+        .map_err(Error::io("map the checksum table"))?;
+        Ok(Disk {
+            crcs,
+            path: path.to_path_buf(),
+            file,
+            kind,
+            sb,
+            state: Mutex::new(state),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            zero_mode: AtomicU8::new(0),
+            zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
+        })
+    }
+
+    /// The disk's identity.
+    pub fn uuid(&self) -> Uuid {
+        self.sb.disk_uuid
+    }
+
+    /// The path the disk was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Identity, geometry and usage.
+    pub fn info(&self) -> DiskInfo {
+        let l = &self.sb.layout;
+        let c = self.state().counts();
+        let extents_used = l.extents_total - c.extents_free - c.extents_quarantined;
+        let slots_total = u64::from(l.epoch_slots);
+        DiskInfo {
+            uuid: self.sb.disk_uuid,
+            format_version: FORMAT_VERSION,
+            extent_size: l.extent_size,
+            block_size: BLOCK_SIZE,
+            device_size: l.device_size,
+            created: self.sb.created,
+            extents_total: l.extents_total,
+            extents_used,
+            extents_free: c.extents_free,
+            quarantined_extents: c.extents_quarantined,
+            capacity: l.extents_total * u64::from(l.extent_size),
+            used: extents_used * u64::from(l.extent_size),
+            epoch_slots_total: slots_total,
+            epoch_slots_used: slots_total - c.slots_free - c.slots_quarantined,
+            quarantined_epoch_slots: c.slots_quarantined,
+        }
+    }
+
+    /// Makes everything written before durable (fdatasync).
+    pub fn flush(&self) -> Result<(), Error> {
+        self.file
+            .sync_data()
+            .map_err(Error::io("flush the device (fdatasync)"))
+    }
+
+    /// The vDisk's stored epoch; 0 if unknown.
+    pub fn epoch(&self, vdisk: Uuid) -> u64 {
+        self.state().epoch(vdisk)
+    }
+
+    /// Every vDisk with an epoch slot or an allocated chunk, as
+    /// `(vdisk, epoch, chunks)`, sorted by vDisk.
+    pub fn vdisks(&self) -> Vec<(Uuid, u64, u64)> {
+        self.state().vdisks()
+    }
+
+    /// The vDisk's allocated chunks, sorted by chunk index.
+    pub fn chunks(&self, vdisk: Uuid) -> Vec<ChunkInfo> {
+        self.state()
+            .chunks_of(vdisk)
+            .into_iter()
+            .filter(|(_, m)| m.committed)
+            .map(|(chunk, m)| ChunkInfo {
+                chunk,
+                extent: m.extent,
+                generation: m.generation,
+            })
+            .collect()
+    }
+
+    /// Byte offset of the chunk's extent in the device, if it is allocated.
+    pub fn extent_offset(&self, vdisk: Uuid, chunk: u64) -> Option<u64> {
+        let m = self.state().lookup(&(vdisk, chunk))?;
+        m.committed
+            .then(|| self.sb.layout.extent_data_offset(m.extent))
+    }
+
+    /// The in-memory state (never held across I/O).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lock stripe of a chunk.
+    fn stripe(&self, key: &ChunkKey) -> &RwLock<()> {
+        let (hi, lo) = key.0.as_u64_pair();
+        let h = (hi ^ lo.rotate_left(29) ^ key.1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // The top 8 bits pick one of the 256 stripes.
+        &self.stripes[(h >> 56) as usize % self.stripes.len()]
+    }
+
+    /// Checks an I/O range within a chunk.
+    fn check_range(&self, offset: u32, len: usize) -> Result<(), Error> {
+        let bad = || Error::InvalidRange {
+            offset,
+            len: len as u64,
+        };
+        let end = u64::from(offset).checked_add(len as u64).ok_or_else(bad)?;
+        let sector = u64::from(SECTOR_SIZE);
+        if u64::from(offset) % sector != 0
+            || len as u64 % sector != 0
+            || end > u64::from(self.sb.layout.extent_size)
+        {
+            return Err(bad());
+        }
+        Ok(())
+    }
+}
+
+/// Shared lock on an `RwLock`, ignoring poisoning (the data is `()` or a flag).
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Exclusive lock on an `RwLock`, ignoring poisoning.
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
