@@ -117,6 +117,8 @@ pub struct Disk {
     stripes: Box<[RwLock<()>]>,
     /// crc32c of a 4 KiB block of zeros.
     zero_crc: u32,
+    /// Serialises reservations of allocation generations.
+    reserving: Mutex<()>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -138,6 +140,7 @@ impl Disk {
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
+            reserving: Mutex::new(()),
         }
     }
 

@@ -105,9 +105,9 @@ pub enum Error {
         chunk: u64,
     },
     /// Epoch slots were lost to damage and the vDisk was not fenced since:
-    /// its stored epoch may be lower than its fence. Writes, discards and
-    /// deletions are refused until a [`crate::Disk::fence`] at or above its
-    /// stored epoch.
+    /// its stored epoch may be lower than its fence. Writes and discards
+    /// are refused until a [`crate::Disk::fence`] at or above its stored
+    /// epoch.
     #[error("the fence of vdisk {vdisk} is unknown since epoch slots were lost; fence it again")]
     FenceUnknown {
         /// The vDisk.

@@ -83,6 +83,8 @@ pub(crate) struct State {
     free_extents: Vec<u64>,
     damaged: Damaged,
     next_generation: u64,
+    /// Generations from here on are not reserved on disk yet.
+    generation_ceiling: u64,
     vdisks: HashMap<Uuid, VdiskEntry>,
     free_slots: Vec<u32>,
     slots_lost: u64,
@@ -99,6 +101,7 @@ impl State {
             free_extents: Vec::new(),
             damaged: Damaged::default(),
             next_generation: 1,
+            generation_ceiling: u64::MAX,
             vdisks: HashMap::new(),
             free_slots: Vec::new(),
             slots_lost: 0,
@@ -138,6 +141,22 @@ impl State {
     /// Loader: the next generation to hand out.
     pub(crate) fn load_next_generation(&mut self, next: u64) {
         self.next_generation = next;
+    }
+
+    /// The next generation to hand out.
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    /// Generations below `ceiling` are reserved on disk (the superblock's
+    /// floor): allocations may hand them out.
+    pub(crate) fn set_generation_ceiling(&mut self, ceiling: u64) {
+        self.generation_ceiling = ceiling;
+    }
+
+    /// How many generations are left below the reserved ceiling.
+    pub(crate) fn generations_left(&self) -> u64 {
+        self.generation_ceiling.saturating_sub(self.next_generation)
     }
 
     /// Loader: slot `s` is free.
@@ -207,7 +226,11 @@ impl State {
 
     /// Takes a free extent for `key` with a fresh generation (uncommitted);
     /// `tag` computes the owner tag from the generation.
+    /// `None` if no extent is free or no generation is reserved.
     pub(crate) fn allocate(&mut self, key: ChunkKey, tag: impl Fn(u64) -> u32) -> Option<Mapping> {
+        if self.generations_left() == 0 {
+            return None;
+        }
         let extent = self.free_extents.pop()?;
         let generation = self.next_generation;
         // Saturates rather than wraps: 2^64 allocations do not happen, a

@@ -65,6 +65,9 @@ pub(crate) struct Superblock {
     /// The format version the disk was formatted with, if it was upgraded
     /// since (0: formatted with `version`).
     pub upgraded_from: u32,
+    /// Allocation generations below this may have been handed out (version
+    /// 2; 0 in version 1): the next open starts above it.
+    pub generation_floor: u64,
     /// The disk's identity.
     pub disk_uuid: Uuid,
     /// Format flags (none defined in version 1).
@@ -107,6 +110,7 @@ impl Superblock {
         put_u64(&mut b, 128, l.epoch_mirror_offset);
         put_u64(&mut b, 136, l.extent_mirror_offset);
         put_u32(&mut b, 144, self.upgraded_from);
+        put_u64(&mut b, 152, self.generation_floor);
         crate::codec::seal(&mut b);
         b
     }
@@ -154,6 +158,7 @@ impl Superblock {
         Ok(Superblock {
             version,
             upgraded_from: if version >= 2 { get_u32(b, 144) } else { 0 },
+            generation_floor: if version >= 2 { get_u64(b, 152) } else { 0 },
             disk_uuid: get_uuid(b, 16),
             flags,
             created: get_u64(b, 120),
@@ -174,6 +179,7 @@ mod tests {
         Superblock {
             version: FORMAT_VERSION,
             upgraded_from: 0,
+            generation_floor: 1 << 40,
             disk_uuid: Uuid::from_u128(42),
             flags: 0,
             created: 1_700_000_000,
@@ -248,7 +254,7 @@ mod tests {
             let Ok(layout) = Layout::compute(mib << 20, es_blocks * BLOCK_SIZE, DEFAULT_EPOCH_SLOTS) else {
                 return Ok(());
             };
-            let sb = Superblock { version: FORMAT_VERSION, upgraded_from: 0, disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
+            let sb = Superblock { version: FORMAT_VERSION, upgraded_from: 0, generation_floor: created / 3, disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
             prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         }
     }

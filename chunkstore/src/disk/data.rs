@@ -255,6 +255,7 @@ impl Disk {
     /// First write to a chunk: allocate, zero the rest, data, stamp and
     /// crcs, record.
     fn write_new(&self, key: &ChunkKey, offset: u32, data: &[u8]) -> Result<(), Error> {
+        self.reserve_generations_if_low()?;
         let m = self
             .state()
             .allocate(*key, |g| owner_tag(key.0, key.1, g))

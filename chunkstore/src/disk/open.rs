@@ -5,7 +5,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -23,6 +23,8 @@ use crate::{Error, BLOCK_SIZE, FORMAT_VERSION};
 const TABLE_BATCH: u64 = 16384;
 /// Damaged entries logged one by one before only a summary is logged.
 const WARN_LIMIT: u64 = 16;
+/// Allocation generations reserved by one superblock write.
+const GENERATION_RESERVE: u64 = 1 << 32;
 /// Unit of a media error.
 const SECTOR: usize = crate::SECTOR_SIZE as usize;
 
@@ -275,6 +277,7 @@ impl Disk {
         let sb = Superblock {
             version: FORMAT_VERSION,
             upgraded_from: 0,
+            generation_floor: 0,
             disk_uuid: opts.disk_uuid,
             flags: 0,
             created: now(),
@@ -343,12 +346,18 @@ impl Disk {
         let mut fixes = Fixes::default();
         scan_epochs(&*dev, &l, &mut state, &mut fixes);
         scan_extents(&*dev, &l, &mut state, &mut fixes);
+        // Allocations made before a crash may have lost their records but
+        // left blocks tagged with their generations: start above every
+        // generation an earlier open may have handed out.
+        state.load_next_generation(state.next_generation().max(sb.generation_floor));
         state.finish_load();
         let disk = Disk::new(path, dev, sb, state);
         disk.apply(&fixes);
         // What was read may still be only in the page cache (after kill -9):
-        // make it durable before anything is decided on it.
+        // make it durable before anything is decided on it. Then reserve
+        // the generations this session may hand out.
         disk.sync("flush the opened disk (fdatasync)")?;
+        disk.reserve_generations()?;
         tracing::debug!(path = %path.display(), uuid = %disk.uuid(), "opened disk");
         Ok(disk)
     }
@@ -382,6 +391,43 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// Reserves the next [`GENERATION_RESERVE`] allocation generations: the
+    /// superblocks record the floor the next open starts from (primary,
+    /// sync, backup, sync), so that no generation is ever handed out twice,
+    /// even when a crash loses every record that carried it.
+    pub(super) fn reserve_generations(&self) -> Result<(), Error> {
+        let _one = self
+            .reserving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let ceiling = self
+            .state()
+            .next_generation()
+            .saturating_add(GENERATION_RESERVE);
+        let block = Superblock {
+            generation_floor: ceiling,
+            ..self.sb.clone()
+        }
+        .encode();
+        for off in SUPERBLOCK_OFFSETS {
+            self.write_at(&block, off, "write a superblock")?;
+            self.sync("flush a superblock (fdatasync)")?;
+        }
+        self.state().set_generation_ceiling(ceiling);
+        Ok(())
+    }
+
+    /// Reserves more generations if fewer than half a reservation are left
+    /// (every 2^31 allocations: in practice never).
+    pub(super) fn reserve_generations_if_low(&self) -> Result<(), Error> {
+        if self.state().generations_left() < GENERATION_RESERVE / 2 {
+            self.reserve_generations()?;
+        }
+        Ok(())
+    }
+}
+
 /// Picks a valid superblock copy, repairing the other one if needed.
 fn read_superblock(dev: &dyn Device) -> Result<Superblock, Error> {
     let mut raw = [[0u8; SUPERBLOCK_SIZE]; 2];
@@ -406,10 +452,14 @@ fn read_superblock(dev: &dyn Device) -> Result<Superblock, Error> {
         | (_, Err(SuperblockError::UnsupportedVersion(found))) => {
             Err(Error::UnsupportedVersion { found })
         }
-        (Ok(p), backup) => {
+        (Ok(mut p), backup) => {
             if backup.as_ref() != Ok(&p) {
-                tracing::warn!(reason = ?backup.err(), "backup superblock differs from the primary; rewriting it");
+                tracing::warn!(reason = ?backup.as_ref().err(), "backup superblock differs from the primary; rewriting it");
                 rewrite(0, 1)?;
+            }
+            // Never below a floor either copy recorded.
+            if let Ok(b) = backup {
+                p.generation_floor = p.generation_floor.max(b.generation_floor);
             }
             Ok(p)
         }
