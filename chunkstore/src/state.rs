@@ -273,7 +273,28 @@ impl State {
     pub(crate) fn release(&mut self, key: &ChunkKey) -> Option<Mapping> {
         let m = self.chunks.remove(key)?;
         self.free_extents.push(m.extent);
+        if !self.damaged.ownerless.is_empty() {
+            // Known to read as zeros now, whatever an ownerless extent holds.
+            self.damaged.resolved.insert(*key);
+        }
         Some(m)
+    }
+
+    /// The vDisk is being deleted: none of its chunks is needed, so the
+    /// damaged extents that name one of them can be freed. Returns them:
+    /// the caller writes their records free, then calls
+    /// [`State::release_damaged`].
+    pub(crate) fn take_suspects_of(&mut self, vdisk: Uuid) -> Vec<u64> {
+        let keys: Vec<ChunkKey> = self
+            .damaged
+            .suspects
+            .keys()
+            .filter(|k| k.0 == vdisk)
+            .copied()
+            .collect();
+        keys.iter()
+            .flat_map(|k| self.damaged.suspects.remove(k).unwrap_or_default())
+            .collect()
     }
 
     /// The highest generation handed out so far.
@@ -449,6 +470,17 @@ mod tests {
         assert!(!s.uncertain(&(v, 4)));
         assert!(s.uncertain(&(v, 5)));
         assert_eq!(s.counts().ownerless_extents, 1);
+        // A chunk freed meanwhile is known to read as zeros.
+        s.load_free_extent(3);
+        s.allocate((v, 6), |_| 1).unwrap();
+        s.commit(&(v, 6));
+        s.release(&(v, 6));
+        assert!(!s.uncertain(&(v, 6)));
+        // Deleting a vDisk frees the damaged extents that name its chunks.
+        s.load_suspect((v, 8), 11);
+        s.load_suspect((Uuid::from_u128(2), 8), 12);
+        assert_eq!(s.take_suspects_of(v), vec![11]);
+        assert!(s.uncertain(&(Uuid::from_u128(2), 8)));
     }
 
     #[test]

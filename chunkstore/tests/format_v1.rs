@@ -293,6 +293,18 @@ fn a_damaged_version_1_record_never_reads_as_zeros() {
     disk.write(A, 0, 0, &data, 3).unwrap();
     disk.read(A, 0, 0, &mut buf).unwrap();
     assert_eq!(buf, data);
+    // Every unallocated chunk is in doubt (the damaged extent could be
+    // anyone's), except those written or discarded whole since.
+    assert!(matches!(
+        disk.read(B, 6, 0, &mut buf),
+        Err(Error::OwnershipUnknown { .. })
+    ));
+    disk.discard(B, 0, 0, ES, 7).unwrap();
+    disk.discard(B, 6, 0, ES, 7).unwrap();
+    for c in [0, 6] {
+        disk.read(B, c, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![0; ES as usize]);
+    }
 }
 
 /// Finding 19 on a version-1 disk: one bit flipped in a vDisk's epoch

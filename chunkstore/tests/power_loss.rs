@@ -90,6 +90,10 @@ enum Op {
         v: usize,
         epoch: u64,
     },
+    /// The zone deleted the vDisk: every chunk and the epoch slot are freed.
+    Delete {
+        v: usize,
+    },
     Flush,
 }
 
@@ -256,6 +260,20 @@ impl Harness {
                 }
                 if self.dev.sync_count() != syncs {
                     m.flush();
+                }
+                r
+            }
+            Op::Delete { v } => {
+                let r = self.disk.delete_vdisk(VDISKS[v]).map(|_| ());
+                if r.is_ok() {
+                    // The deletion may or may not survive a crash.
+                    m.fenced[v] = 0;
+                    for chunk in 0..CHUNKS + 2 {
+                        m.chunk(v, chunk).fill(0);
+                        for b in 0..BLOCKS {
+                            m.note((v, chunk, b));
+                        }
+                    }
                 }
                 r
             }
@@ -602,6 +620,7 @@ fn random_op(r: &mut Rng, epochs: &mut [u64; 3]) -> Op {
             epoch,
         },
         12 => Op::Fence { v, epoch },
+        13 if r.below(4) == 0 => Op::Delete { v },
         _ => Op::Flush,
     }
 }

@@ -163,7 +163,14 @@ impl Disk {
     /// as their owner are freed (their records written free).
     fn resolve(&self, key: ChunkKey) -> Result<(), Error> {
         let extents = self.state().resolve(key);
-        for e in extents {
+        self.free_damaged(&extents);
+        Ok(())
+    }
+
+    /// Writes the records of damaged extents free and frees them; those
+    /// whose records cannot be written stay quarantined.
+    pub(super) fn free_damaged(&self, extents: &[u64]) {
+        for &e in extents {
             let generation = self.state().high_generation();
             match self.write_extent_record(e, &ExtentRecord::Free { generation }) {
                 Ok(()) => self.state().release_damaged(&[e]),
@@ -173,7 +180,6 @@ impl Disk {
                 }
             }
         }
-        Ok(())
     }
 
     /// Checks each 4 KiB block of `data` (block `first` onwards) against its

@@ -325,7 +325,8 @@ impl Disk {
     }
 
     /// Opens a formatted `device` (see [`Disk::open`]); [`Disk::path`] is
-    /// empty.
+    /// empty. Nothing locks the device: the caller makes sure that no other
+    /// `Disk` uses it meanwhile.
     pub fn open_device(device: Arc<dyn Device>) -> Result<Disk, Error> {
         Self::load(Path::new(""), device)
     }

@@ -615,6 +615,27 @@ fn a_record_damaged_in_both_copies_never_reads_as_zeros() {
 }
 
 #[test]
+fn deleting_a_vdisk_frees_the_damaged_extents_that_name_it() {
+    let (_dir, path, disk) = new_disk();
+    disk.write(V, 0, 0, &[1; 4096], 0).unwrap();
+    let e = disk.chunks(V)[0].extent;
+    let l = disk.sb.layout;
+    drop(disk);
+    for table in l.extent_tables() {
+        flip(&path, l.extent_record_offset(table, e) + 30);
+    }
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.info().suspect_chunks, 1);
+    disk.delete_vdisk(V).unwrap();
+    let info = disk.info();
+    assert_eq!((info.quarantined_extents, info.suspect_chunks), (0, 0));
+    assert_eq!(info.extents_free, info.extents_total);
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.info().extents_free, disk.info().extents_total);
+}
+
+#[test]
 fn an_epoch_slot_damaged_in_both_copies_refuses_writes_until_fenced() {
     let (_dir, path, disk) = new_disk();
     let w = Uuid::from_u128(2);

@@ -89,6 +89,8 @@ impl Disk {
                     freed += 1;
                 }
             }
+            let damaged = self.state().take_suspects_of(vdisk);
+            self.free_damaged(&damaged);
             let slot = self.state().slot(vdisk);
             if let Some(s) = slot {
                 self.write_slot(s, &EpochSlot::Free)?;
