@@ -9,9 +9,12 @@
 //!
 //! Exhaustive over every subset of the pending writes (applied in issue
 //! order and in reverse order) for small scenarios chosen to exercise extent
-//! reuse; random (seeded) over long random sequences:
-//! `TESSERA_POWERLOSS_SEED=<seed>` replays one case (its seed is printed on
-//! failure), `TESSERA_POWERLOSS_CASES=<n>` runs more.
+//! reuse and fences; random (seeded) over long random sequences that live
+//! several lives (crash, reopen, repair, go on), and over crashes followed
+//! by random bit flips in the metadata (then errors are allowed too, wrong
+//! data and lowered fences are not). `TESSERA_POWERLOSS_SEED=<seed>` replays
+//! one case (its seed is printed on failure), `TESSERA_POWERLOSS_CASES=<n>`
+//! runs more.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -555,24 +558,27 @@ fn epoch_raises_survive() {
 /// constant), crashed in random ways with random order and torn writes.
 #[test]
 fn random_sequences() {
-    let replay = std::env::var("TESSERA_POWERLOSS_SEED").ok().map(|s| {
-        s.parse::<u64>()
-            .expect("TESSERA_POWERLOSS_SEED is a number")
-    });
-    let cases = std::env::var("TESSERA_POWERLOSS_CASES")
-        .ok()
-        .map(|s| {
-            s.parse::<u64>()
-                .expect("TESSERA_POWERLOSS_CASES is a number")
-        })
-        .unwrap_or(if replay.is_some() { 1 } else { 300 });
-    let base = replay.unwrap_or(0x7e55_e2a0_0000);
-    for i in 0..cases {
-        let seed = base + i;
+    let (base, cases) = seeds(0x7e55_e2a0_0000);
+    for seed in base..base + cases {
         if let Err(e) = random_case(seed) {
             panic!("{e}\n  replay: TESSERA_POWERLOSS_SEED={seed} cargo test -p tessera-chunkstore --test power_loss random_sequences");
         }
     }
+}
+
+/// The first seed and the number of cases of a random test:
+/// `TESSERA_POWERLOSS_SEED` replays from a seed (one case unless
+/// `TESSERA_POWERLOSS_CASES` says more), else 300 cases from `default`.
+fn seeds(default: u64) -> (u64, u64) {
+    let var = |name: &str| {
+        std::env::var(name).ok().map(|s| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a number"))
+        })
+    };
+    let replay = var("TESSERA_POWERLOSS_SEED");
+    let cases = var("TESSERA_POWERLOSS_CASES").unwrap_or(if replay.is_some() { 1 } else { 300 });
+    (replay.unwrap_or(default), cases)
 }
 
 fn random_op(r: &mut Rng, epochs: &mut [u64; 3]) -> Op {
@@ -743,6 +749,88 @@ impl Harness {
         }
         Ok(())
     }
+}
+
+/// Power loss and media damage together: after random sequences and a
+/// random crash, random bits flip in the superblocks, both copies of both
+/// tables and the crc table. Whatever the damage, no block reads as content
+/// it never had (errors are fine: they make the replicator read another
+/// copy), and no writer older than a returned fence is admitted.
+#[test]
+fn random_crashes_with_bit_flips() {
+    let (base, cases) = seeds(0xb17_f119_0000);
+    for seed in base..base + cases {
+        if let Err(e) = damaged_case(seed) {
+            panic!("{e}\n  replay: TESSERA_POWERLOSS_SEED={seed} cargo test -p tessera-chunkstore --test power_loss random_crashes_with_bit_flips");
+        }
+    }
+}
+
+fn damaged_case(seed: u64) -> Result<(), String> {
+    let mut r = Rng::new(seed);
+    let mut h = Harness::new();
+    let mut epochs = [1u64; 3];
+    let mut ops = Vec::new();
+    for _ in 0..5 + r.below(40) {
+        let op = random_op(&mut r, &mut epochs);
+        ops.push(op);
+        h.apply(op).map_err(|e| format!("seed {seed}: {e}"))?;
+    }
+    let dev = h.dev.snapshot();
+    dev.crash(r.next());
+    // The metadata's places, from the superblock (see damage.rs).
+    let mut sb = vec![0u8; 4096];
+    dev.read_at(&mut sb, 0).unwrap();
+    let at = |o: usize| u64::from_le_bytes(sb[o..o + 8].try_into().unwrap());
+    let regions = [
+        (0, 8192),
+        (at(56), at(64)),
+        (at(128), at(64)),
+        (at(72), at(80)),
+        (at(136), at(80)),
+        (at(88), at(96)),
+    ];
+    let flips = 1 + r.below(6);
+    for _ in 0..flips {
+        let (off, len) = regions[r.below(regions.len() as u64) as usize];
+        dev.flip_bit(off + r.below(len), r.below(8) as u8);
+    }
+    let disk = match Disk::open_device(Arc::new(dev)) {
+        Ok(d) => d,
+        Err(Error::BadSuperblock(_)) => return Ok(()),
+        Err(e) => return Err(format!("seed {seed}: reopen failed: {e}")),
+    };
+    let m = &h.model;
+    for (v, &vdisk) in VDISKS.iter().enumerate() {
+        for chunk in 0..CHUNKS + 2 {
+            for b in 0..BLOCKS {
+                let mut buf = vec![0xeeu8; BS];
+                match disk.read(vdisk, chunk, b * BS as u32, &mut buf) {
+                    Ok(()) if m.allowed((v, chunk, b)).contains(&buf) => {}
+                    Ok(()) => {
+                        return Err(format!(
+                            "seed {seed}: vdisk {v} chunk {chunk} block {b} reads as content it never had ({})\n  ops: {ops:?}",
+                            describe(&buf)
+                        ))
+                    }
+                    Err(e) if e.is_bad_copy() => {}
+                    Err(e) => return Err(format!("seed {seed}: vdisk {v} chunk {chunk} block {b}: {e}")),
+                }
+            }
+        }
+        if m.fenced[v] > 0 {
+            match disk.write(vdisk, CHUNKS + 3, 0, &[1; 512], m.fenced[v] - 1) {
+                Err(Error::StaleEpoch { .. } | Error::FenceUnknown { .. }) => {}
+                other => {
+                    return Err(format!(
+                        "seed {seed}: vdisk {v}: a writer older than fence {} was admitted: {other:?}\n  ops: {ops:?}",
+                        m.fenced[v]
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The device really loses what was not synced (the model is not vacuous).
