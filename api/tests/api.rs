@@ -11,7 +11,7 @@ use tessera_api_client::{ApiClient, ApiError};
 use tessera_zone::records::{NodeState, Redundancy, Role, VdiskState};
 use tessera_zone::service::{
     CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, MarkStale, OpenVdisk, RegisterDisk,
-    RegisterNode, SessionRef, ZoneService,
+    RegisterNode, SessionRef, ZoneService, MAX_VDISK_SIZE,
 };
 use tessera_zone::sled_store::SledStore;
 use tessera_zone::testing::Contended;
@@ -145,6 +145,31 @@ async fn the_client_drives_every_route() {
         .expect_err("shrink");
     assert!(
         matches!(&error, ApiError::Status { status: 400, code: Some(code), message } if code == "invalid" && message == "shrinking a vDisk is not supported")
+    );
+    // Sizes over the limit are refused, saying the limit.
+    let too_big = format!(
+        "a vDisk may be at most 64 TiB ({MAX_VDISK_SIZE} bytes), not {} bytes",
+        MAX_VDISK_SIZE + 512
+    );
+    let error = api
+        .resize_vdisk("ds", "vm1", MAX_VDISK_SIZE + 512)
+        .await
+        .expect_err("too big");
+    assert!(
+        matches!(&error, ApiError::Status { status: 400, code: Some(code), message } if code == "invalid" && *message == too_big),
+        "{error}"
+    );
+    let error = api
+        .create_vdisk(&CreateVdisk {
+            datastore: "ds".into(),
+            name: "huge".into(),
+            size: MAX_VDISK_SIZE + 512,
+        })
+        .await
+        .expect_err("too big");
+    assert!(
+        matches!(&error, ApiError::Status { status: 400, code: Some(code), message } if code == "invalid" && *message == too_big),
+        "{error}"
     );
 
     let hb = Heartbeat {

@@ -3,18 +3,36 @@
 //! Every record is stored as JSON under a key of the zone's key space (see
 //! [`keys`]) and carries a `schema` field: the version of its layout. A reader
 //! accepts every schema version up to [`SCHEMA_VERSION`] and migrates older
-//! ones on read; a record with a newer schema than the reader knows is refused
-//! rather than misread.
+//! ones on read ([`Record::migrate`]); a record with a newer schema than the
+//! reader knows is refused rather than misread.
+//!
+//! Schemas:
+//!
+//! - 1: the first.
+//! - 2: a vDisk's dirty sets ([`DirtyChunks`]) are runs over each placement
+//!   group's own chunks, with the vDisk's stripe count, instead of ranges of
+//!   chunk numbers (which with stripes ≥ 2 never merged: one range per
+//!   chunk). Schema 1 vDisks are migrated on read; other records did not
+//!   change.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The newest schema version of every record this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// Size of a vDisk chunk: the unit of placement, allocation and replication.
+/// Size of a vDisk chunk by default: the unit of placement, allocation and
+/// replication. A zone service may use another (see
+/// [`ZoneService::with_chunk_size`](crate::service::ZoneService::with_chunk_size));
+/// each vDisk records its own in [`Placement::chunk_size`].
 pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// Smallest chunk size a zone service accepts (the storage nodes' checksum block).
+pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
+
+/// Largest chunk size a zone service accepts.
+pub const MAX_CHUNK_SIZE: u64 = 1 << 30;
 
 /// Smallest unit of vDisk I/O.
 pub const SECTOR_SIZE: u64 = 512;
@@ -279,11 +297,33 @@ impl Placement {
         self.groups.iter().flatten().any(|d| *d == disk)
     }
 
+    /// Number of placement groups (the vDisk's stripes), at least 1.
+    pub fn stripes(&self) -> u32 {
+        u32::try_from(self.groups.len()).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// Number of chunks of a vDisk of `size` bytes.
+    pub fn chunks(&self, size: u64) -> u64 {
+        size.div_ceil(self.chunk_size.max(1))
+    }
+
     /// The chunks of group `group` in a vDisk of `size` bytes.
     pub fn group_chunks(&self, group: u32, size: u64) -> impl Iterator<Item = u64> {
-        let stripes = self.groups.len().max(1) as u64;
-        let chunks = size.div_ceil(self.chunk_size.max(1));
-        (group as u64..chunks).step_by(stripes as usize)
+        let stripes = u64::from(self.stripes());
+        (u64::from(group)..self.chunks(size)).step_by(stripes as usize)
+    }
+
+    /// How many chunks group `group` has in a vDisk of `size` bytes: its
+    /// chunks are `0..group_len` in the group's own index space (see
+    /// [`DirtyChunks`]).
+    pub fn group_len(&self, group: u32, size: u64) -> u64 {
+        let chunks = self.chunks(size);
+        let group = u64::from(group);
+        if chunks <= group {
+            0
+        } else {
+            (chunks - group).div_ceil(u64::from(self.stripes()))
+        }
     }
 }
 
@@ -327,70 +367,248 @@ pub struct Vdisk {
 /// Chunks per activity-log extent (16 MiB with 1 MiB chunks).
 pub const ACTIVITY_EXTENT_CHUNKS: u64 = 16;
 
-/// The chunks one stale copy missed, as sorted, disjoint, half-open ranges.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Most runs one dirty set keeps: beyond it, [`DirtyChunks`] merges the runs
+/// separated by the smallest gaps (within a group), which may list chunks the
+/// copy does not lack. That errs on the safe side (resync copies them again)
+/// and bounds a vDisk record whatever the write pattern: a dirty set is at
+/// most about 1.5 MB of JSON (about 22 bytes a run). Only scattered writes
+/// reach it (65 536 runs are at least 65 536 chunks no two of which are
+/// neighbours in their group); what they cost then is copies of the clean
+/// chunks between them.
+pub const MAX_DIRTY_RUNS: usize = 1 << 16;
+
+/// The chunks one copy may lack (its dirty set), as runs over each placement
+/// group's own index space.
+///
+/// Chunk `c` is chunk `c / stripes` of group `c % stripes`, so the chunks of
+/// group `g` (`g`, `g + stripes`, `g + 2·stripes`, …) are `0, 1, 2, …` in the
+/// group's own index space, and a whole dirty group, or a range of the
+/// vDisk's chunks, is one run per group whatever the stripe count. A run
+/// `[group, first, end]` holds the group's chunks `first..end`. Runs are
+/// sorted by group, then first; disjoint; and never adjacent (those merge).
+/// With `stripes = 1` a run is a plain range of chunk numbers.
+///
+/// Stored in schema 2 records as `{"disk", "stripes", "runs"}`; schema 1
+/// stored `{"disk", "ranges"}` of chunk numbers ([`Self::from_chunk_ranges`]
+/// migrates them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawDirtyChunks")]
 pub struct DirtyChunks {
     pub disk: Uuid,
-    pub ranges: Vec<[u64; 2]>,
+    /// The vDisk's placement groups, at least 1.
+    stripes: u32,
+    runs: Vec<[u64; 3]>,
+}
+
+/// [`DirtyChunks`] as stored, before its invariants are checked.
+#[derive(Deserialize)]
+struct RawDirtyChunks {
+    disk: Uuid,
+    stripes: u32,
+    runs: Vec<[u64; 3]>,
+}
+
+impl TryFrom<RawDirtyChunks> for DirtyChunks {
+    type Error = String;
+
+    /// Refuses runs of groups the stripes do not have; sorts and merges the
+    /// rest (a record written by hand need not be normalised).
+    fn try_from(raw: RawDirtyChunks) -> Result<Self, String> {
+        if raw.stripes == 0 {
+            return Err("a dirty set needs at least one stripe".into());
+        }
+        if let Some(r) = raw.runs.iter().find(|r| r[0] >= u64::from(raw.stripes)) {
+            return Err(format!(
+                "a dirty set of {} stripes has a run in group {}",
+                raw.stripes, r[0]
+            ));
+        }
+        let mut set = DirtyChunks {
+            disk: raw.disk,
+            stripes: raw.stripes,
+            runs: raw.runs,
+        };
+        set.normalise();
+        Ok(set)
+    }
 }
 
 impl DirtyChunks {
+    /// An empty dirty set of `disk` in a vDisk of `stripes` placement groups
+    /// (0 counts as 1).
+    pub fn new(disk: Uuid, stripes: u32) -> Self {
+        DirtyChunks {
+            disk,
+            stripes: stripes.max(1),
+            runs: Vec::new(),
+        }
+    }
+
+    /// The dirty set of a schema 1 record: sorted half-open ranges of chunk
+    /// numbers. A range becomes at most one run per group.
+    pub fn from_chunk_ranges(disk: Uuid, stripes: u32, ranges: &[[u64; 2]]) -> Self {
+        let mut set = DirtyChunks::new(disk, stripes);
+        let s = u64::from(set.stripes);
+        // The first index in group g of a chunk number at or after x.
+        let index = |x: u64, g: u64| if x <= g { 0 } else { (x - g).div_ceil(s) };
+        for r in ranges.iter().filter(|r| r[0] < r[1]) {
+            for g in 0..s {
+                let (first, end) = (index(r[0], g), index(r[1], g));
+                if first < end {
+                    set.runs.push([g, first, end]);
+                }
+            }
+        }
+        set.normalise();
+        set
+    }
+
+    /// The stripe count the runs are over.
+    pub fn stripes(&self) -> u32 {
+        self.stripes
+    }
+
+    /// The runs `[group, first, end]`: sorted, disjoint, not adjacent.
+    pub fn runs(&self) -> &[[u64; 3]] {
+        &self.runs
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
     /// Number of chunks.
     pub fn count(&self) -> u64 {
-        self.ranges.iter().map(|r| r[1] - r[0]).sum()
+        self.runs.iter().map(|r| r[2] - r[1]).sum()
+    }
+
+    /// Group and index in the group of chunk `chunk`.
+    fn locate(&self, chunk: u64) -> (u64, u64) {
+        let s = u64::from(self.stripes);
+        (chunk % s, chunk / s)
     }
 
     pub fn contains(&self, chunk: u64) -> bool {
-        self.ranges.iter().any(|r| r[0] <= chunk && chunk < r[1])
+        let (g, i) = self.locate(chunk);
+        let after = self.runs.partition_point(|r| (r[0], r[1]) <= (g, i));
+        after > 0 && {
+            let r = self.runs[after - 1];
+            r[0] == g && i < r[2]
+        }
     }
 
-    /// Every chunk, in order.
+    /// Every chunk: group by group, each group's in ascending order.
     pub fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
-        self.ranges.iter().flat_map(|r| r[0]..r[1])
+        let s = u64::from(self.stripes);
+        self.runs
+            .iter()
+            .flat_map(move |r| (r[1]..r[2]).map(move |i| i * s + r[0]))
     }
 
-    /// Adds chunks, keeping the ranges sorted, disjoint and merged.
+    /// Adds chunks.
     pub fn add(&mut self, chunks: impl IntoIterator<Item = u64>) {
-        let mut all: Vec<[u64; 2]> = self.ranges.drain(..).collect();
-        all.extend(chunks.into_iter().map(|c| [c, c.saturating_add(1)]));
-        self.ranges = merge(all);
+        let s = u64::from(self.stripes);
+        self.runs.extend(
+            chunks
+                .into_iter()
+                .map(|c| [c % s, c / s, (c / s).saturating_add(1)]),
+        );
+        self.normalise();
+    }
+
+    /// Adds chunks `indices` of group `group` (in the group's own index
+    /// space: `0..Placement::group_len` is the whole group). A group the
+    /// stripes do not have adds nothing.
+    pub fn add_group_range(&mut self, group: u32, indices: std::ops::Range<u64>) {
+        if group < self.stripes && indices.start < indices.end {
+            self.runs
+                .push([u64::from(group), indices.start, indices.end]);
+            self.normalise();
+        }
+    }
+
+    /// Removes every chunk of group `group`.
+    pub fn remove_group(&mut self, group: u32) {
+        self.runs.retain(|r| r[0] != u64::from(group));
     }
 
     /// Removes chunks.
     pub fn remove(&mut self, chunks: impl IntoIterator<Item = u64>) {
-        let mut gone: Vec<u64> = chunks.into_iter().collect();
+        let mut gone: Vec<(u64, u64)> = chunks.into_iter().map(|c| self.locate(c)).collect();
+        if gone.is_empty() {
+            return;
+        }
         gone.sort_unstable();
         gone.dedup();
-        let mut out = Vec::new();
-        for r in &self.ranges {
-            let mut start = r[0];
-            let lo = gone.partition_point(|&c| c < r[0]);
-            let hi = gone.partition_point(|&c| c < r[1]);
-            for &c in &gone[lo..hi] {
-                if start < c {
-                    out.push([start, c]);
+        let mut out = Vec::with_capacity(self.runs.len());
+        for r in &self.runs {
+            let (g, mut start) = (r[0], r[1]);
+            let lo = gone.partition_point(|&c| c < (g, r[1]));
+            let hi = gone.partition_point(|&c| c < (g, r[2]));
+            for &(_, i) in &gone[lo..hi] {
+                if start < i {
+                    out.push([g, start, i]);
                 }
-                start = c + 1;
+                start = i + 1;
             }
-            if start < r[1] {
-                out.push([start, r[1]]);
+            if start < r[2] {
+                out.push([g, start, r[2]]);
             }
         }
-        self.ranges = out;
+        self.runs = out;
     }
-}
 
-fn merge(mut ranges: Vec<[u64; 2]>) -> Vec<[u64; 2]> {
-    ranges.retain(|r| r[0] < r[1]);
-    ranges.sort_unstable();
-    let mut out: Vec<[u64; 2]> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r[0] <= last[1] => last[1] = last[1].max(r[1]),
-            _ => out.push(r),
+    /// Sorts and merges the runs, then coarsens them to at most
+    /// [`MAX_DIRTY_RUNS`].
+    fn normalise(&mut self) {
+        let mut runs = std::mem::take(&mut self.runs);
+        runs.retain(|r| r[1] < r[2]);
+        runs.sort_unstable();
+        let mut out: Vec<[u64; 3]> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match out.last_mut() {
+                Some(last) if last[0] == r[0] && r[1] <= last[2] => last[2] = last[2].max(r[2]),
+                _ => out.push(r),
+            }
         }
+        self.runs = out;
+        self.coarsen(MAX_DIRTY_RUNS);
     }
-    out
+
+    /// Merges the runs separated by the smallest gaps (runs of one group
+    /// only) until at most `max` are left, or each group has one.
+    fn coarsen(&mut self, max: usize) {
+        if self.runs.len() <= max {
+            return;
+        }
+        // (gap, index of the run before it), for runs of one group.
+        let mut gaps: Vec<(u64, usize)> = self
+            .runs
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[0][0] == w[1][0])
+            .map(|(i, w)| (w[1][1] - w[0][2], i))
+            .collect();
+        let excess = (self.runs.len() - max).min(gaps.len());
+        if excess == 0 {
+            return;
+        }
+        gaps.select_nth_unstable(excess - 1);
+        let mut bridge = vec![false; self.runs.len()];
+        for &(_, i) in &gaps[..excess] {
+            bridge[i] = true;
+        }
+        let mut out: Vec<[u64; 3]> = Vec::with_capacity(max);
+        let mut joining = false;
+        for (i, r) in self.runs.iter().enumerate() {
+            match out.last_mut() {
+                Some(last) if joining => last[2] = r[2],
+                _ => out.push(*r),
+            }
+            joining = bridge[i];
+        }
+        self.runs = out;
+    }
 }
 
 /// Why a stored record cannot be read or written.
@@ -415,10 +633,60 @@ pub enum RecordError {
     },
 }
 
+/// A record of the zone's key space: what [`decode`] needs to read every
+/// schema of it.
+pub trait Record: Serialize + DeserializeOwned {
+    /// Rewrites the JSON of a record of schema `from` (older than
+    /// [`SCHEMA_VERSION`]) into the current layout. [`decode`] then sets its
+    /// `schema` to the current one. Records whose layout never changed keep
+    /// the default, which changes nothing.
+    fn migrate(from: u32, json: &mut serde_json::Value) -> Result<(), serde_json::Error> {
+        let _ = (from, json);
+        Ok(())
+    }
+}
+
+impl Record for Zone {}
+impl Record for Host {}
+impl Record for Node {}
+impl Record for Disk {}
+impl Record for Datastore {}
+
+impl Record for Vdisk {
+    /// Schema 1 → 2: dirty sets of chunk-number ranges become runs over the
+    /// groups of the vDisk's placement.
+    fn migrate(from: u32, json: &mut serde_json::Value) -> Result<(), serde_json::Error> {
+        use serde::de::Error as _;
+        if from >= 2 {
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct DirtyV1 {
+            disk: Uuid,
+            ranges: Vec<[u64; 2]>,
+        }
+        let stripes = json
+            .pointer("/placement/groups")
+            .and_then(serde_json::Value::as_array)
+            .map(|groups| u32::try_from(groups.len()).unwrap_or(u32::MAX))
+            .ok_or_else(|| serde_json::Error::custom("a vDisk record has no placement groups"))?;
+        let Some(dirty) = json.get_mut("dirty") else {
+            return Ok(());
+        };
+        let old: Vec<DirtyV1> = serde_json::from_value(dirty.take())?;
+        let new: Vec<DirtyChunks> = old
+            .iter()
+            .map(|d| DirtyChunks::from_chunk_ranges(d.disk, stripes, &d.ranges))
+            .collect();
+        *dirty = serde_json::to_value(new)?;
+        Ok(())
+    }
+}
+
 /// Decodes the record stored at `key`, refusing schemas newer than
-/// [`SCHEMA_VERSION`]. (Schema 1 is the first: there is nothing to migrate yet;
-/// a future schema 2 reader migrates 1 → 2 here.)
-pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RecordError> {
+/// [`SCHEMA_VERSION`] and migrating older ones ([`Record::migrate`]): the
+/// record returned has the current schema.
+pub fn decode<T: Record>(key: &str, bytes: &[u8]) -> Result<T, RecordError> {
     #[derive(Deserialize)]
     struct Probe {
         schema: u32,
@@ -434,7 +702,15 @@ pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, RecordE
             found: probe.schema,
         });
     }
-    serde_json::from_slice(bytes).map_err(malformed)
+    if probe.schema == SCHEMA_VERSION {
+        return serde_json::from_slice(bytes).map_err(malformed);
+    }
+    let mut json: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
+    T::migrate(probe.schema, &mut json).map_err(malformed)?;
+    if let Some(schema) = json.get_mut("schema") {
+        *schema = SCHEMA_VERSION.into();
+    }
+    serde_json::from_value(json).map_err(malformed)
 }
 
 /// Encodes a record for storage at `key`.
@@ -483,18 +759,133 @@ mod tests {
         }
     }
 
+    fn set(stripes: u32, chunks: impl IntoIterator<Item = u64>) -> DirtyChunks {
+        let mut d = DirtyChunks::new(Uuid::from_u128(7), stripes);
+        d.add(chunks);
+        d
+    }
+
     #[test]
     fn dirty_chunk_ranges() {
-        let mut d = DirtyChunks::default();
-        d.add([5, 3, 4, 10, 11, 4]);
-        assert_eq!(d.ranges, vec![[3, 6], [10, 12]]);
+        let mut d = set(1, [5, 3, 4, 10, 11, 4]);
+        assert_eq!(d.runs(), [[0, 3, 6], [0, 10, 12]]);
         assert_eq!(d.count(), 5);
-        assert!(d.contains(5) && !d.contains(6));
+        assert!(d.contains(5) && !d.contains(6) && !d.contains(2));
         d.remove([4, 10, 99]);
-        assert_eq!(d.ranges, vec![[3, 4], [5, 6], [11, 12]]);
+        assert_eq!(d.runs(), [[0, 3, 4], [0, 5, 6], [0, 11, 12]]);
         assert_eq!(d.chunks().collect::<Vec<_>>(), vec![3, 5, 11]);
         d.remove([3, 5, 11]);
-        assert!(d.ranges.is_empty());
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn striped_dirty_sets_are_runs_over_each_group() {
+        // Chunks 0..100 of 4 stripes: one run per group.
+        let mut d = set(4, 0..100);
+        assert_eq!(d.runs(), [[0, 0, 25], [1, 0, 25], [2, 0, 25], [3, 0, 25]]);
+        assert_eq!(d.count(), 100);
+        assert!((0..100).all(|c| d.contains(c)) && !d.contains(100));
+
+        // A group's own chunks g, g+4, … merge into one run.
+        let mut g = set(4, (1..400).step_by(4));
+        assert_eq!(g.runs(), [[1, 0, 100]]);
+        assert!(g.contains(397) && !g.contains(398) && !g.contains(401));
+        g.remove([1, 201, 397]);
+        assert_eq!(g.runs(), [[1, 1, 50], [1, 51, 99]]);
+        assert_eq!(g.count(), 97);
+        let chunks: Vec<u64> = g.chunks().collect();
+        assert_eq!(chunks.len(), 97);
+        assert!(chunks.iter().all(|c| c % 4 == 1 && g.contains(*c)));
+
+        // A whole group added by range, then removed.
+        d.remove(0..100);
+        assert!(d.is_empty());
+        d.add_group_range(2, 0..1 << 40);
+        d.add_group_range(9, 0..5);
+        assert_eq!(d.runs(), [[2, 0, 1 << 40]]);
+        assert_eq!(d.count(), 1 << 40);
+        assert!(d.contains(2 + 4 * ((1 << 40) - 1)) && !d.contains(3));
+        d.remove_group(2);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn huge_scattered_dirty_sets_are_coarsened_never_shrunk() {
+        // Every other chunk of one group: more runs than the limit.
+        let n = 2 * MAX_DIRTY_RUNS as u64 + 10;
+        let scattered: Vec<u64> = (0..n).map(|i| 3 * (2 * i)).collect();
+        let d = set(3, scattered.iter().copied());
+        assert_eq!(d.runs().len(), MAX_DIRTY_RUNS);
+        assert!(scattered.iter().all(|c| d.contains(*c)), "no chunk lost");
+        assert!(d.count() >= n);
+        assert!(d.runs().windows(2).all(|w| w[0][2] < w[1][1]));
+    }
+
+    #[test]
+    fn schema_1_ranges_become_runs() {
+        let disk = Uuid::from_u128(7);
+        let ranges = [[0, 10], [13, 14], [20, 21]];
+        for stripes in [1, 2, 3, 4, 64] {
+            let d = DirtyChunks::from_chunk_ranges(disk, stripes, &ranges);
+            let mut chunks: Vec<u64> = d.chunks().collect();
+            chunks.sort_unstable();
+            let mut expected: Vec<u64> = (0..10).chain([13, 20]).collect();
+            expected.sort_unstable();
+            assert_eq!(chunks, expected, "stripes {stripes}");
+            assert_eq!(d, set(stripes, expected.iter().copied()));
+        }
+    }
+
+    #[test]
+    fn a_schema_1_vdisk_is_migrated_on_read() {
+        let mut v = sample_vdisk();
+        v.policy.stripes = 4;
+        v.placement.groups = (0..4).map(|g| vec![Uuid::from_u128(10 + g)]).collect();
+        let mut json = serde_json::to_value(&v).expect("encodes");
+        json["schema"] = 1.into();
+        let disk = Uuid::from_u128(3);
+        json["dirty"] = serde_json::json!([
+            {"disk": disk, "ranges": [[0, 8], [9, 10]]}
+        ]);
+        let bytes = serde_json::to_vec(&json).expect("encodes");
+        let read: Vdisk = decode("/k", &bytes).expect("a schema 1 vDisk decodes");
+        assert_eq!(read.schema, SCHEMA_VERSION);
+        let mut expected = DirtyChunks::new(disk, 4);
+        expected.add((0..8).chain([9]));
+        assert_eq!(read.dirty, vec![expected]);
+        assert_eq!(
+            read.dirty[0].runs(),
+            [[0, 0, 2], [1, 0, 3], [2, 0, 2], [3, 0, 2]]
+        );
+        // Written back, it is schema 2 and reads the same.
+        let again = encode("/k", &read).expect("encodes");
+        assert_eq!(decode::<Vdisk>("/k", &again).expect("decodes"), read);
+
+        // A schema 1 vDisk without dirty sets, as most are.
+        json.as_object_mut().expect("an object").remove("dirty");
+        let bytes = serde_json::to_vec(&json).expect("encodes");
+        let read: Vdisk = decode("/k", &bytes).expect("decodes");
+        assert!(read.dirty.is_empty());
+    }
+
+    #[test]
+    fn malformed_dirty_sets_are_refused() {
+        let d = Uuid::from_u128(7);
+        for bad in [
+            serde_json::json!({"disk": d, "stripes": 0, "runs": []}),
+            serde_json::json!({"disk": d, "stripes": 2, "runs": [[2, 0, 1]]}),
+            serde_json::json!({"disk": d, "ranges": [[0, 1]]}),
+        ] {
+            assert!(
+                serde_json::from_value::<DirtyChunks>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+        let unsorted: DirtyChunks = serde_json::from_value(
+            serde_json::json!({"disk": d, "stripes": 2, "runs": [[1, 0, 1], [0, 4, 5], [0, 3, 4], [1, 1, 1]]}),
+        )
+        .expect("decodes");
+        assert_eq!(unsorted.runs(), [[0, 3, 5], [1, 0, 1]]);
     }
 
     #[test]

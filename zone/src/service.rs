@@ -6,18 +6,20 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::env::{Clock, Env, IdSource};
 use crate::placement::{place, PlacementDisk, PlacementError};
 use crate::records::*;
 use crate::store::{CasOp, Expect, KeyValue, LeaseId, MetaStore, StoreError};
 use crate::ZoneError;
 
 mod moves;
+#[cfg(test)]
+mod simulated_tests;
 
 pub use moves::{MovePlanner, RecordedMove};
 
@@ -268,12 +270,27 @@ const MAX_NAME: usize = 64;
 const MAX_HOST_NAME: usize = 253;
 /// Compare-and-swap attempts before an update gives up under contention.
 const MAX_CAS_ATTEMPTS: usize = 64;
+/// Largest vDisk, in bytes: 64 TiB (and at most [`MAX_VDISK_CHUNKS`]
+/// chunks: see [`max_vdisk_size`]). Create and resize refuse more.
+///
+/// In the zone nothing grows with a vDisk's size: a dirty set is runs per
+/// placement group (at most [`MAX_DIRTY_RUNS`]), and the move planner
+/// records a whole group as one run. The bound is for the volume client,
+/// which keeps state per chunk a copy misses (a whole group after a move)
+/// and per activity-log extent.
+pub const MAX_VDISK_SIZE: u64 = 64 << 40;
+/// Most chunks of a vDisk: a vDisk is at most `MAX_VDISK_CHUNKS` chunks and
+/// at most [`MAX_VDISK_SIZE`] bytes (64 TiB with 1 MiB chunks, 4 TiB with
+/// 64 KiB chunks).
+pub const MAX_VDISK_CHUNKS: u64 = 1 << 26;
 
 /// The zone service over one metadata store.
 #[derive(Clone)]
 pub struct ZoneService {
     store: Arc<dyn MetaStore>,
     node_ttl: Duration,
+    env: Env,
+    chunk_size: u64,
 }
 
 /// A record with the revision it was read at.
@@ -283,12 +300,62 @@ struct Stored<T> {
 }
 
 impl ZoneService {
-    /// A service over `store`, with node liveness leases of [`DEFAULT_NODE_TTL`].
+    /// A service over `store`, with node liveness leases of
+    /// [`DEFAULT_NODE_TTL`], the wall clock and random ids ([`Env::system`]),
+    /// and chunks of [`CHUNK_SIZE`].
     pub fn new(store: Arc<dyn MetaStore>) -> Self {
         Self {
             store,
             node_ttl: DEFAULT_NODE_TTL,
+            env: Env::system(),
+            chunk_size: CHUNK_SIZE,
         }
+    }
+
+    /// Sets where the service reads the time and gets new ids (e.g.
+    /// [`Env::simulated`] for a deterministic simulation).
+    pub fn with_env(mut self, env: Env) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Sets the clock (milliseconds since the Unix epoch) the service reads
+    /// lease expiry and creation times from.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.env = self.env.with_clock(clock);
+        self
+    }
+
+    /// Sets where the service gets the ids of new zones, datastores, vDisks
+    /// and sessions.
+    pub fn with_ids(mut self, ids: IdSource) -> Self {
+        self.env = self.env.with_ids(ids);
+        self
+    }
+
+    /// Sets the chunk size of the vDisks this service creates: a power of
+    /// two from [`MIN_CHUNK_SIZE`] (4 KiB) to [`MAX_CHUNK_SIZE`] (1 GiB).
+    /// Existing vDisks keep the one they were created with.
+    pub fn with_chunk_size(mut self, bytes: u64) -> Result<Self, ZoneError> {
+        if !bytes.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&bytes) {
+            return Err(ZoneError::Invalid(format!(
+                "a chunk size must be a power of two from {} to {}, not {bytes} bytes",
+                human(MIN_CHUNK_SIZE),
+                human(MAX_CHUNK_SIZE)
+            )));
+        }
+        self.chunk_size = bytes;
+        Ok(self)
+    }
+
+    /// The service's clock and id source.
+    pub fn env(&self) -> &Env {
+        &self.env
+    }
+
+    /// The chunk size of the vDisks this service creates.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
     }
 
     /// Sets the time to live of node liveness leases: a node that sends no
@@ -311,9 +378,9 @@ impl ZoneService {
         validate_name("zone", name)?;
         let zone = Zone {
             schema: SCHEMA_VERSION,
-            uuid: Uuid::new_v4(),
+            uuid: self.env.new_id(),
             name: name.to_owned(),
-            created: now_secs(),
+            created: self.env.now_secs(),
         };
         let existing = match self.create(keys::ZONE, &zone).await? {
             None => return Ok(zone),
@@ -405,7 +472,7 @@ impl ZoneService {
             addr: req.addr.clone(),
             socket: req.socket.clone(),
             disks: req.disks.iter().map(|d| d.uuid).collect(),
-            registered: now_secs(),
+            registered: self.env.now_secs(),
         };
         self.upsert(&keys::node(&req.uuid), |_| Ok(node.clone()))
             .await?;
@@ -606,11 +673,11 @@ impl ZoneService {
 
         let datastore = Datastore {
             schema: SCHEMA_VERSION,
-            uuid: Uuid::new_v4(),
+            uuid: self.env.new_id(),
             name: name.to_owned(),
             policy,
             disks: members,
-            created: now_secs(),
+            created: self.env.now_secs(),
             deleting: false,
         };
         if self
@@ -688,7 +755,7 @@ impl ZoneService {
     pub async fn create_vdisk(&self, req: CreateVdisk) -> Result<Vdisk, ZoneError> {
         validate_name("vDisk", &req.name)?;
         validate_name("datastore", &req.datastore)?;
-        validate_size(req.size)?;
+        validate_size(req.size, self.chunk_size)?;
         let (ds_name, name) = (req.datastore.as_str(), req.name.as_str());
         let datastore = self.get_datastore(ds_name).await?.record;
         if datastore.deleting {
@@ -710,7 +777,7 @@ impl ZoneService {
                 });
             }
         }
-        let uuid = Uuid::new_v4();
+        let uuid = self.env.new_id();
         let groups = place(uuid, &datastore.policy, &candidates).map_err(|error| match error {
             PlacementError::Unsatisfiable { needed, nodes_available } => ZoneError::Unsatisfiable(format!(
                 "vDisk {ds_name}/{name} needs {needed} nodes with disks up and not full in datastore '{ds_name}'; it has {nodes_available}"
@@ -728,12 +795,12 @@ impl ZoneService {
             lease: None,
             epoch: 0,
             placement: Placement {
-                chunk_size: CHUNK_SIZE,
+                chunk_size: self.chunk_size,
                 groups,
                 version: 1,
                 moves: Vec::new(),
             },
-            created: now_secs(),
+            created: self.env.now_secs(),
             stale: Vec::new(),
             dirty: Vec::new(),
             activity: Vec::new(),
@@ -783,19 +850,22 @@ impl ZoneService {
         Ok(self.liveness().await?.view(vdisk))
     }
 
-    /// Grows a vDisk to `size` bytes (a multiple of 512). Shrinking is refused.
+    /// Grows a vDisk to `size` bytes (a multiple of 512, at most the limit
+    /// of [`MAX_VDISK_SIZE`] and [`MAX_VDISK_CHUNKS`]). Shrinking is refused.
     pub async fn resize_vdisk(
         &self,
         datastore: &str,
         name: &str,
         size: u64,
     ) -> Result<Vdisk, ZoneError> {
-        validate_size(size)?;
+        // The limit of the largest chunks first, then the vDisk's own.
+        validate_size(size, MAX_CHUNK_SIZE)?;
         let (stored, ()) = self
             .update(
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
                 |v: &mut Vdisk| {
+                    validate_size(size, v.placement.chunk_size)?;
                     if size < v.size {
                         return Err(ZoneError::Invalid(
                             "shrinking a vDisk is not supported".into(),
@@ -824,7 +894,8 @@ impl ZoneService {
                 record: vdisk,
                 revision,
             } = self.get_vdisk(datastore, name).await?;
-            if let Some(lease) = vdisk.lease.as_ref().filter(|l| l.expires_ms > now_ms()) {
+            let now = self.env.now_ms();
+            if let Some(lease) = vdisk.lease.as_ref().filter(|l| l.expires_ms > now) {
                 if !force {
                     return Err(ZoneError::Conflict(format!(
                         "vDisk {datastore}/{name} is open on host {}",
@@ -859,13 +930,13 @@ impl ZoneService {
         // The host that writes a vDisk is a front-end (or a backup server).
         self.ensure_host_role(&req.host, req.role.unwrap_or(Role::FrontEnd))
             .await?;
-        let session = Uuid::new_v4();
+        let session = self.env.new_id();
         let (stored, ()) = self
             .update(
                 &keys::vdisk(datastore, name),
                 || format!("vDisk {datastore}/{name}"),
                 |v: &mut Vdisk| {
-                    let now = now_ms();
+                    let now = self.env.now_ms();
                     if let Some(lease) = v.lease.as_ref().filter(|l| l.expires_ms > now) {
                         // A repair worker's lease yields to anyone but another worker.
                         if !req.force && (req.repair || !lease.repair) {
@@ -956,7 +1027,7 @@ impl ZoneService {
                     } else {
                         DEFAULT_LEASE_TTL_MS
                     });
-                    lease.expires_ms = now_ms().saturating_add(ttl);
+                    lease.expires_ms = self.env.now_ms().saturating_add(ttl);
                     lease.ttl_ms = ttl;
                     Ok(lease.clone())
                 },
@@ -1011,7 +1082,7 @@ impl ZoneService {
                         }
                         // Chunks a move's target misses in the group it is
                         // being filled for make it no staler than it is.
-                        let stripes = v.placement.groups.len().max(1) as u64;
+                        let stripes = u64::from(v.placement.stripes());
                         let only_filling = !req.chunks.is_empty()
                             && req.chunks.iter().all(|c| {
                                 v.placement
@@ -1022,17 +1093,7 @@ impl ZoneService {
                         if !only_filling && !v.stale.contains(d) {
                             v.stale.push(*d);
                         }
-                        let pos = match v.dirty.iter().position(|e| e.disk == *d) {
-                            Some(pos) => pos,
-                            None => {
-                                v.dirty.push(DirtyChunks {
-                                    disk: *d,
-                                    ranges: Vec::new(),
-                                });
-                                v.dirty.len() - 1
-                            }
-                        };
-                        v.dirty[pos].add(req.chunks.iter().copied());
+                        dirty_set(v, *d).add(req.chunks.iter().copied());
                     }
                     Ok(())
                 },
@@ -1174,7 +1235,7 @@ impl ZoneService {
         })
     }
 
-    async fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Stored<T>>, ZoneError> {
+    async fn load<T: Record>(&self, key: &str) -> Result<Option<Stored<T>>, ZoneError> {
         match self.store.get(key).await? {
             None => Ok(None),
             Some(kv) => Ok(Some(Stored {
@@ -1184,7 +1245,7 @@ impl ZoneService {
         }
     }
 
-    async fn get<T: DeserializeOwned>(
+    async fn get<T: Record>(
         &self,
         key: &str,
         what: impl FnOnce() -> String,
@@ -1194,7 +1255,7 @@ impl ZoneService {
             .ok_or_else(|| ZoneError::NotFound(what()))
     }
 
-    async fn load_all<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ZoneError> {
+    async fn load_all<T: Record>(&self, prefix: &str) -> Result<Vec<T>, ZoneError> {
         let kvs = self.store.range(prefix).await?;
         kvs.iter()
             .map(|kv| decode(&kv.key, &kv.value).map_err(ZoneError::from))
@@ -1229,7 +1290,7 @@ impl ZoneService {
         mut change: impl FnMut(&mut T) -> Result<R, ZoneError>,
     ) -> Result<(Stored<T>, R), ZoneError>
     where
-        T: Serialize + DeserializeOwned,
+        T: Record,
     {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let Stored {
@@ -1267,7 +1328,7 @@ impl ZoneService {
         mut make: impl FnMut(Option<T>) -> Result<T, ZoneError>,
     ) -> Result<T, ZoneError>
     where
-        T: Serialize + DeserializeOwned,
+        T: Record,
     {
         for _ in 0..MAX_CAS_ATTEMPTS {
             let (current, expect) = match self.load::<T>(key).await? {
@@ -1371,16 +1432,35 @@ fn vdisk_prefix(datastore: &str) -> String {
     format!("{}{datastore}/", keys::VDISKS)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// The dirty set of `disk` in `v`, created empty if it has none.
+fn dirty_set(v: &mut Vdisk, disk: Uuid) -> &mut DirtyChunks {
+    let pos = match v.dirty.iter().position(|e| e.disk == disk) {
+        Some(pos) => pos,
+        None => {
+            v.dirty.push(DirtyChunks::new(disk, v.placement.stripes()));
+            v.dirty.len() - 1
+        }
+    };
+    &mut v.dirty[pos]
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// A size in bytes for people: "64 TiB", "4 KiB", or the bytes when it is
+/// no whole number of KiB.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = None;
+    let mut value = bytes;
+    for u in UNITS {
+        if value == 0 || value % 1024 != 0 {
+            break;
+        }
+        value /= 1024;
+        unit = Some(u);
+    }
+    match unit {
+        Some(u) => format!("{value} {u}"),
+        None => format!("{bytes} bytes"),
+    }
 }
 
 /// Quotes a user-supplied string for an error message, cut to 80 characters.
@@ -1429,10 +1509,29 @@ fn validate_host(host: &str) -> Result<(), ZoneError> {
     }
 }
 
-fn validate_size(size: u64) -> Result<(), ZoneError> {
+/// The largest vDisk with chunks of `chunk_size` bytes.
+pub fn max_vdisk_size(chunk_size: u64) -> u64 {
+    MAX_VDISK_SIZE.min(MAX_VDISK_CHUNKS.saturating_mul(chunk_size.max(1)))
+}
+
+/// A vDisk size is a positive multiple of [`SECTOR_SIZE`], at most
+/// [`max_vdisk_size`].
+fn validate_size(size: u64, chunk_size: u64) -> Result<(), ZoneError> {
     if size == 0 || size % SECTOR_SIZE != 0 {
         return Err(ZoneError::Invalid(format!(
             "a vDisk size must be a positive multiple of {SECTOR_SIZE} bytes, not {size}"
+        )));
+    }
+    let max = max_vdisk_size(chunk_size);
+    if size > max {
+        let chunks = if max < MAX_VDISK_SIZE {
+            format!(", {MAX_VDISK_CHUNKS} chunks of {}", human(chunk_size))
+        } else {
+            String::new()
+        };
+        return Err(ZoneError::Invalid(format!(
+            "a vDisk may be at most {} ({max} bytes{chunks}), not {size} bytes",
+            human(max)
         )));
     }
     Ok(())
@@ -2161,7 +2260,7 @@ mod tests {
             (lease.lease.session, lease.lease.ttl_ms),
             (b.session, 5_000)
         );
-        assert!(lease.lease.expires_ms >= now_ms() + 4_000);
+        assert!(lease.lease.expires_ms >= svc.env().now_ms() + 4_000);
 
         svc.close_vdisk("ds", "vd", session(a.session))
             .await

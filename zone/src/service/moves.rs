@@ -5,8 +5,8 @@
 //! make-before-break:
 //!
 //! 1. [`ZoneService::plan_moves`] appends the target disk to the group,
-//!    records it stale with every chunk of the group dirty, and bumps the
-//!    placement version. Writers pick the new placement up at their next
+//!    records every chunk of the group dirty on it (one run of its dirty
+//!    set, whatever the vDisk's size), and bumps the placement version. Writers pick the new placement up at their next
 //!    lease renewal.
 //! 2. The writer's resync fills the target like any stale copy (its dirty
 //!    set) and records it complete ([`ZoneService::mark_clean`]).
@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::{Stored, ZoneService};
 use crate::placement::{plan_moves, MovePlanInput, PlacementDisk};
 use crate::records::keys;
-use crate::records::{Datastore, DirtyChunks, Disk, Move, MoveReason, Node, Vdisk};
+use crate::records::{Datastore, Disk, Move, MoveReason, Node, Vdisk};
 use crate::ZoneError;
 
 /// A move the planner recorded.
@@ -155,24 +155,14 @@ impl ZoneService {
                     if !ok {
                         return Ok(false);
                     }
-                    let chunks: Vec<u64> = v.placement.group_chunks(mv.group, v.size).collect();
+                    let len = v.placement.group_len(mv.group, v.size);
                     v.placement.groups[g].push(mv.to);
                     v.placement.moves.push(mv);
                     v.placement.version += 1;
                     // The target is not current in this group until the
                     // move finishes (the move says so; its copies of other
-                    // groups stay current).
-                    match v.dirty.iter_mut().find(|e| e.disk == mv.to) {
-                        Some(e) => e.add(chunks),
-                        None => {
-                            let mut e = DirtyChunks {
-                                disk: mv.to,
-                                ranges: Vec::new(),
-                            };
-                            e.add(chunks);
-                            v.dirty.push(e);
-                        }
-                    }
+                    // groups stay current). The whole group is one run.
+                    super::dirty_set(v, mv.to).add_group_range(mv.group, 0..len);
                     Ok(true)
                 },
             )
@@ -196,9 +186,8 @@ impl ZoneService {
                         group.retain(|d| *d != mv.to);
                     }
                     if v.placement.holds(mv.to) {
-                        let chunks: Vec<u64> = v.placement.group_chunks(mv.group, v.size).collect();
                         if let Some(e) = v.dirty.iter_mut().find(|e| e.disk == mv.to) {
-                            e.remove(chunks);
+                            e.remove_group(mv.group);
                         }
                     } else {
                         v.stale.retain(|d| *d != mv.to);
@@ -375,11 +364,13 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
 /// Runs [`ZoneService::plan_moves`] periodically, deciding which nodes are
 /// gone for good: down for longer than the rebuild delay (counted from the
 /// first plan that saw them down, so a restart of the planner restarts the
-/// count: it errs on the side of waiting).
+/// count: it errs on the side of waiting). Time is the service's clock
+/// ([`ZoneService::env`]).
 pub struct MovePlanner {
     svc: ZoneService,
     rebuild_after: std::time::Duration,
-    down_since: std::collections::HashMap<Uuid, std::time::Instant>,
+    /// Node → the service's clock (ms) when a plan first saw it down.
+    down_since: std::collections::HashMap<Uuid, u64>,
 }
 
 impl MovePlanner {
@@ -393,7 +384,8 @@ impl MovePlanner {
 
     /// One planning pass.
     pub async fn run_once(&mut self) -> Result<Vec<RecordedMove>, ZoneError> {
-        let now = std::time::Instant::now();
+        let now = self.svc.env().now_ms();
+        let rebuild_after = u64::try_from(self.rebuild_after.as_millis()).unwrap_or(u64::MAX);
         let nodes = self.svc.nodes().await?;
         let mut gone = HashSet::new();
         for n in &nodes {
@@ -402,7 +394,7 @@ impl MovePlanner {
                 continue;
             }
             let since = *self.down_since.entry(n.node.uuid).or_insert(now);
-            if now.duration_since(since) >= self.rebuild_after {
+            if now.saturating_sub(since) >= rebuild_after {
                 gone.insert(n.node.uuid);
             }
         }
@@ -574,12 +566,10 @@ mod tests {
         );
         assert_eq!(v.placement.version, version + 1);
         assert!(v.stale.is_empty(), "a move target is not stale as a whole");
+        assert_eq!(v.dirty.len(), 1);
         assert_eq!(
-            v.dirty,
-            vec![DirtyChunks {
-                disk: d.spare,
-                ranges: vec![[0, 5]]
-            }]
+            (v.dirty[0].disk, v.dirty[0].stripes(), v.dirty[0].runs()),
+            (d.spare, 1, &[[0, 0, 5]][..])
         );
         assert_eq!(
             v.dirty[0].chunks().collect::<Vec<_>>(),
@@ -639,7 +629,7 @@ mod tests {
             .mark_clean("ds", "vd", clean(vec![0, 1, 2], false))
             .await
             .expect("cleaned");
-        assert_eq!(v.dirty[0].ranges, vec![[3, 5]]);
+        assert_eq!(v.dirty[0].runs(), [[0, 3, 5]]);
         assert_eq!(v.placement.moves.len(), 1, "not complete yet");
         d.svc
             .mark_clean("ds", "vd", clean(vec![3, 4], true))
