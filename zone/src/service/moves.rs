@@ -364,13 +364,13 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
 /// Runs [`ZoneService::plan_moves`] periodically, deciding which nodes are
 /// gone for good: down for longer than the rebuild delay (counted from the
 /// first plan that saw them down, so a restart of the planner restarts the
-/// count: it errs on the side of waiting). Time is the service's clock
-/// ([`ZoneService::env`]).
+/// count: it errs on the side of waiting). The delay is counted on tokio's
+/// clock: monotonic (a step of the wall clock moves nothing), and simulated
+/// time in a simulation that pauses it.
 pub struct MovePlanner {
     svc: ZoneService,
     rebuild_after: std::time::Duration,
-    /// Node → the service's clock (ms) when a plan first saw it down.
-    down_since: std::collections::HashMap<Uuid, u64>,
+    down_since: std::collections::HashMap<Uuid, tokio::time::Instant>,
 }
 
 impl MovePlanner {
@@ -384,8 +384,7 @@ impl MovePlanner {
 
     /// One planning pass.
     pub async fn run_once(&mut self) -> Result<Vec<RecordedMove>, ZoneError> {
-        let now = self.svc.env().now_ms();
-        let rebuild_after = u64::try_from(self.rebuild_after.as_millis()).unwrap_or(u64::MAX);
+        let now = tokio::time::Instant::now();
         let nodes = self.svc.nodes().await?;
         let mut gone = HashSet::new();
         for n in &nodes {
@@ -394,7 +393,7 @@ impl MovePlanner {
                 continue;
             }
             let since = *self.down_since.entry(n.node.uuid).or_insert(now);
-            if now.saturating_sub(since) >= rebuild_after {
+            if now.saturating_duration_since(since) >= self.rebuild_after {
                 gone.insert(n.node.uuid);
             }
         }
