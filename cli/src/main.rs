@@ -91,7 +91,7 @@ pub fn start_repair_worker(
     let (stop, stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(tessera_replicator::worker::run(
         tessera_replicator::worker::WorkerConfig {
-            api,
+            zone: std::sync::Arc::new(api),
             host: node::system_host_name(),
             bandwidth,
             period: std::time::Duration::from_secs(2),

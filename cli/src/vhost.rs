@@ -54,13 +54,15 @@ pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let device = tessera_vhost_backend::device(Arc::new(volume.clone()), &serve_config)
+        .context("cannot create the vhost-user device")?;
     {
-        let disk = Arc::new(volume.clone());
+        let device = device.clone();
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
-                let r = tessera_vhost_backend::serve(disk, &serve_config, stop);
+                let r = tessera_vhost_backend::serve_device(device, &serve_config, stop);
                 let _ = done_tx.send(r);
             })
             .context("cannot start the vhost-user thread")?;
@@ -71,6 +73,15 @@ pub async fn serve(global: &Global, a: VhostServeArgs) -> anyhow::Result<()> {
     };
     stop.store(true, Ordering::Release);
     let _ = std::fs::remove_file(&a.socket);
+    // Take no more requests and let those taken finish before the final
+    // flush: nothing may be written after it (or after the activity log is
+    // cleared). What the guest queued meanwhile stays in its rings.
+    let quiet = tokio::task::spawn_blocking(move || device.quiesce(Duration::from_secs(60)))
+        .await
+        .unwrap_or(false);
+    if !quiet {
+        tracing::warn!("requests still in flight after 60 s; closing anyway (the lease is kept if the flush fails)");
+    }
     let closed = volume.close().await;
     served.context("the vhost-user device failed")?;
     closed.context("cannot release the vDisk cleanly")?;

@@ -33,6 +33,7 @@ use thiserror::Error;
 use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::link::NodeAddr;
 use crate::shm::{SharedMemory, ShmTable};
 
 /// The receiving side, buffered: many replies come in with one `read`.
@@ -749,14 +750,6 @@ pub(crate) fn payload_crc(payload: &[&[u8]]) -> u32 {
         .fold(0u32, |crc, s| tessera_crc::crc32c_append(crc, s))
 }
 
-/// Where a node is: its TCP address, and its local-session socket if the
-/// node is on this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct NodeAddr {
-    pub(crate) addr: String,
-    pub(crate) socket: Option<String>,
-}
-
 /// A node's address and its (re)connectable connection.
 pub(crate) struct NodeLink {
     pub(crate) addr: String,
@@ -834,16 +827,8 @@ impl NodeLink {
         Ok(c)
     }
 
-    pub(crate) async fn call(
-        &self,
-        req: Request<'_>,
-        payload: &[&[u8]],
-    ) -> Result<Frame, ConnError> {
-        self.call_crc(req, payload, None).await
-    }
-
-    /// Like [`NodeLink::call`], with the payload's crc32c computed once by
-    /// a caller that sends the same payload to several copies.
+    /// Sends a request with its payload; `crc` is the payload's crc32c when
+    /// a caller that sends the same payload to several copies computed it once.
     pub(crate) async fn call_crc(
         &self,
         req: Request<'_>,

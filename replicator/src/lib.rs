@@ -11,13 +11,17 @@
 
 mod conn;
 mod layout;
+pub mod link;
 mod shm;
 mod volume;
 pub mod worker;
+pub mod zone_link;
 
 pub use conn::ConnError;
-pub use shm::SharedRegion;
+pub use link::{Connector, NodeAddr, NodeIo, Reply};
+pub use shm::{SharedMemory, SharedRegion};
 pub use volume::{ScrubReport, Volume, VolumeConfig};
+pub use zone_link::{ZoneCallError, ZoneFailure, ZoneLink};
 
 use tessera_proto::Status;
 use thiserror::Error;
@@ -25,8 +29,8 @@ use thiserror::Error;
 /// Why a volume operation failed.
 #[derive(Debug, Error)]
 pub enum VolumeError {
-    #[error("zone API request failed")]
-    Api(#[from] tessera_api_client::ApiError),
+    #[error("zone request failed: {0}")]
+    Zone(#[from] ZoneCallError),
     #[error("the vDisk placement is inconsistent: {0}")]
     Placement(String),
     #[error("I/O at offset {offset} length {len} is not a multiple of 512 bytes")]
@@ -43,6 +47,8 @@ pub enum VolumeError {
         status: Status,
         message: String,
     },
+    #[error("the volume is closing: it takes no new writes")]
+    Closing,
     #[error("the vDisk has no copy number {0}")]
     NoSuchCopy(usize),
     #[error("placement group {group} has {current} current copies, fewer than the {needed} the policy requires")]

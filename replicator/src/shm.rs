@@ -117,7 +117,7 @@ impl ShmTable {
 
 /// The current table, shared by every handle of a volume.
 #[derive(Default)]
-pub(crate) struct SharedMemory {
+pub struct SharedMemory {
     table: ArcSwap<ShmTable>,
     generations: AtomicU64,
 }

@@ -1,35 +1,74 @@
 //! The volume client: a vDisk's byte address space over its chunks' copies.
+//!
+//! The parts:
+//! - [`copies`]: a copy slot's state and its named transitions;
+//! - [`tracker`]: what each copy did with one write, and whether it may be
+//!   acknowledged;
+//! - [`mirror`]: the redundancy scheme, behind the per-piece interface
+//!   [`scheme::Redundancy`] (read, write, zero a piece; rebuild and scrub a
+//!   chunk);
+//! - [`dirty`]: what stale copies miss, unflushed writes, and recording
+//!   both in the zone;
+//! - [`placement`]: the layout of copies and how it changes while open;
+//! - [`activity`]: the activity log (writer-crash reconciliation);
+//! - [`repair`]: resync and scrub.
+//!
+//! The nodes are reached through [`crate::link`] and the zone through
+//! [`crate::zone_link`]: both are traits, so the whole volume client runs in
+//! one process against in-memory nodes and an in-memory zone (the
+//! deterministic simulation).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::future::{join_all, try_join_all};
-use tessera_api_client::ApiClient;
-use tessera_proto::{ChunkRange, DiskRef, Frame, Header, Request, Status};
+use futures_util::future::join_all;
+use tessera_proto::{ChunkRange, Status};
 use tessera_zone::records::{Vdisk, SECTOR_SIZE};
-use tessera_zone::service::{MarkStale, OpenVdisk, SessionRef};
+use tessera_zone::service::{OpenVdisk, SessionRef};
 use uuid::Uuid;
 
 mod activity;
+pub(crate) mod copies;
+mod dirty;
+mod mirror;
 mod placement;
 mod repair;
+pub(crate) mod scheme;
+pub(crate) mod tracker;
 
 pub use repair::ScrubReport;
 
-use crate::conn::NodeLink;
 use crate::layout::{split, Piece};
+use crate::link::{Connector, Link, Reply};
 use crate::shm::{SharedMemory, SharedRegion};
+use crate::zone_link::{ZoneCallError, ZoneLink};
 use crate::VolumeError;
 
+use copies::{CopyHealth, CopyState};
+use dirty::{DirtyState, ForkState};
+use mirror::Mirror;
 use placement::{Layout, Links};
+use scheme::Redundancy;
+
+/// Bits of the wire epoch below the zone's epoch: a per-disk fence
+/// generation. Resync fences a returning copy with the next generation, so
+/// a request of this writer that was still queued on the node when it
+/// failed (a timeout) is refused rather than landing after resync copied
+/// its chunk.
+pub(crate) const GENERATION_BITS: u32 = 24;
+/// The largest zone epoch a volume can write with.
+pub(crate) const MAX_ZONE_EPOCH: u64 = (1 << (64 - GENERATION_BITS)) - 1;
 
 /// How to open a vDisk.
 #[derive(Clone)]
 pub struct VolumeConfig {
-    pub api: ApiClient,
+    /// The zone: the REST API in production.
+    pub zone: Arc<dyn ZoneLink>,
+    /// How links to nodes are made: `None` for the network (TCP, or a
+    /// local session on this host).
+    pub connector: Option<Arc<dyn Connector>>,
     pub datastore: String,
     pub name: String,
     /// This host: reads prefer copies on it; the zone shows the vDisk online here.
@@ -54,9 +93,20 @@ pub struct VolumeConfig {
 }
 
 impl VolumeConfig {
-    pub fn new(api: ApiClient, datastore: &str, name: &str, host: &str) -> Self {
+    pub fn new(
+        api: tessera_api_client::ApiClient,
+        datastore: &str,
+        name: &str,
+        host: &str,
+    ) -> Self {
+        Self::with_zone(Arc::new(api), datastore, name, host)
+    }
+
+    /// A configuration that reaches the zone through `zone`.
+    pub fn with_zone(zone: Arc<dyn ZoneLink>, datastore: &str, name: &str, host: &str) -> Self {
         VolumeConfig {
-            api,
+            zone,
+            connector: None,
             datastore: datastore.to_string(),
             name: name.to_string(),
             host: host.to_string(),
@@ -74,80 +124,60 @@ impl VolumeConfig {
 
 /// One copy of a chunk: a disk and the node serving it.
 #[derive(Clone)]
-struct Copy {
-    disk: Uuid,
+pub(crate) struct CopySlot {
+    pub(crate) disk: Uuid,
     /// Index of the node in the volume's node list (and its connections).
-    node: usize,
-    local: bool,
+    pub(crate) node: usize,
+    pub(crate) local: bool,
     /// The target of a move into this group: its state is its own.
-    target: bool,
+    pub(crate) target: bool,
     /// Shared by every group position on the same disk (but a move target's).
-    state: Arc<CopyState>,
+    pub(crate) state: Arc<CopyState>,
+    /// The disk's fence generation (shared by all its slots).
+    pub(crate) generation: Arc<AtomicU64>,
 }
 
-/// Whether a disk's copies of the vDisk are current.
-struct CopyState(AtomicU8);
-
-const CURRENT: u8 = 0;
-/// Missed a write; the zone does not know yet. Nothing is acknowledged
-/// without that copy until the zone records it stale.
-const FAILING: u8 = 1;
-/// Recorded stale in the zone: no reads, no writes until resynced.
-const STALE: u8 = 2;
-/// Stale and being resynced: no reads; writes to chunks it is not missing
-/// go to it too (so what resync copied stays copied), and flushes.
-const SYNCING: u8 = 3;
-
-impl CopyState {
-    fn get(&self) -> u8 {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// A current or resyncing copy missed a write or a flush: it goes
-    /// (back) to stale once the zone records it.
-    fn fail(&self) {
-        for from in [CURRENT, SYNCING] {
-            if self
-                .0
-                .compare_exchange(from, FAILING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return;
-            }
-        }
+impl CopySlot {
+    pub(crate) fn health(&self) -> CopyHealth {
+        self.state.get()
     }
 }
 
-struct Inner {
-    config: VolumeConfig,
+pub(crate) struct Inner {
+    pub(crate) config: VolumeConfig,
     /// The vDisk record as of the open (its placement may have changed
     /// since: see `layout`).
-    vdisk: Vdisk,
-    epoch: u64,
-    session: Uuid,
+    pub(crate) vdisk: Vdisk,
+    /// The zone's epoch of this open.
+    pub(crate) epoch: u64,
+    pub(crate) session: Uuid,
+    /// The redundancy scheme.
+    scheme: Mirror,
     /// Which disks hold each group's copies, replaced whole when the zone
     /// moves a copy (rebuild, drain, rebalance).
     layout: ArcSwap<Layout>,
     /// Addresses of every node a layout has used, by node index (only grows).
-    nodes: Arc<std::sync::RwLock<Vec<crate::conn::NodeAddr>>>,
+    nodes: Arc<std::sync::RwLock<Vec<crate::link::NodeAddr>>>,
     /// Memory the device adapter shares with the nodes on this host.
     shm: Arc<SharedMemory>,
     /// Serialises layout changes.
     adopting: tokio::sync::Mutex<()>,
     /// Fewest current copies a write needs.
-    min_copies: usize,
+    pub(crate) min_copies: usize,
     /// Identifies this open to the nodes (the session id).
     client: [u8; 16],
-    /// Serialises dirty/clean records in the zone.
+    /// Serialises dirty/clean/activity records in the zone.
     pub(crate) recording: tokio::sync::Mutex<()>,
     /// Which chunks each stale copy misses, as far as the zone knows, and
-    /// what is waiting to be recorded. Touched only while a copy is stale.
+    /// what is waiting to be recorded.
     pub(crate) dirty: std::sync::Mutex<DirtyState>,
     /// Per-chunk exclusion between writes and resync, striped; taken only
     /// by writes to groups that have a non-current copy.
     pub(crate) stripes: Vec<tokio::sync::RwLock<()>>,
-    /// Every handle's chunks written since its last flush.
+    /// Every handle's bookkeeping (unflushed chunks, writes in flight).
     forks: std::sync::Mutex<Vec<std::sync::Weak<ForkState>>>,
+    /// Orders acknowledged writes and flushes (see `dirty`).
+    pub(crate) seq: AtomicU64,
     /// Chunks resync copied, for reports.
     pub(crate) resynced_chunks: AtomicU64,
     /// Extents that may have writes in flight (the activity log).
@@ -157,6 +187,8 @@ struct Inner {
     /// Set once a node or the zone says another writer took over.
     fenced: AtomicBool,
     fenced_by: AtomicU64,
+    /// Set by `close`: no new mutation starts.
+    closing: AtomicBool,
 }
 
 /// An open vDisk. Cheap to clone; every clone shares the lease and the
@@ -171,23 +203,6 @@ pub struct Volume {
     /// This handle's chunks written since the last flush.
     fork: Arc<ForkState>,
     renewer: Arc<Renewer>,
-}
-
-/// A handle's own bookkeeping.
-#[derive(Default)]
-pub(crate) struct ForkState {
-    /// Chunks this handle wrote that no flush has made stable yet: if a copy
-    /// fails, it may have lost them (power loss), so they become dirty.
-    unflushed: std::sync::Mutex<HashSet<u64>>,
-}
-
-/// Dirty chunks of stale copies.
-#[derive(Default)]
-pub(crate) struct DirtyState {
-    /// Recorded in the zone (or being copied by resync).
-    pub(crate) known: HashMap<Uuid, HashSet<u64>>,
-    /// Waiting to be recorded.
-    pub(crate) pending: Vec<(Uuid, u64)>,
 }
 
 /// Stripe of the per-chunk lock table.
@@ -209,8 +224,8 @@ impl Volume {
     /// fences every copy so no older writer's request lands after this returns.
     pub async fn open(config: VolumeConfig) -> Result<Volume, VolumeError> {
         let opened = config
-            .api
-            .open_vdisk(
+            .zone
+            .open(
                 &config.datastore,
                 &config.name,
                 &OpenVdisk {
@@ -222,6 +237,12 @@ impl Volume {
                 },
             )
             .await?;
+        if opened.epoch > MAX_ZONE_EPOCH {
+            return Err(VolumeError::Placement(format!(
+                "the vDisk's epoch {} is beyond the largest a writer can use ({MAX_ZONE_EPOCH})",
+                opened.epoch
+            )));
+        }
         let client = *opened.session.as_bytes();
         let nodes = Arc::new(std::sync::RwLock::new(Vec::new()));
         let layout = Layout::build(
@@ -239,6 +260,7 @@ impl Volume {
             dirty: std::sync::Mutex::new(dirty),
             stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
             forks: std::sync::Mutex::new(Vec::new()),
+            seq: AtomicU64::new(1),
             resynced_chunks: AtomicU64::new(0),
             activity: activity::Activity::new(
                 opened.vdisk.size,
@@ -246,6 +268,7 @@ impl Volume {
                 &[],
             ),
             reconciled_chunks: AtomicU64::new(0),
+            scheme: Mirror,
             layout: ArcSwap::from_pointee(layout),
             nodes,
             shm: Arc::default(),
@@ -258,6 +281,7 @@ impl Volume {
             client,
             fenced: AtomicBool::new(false),
             fenced_by: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             config,
         });
         let links = Arc::new(inner.connect());
@@ -284,8 +308,6 @@ impl Volume {
         Ok(volume)
     }
 
-    /// A handle on the same open vDisk (lease, epoch, copy states) with
-    /// connections of its own to the nodes.
     /// Lists the regions of this process's memory, backed by files, that
     /// storage nodes on this host may map: reads and writes whose buffers
     /// lie in them skip the socket (see [`crate::SharedRegion`]). Replaces
@@ -295,6 +317,8 @@ impl Volume {
         self.inner.shm.set(regions);
     }
 
+    /// A handle on the same open vDisk (lease, epoch, copy states) with
+    /// connections of its own to the nodes.
     pub fn fork(&self) -> Volume {
         Volume {
             inner: self.inner.clone(),
@@ -327,7 +351,7 @@ impl Volume {
             .layout()
             .disks
             .iter()
-            .all(|(_, _, st)| st.get() == CURRENT)
+            .all(|(_, _, st)| st.get() == CopyHealth::Current)
     }
 
     /// The placement version this volume works with.
@@ -392,15 +416,16 @@ impl Volume {
         inner.check_range(offset, len)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
         let dests = split_mut(bufs, pieces.iter().map(|p| p.len as usize));
-        let reads =
-            pieces
-                .into_iter()
-                .zip(dests)
-                .map(|(p, mut dest)| async move {
-                    inner.read_piece(&self.links, p, &mut dest, copy).await
-                });
-        try_join_all(reads).await?;
-        Ok(())
+        let reads = pieces
+            .into_iter()
+            .zip(dests)
+            .map(|(p, mut dest)| async move {
+                inner
+                    .scheme
+                    .read_piece(inner, &self.links, p, &mut dest, copy)
+                    .await
+            });
+        first_error(join_all(reads).await)
     }
 
     /// Reads into the concatenation of `bufs` at `offset`: the data is read
@@ -418,65 +443,33 @@ impl Volume {
     /// the buffers to the nodes as they are (no copy of the data).
     pub async fn writev(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), VolumeError> {
         let inner = &self.inner;
-        // A fenced writer's view is gone: another host owns the vDisk now.
-        inner.check_fenced()?;
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         inner.check_range(offset, len)?;
-        inner.check_fenced()?;
+        let _running = self.fork.start_mutation(inner)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
         let mut cursor = SliceCursor::new(bufs);
         let mut writes = Vec::with_capacity(pieces.len());
         for p in pieces {
             let slices = cursor.take(p.len as usize);
-            writes.push(inner.write_piece(&self.links, &self.fork, p, slices));
+            writes.push(async move {
+                inner
+                    .scheme
+                    .write_piece(inner, &self.links, &self.fork, p, &slices)
+                    .await
+            });
         }
-        try_join_all(writes).await?;
-        Ok(())
+        // Every piece runs to its end, so each copy failure is recorded.
+        first_error(join_all(writes).await)
     }
 
-    /// Makes every write acknowledged before this call stable on every
-    /// current copy. A copy that fails the flush is recorded stale (it may
-    /// have lost acknowledged writes); the flush fails only if a group is
-    /// left with fewer current copies than the policy's minimum.
+    /// Makes every write acknowledged before this call stable on at least
+    /// the policy's minimum of current copies in every group. A copy that
+    /// fails the flush is recorded stale with everything it may have lost;
+    /// below the minimum the flush waits, bounded, for copies to come back,
+    /// then fails.
     pub async fn flush(&self) -> Result<(), VolumeError> {
-        let inner = &self.inner;
-        inner.check_fenced()?;
-        // What this flush makes stable; put back if a copy fails it.
-        let taken = inner.take_unflushed();
-        let layout = inner.layout();
-        // A copy being resynced holds acknowledged writes too.
-        let current = layout.disks_where(|st| matches!(st, CURRENT | SYNCING));
-        let links = &self.links;
-        let results = join_all(
-            current
-                .iter()
-                .map(|(disk, node)| inner.flush_one(links, *disk, *node)),
-        )
-        .await;
-        let mut failed = false;
-        for ((disk, _), r) in current.iter().zip(results) {
-            match r {
-                Ok(()) => {}
-                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(%disk, error = %e, "flush failed on a copy");
-                    layout.fail_disk(*disk);
-                    failed = true;
-                }
-            }
-        }
-        if failed {
-            for (fork, set) in taken {
-                fork.unflushed
-                    .lock()
-                    .expect("unflushed poisoned")
-                    .extend(set);
-            }
-        }
-        drop(current);
-        drop(layout);
-        inner.record_dirty(&[]).await?;
-        inner.check_groups()
+        self.inner.check_fenced()?;
+        self.inner.flush(&self.links).await
     }
 
     /// Discards `len` bytes at `offset`: they read as zeros afterwards and
@@ -493,54 +486,50 @@ impl Volume {
     async fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<(), VolumeError> {
         let inner = &self.inner;
         inner.check_range(offset, len)?;
-        inner.check_fenced()?;
+        let _running = self.fork.start_mutation(inner)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
-        try_join_all(pieces.into_iter().map(|p| {
-            let range = inner.range(&p, Uuid::nil());
-            inner.update_piece(
-                &self.links,
-                &self.fork,
-                p,
-                move |disk| {
-                    let r = ChunkRange {
-                        disk: *disk.as_bytes(),
-                        ..range
-                    };
-                    if discard {
-                        Request::Discard(r)
-                    } else {
-                        Request::WriteZeroes(r)
-                    }
-                },
-                &[],
-            )
-        }))
-        .await?;
-        Ok(())
+        let zeroes = pieces.into_iter().map(|p| {
+            inner
+                .scheme
+                .zero_piece(inner, &self.links, &self.fork, p, discard)
+        });
+        first_error(join_all(zeroes).await)
     }
 
-    /// Flushes, releases the write lease and closes the connections.
+    /// Stops taking writes, waits for those in flight, flushes, and releases
+    /// the write lease. If the flush fails the lease is left to expire
+    /// instead, so the next open reconciles what may differ.
     pub async fn close(self) -> Result<(), VolumeError> {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::SeqCst);
+        inner.wait_idle().await;
         self.renewer.finish_repair().await;
         let flushed = if self.is_fenced() {
             Ok(())
         } else {
-            self.flush().await
+            inner.flush(&self.links).await
         };
         self.renewer.stop();
-        let inner = &self.inner;
-        let released = inner
-            .config
-            .api
-            .close_vdisk(
-                &inner.config.datastore,
-                &inner.config.name,
-                &SessionRef {
-                    session: inner.session,
-                    ttl_ms: None,
-                },
-            )
-            .await;
+        let released = if flushed.is_ok() {
+            inner
+                .config
+                .zone
+                .close(
+                    &inner.config.datastore,
+                    &inner.config.name,
+                    &SessionRef {
+                        session: inner.session,
+                        ttl_ms: None,
+                    },
+                )
+                .await
+                .map_err(VolumeError::from)
+        } else {
+            tracing::warn!(
+                "the final flush failed: the lease is left to expire, and the next open reconciles"
+            );
+            Ok(())
+        };
         self.links.close_all().await;
         flushed?;
         released?;
@@ -548,56 +537,12 @@ impl Volume {
     }
 }
 
+/// The first error of a set of per-piece results, once all have ended.
+fn first_error(results: Vec<Result<(), VolumeError>>) -> Result<(), VolumeError> {
+    results.into_iter().collect()
+}
+
 impl Inner {
-    fn new_fork(&self) -> Arc<ForkState> {
-        let fork = Arc::new(ForkState::default());
-        let mut forks = self.forks.lock().expect("forks poisoned");
-        forks.retain(|f| f.strong_count() > 0);
-        forks.push(Arc::downgrade(&fork));
-        fork
-    }
-
-    fn live_forks(&self) -> Vec<Arc<ForkState>> {
-        self.forks
-            .lock()
-            .expect("forks poisoned")
-            .iter()
-            .filter_map(|f| f.upgrade())
-            .collect()
-    }
-
-    /// Every live handle's unflushed chunks, taken out (a flush in progress).
-    fn take_unflushed(&self) -> Vec<(Arc<ForkState>, HashSet<u64>)> {
-        self.live_forks()
-            .into_iter()
-            .map(|f| {
-                let set = std::mem::take(&mut *f.unflushed.lock().expect("unflushed poisoned"));
-                (f, set)
-            })
-            .collect()
-    }
-
-    /// Every live handle's unflushed chunks (a copy just failed).
-    fn all_unflushed(&self) -> HashSet<u64> {
-        let mut all = HashSet::new();
-        for f in self.live_forks() {
-            all.extend(
-                f.unflushed
-                    .lock()
-                    .expect("unflushed poisoned")
-                    .iter()
-                    .copied(),
-            );
-        }
-        all
-    }
-
-    /// Whether `disk` misses `chunk` (recorded or about to be).
-    fn is_dirty(&self, disk: Uuid, chunk: u64) -> bool {
-        let d = self.dirty.lock().expect("dirty poisoned");
-        d.known.get(&disk).is_some_and(|k| k.contains(&chunk)) || d.pending.contains(&(disk, chunk))
-    }
-
     /// Fresh (lazily connecting) links to every node.
     fn connect(&self) -> Links {
         Links::new(
@@ -605,12 +550,13 @@ impl Inner {
             self.shm.clone(),
             self.client,
             self.config.io_timeout,
+            self.config.connector.clone(),
         )
     }
 
     /// The current layout; held only for the span of one operation (a
     /// layout change waits for operations on the old one to finish).
-    pub(super) fn layout(&self) -> Arc<Layout> {
+    pub(crate) fn layout(&self) -> Arc<Layout> {
         self.layout.load_full()
     }
 
@@ -628,215 +574,188 @@ impl Inner {
         }
     }
 
-    /// Makes everything written to one copy stable.
-    async fn flush_one(&self, links: &Links, disk: Uuid, node: usize) -> Result<(), VolumeError> {
-        let link = &*links.get(node);
-        let frame = link
-            .call(
-                Request::Flush(DiskRef {
-                    disk: *disk.as_bytes(),
-                }),
-                &[],
-            )
-            .await?;
-        self.check_reply(&frame, link)
-    }
-
-    /// A zone refusal for a lost lease (code lease_lost) means this writer is fenced.
-    pub(crate) fn api_error(&self, err: tessera_api_client::ApiError) -> VolumeError {
-        if matches!(err, tessera_api_client::ApiError::LeaseLost { .. }) {
-            self.fenced.store(true, Ordering::Release);
-            return VolumeError::Fenced {
-                epoch: self.epoch,
-                by: self.fenced_by.load(Ordering::Acquire),
-            };
-        }
-        err.into()
-    }
-
-    fn check_fenced(&self) -> Result<(), VolumeError> {
+    pub(crate) fn check_fenced(&self) -> Result<(), VolumeError> {
         if self.fenced.load(Ordering::Acquire) {
-            return Err(VolumeError::Fenced {
-                epoch: self.epoch,
-                by: self.fenced_by.load(Ordering::Acquire),
-            });
+            return Err(self.fenced_error());
         }
         Ok(())
     }
 
-    fn range(&self, p: &Piece, disk: Uuid) -> ChunkRange {
-        ChunkRange {
-            vdisk: *self.vdisk.uuid.as_bytes(),
-            disk: *disk.as_bytes(),
-            chunk: p.chunk,
-            offset: p.offset,
-            len: p.len,
+    fn fenced_error(&self) -> VolumeError {
+        VolumeError::Fenced {
             epoch: self.epoch,
+            by: self.fenced_by.load(Ordering::Acquire),
         }
     }
 
-    /// Turns a reply's status into a result, noting a fence.
-    fn check_reply(&self, frame: &Frame, node: &NodeLink) -> Result<(), VolumeError> {
-        self.check_status(&frame.header, &frame.body, node)
+    /// A zone answer that means another writer may own the vDisk (the
+    /// lease is lost, or the vDisk was deleted) fences this writer; any
+    /// other failure is only that call's.
+    pub(crate) fn zone_error(&self, err: ZoneCallError) -> VolumeError {
+        if err.means_fenced() {
+            if !self.fenced.swap(true, Ordering::AcqRel) {
+                tracing::error!(error = %err, "the zone says this writer lost the vDisk; refusing further I/O");
+            }
+            return self.fenced_error();
+        }
+        VolumeError::Zone(err)
     }
 
-    /// Turns a reply's status into a result, noting a fence.
-    fn check_status(
-        &self,
-        header: &Header,
-        body: &[u8],
-        node: &NodeLink,
-    ) -> Result<(), VolumeError> {
-        match header.status() {
+    /// Calls the zone, retrying what may succeed on another try (contention,
+    /// no answer) for up to `degraded_wait`: a zone that restarts within
+    /// that time costs the guest nothing.
+    pub(crate) async fn zone_retry<T, F, Fut>(&self, mut call: F) -> Result<T, ZoneCallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ZoneCallError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.degraded_wait;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "zone call failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The epoch a request to `slot`'s disk carries: the zone's epoch and
+    /// the disk's fence generation.
+    pub(crate) fn wire_epoch(&self, slot: &CopySlot) -> u64 {
+        (self.epoch << GENERATION_BITS) | slot.generation.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn range(&self, p: &Piece, slot: &CopySlot) -> ChunkRange {
+        ChunkRange {
+            vdisk: *self.vdisk.uuid.as_bytes(),
+            disk: *slot.disk.as_bytes(),
+            chunk: p.chunk,
+            offset: p.offset,
+            len: p.len,
+            epoch: self.wire_epoch(slot),
+        }
+    }
+
+    /// Turns a node's answer into a result. `StaleEpoch` from a newer
+    /// zone epoch fences this writer; from our own newer fence generation
+    /// it only refuses a request that was overtaken by a resync.
+    pub(crate) fn check_reply(&self, reply: &Reply, link: &Link) -> Result<(), VolumeError> {
+        match reply.status {
             Status::Ok => Ok(()),
             Status::StaleEpoch => {
-                let by = body
+                let theirs = reply
+                    .body
                     .get(..8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .unwrap_or(0);
+                    .unwrap_or(u64::MAX);
+                let by = theirs >> GENERATION_BITS;
+                if by <= self.epoch {
+                    return Err(VolumeError::Node {
+                        addr: link.addr().to_owned(),
+                        status: Status::StaleEpoch,
+                        message: "a request overtaken by this writer's own fence".into(),
+                    });
+                }
                 self.fenced_by.fetch_max(by, Ordering::AcqRel);
-                self.fenced.store(true, Ordering::Release);
-                tracing::error!(epoch = self.epoch, by, "vDisk taken over by another writer");
+                if !self.fenced.swap(true, Ordering::AcqRel) {
+                    tracing::error!(epoch = self.epoch, by, "vDisk taken over by another writer");
+                }
                 Err(VolumeError::Fenced {
                     epoch: self.epoch,
                     by,
                 })
             }
             status => Err(VolumeError::Node {
-                addr: node.addr.clone(),
+                addr: link.addr().to_owned(),
                 status,
-                message: String::from_utf8_lossy(body).into_owned(),
+                message: String::from_utf8_lossy(&reply.body).into_owned(),
             }),
         }
     }
 
-    /// Raises the epoch on every current copy; unreachable copies are
-    /// recorded stale (they will refuse this writer's predecessor anyway
-    /// once resynced, as resync carries the new epoch).
+    /// Sends `req` to `slot`'s node and checks the answer.
+    pub(crate) async fn call(
+        &self,
+        links: &Links,
+        slot: &CopySlot,
+        req: tessera_proto::Request<'_>,
+        payload: &[&[u8]],
+        crc: Option<u32>,
+    ) -> Result<(), VolumeError> {
+        let link = links.get(slot.node);
+        let reply = link.call(req, payload, crc).await?;
+        self.check_reply(&reply, &link)
+    }
+
+    /// Makes everything written to one copy stable.
+    pub(crate) async fn flush_one(
+        &self,
+        links: &Links,
+        slot: &CopySlot,
+    ) -> Result<(), VolumeError> {
+        let req = tessera_proto::Request::Flush(tessera_proto::DiskRef {
+            disk: *slot.disk.as_bytes(),
+        });
+        self.call(links, slot, req, &[], None).await
+    }
+
+    /// Raises the vDisk's epoch on one copy's disk to this writer's (with
+    /// the disk's current fence generation).
+    pub(crate) async fn fence_one(
+        &self,
+        links: &Links,
+        slot: &CopySlot,
+    ) -> Result<(), VolumeError> {
+        let req = tessera_proto::Request::Fence(tessera_proto::VdiskRef {
+            vdisk: *self.vdisk.uuid.as_bytes(),
+            disk: *slot.disk.as_bytes(),
+            epoch: self.wire_epoch(slot),
+        });
+        self.call(links, slot, req, &[], None).await
+    }
+
+    /// At open: raises the epoch on every copy, whatever its state, so no
+    /// request of an older writer lands after this. A copy that cannot be
+    /// fenced fails (it is recorded stale). If the previous writer died
+    /// with writes in flight (a non-empty activity log), every copy that is
+    /// not current and fenced is recorded dirty for the chunks of those
+    /// extents: it may have taken some of those writes and not others.
     async fn fence_all(&self, links: &Links) -> Result<(), VolumeError> {
         let layout = self.layout();
-        let current = layout.disks_where(|st| st == CURRENT);
-        let results = join_all(
-            current
-                .iter()
-                .map(|(disk, node)| self.fence_one(links, *disk, *node)),
-        )
-        .await;
-        for ((disk, _), r) in current.iter().zip(results) {
+        let slots = layout.disk_slots();
+        let results = join_all(slots.iter().map(|s| self.fence_one(links, s))).await;
+        let mut unfenced = Vec::new();
+        for (slot, r) in slots.iter().zip(results) {
             match r {
                 Ok(()) => {}
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(%disk, error = %e, "cannot fence a copy; recording it stale");
-                    layout.fail_disk(*disk);
+                    tracing::warn!(disk = %slot.disk, error = %e, "cannot fence a copy; recording it stale");
+                    self.fail_disk(&layout, slot.disk);
+                    unfenced.push(slot.disk);
                 }
             }
         }
-        drop(current);
+        let mut missed = Vec::new();
+        if !self.vdisk.activity.is_empty() {
+            for (g, copies) in layout.groups.iter().enumerate() {
+                for c in copies {
+                    if c.health() == CopyHealth::Current && !unfenced.contains(&c.disk) {
+                        continue;
+                    }
+                    for chunk in activity::extent_chunks(&self.vdisk, &self.vdisk.activity) {
+                        if layout.group_index(chunk) == g {
+                            missed.push((c.disk, chunk));
+                        }
+                    }
+                }
+            }
+        }
         drop(layout);
-        self.record_dirty(&[]).await?;
+        self.record_dirty(&missed).await?;
         self.check_groups()
-    }
-
-    /// Records in the zone that `missed` (disk, chunk) pairs are dirty, and
-    /// every failing copy stale with the chunks it may have lost (those not
-    /// yet flushed). Returns once the zone holds all of it, so writes that
-    /// skipped those copies may then be acknowledged. Concurrent callers are
-    /// batched into one record.
-    pub(crate) async fn record_dirty(&self, missed: &[(Uuid, u64)]) -> Result<(), VolumeError> {
-        let any_failing = || {
-            self.layout()
-                .disks
-                .iter()
-                .any(|(_, _, st)| st.get() == FAILING)
-        };
-        {
-            let mut d = self.dirty.lock().expect("dirty poisoned");
-            let DirtyState { known, pending } = &mut *d;
-            let new: Vec<(Uuid, u64)> = missed
-                .iter()
-                .filter(|(disk, c)| !known.get(disk).is_some_and(|k| k.contains(c)))
-                .copied()
-                .collect();
-            if new.is_empty() && !any_failing() {
-                return Ok(());
-            }
-            pending.extend(new);
-        }
-        let _one = self.recording.lock().await;
-        let layout = self.layout();
-        let failing: Vec<Uuid> = layout
-            .disks
-            .iter()
-            .filter(|(_, _, st)| st.get() == FAILING)
-            .map(|(d, _, _)| *d)
-            .collect();
-        let mut batch: HashMap<Uuid, HashSet<u64>> = HashMap::new();
-        for (disk, c) in std::mem::take(&mut self.dirty.lock().expect("dirty poisoned").pending) {
-            // A disk that left the placement meanwhile holds nothing to record.
-            if layout.has_disk(disk) {
-                batch.entry(disk).or_default().insert(c);
-            }
-        }
-        if !failing.is_empty() {
-            let unflushed = self.all_unflushed();
-            for d in &failing {
-                let set = batch.entry(*d).or_default();
-                set.extend(unflushed.iter().copied().filter(|c| layout.holds(*d, *c)));
-            }
-        }
-        drop(layout);
-        for (disk, chunks) in &batch {
-            let mut chunks: Vec<u64> = chunks.iter().copied().collect();
-            chunks.sort_unstable();
-            let recorded = self
-                .config
-                .api
-                .mark_stale(
-                    &self.config.datastore,
-                    &self.config.name,
-                    &MarkStale {
-                        session: self.session,
-                        disks: vec![*disk],
-                        chunks: chunks.clone(),
-                    },
-                )
-                .await;
-            match recorded {
-                Ok(_) => {}
-                Err(tessera_api_client::ApiError::LeaseLost { .. }) => {
-                    self.fenced.store(true, Ordering::Release);
-                    return Err(VolumeError::Fenced {
-                        epoch: self.epoch,
-                        by: self.fenced_by.load(Ordering::Acquire),
-                    });
-                }
-                Err(e) => {
-                    // Not recorded: put them back for the next attempt.
-                    let mut d = self.dirty.lock().expect("dirty poisoned");
-                    d.pending.extend(chunks.iter().map(|c| (*disk, *c)));
-                    return Err(e.into());
-                }
-            }
-            self.dirty
-                .lock()
-                .expect("dirty poisoned")
-                .known
-                .entry(*disk)
-                .or_default()
-                .extend(chunks);
-        }
-        for (d, _, st) in &self.layout().disks {
-            if failing.contains(d)
-                && st
-                    .0
-                    .compare_exchange(FAILING, STALE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                tracing::warn!(disk = %d, "copy recorded stale: it serves nothing until resynced");
-            }
-        }
-        Ok(())
     }
 
     /// Fails if a group has no current copy left: its data is unreachable.
@@ -844,7 +763,10 @@ impl Inner {
     /// readable; writes wait for copies to come back, bounded, then fail.)
     fn check_groups(&self) -> Result<(), VolumeError> {
         for (g, copies) in self.layout().groups.iter().enumerate() {
-            let current = copies.iter().filter(|c| c.state.get() == CURRENT).count();
+            let current = copies
+                .iter()
+                .filter(|c| c.health() == CopyHealth::Current)
+                .count();
             if current == 0 {
                 return Err(VolumeError::Degraded {
                     group: g,
@@ -856,244 +778,64 @@ impl Inner {
         Ok(())
     }
 
-    async fn read_piece(
-        &self,
-        links: &Links,
-        p: Piece,
-        out: &mut [&mut [u8]],
-        only: Option<usize>,
-    ) -> Result<(), VolumeError> {
-        let layout = self.layout();
-        let copies = layout.group(p.chunk);
-        if only.is_some_and(|c| c >= copies.len()) {
-            return Err(VolumeError::NoSuchCopy(only.unwrap_or(0)));
-        }
-        let first = match only {
-            Some(c) => c,
-            None => layout.read_first[layout.group_index(p.chunk)],
-        };
-        let tries = if only.is_some() { 1 } else { copies.len() };
-        let mut last_err = None;
-        let mut corrupt: Vec<Uuid> = Vec::new();
-        for i in 0..tries {
-            let c = &copies[(first + i) % copies.len()];
-            if only.is_none() && c.state.get() != CURRENT {
-                continue;
-            }
-            let range = self.range(&p, c.disk);
-            let link = &*links.get(c.node);
-            let result = match link.call_read(Request::Read(range), out).await {
-                Ok((header, body)) => self.check_status(&header, &body, link),
-                Err(e) => Err(e.into()),
-            };
-            match result {
-                Ok(()) => {
-                    if !corrupt.is_empty() {
-                        // The copies whose checksums failed are repaired by
-                        // resync: dirty for this chunk, stale until rewritten.
-                        for d in &corrupt {
-                            if let Some(c) = copies.iter().find(|c| c.disk == *d) {
-                                let _ = c.state.0.compare_exchange(
-                                    CURRENT,
-                                    FAILING,
-                                    Ordering::AcqRel,
-                                    Ordering::Acquire,
-                                );
-                            }
-                        }
-                        let missed: Vec<(Uuid, u64)> =
-                            corrupt.iter().map(|d| (*d, p.chunk)).collect();
-                        drop(layout);
-                        if let Err(e) = self.record_dirty(&missed).await {
-                            tracing::warn!(error = %e, "cannot record a corrupt copy for repair");
-                        }
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "read from copy failed");
-                    if matches!(
-                        e,
-                        VolumeError::Node {
-                            status: Status::Checksum,
-                            ..
-                        }
-                    ) && only.is_none()
-                    {
-                        corrupt.push(c.disk);
-                    }
-                    last_err = Some(e);
-                }
-            }
-        }
-        Err(last_err.unwrap_or(VolumeError::Degraded {
-            group: layout.group_index(p.chunk),
-            current: 0,
-            needed: 1,
-        }))
-    }
-
-    async fn write_piece(
-        &self,
-        links: &Links,
-        fork: &ForkState,
-        p: Piece,
-        data: Vec<&[u8]>,
-    ) -> Result<(), VolumeError> {
-        let range = self.range(&p, Uuid::nil());
-        self.update_piece(
-            links,
-            fork,
-            p,
-            move |disk| {
-                Request::Write(
-                    ChunkRange {
-                        disk: *disk.as_bytes(),
-                        ..range
-                    },
-                    &[],
-                )
-            },
-            &data,
-        )
-        .await
-    }
-
-    /// Sends a mutation of one chunk to every current copy. Copies that
-    /// fail are recorded stale, and the chunk dirty for every copy that did
-    /// not get it, before the mutation is acknowledged; it is acknowledged
-    /// only if at least the policy's minimum of copies hold it.
-    async fn update_piece<'a>(
-        &self,
-        links: &Links,
-        fork: &ForkState,
-        p: Piece,
-        request: impl Fn(Uuid) -> Request<'a>,
-        payload: &[&[u8]],
-    ) -> Result<(), VolumeError> {
-        let _active = self.enter_extent(p.chunk).await?;
-        // Held to the end: a layout change waits for this write.
-        let layout = self.layout();
-        let copies = layout.group(p.chunk);
-        // With a copy missing, exclude resync of this chunk while we write it.
-        let degraded = copies.iter().any(|c| c.state.get() != CURRENT);
-        let mut exclusion = if degraded {
-            Some(self.stripes[stripe(p.chunk)].read().await)
-        } else {
-            None
-        };
-        let group = layout.group_index(p.chunk);
-        let deadline = Instant::now() + self.config.degraded_wait;
-        // Disks that hold this write, and how many of them are current.
-        let mut held: Vec<Uuid> = Vec::with_capacity(copies.len());
-        let mut held_current;
+    /// Flushes every copy that holds acknowledged writes. Succeeds once
+    /// every group has at least `min_copies` current copies that made
+    /// everything acknowledged before the call stable.
+    pub(crate) async fn flush(&self, links: &Links) -> Result<(), VolumeError> {
+        // Writes acknowledged before this point are covered.
+        let covered = self.seq.fetch_add(1, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.config.degraded_wait;
         loop {
-            let targets: Vec<&Copy> = copies
-                .iter()
-                .filter(|c| !held.contains(&c.disk))
-                .filter(|c| match c.state.get() {
-                    CURRENT => true,
-                    // Under the stripe lock, so resync cannot be copying
-                    // this chunk: a copy that has it gets the write too.
-                    SYNCING => !self.is_dirty(c.disk, p.chunk),
-                    _ => false,
-                })
+            let layout = self.layout();
+            let slots: Vec<CopySlot> = layout
+                .disk_slots()
+                .into_iter()
+                .filter(|s| s.health().takes_flushes())
                 .collect();
-            // The payload's checksum, once for every copy (a retry after a
-            // payload changed in transit computes it again). A write to one
-            // copy leaves it to the connection: a local session's node
-            // checksums its own private copy of the data instead.
-            let crc = (!payload.is_empty() && targets.len() > 1)
-                .then(|| crate::conn::payload_crc(payload));
-            let results = join_all(targets.iter().map(|c| {
-                let req = request(c.disk);
-                async move {
-                    let link = links.get(c.node);
-                    let mut attempt = 0;
-                    loop {
-                        let crc = if attempt == 0 { crc } else { None };
-                        let frame = link.call_crc(req, payload, crc).await?;
-                        // A payload that changed under us in transit (a guest
-                        // rewriting a buffer it has in flight) is refused whole
-                        // by the node; send it again.
-                        if frame.header.status() == Status::BadPayload && attempt < 3 {
-                            attempt += 1;
-                            continue;
-                        }
-                        return self.check_reply(&frame, &link);
-                    }
-                }
-            }))
-            .await;
-            for (c, r) in targets.iter().zip(results) {
+            let results = join_all(slots.iter().map(|s| self.flush_one(links, s))).await;
+            let mut stable = Vec::new();
+            let mut fenced = None;
+            for (slot, r) in slots.iter().zip(results) {
                 match r {
-                    Ok(()) => held.push(c.disk),
-                    Err(e @ VolumeError::Fenced { .. }) => return Err(e),
-                    Err(
-                        e @ VolumeError::Node {
-                            status: Status::BadPayload,
-                            ..
-                        },
-                    ) => return Err(e),
+                    Ok(()) => stable.push(slot.disk),
+                    Err(e @ VolumeError::Fenced { .. }) => fenced = Some(e),
                     Err(e) => {
-                        tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
-                        c.state.fail();
+                        tracing::warn!(disk = %slot.disk, error = %e, "flush failed on a copy");
+                        self.fail_disk(&layout, slot.disk);
                     }
                 }
             }
-            // A resyncing copy that took the write counts once it is current.
-            held_current = copies
-                .iter()
-                .filter(|c| held.contains(&c.disk) && c.state.get() == CURRENT)
-                .count();
-            if held_current >= self.min_copies {
-                break;
-            }
-            // Below the policy's minimum: wait, bounded, for a copy to be
-            // current again (a returning node's resync), then fail rather
-            // than acknowledge what is not safe.
-            if Instant::now() >= deadline {
-                // Some copies have it: the others must not pass for equal.
-                // If only resyncing copies have it, they copy it again.
-                let missed: Vec<(Uuid, u64)> = copies
-                    .iter()
-                    .filter(|c| (held_current > 0) != held.contains(&c.disk))
-                    .map(|c| (c.disk, p.chunk))
-                    .collect();
-                if !held.is_empty() {
-                    if let Err(e) = self.record_dirty(&missed).await {
-                        tracing::warn!(error = %e, "cannot record copies that missed a failed write");
-                    }
-                }
-                return Err(VolumeError::Degraded {
-                    group,
-                    current: held_current,
-                    needed: self.min_copies,
-                });
-            }
-            // Let resync take this chunk meanwhile; it works on copies the
-            // zone knows stale, so record the ones that just failed.
-            drop(exclusion.take());
-            if let Err(e @ VolumeError::Fenced { .. }) = self.record_dirty(&[]).await {
+            if let Some(e) = fenced {
                 return Err(e);
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            exclusion = Some(self.stripes[stripe(p.chunk)].read().await);
+            let short = layout.groups.iter().enumerate().find_map(|(g, copies)| {
+                let ok = copies
+                    .iter()
+                    .filter(|c| c.health() == CopyHealth::Current && stable.contains(&c.disk))
+                    .count();
+                (ok < self.min_copies).then_some((g, ok))
+            });
+            drop(layout);
+            // Copies that failed are recorded stale, with everything they
+            // may have lost, before the flush answers.
+            self.record_dirty(&[]).await?;
+            match short {
+                None => {
+                    self.forget_unflushed(covered);
+                    return Ok(());
+                }
+                Some((group, current)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(VolumeError::Degraded {
+                            group,
+                            current,
+                            needed: self.min_copies,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
-        fork.unflushed
-            .lock()
-            .expect("unflushed poisoned")
-            .insert(p.chunk);
-        // Every copy without this write must be known to miss it first.
-        let missed: Vec<(Uuid, u64)> = copies
-            .iter()
-            .filter(|c| c.state.get() != CURRENT && !held.contains(&c.disk))
-            .map(|c| (c.disk, p.chunk))
-            .collect();
-        if !missed.is_empty() {
-            self.record_dirty(&missed).await?;
-        }
-        Ok(())
     }
 }
 
@@ -1109,15 +851,19 @@ impl Renewer {
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let period = inner.config.lease_ttl / 3;
         tokio::spawn(async move {
+            let mut wait = period;
             loop {
                 tokio::select! {
+                    biased;
                     _ = &mut rx => return,
-                    _ = tokio::time::sleep(period) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
+                // A failed renewal is tried again soon, not a period later.
+                wait = Duration::from_millis(200).min(period);
                 let renewed = inner
                     .config
-                    .api
-                    .renew_vdisk(
+                    .zone
+                    .renew(
                         &inner.config.datastore,
                         &inner.config.name,
                         &SessionRef {
@@ -1128,15 +874,15 @@ impl Renewer {
                     .await;
                 match renewed {
                     Ok(r) => {
+                        wait = period;
                         if r.placement_version > inner.layout().version {
                             if let Err(e) = inner.refresh_placement().await {
                                 tracing::warn!(error = %e, "cannot adopt the new placement; will retry");
                             }
                         }
                     }
-                    Err(tessera_api_client::ApiError::LeaseLost { message }) => {
-                        tracing::error!(%message, "write lease lost; refusing further writes");
-                        inner.fenced.store(true, Ordering::Release);
+                    Err(e) if e.means_fenced() => {
+                        let _ = inner.zone_error(e);
                         return;
                     }
                     Err(e) => tracing::warn!(error = %e, "lease renewal failed; will retry"),

@@ -10,7 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_api_client::ApiClient;
+use std::sync::Arc;
+
 use tessera_zone::records::VdiskState;
 use tessera_zone::service::VdiskView;
 
@@ -19,7 +20,7 @@ use crate::{Volume, VolumeConfig, VolumeError};
 /// How the worker runs.
 #[derive(Clone)]
 pub struct WorkerConfig {
-    pub api: ApiClient,
+    pub zone: Arc<dyn crate::ZoneLink>,
     /// The host the worker opens vDisks from.
     pub host: String,
     /// Bandwidth each repair may use, bytes per second.
@@ -35,14 +36,15 @@ pub async fn run(config: WorkerConfig, mut stop: tokio::sync::oneshot::Receiver<
             _ = &mut stop => return,
             _ = tokio::time::sleep(config.period) => {}
         }
-        let views = match config.api.vdisks(None).await {
+        let views = match config.zone.vdisks().await {
             Ok(v) => v,
             Err(error) => {
                 tracing::warn!(%error, "repair worker cannot list vDisks");
                 continue;
             }
         };
-        for view in views.iter().filter(|v| needs_offline_repair(v)) {
+        let now = now_ms();
+        for view in views.iter().filter(|v| needs_offline_repair(v, now)) {
             let name = format!("{}/{}", view.vdisk.datastore, view.vdisk.name);
             let done = tokio::select! {
                 _ = &mut stop => return,
@@ -63,18 +65,28 @@ pub async fn run(config: WorkerConfig, mut stop: tokio::sync::oneshot::Receiver<
     }
 }
 
-/// Offline, with a stale copy whose node is up (resync can make progress).
-pub fn needs_offline_repair(view: &VdiskView) -> bool {
-    matches!(view.vdisk.state, VdiskState::Offline)
-        && view.vdisk.lease.is_none()
-        && view.repair.iter().any(|r| r.node_up)
+/// Nobody writes it — no lease, or a lease that expired at `now_ms` (its
+/// writer died) — and repair can make progress: a stale copy's node is up,
+/// or a dead writer left an activity log to reconcile.
+pub fn needs_offline_repair(view: &VdiskView, now_ms: u64) -> bool {
+    let unwritten = match &view.vdisk.lease {
+        None => matches!(view.vdisk.state, VdiskState::Offline),
+        Some(lease) => lease.expires_ms <= now_ms,
+    };
+    unwritten && (view.repair.iter().any(|r| r.node_up) || !view.vdisk.activity.is_empty())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Opens the vDisk as the repair worker and waits until resync has done
 /// what it can; returns the chunks copied.
 async fn repair_one(config: &WorkerConfig, view: &VdiskView) -> Result<u64, VolumeError> {
-    let mut vc = VolumeConfig::new(
-        config.api.clone(),
+    let mut vc = VolumeConfig::with_zone(
+        config.zone.clone(),
         &view.vdisk.datastore,
         &view.vdisk.name,
         &config.host,
@@ -98,7 +110,7 @@ async fn repair_one(config: &WorkerConfig, view: &VdiskView) -> Result<u64, Volu
         if last_check.elapsed() > Duration::from_secs(2) {
             last_check = Instant::now();
             match config
-                .api
+                .zone
                 .vdisk(&view.vdisk.datastore, &view.vdisk.name)
                 .await
             {

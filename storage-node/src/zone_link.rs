@@ -70,10 +70,8 @@ impl ZoneLink {
                         Err(e) => Err(e),
                     },
                     Some(l) => match link.heartbeat(l).await {
-                        Err(LinkError::Api(ApiError::Status {
-                            status, message, ..
-                        })) if status == 404 || status == 409 || status == 410 => {
-                            tracing::warn!(%message, "zone lost this node's lease; registering again");
+                        Err(LinkError::Api(e)) if matches!(e.status(), Some(404 | 409 | 410)) => {
+                            tracing::warn!(error = %e, "zone lost this node's lease; registering again");
                             lease = None;
                             Ok(())
                         }

@@ -187,7 +187,7 @@ impl TestZone {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         tokio::spawn(tessera_replicator::worker::run(
             tessera_replicator::worker::WorkerConfig {
-                api: self.api.clone(),
+                zone: std::sync::Arc::new(self.api.clone()),
                 host: "repair-worker".into(),
                 bandwidth: 512 << 20,
                 period: Duration::from_millis(200),

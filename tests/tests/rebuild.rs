@@ -331,7 +331,7 @@ async fn a_writer_opening_takes_the_vdisk_from_the_repair_worker() {
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(tessera_replicator::worker::run(
         tessera_replicator::worker::WorkerConfig {
-            api: zone.api.clone(),
+            zone: std::sync::Arc::new(zone.api.clone()),
             host: "repair-worker".into(),
             bandwidth: 8 * MIB,
             period: Duration::from_millis(100),

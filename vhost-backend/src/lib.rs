@@ -21,5 +21,5 @@ mod vhu_blk;
 pub use config::DeviceConfig;
 pub use disk::{BlockDisk, MemDisk};
 pub use request::{Kind, Limits, ParseError, Range, Request, RequestError, Segment};
-pub use serve::{serve, ServeConfig, ServeError};
+pub use serve::{device, serve, serve_device, ServeConfig, ServeError};
 pub use vhu_blk::VhostUserBlk;

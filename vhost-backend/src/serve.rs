@@ -48,8 +48,26 @@ pub fn serve<D: BlockDisk>(
     config: &ServeConfig,
     stop: Arc<AtomicBool>,
 ) -> Result<(), ServeError> {
-    let device = VhostUserBlk::new(disk, config.num_queues, config.queue_size, &config.serial)
-        .map_err(|e| ServeError::Daemon(e.to_string()))?;
+    let device = device(disk, config)?;
+    serve_device(device, config, stop)
+}
+
+/// The device `serve` would serve: create it first to keep a handle (to
+/// `quiesce` it before closing its disk).
+pub fn device<D: BlockDisk>(
+    disk: Arc<D>,
+    config: &ServeConfig,
+) -> Result<VhostUserBlk<D>, ServeError> {
+    VhostUserBlk::new(disk, config.num_queues, config.queue_size, &config.serial)
+        .map_err(|e| ServeError::Daemon(e.to_string()))
+}
+
+/// Serves `device` as [`serve`] does.
+pub fn serve_device<D: BlockDisk>(
+    device: VhostUserBlk<D>,
+    config: &ServeConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(), ServeError> {
     // One listening socket for the life of the process: a front-end that
     // connects while the previous one is being torn down waits in its backlog.
     let mut listener =

@@ -288,6 +288,8 @@ struct Inner<D> {
     serial: [u8; 20],
     mem: RwLock<Option<GuestMemoryAtomic<Mem>>>,
     event_idx: AtomicBool,
+    /// Set by `quiesce`: no new request is taken off the rings.
+    paused: AtomicBool,
     queues: Vec<QueueState>,
 }
 
@@ -329,6 +331,7 @@ impl<D: BlockDisk> VhostUserBlk<D> {
                 serial: id,
                 mem: RwLock::new(None),
                 event_idx: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
                 queues: (0..num_queues)
                     .map(|_| QueueState::new())
                     .collect::<std::io::Result<_>>()?,
@@ -338,6 +341,16 @@ impl<D: BlockDisk> VhostUserBlk<D> {
 
     pub fn config(&self) -> &DeviceConfig {
         &self.inner.config
+    }
+
+    /// Stops taking requests off the rings (those left there wait for the
+    /// next backend: QEMU hands them over when it reconnects) and waits
+    /// until the requests already taken have completed; false on timeout.
+    /// The device's disk can then be flushed and closed with nothing in
+    /// flight.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.inner.paused.store(true, Ordering::SeqCst);
+        self.wait_idle(timeout)
     }
 
     /// Waits until every queue's requests have completed; false on timeout.
@@ -397,6 +410,9 @@ impl<D: BlockDisk> VhostUserBlk<D> {
     /// Pops and starts every available request of queue `q` (on the
     /// queue's runtime, which must be the current one).
     fn process_queue(&self, q: usize, vring: &VringRwLock) -> std::io::Result<()> {
+        if self.inner.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let Some(mem) = self.memory() else {
             return Err(std::io::Error::other(
                 "queue kicked before guest memory was set",
@@ -594,10 +610,13 @@ impl<D: BlockDisk> VhostUserBackend for VhostUserBlk<D> {
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if let Some(q) = self.inner.queues.get(queue_index as usize) {
             q.generation.fetch_add(1, Ordering::AcqRel);
-            if !q.in_flight.wait_drained(Duration::from_secs(60)) {
+            // The front-end takes the ring back once this returns: a request
+            // completing after that would write into a ring it owns. Every
+            // request ends (each node request is bounded), so wait for all.
+            while !q.in_flight.wait_drained(Duration::from_secs(60)) {
                 tracing::warn!(
                     queue = queue_index,
-                    "requests still in flight when the queue stopped"
+                    "requests still in flight while the queue stops; waiting"
                 );
             }
         }

@@ -15,14 +15,17 @@
 //! other and the extent stays hot (or is recorded again).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tessera_zone::records::ACTIVITY_EXTENT_CHUNKS;
+use tokio::time::Instant;
+
+use tessera_zone::records::{Vdisk, ACTIVITY_EXTENT_CHUNKS};
 use tessera_zone::service::MarkActive;
 
+use super::copies::CopyHealth;
+use super::scheme::Redundancy;
+use super::Inner;
 use super::Links;
-use super::{Inner, CURRENT};
-use crate::layout::Piece;
 use crate::VolumeError;
 
 const COLD: u8 = 0;
@@ -38,6 +41,11 @@ pub(crate) struct Activity {
     in_flight: Vec<AtomicU32>,
     /// Milliseconds since `epoch` of the last write's end.
     last: Vec<AtomicU64>,
+    /// The volume's sequence number at the last write's end: the extent
+    /// may cool only once a flush that started later succeeded.
+    last_seq: Vec<AtomicU64>,
+    /// Flushes that started before this sequence number succeeded.
+    pub(super) flushed_upto: AtomicU64,
     epoch: Instant,
 }
 
@@ -50,6 +58,8 @@ impl Activity {
             state: (0..extents).map(|_| AtomicU8::new(COLD)).collect(),
             in_flight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             last: (0..extents).map(|_| AtomicU64::new(0)).collect(),
+            last_seq: (0..extents).map(|_| AtomicU64::new(0)).collect(),
+            flushed_upto: AtomicU64::new(0),
             epoch: Instant::now(),
         };
         for e in hot {
@@ -64,6 +74,7 @@ impl Activity {
 /// A write in an extent; leaves it on drop.
 pub(super) struct InExtent<'a> {
     activity: &'a Activity,
+    seq: &'a AtomicU64,
     extent: usize,
 }
 
@@ -71,26 +82,26 @@ impl Drop for InExtent<'_> {
     fn drop(&mut self) {
         let a = self.activity;
         a.last[self.extent].store(a.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        a.last_seq[self.extent].store(self.seq.load(Ordering::SeqCst), Ordering::SeqCst);
         a.in_flight[self.extent].fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Inner {
     async fn log_activity(&self, add: Vec<u64>, remove: Vec<u64>) -> Result<(), VolumeError> {
-        self.config
-            .api
-            .mark_active(
-                &self.config.datastore,
-                &self.config.name,
-                &MarkActive {
-                    session: self.session,
-                    add,
-                    remove,
-                },
-            )
-            .await
-            .map(|_| ())
-            .map_err(|err| self.api_error(err))
+        let req = MarkActive {
+            session: self.session,
+            add,
+            remove,
+        };
+        self.zone_retry(|| {
+            self.config
+                .zone
+                .mark_active(&self.config.datastore, &self.config.name, &req)
+        })
+        .await
+        .map(|_| ())
+        .map_err(|err| self.zone_error(err))
     }
 
     /// Counts a write into the extent of `chunk`, recording the extent in
@@ -101,6 +112,7 @@ impl Inner {
         a.in_flight[e].fetch_add(1, Ordering::SeqCst);
         let guard = InExtent {
             activity: a,
+            seq: &self.seq,
             extent: e,
         };
         if a.state[e].load(Ordering::SeqCst) == HOT {
@@ -114,18 +126,30 @@ impl Inner {
         Ok(guard)
     }
 
-    /// Takes idle extents out of the log.
-    pub(super) async fn cool_extents(&self) -> Result<(), VolumeError> {
+    /// Takes idle extents out of the log: those without a write for
+    /// [`COOL_AFTER`] whose writes a flush made stable (the volume flushes
+    /// by itself if the guest has not).
+    pub(super) async fn cool_extents(&self, links: &Links) -> Result<(), VolumeError> {
         let a = &self.activity;
         let now = a.epoch.elapsed().as_millis() as u64;
         let idle = COOL_AFTER.as_millis() as u64;
+        let idle_extents = || {
+            (0..a.state.len()).filter(move |e| {
+                a.state[*e].load(Ordering::SeqCst) == HOT
+                    && a.in_flight[*e].load(Ordering::SeqCst) == 0
+                    && now.saturating_sub(a.last[*e].load(Ordering::Relaxed)) >= idle
+            })
+        };
+        let unflushed = idle_extents()
+            .any(|e| a.last_seq[e].load(Ordering::SeqCst) >= a.flushed_upto.load(Ordering::SeqCst));
+        if unflushed {
+            self.flush(links).await?;
+        }
         let _one = self.recording.lock().await;
         let mut cooling = Vec::new();
-        for e in 0..a.state.len() {
-            if a.state[e].load(Ordering::SeqCst) != HOT
-                || a.in_flight[e].load(Ordering::SeqCst) != 0
-                || now.saturating_sub(a.last[e].load(Ordering::Relaxed)) < idle
-            {
+        let flushed = a.flushed_upto.load(Ordering::SeqCst);
+        for e in idle_extents().collect::<Vec<_>>() {
+            if a.last_seq[e].load(Ordering::SeqCst) >= flushed {
                 continue;
             }
             a.state[e].store(COOLING, Ordering::SeqCst);
@@ -141,72 +165,93 @@ impl Inner {
         let recorded = self
             .log_activity(Vec::new(), cooling.iter().map(|e| *e as u64).collect())
             .await;
-        let next = if recorded.is_ok() { COLD } else { HOT };
+        // Cold either way: if the zone did not take the removal, the extent
+        // stays in its log (harmless: the next open reconciles it), and the
+        // next write here records it again rather than going unlogged.
         for e in &cooling {
-            a.state[*e].store(next, Ordering::SeqCst);
+            a.state[*e].store(COLD, Ordering::SeqCst);
         }
         recorded
     }
 
     /// After a writer crash: makes every current copy of each extent in
-    /// the inherited activity log agree with one current copy, then clears
-    /// the log. Returns the chunks rewritten.
+    /// the inherited activity log agree with what a read returns, makes
+    /// the rewrites stable, then clears the log. Returns the chunks
+    /// rewritten.
     pub(super) async fn reconcile(
         &self,
         links: &Links,
         extents: &[u64],
     ) -> Result<u64, VolumeError> {
-        let chunk_size = self.vdisk.placement.chunk_size;
         let mut rewritten = 0;
-        for e in extents {
-            for c in e * ACTIVITY_EXTENT_CHUNKS..(e + 1) * ACTIVITY_EXTENT_CHUNKS {
-                let start = c * chunk_size;
-                if start >= self.vdisk.size {
-                    break;
+        for c in extent_chunks(&self.vdisk, extents) {
+            let piece = self.whole_chunk(c);
+            // The source: what a read would return now.
+            let mut good = vec![0u8; piece.len as usize];
+            self.scheme
+                .read_piece(self, links, piece, &mut [&mut good[..]], None)
+                .await?;
+            let layout = self.layout();
+            for (i, copy) in layout.group(c).iter().enumerate() {
+                if copy.health() != CopyHealth::Current {
+                    continue;
                 }
-                let len = chunk_size.min(self.vdisk.size - start) as u32;
-                let piece = Piece {
-                    chunk: c,
-                    offset: 0,
-                    len,
+                let mut other = vec![0u8; piece.len as usize];
+                let same = match self
+                    .scheme
+                    .read_piece(self, links, piece, &mut [&mut other[..]], Some(i))
+                    .await
+                {
+                    Ok(()) => other == good,
+                    Err(VolumeError::Node { .. }) => false,
+                    Err(err) => return Err(err),
                 };
-                // The source: what a read would return now.
-                let mut good = vec![0u8; len as usize];
-                self.read_piece(links, piece, &mut [&mut good[..]], None)
-                    .await?;
-                let layout = self.layout();
-                let copies = layout.group(c);
-                for (i, copy) in copies.iter().enumerate() {
-                    if copy.state.get() != CURRENT {
-                        continue;
-                    }
-                    let mut other = vec![0u8; len as usize];
-                    let same = match self
-                        .read_piece(links, piece, &mut [&mut other[..]], Some(i))
-                        .await
-                    {
-                        Ok(()) => other == good,
-                        Err(VolumeError::Node { .. }) => false,
-                        Err(err) => return Err(err),
-                    };
-                    if same {
-                        continue;
-                    }
-                    let range = self.range(&piece, copy.disk);
-                    let link = &*links.get(copy.node);
-                    let frame = if good.iter().all(|b| *b == 0) {
-                        link.call(tessera_proto::Request::Discard(range), &[])
-                            .await?
-                    } else {
-                        link.call(tessera_proto::Request::Write(range, &[]), &[&good])
-                            .await?
-                    };
-                    self.check_reply(&frame, link)?;
-                    rewritten += 1;
+                if same {
+                    continue;
                 }
+                let range = self.range(&piece, copy);
+                if good.iter().all(|b| *b == 0) {
+                    self.call(
+                        links,
+                        copy,
+                        tessera_proto::Request::Discard(range),
+                        &[],
+                        None,
+                    )
+                    .await?;
+                } else {
+                    self.call(
+                        links,
+                        copy,
+                        tessera_proto::Request::Write(range, &[]),
+                        &[&good],
+                        None,
+                    )
+                    .await?;
+                }
+                rewritten += 1;
             }
         }
+        // The copies agree in the page cache; they must agree on stable
+        // media before the log that names these extents is gone.
+        self.flush(links).await?;
         self.log_activity(Vec::new(), extents.to_vec()).await?;
         Ok(rewritten)
     }
+}
+
+/// The chunks of the activity-log `extents` that lie inside `vdisk`.
+pub(super) fn extent_chunks<'a>(
+    vdisk: &'a Vdisk,
+    extents: &'a [u64],
+) -> impl Iterator<Item = u64> + 'a {
+    let chunks = vdisk.size.div_ceil(vdisk.placement.chunk_size);
+    extents.iter().flat_map(move |e| {
+        let first = e.saturating_mul(ACTIVITY_EXTENT_CHUNKS);
+        let end = e
+            .saturating_add(1)
+            .saturating_mul(ACTIVITY_EXTENT_CHUNKS)
+            .min(chunks);
+        first..end.max(first)
+    })
 }

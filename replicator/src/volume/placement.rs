@@ -19,24 +19,27 @@
 //! copied its chunk.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_zone::records::{Disk, NodeStatus, Vdisk};
+use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Copy, CopyState, Inner, CURRENT, STALE};
-use crate::conn::{NodeAddr, NodeLink};
+use super::copies::{CopyHealth, CopyState};
+use super::{CopySlot, Inner};
+use crate::conn::NodeLink;
+use crate::link::{Connector, Link, NodeAddr};
 use crate::shm::SharedMemory;
 use crate::VolumeError;
 
 /// Which disks hold each group's copies, as of one placement version.
-pub(super) struct Layout {
+pub(crate) struct Layout {
     /// The zone's placement version this layout follows.
     pub(super) version: u64,
     /// Per placement group, the copies in placement order.
-    pub(super) groups: Vec<Vec<Copy>>,
+    pub(super) groups: Vec<Vec<CopySlot>>,
     /// Per placement group, the copy reads go to first (a local one if any).
     pub(super) read_first: Vec<usize>,
     /// Every copy slot of the placement (a disk's copies, and separately
@@ -63,10 +66,12 @@ impl Layout {
         // it is filled for has its own (stale until the move finishes).
         let mut located: HashMap<Uuid, (usize, bool)> = HashMap::new();
         let mut states: HashMap<(Uuid, Option<usize>), Arc<CopyState>> = HashMap::new();
+        let mut generations: HashMap<Uuid, Arc<AtomicU64>> = HashMap::new();
         if let Some(p) = previous {
             for (g, group) in p.groups.iter().enumerate() {
                 for c in group {
                     located.insert(c.disk, (c.node, c.local));
+                    generations.insert(c.disk, c.generation.clone());
                     let key = (c.disk, c.target.then_some(g));
                     states.insert(key, c.state.clone());
                 }
@@ -104,22 +109,24 @@ impl Layout {
                     .entry(key)
                     .or_insert_with(|| {
                         let initial = if target || vdisk.stale.contains(disk) {
-                            STALE
+                            CopyHealth::Stale
                         } else {
-                            CURRENT
+                            CopyHealth::Current
                         };
-                        Arc::new(CopyState(AtomicU8::new(initial)))
+                        Arc::new(CopyState::new(initial))
                     })
                     .clone();
                 if listed.insert(key) {
                     all.push((*disk, node, state.clone()));
                 }
-                copies.push(Copy {
+                let generation = generations.entry(*disk).or_default().clone();
+                copies.push(CopySlot {
                     disk: *disk,
                     node,
                     local,
                     target,
                     state,
+                    generation,
                 });
             }
             read_first.push(copies.iter().position(|c| c.local).unwrap_or(0));
@@ -140,7 +147,7 @@ impl Layout {
         (chunk % self.groups.len() as u64) as usize
     }
 
-    pub(super) fn group(&self, chunk: u64) -> &[Copy] {
+    pub(super) fn group(&self, chunk: u64) -> &[CopySlot] {
         &self.groups[self.group_index(chunk)]
     }
 
@@ -149,25 +156,20 @@ impl Layout {
         self.group(chunk).iter().any(|c| c.disk == disk)
     }
 
-    /// Disks with a copy slot whose state passes `keep`, each once, with
-    /// its node.
-    pub(super) fn disks_where(&self, keep: impl Fn(u8) -> bool) -> Vec<(Uuid, usize)> {
-        let mut out: Vec<(Uuid, usize)> = Vec::new();
-        for (d, n, st) in &self.disks {
-            if keep(st.get()) && !out.iter().any(|(x, _)| x == d) {
-                out.push((*d, *n));
+    /// One slot of every disk of the placement (for requests to the disk
+    /// as a whole: fence, flush), in placement order; a disk's own slot
+    /// rather than a move target's when it has both. Its health is the
+    /// disk's own unless the disk is only a move target.
+    pub(super) fn disk_slots(&self) -> Vec<CopySlot> {
+        let mut out: Vec<CopySlot> = Vec::new();
+        for c in self.groups.iter().flatten() {
+            match out.iter_mut().find(|x| x.disk == c.disk) {
+                Some(x) if x.target && !c.target => *x = c.clone(),
+                Some(_) => {}
+                None => out.push(c.clone()),
             }
         }
         out
-    }
-
-    /// Every copy slot of `disk` that is current or resyncing fails.
-    pub(super) fn fail_disk(&self, disk: Uuid) {
-        for (d, _, st) in &self.disks {
-            if *d == disk {
-                st.fail();
-            }
-        }
     }
 
     /// Every copy slot of `disk`.
@@ -212,12 +214,13 @@ pub(super) fn locator<'a>(
 
 /// One handle's connections, by node index; grows when a layout brings a
 /// node the handle has not talked to yet.
-pub(super) struct Links {
-    slots: std::sync::RwLock<Vec<Arc<NodeLink>>>,
+pub(crate) struct Links {
+    slots: std::sync::RwLock<Vec<Arc<Link>>>,
     addrs: Arc<std::sync::RwLock<Vec<NodeAddr>>>,
     shm: Arc<SharedMemory>,
     client: [u8; 16],
     timeout: Duration,
+    connector: Option<Arc<dyn Connector>>,
 }
 
 impl Links {
@@ -226,6 +229,7 @@ impl Links {
         shm: Arc<SharedMemory>,
         client: [u8; 16],
         timeout: Duration,
+        connector: Option<Arc<dyn Connector>>,
     ) -> Links {
         Links {
             slots: std::sync::RwLock::new(Vec::new()),
@@ -233,11 +237,12 @@ impl Links {
             shm,
             client,
             timeout,
+            connector,
         }
     }
 
     /// The (lazily connecting) link to node `node`.
-    pub(super) fn get(&self, node: usize) -> Arc<NodeLink> {
+    pub(crate) fn get(&self, node: usize) -> Arc<Link> {
         if let Some(link) = self.slots.read().expect("links poisoned").get(node) {
             return link.clone();
         }
@@ -245,18 +250,22 @@ impl Links {
         let addrs = self.addrs.read().expect("nodes poisoned");
         while slots.len() < addrs.len() {
             let addr = addrs[slots.len()].clone();
-            slots.push(Arc::new(NodeLink::new(
-                addr,
-                self.shm.clone(),
-                self.client,
-                self.timeout,
-            )));
+            let link = match &self.connector {
+                Some(c) => Link::Other(c.link(&addr, self.shm.clone(), self.client, self.timeout)),
+                None => Link::Net(NodeLink::new(
+                    addr,
+                    self.shm.clone(),
+                    self.client,
+                    self.timeout,
+                )),
+            };
+            slots.push(Arc::new(link));
         }
         slots[node].clone()
     }
 
     pub(super) async fn close_all(&self) {
-        let slots: Vec<Arc<NodeLink>> = self.slots.read().expect("links poisoned").clone();
+        let slots: Vec<Arc<Link>> = self.slots.read().expect("links poisoned").clone();
         for link in slots {
             link.close().await;
         }
@@ -267,12 +276,11 @@ impl Inner {
     /// Fetches the vDisk's placement from the zone and adopts it if it is
     /// newer than the layout's.
     pub(super) async fn refresh_placement(&self) -> Result<(), VolumeError> {
+        let zone = &self.config.zone;
         let view = self
-            .config
-            .api
-            .vdisk(&self.config.datastore, &self.config.name)
+            .zone_retry(|| zone.vdisk(&self.config.datastore, &self.config.name))
             .await
-            .map_err(|e| self.api_error(e))?;
+            .map_err(|e| self.zone_error(e))?;
         self.adopt(&view.vdisk).await
     }
 
@@ -289,9 +297,15 @@ impl Inner {
         let (disks, nodes) = if placed.is_subset(&known) {
             (Vec::new(), Vec::new())
         } else {
-            let api = &self.config.api;
-            let disks = api.disks().await.map_err(|e| self.api_error(e))?;
-            let nodes = api.nodes().await.map_err(|e| self.api_error(e))?;
+            let zone = &self.config.zone;
+            let disks = self
+                .zone_retry(|| zone.disks())
+                .await
+                .map_err(|e| self.zone_error(e))?;
+            let nodes = self
+                .zone_retry(|| zone.nodes())
+                .await
+                .map_err(|e| self.zone_error(e))?;
             (disks, nodes)
         };
         let layout = Layout::build(

@@ -21,19 +21,18 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tessera_proto::{ChunkRange, Request, VdiskRef};
-use tessera_zone::service::MarkClean;
+use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::copies::CopyHealth;
+use super::dirty::Cleaned;
+use super::scheme::Redundancy;
 use super::Links;
-use super::{stripe, Inner, CURRENT, STALE, SYNCING};
+use super::{stripe, CopySlot, Inner};
 use crate::layout::Piece;
 use crate::VolumeError;
-
-/// A disk's copy slot state, as the repair loop holds it.
-type Slot = (Uuid, Arc<super::CopyState>);
 
 /// How often stale copies are checked for a returning node.
 const PERIOD: Duration = Duration::from_millis(500);
@@ -72,47 +71,48 @@ impl Inner {
             if self.fenced.load(Ordering::Acquire) {
                 return;
             }
-            if let Err(e) = self.cool_extents().await {
+            if let Err(e) = self.cool_extents(&links).await {
                 tracing::warn!(error = %e, "cannot update the activity log");
             }
             // Taken after any placement change settled (see `adopt`), and
             // not held: a layout change must not wait for a whole resync.
-            let (stale, slots): (Vec<(Uuid, usize)>, Vec<Slot>) = {
+            let (stale, slots): (Vec<CopySlot>, Vec<CopySlot>) = {
                 let _settled = self.adopting.lock().await;
                 let layout = self.layout();
-                let slots = layout
-                    .disks
-                    .iter()
-                    .map(|(d, _, st)| (*d, st.clone()))
+                let slots: Vec<CopySlot> = layout.groups.iter().flatten().cloned().collect();
+                let stale = layout
+                    .disk_slots()
+                    .into_iter()
+                    .filter(|s| s.health() == CopyHealth::Stale)
                     .collect();
-                (layout.disks_where(|st| st == STALE), slots)
+                (stale, slots)
             };
-            for (disk, node) in &stale {
-                let mine: Vec<&Arc<super::CopyState>> = slots
-                    .iter()
-                    .filter(|(d, _)| d == disk)
-                    .map(|(_, st)| st)
-                    .collect();
+            for slot in &stale {
+                let mine: Vec<&CopySlot> = slots.iter().filter(|s| s.disk == slot.disk).collect();
+                // A request of ours still queued at the node from before the
+                // copy failed must not land after resync copied its chunk:
+                // fence with the next generation, which refuses it.
+                slot.generation.fetch_add(1, Ordering::AcqRel);
                 // Is its node back? Fencing it is both the probe and the
                 // first step: from now on it refuses every older writer.
-                if self.fence_one(&links, *disk, *node).await.is_err() {
+                if self.fence_one(&links, slot).await.is_err() {
                     continue;
                 }
                 // From now on writes to chunks it has go to it as well.
                 let mut syncing = false;
-                for st in &mine {
-                    syncing |=
-                        st.0.compare_exchange(STALE, SYNCING, Ordering::AcqRel, Ordering::Acquire)
-                            .is_ok();
+                for s in &mine {
+                    syncing |= s.state.begin_sync();
                 }
                 if !syncing {
                     continue;
                 }
+                let disk = slot.disk;
                 let started = Instant::now();
                 let before = self.resynced_chunks.load(Ordering::Relaxed);
                 let result = tokio::select! {
+                    biased;
                     _ = &mut stop => return,
-                    r = self.resync(&links, *disk, *node) => r,
+                    r = self.resync(&links, disk) => r,
                 };
                 let copied = self.resynced_chunks.load(Ordering::Relaxed) - before;
                 match result {
@@ -127,9 +127,11 @@ impl Inner {
                         tracing::warn!(%disk, chunks = copied, error = %e, "resync interrupted; will retry");
                         // It may have lost writes it took but did not make
                         // stable: record those dirty, and the copy stale.
-                        for st in &mine {
-                            st.fail();
+                        let layout = self.layout();
+                        for s in &mine {
+                            self.fail_slot(&layout, s);
                         }
+                        drop(layout);
                         if let Err(e) = self.record_dirty(&[]).await {
                             tracing::warn!(error = %e, "cannot record the interrupted copy stale");
                         }
@@ -139,29 +141,35 @@ impl Inner {
         }
     }
 
-    /// Raises the vDisk's epoch on one copy to ours.
-    pub(super) async fn fence_one(
+    /// Makes the chunks resync copied to `disk` stable, then records them
+    /// clean: a copy that loses power must not come back with chunks the
+    /// zone thinks it has.
+    async fn settle_copied(
         &self,
         links: &Links,
         disk: Uuid,
-        node: usize,
+        cleaned: &mut Vec<u64>,
     ) -> Result<(), VolumeError> {
-        let link = &*links.get(node);
-        let frame = link
-            .call(
-                Request::Fence(VdiskRef {
-                    vdisk: *self.vdisk.uuid.as_bytes(),
-                    disk: *disk.as_bytes(),
-                    epoch: self.epoch,
-                }),
-                &[],
-            )
-            .await?;
-        self.check_reply(&frame, link)
+        if cleaned.is_empty() {
+            return Ok(());
+        }
+        let slot = self
+            .layout()
+            .groups
+            .iter()
+            .flatten()
+            .find(|s| s.disk == disk)
+            .cloned();
+        let Some(slot) = slot else {
+            return Ok(());
+        };
+        self.flush_one(links, &slot).await?;
+        self.record_clean(disk, cleaned, false).await?;
+        Ok(())
     }
 
     /// Copies every dirty chunk of `disk`, then makes it current.
-    async fn resync(&self, links: &Links, disk: Uuid, node: usize) -> Result<(), VolumeError> {
+    async fn resync(&self, links: &Links, disk: Uuid) -> Result<(), VolumeError> {
         let chunk_size = self.vdisk.placement.chunk_size;
         let started = Instant::now();
         let mut copied_bytes = 0u64;
@@ -180,6 +188,22 @@ impl Inner {
                 self.check_fenced()?;
                 {
                     let _exclusive = self.stripes[stripe(c)].write().await;
+                    // Writes take the stripe lock only in groups with a
+                    // copy that is not current: a chunk whose group still
+                    // has this disk's copy current cannot be copied safely.
+                    // Fail that copy first (resync then comes back to it).
+                    let layout = self.layout();
+                    if let Some(slot) = layout
+                        .group(c)
+                        .iter()
+                        .find(|s| s.disk == disk && s.health() == CopyHealth::Current)
+                    {
+                        self.fail_slot(&layout, slot);
+                        return Err(VolumeError::Placement(format!(
+                            "chunk {c} is dirty for disk {disk} while its copy there is current"
+                        )));
+                    }
+                    drop(layout);
                     let still_dirty = self
                         .dirty
                         .lock()
@@ -190,7 +214,7 @@ impl Inner {
                     if !still_dirty {
                         continue;
                     }
-                    if let Err(e) = self.copy_chunk(links, c, disk, node).await {
+                    if let Err(e) = self.scheme.rebuild_chunk(self, links, c, disk).await {
                         self.dirty
                             .lock()
                             .expect("dirty poisoned")
@@ -212,11 +236,11 @@ impl Inner {
                     tokio::time::sleep(wait).await;
                 }
                 if cleaned.len() >= CLEAN_BATCH || last_clean.elapsed() > Duration::from_secs(1) {
-                    self.record_clean(disk, &mut cleaned, false).await?;
+                    self.settle_copied(links, disk, &mut cleaned).await?;
                     last_clean = Instant::now();
                 }
             }
-            self.record_clean(disk, &mut cleaned, false).await?;
+            self.settle_copied(links, disk, &mut cleaned).await?;
             // Nothing left? Switch the copy to current with every degraded
             // write held back, so none can slip between the check and the switch.
             let mut barrier = Vec::with_capacity(self.stripes.len());
@@ -231,11 +255,29 @@ impl Inner {
             if !clean {
                 continue;
             }
-            self.flush_one(links, disk, node).await?;
-            let vdisk = self.record_clean(disk, &mut Vec::new(), true).await?;
-            // Every copy slot of the disk: its own, and a move target's.
-            for st in self.layout().slots(disk) {
-                st.0.store(CURRENT, Ordering::Release);
+            let layout = self.layout();
+            let slots: Vec<CopySlot> = layout
+                .groups
+                .iter()
+                .flatten()
+                .filter(|s| s.disk == disk)
+                .cloned()
+                .collect();
+            drop(layout);
+            let Some(first) = slots.first() else {
+                // The disk left the placement meanwhile.
+                return Ok(());
+            };
+            self.flush_one(links, first).await?;
+            let vdisk = match self.record_clean(disk, &mut Vec::new(), true).await? {
+                Cleaned::Recorded(v) => Some(v),
+                Cleaned::StillDirty => continue,
+                Cleaned::Nothing => None,
+            };
+            // Every copy slot of the disk: its own, and a move target's. A
+            // slot that failed meanwhile stays failing.
+            for s in &slots {
+                s.state.mark_current();
             }
             self.dirty
                 .lock()
@@ -249,88 +291,6 @@ impl Inner {
             }
             return Ok(());
         }
-    }
-
-    /// Copies chunk `c` from a current copy to `disk`.
-    async fn copy_chunk(
-        &self,
-        links: &Links,
-        c: u64,
-        disk: Uuid,
-        node: usize,
-    ) -> Result<(), VolumeError> {
-        let chunk_size = self.vdisk.placement.chunk_size;
-        let start = c * chunk_size;
-        if start >= self.vdisk.size {
-            return Ok(());
-        }
-        let len = chunk_size.min(self.vdisk.size - start) as u32;
-        let piece = Piece {
-            chunk: c,
-            offset: 0,
-            len,
-        };
-        let mut buf = vec![0u8; len as usize];
-        self.read_piece(links, piece, &mut [&mut buf[..]], None)
-            .await?;
-        let range = ChunkRange {
-            vdisk: *self.vdisk.uuid.as_bytes(),
-            disk: *disk.as_bytes(),
-            chunk: c,
-            offset: 0,
-            len,
-            epoch: self.epoch,
-        };
-        let link = &*links.get(node);
-        // A chunk of zeros is discarded, not written: the copy stays thin.
-        let frame = if buf.iter().all(|b| *b == 0) {
-            link.call(Request::Discard(range), &[]).await?
-        } else {
-            link.call(Request::Write(range, &[]), &[&buf]).await?
-        };
-        self.check_reply(&frame, link)
-    }
-
-    /// Records in the zone that `chunks` of `disk` are clean (those no write
-    /// dirtied again meanwhile); with `complete`, that the copy is current.
-    async fn record_clean(
-        &self,
-        disk: Uuid,
-        chunks: &mut Vec<u64>,
-        complete: bool,
-    ) -> Result<Option<tessera_zone::records::Vdisk>, VolumeError> {
-        if chunks.is_empty() && !complete {
-            return Ok(None);
-        }
-        let _one = self.recording.lock().await;
-        let clean: Vec<u64> = {
-            let d = self.dirty.lock().expect("dirty poisoned");
-            chunks
-                .iter()
-                .copied()
-                .filter(|c| {
-                    !d.known.get(&disk).is_some_and(|k| k.contains(c))
-                        && !d.pending.contains(&(disk, *c))
-                })
-                .collect()
-        };
-        chunks.clear();
-        let vdisk = self
-            .config
-            .api
-            .mark_clean(
-                &self.config.datastore,
-                &self.config.name,
-                &MarkClean {
-                    session: self.session,
-                    disk,
-                    chunks: clean,
-                    complete,
-                },
-            )
-            .await
-            .map_err(|e| self.api_error(e))?;
-        Ok(Some(vdisk))
     }
 }
 
@@ -350,9 +310,9 @@ pub struct ScrubReport {
 }
 
 impl Inner {
-    /// Reads every chunk from every current copy and compares them. A copy
-    /// whose checksum fails, or whose data differs from the first good copy,
-    /// is recorded dirty for that chunk: resync rewrites it.
+    /// Verifies every chunk of every current copy (see the scheme's
+    /// `scrub_chunk`). A bad copy is recorded dirty for that chunk (resync
+    /// rewrites it), unless no copy of the chunk is good.
     pub(super) async fn scrub(&self, links: &Links) -> Result<ScrubReport, VolumeError> {
         let chunk_size = self.vdisk.placement.chunk_size;
         let chunks = self.vdisk.size.div_ceil(chunk_size);
@@ -360,63 +320,25 @@ impl Inner {
         let mut report = ScrubReport::default();
         for c in 0..chunks {
             self.check_fenced()?;
-            let start = c * chunk_size;
-            let len = chunk_size.min(self.vdisk.size - start) as u32;
-            let piece = Piece {
-                chunk: c,
-                offset: 0,
-                len,
-            };
-            let layout = self.layout();
-            let copies = layout.group(c);
-            let mut first: Option<Vec<u8>> = None;
-            let mut bad: Vec<Uuid> = Vec::new();
-            for (i, copy) in copies.iter().enumerate() {
-                if copy.state.get() != CURRENT {
-                    continue;
-                }
-                let mut buf = vec![0u8; len as usize];
-                let read = self
-                    .read_piece(links, piece, &mut [&mut buf[..]], Some(i))
-                    .await;
-                report.bytes_read += len as u64;
-                match read {
-                    Ok(()) => match &first {
-                        None => first = Some(buf),
-                        Some(good) if *good != buf => {
-                            tracing::warn!(chunk = c, disk = %copy.disk, "scrub: copy differs");
-                            report.mismatches.push((copy.disk, c));
-                            bad.push(copy.disk);
-                        }
-                        Some(_) => {}
-                    },
-                    Err(VolumeError::Node {
-                        status: tessera_proto::Status::Checksum,
-                        ..
-                    }) => {
-                        tracing::warn!(chunk = c, disk = %copy.disk, "scrub: checksum failed");
-                        report.checksum_errors.push((copy.disk, c));
-                        bad.push(copy.disk);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let bad = self.scheme.scrub_chunk(self, links, c, &mut report).await?;
             report.chunks += 1;
-            if first.is_some() && !bad.is_empty() {
+            let layout = self.layout();
+            let current = layout
+                .group(c)
+                .iter()
+                .filter(|s| s.health() == CopyHealth::Current)
+                .count();
+            if !bad.is_empty() && bad.len() < current {
                 let _exclusive = self.stripes[stripe(c)].write().await;
-                for d in &bad {
-                    if let Some(copy) = copies.iter().find(|x| x.disk == *d) {
-                        let _ = copy.state.0.compare_exchange(
-                            CURRENT,
-                            super::FAILING,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
-                    }
+                for s in layout.group(c).iter().filter(|s| bad.contains(&s.disk)) {
+                    self.fail_slot(&layout, s);
                 }
+                drop(layout);
                 let missed: Vec<(Uuid, u64)> = bad.iter().map(|d| (*d, c)).collect();
                 self.record_dirty(&missed).await?;
                 report.repaired += bad.len() as u64;
+            } else if !bad.is_empty() {
+                tracing::error!(chunk = c, "scrub: no copy of this chunk is good");
             }
             let due = Duration::from_secs_f64(
                 report.bytes_read as f64 / self.config.repair_bandwidth.max(1) as f64,
@@ -426,5 +348,17 @@ impl Inner {
             }
         }
         Ok(report)
+    }
+
+    /// The piece covering all of `chunk` (shorter for the last chunk).
+    pub(crate) fn whole_chunk(&self, chunk: u64) -> Piece {
+        let chunk_size = self.vdisk.placement.chunk_size;
+        let start = chunk * chunk_size;
+        let len = chunk_size.min(self.vdisk.size.saturating_sub(start)) as u32;
+        Piece {
+            chunk,
+            offset: 0,
+            len,
+        }
     }
 }

@@ -1,0 +1,422 @@
+//! Mirroring: every copy of a chunk holds the same bytes.
+//!
+//! - A read goes to one current copy (a local one first) and fails over to
+//!   the next; copies whose checksums fail are handed to resync.
+//! - A mutation goes to every copy that takes writes, with one payload crc
+//!   for all of them; the [`WriteTracker`] decides when it is acknowledged.
+//!   If a node refuses the payload (the guest changed the buffer in
+//!   flight), the data is copied once into a private buffer and sent again
+//!   to every copy, so all copies end up with the same bytes.
+//! - Rebuild copies the chunk from a current copy; a chunk of zeros is
+//!   discarded (the copy stays thin).
+//! - Scrub reads every current copy and compares: checksum failures are
+//!   bad; among copies that differ, the majority wins, and a tie goes to
+//!   the copy reads are served from (what the guest has seen).
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use tessera_proto::{ChunkRange, Request, Status};
+use uuid::Uuid;
+
+use super::copies::CopyHealth;
+use super::dirty::ForkState;
+use super::placement::Links;
+use super::repair::ScrubReport;
+use super::scheme::Redundancy;
+use super::tracker::{Answer, Decision, WriteTracker};
+use super::{stripe, CopySlot, Inner};
+use crate::layout::Piece;
+use crate::VolumeError;
+
+/// The mirroring scheme.
+pub(crate) struct Mirror;
+
+/// What a mutation does to a piece.
+#[derive(Clone, Copy)]
+enum Mutation<'a> {
+    Write(&'a [&'a [u8]]),
+    Zero { discard: bool },
+}
+
+impl Mirror {
+    /// Sends a mutation of one piece to every copy that takes writes.
+    /// Copies that fail are recorded stale, and the chunk dirty for every
+    /// copy that did not get it, before the mutation is acknowledged; it is
+    /// acknowledged only if at least the policy's minimum of current copies
+    /// hold it. Below that minimum it waits (bounded, without its stripe
+    /// lock, so resync can bring a copy back) and then fails.
+    async fn update_piece(
+        &self,
+        v: &Inner,
+        links: &Links,
+        fork: &ForkState,
+        p: Piece,
+        op: Mutation<'_>,
+    ) -> Result<(), VolumeError> {
+        let _active = v.enter_extent(p.chunk).await?;
+        // Held to the end: a layout change waits for this write.
+        let layout = v.layout();
+        let copies = layout.group(p.chunk);
+        let group = layout.group_index(p.chunk);
+        // With a copy missing, exclude resync of this chunk while we write it.
+        let degraded = copies.iter().any(|c| c.health() != CopyHealth::Current);
+        let mut exclusion = if degraded {
+            Some(v.stripes[stripe(p.chunk)].read().await)
+        } else {
+            None
+        };
+        let deadline = tokio::time::Instant::now() + v.config.degraded_wait;
+        let mut tracker = WriteTracker::new();
+        // A stable copy of the data, once a node saw it change in flight.
+        let mut private: Option<Vec<u8>> = None;
+        loop {
+            let targets: Vec<&CopySlot> = copies
+                .iter()
+                .filter(|c| !tracker.holds(c.disk))
+                .filter(|c| match c.health() {
+                    CopyHealth::Current => true,
+                    // Under the stripe lock, so resync cannot be copying
+                    // this chunk: a copy that has it gets the write too.
+                    CopyHealth::Syncing => !v.is_dirty(c.disk, p.chunk),
+                    _ => false,
+                })
+                .collect();
+            let stable: [&[u8]; 1];
+            let payload: &[&[u8]] = match (op, &private) {
+                (Mutation::Write(_), Some(buf)) => {
+                    stable = [buf];
+                    &stable
+                }
+                (Mutation::Write(data), None) => data,
+                (Mutation::Zero { .. }, _) => &[],
+            };
+            // The payload's checksum, once for every copy. A write to one
+            // copy leaves it to the connection: a local session's node
+            // checksums its own private copy of the data instead.
+            let crc = (!payload.is_empty() && (targets.len() > 1 || private.is_some()))
+                .then(|| crate::conn::payload_crc(payload));
+            let results = join_all(targets.iter().map(|c| {
+                let range = v.range(&p, c);
+                let req = match op {
+                    Mutation::Write(_) => Request::Write(range, &[]),
+                    Mutation::Zero { discard: true } => Request::Discard(range),
+                    Mutation::Zero { discard: false } => Request::WriteZeroes(range),
+                };
+                v.call(links, c, req, payload, crc)
+            }))
+            .await;
+            let mut fenced = None;
+            let mut changed_in_flight = false;
+            for (c, r) in targets.iter().zip(results) {
+                match r {
+                    Ok(()) => tracker.record(c.disk, Answer::Held),
+                    Err(e @ VolumeError::Fenced { .. }) => fenced = Some(e),
+                    Err(VolumeError::Node {
+                        status: Status::BadPayload,
+                        ..
+                    }) if private.is_none() => {
+                        tracker.record(c.disk, Answer::Refused);
+                        changed_in_flight = true;
+                    }
+                    // Refused whole: the copy wrote nothing and is as it was.
+                    Err(
+                        e @ VolumeError::Node {
+                            status: Status::BadPayload | Status::NoSpace,
+                            ..
+                        },
+                    ) => {
+                        tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy refused a write");
+                        tracker.record(c.disk, Answer::Refused);
+                    }
+                    Err(e) => {
+                        tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy missed a write");
+                        tracker.record(c.disk, Answer::Failed);
+                        v.fail_slot(&layout, c);
+                    }
+                }
+            }
+            if let Some(e) = fenced {
+                return Err(e);
+            }
+            if changed_in_flight {
+                // The guest rewrote the buffer while it was in flight: send
+                // one stable copy to every copy, those that took the first
+                // version included, so they cannot differ.
+                if let Mutation::Write(data) = op {
+                    private = Some(data.concat());
+                    tracker = WriteTracker::new();
+                    continue;
+                }
+            }
+            let states: Vec<(Uuid, CopyHealth)> =
+                copies.iter().map(|c| (c.disk, c.health())).collect();
+            match tracker.decide(&states, v.min_copies) {
+                Decision::Acknowledge => break,
+                Decision::Short { current } => {
+                    if tokio::time::Instant::now() >= deadline {
+                        // A copy that refused it lacks what others took.
+                        if tracker.holders().next().is_some() {
+                            for c in copies
+                                .iter()
+                                .filter(|c| tracker.refusers().any(|d| d == c.disk))
+                            {
+                                v.fail_slot(&layout, c);
+                            }
+                        }
+                        let states: Vec<(Uuid, CopyHealth)> =
+                            copies.iter().map(|c| (c.disk, c.health())).collect();
+                        let missed: Vec<(Uuid, u64)> = tracker
+                            .missed_on_failure(&states)
+                            .into_iter()
+                            .map(|d| (d, p.chunk))
+                            .collect();
+                        if let Err(e) = v.record_dirty(&missed).await {
+                            tracing::warn!(error = %e, "cannot record copies that missed a failed write");
+                        }
+                        return Err(VolumeError::Degraded {
+                            group,
+                            current,
+                            needed: v.min_copies,
+                        });
+                    }
+                }
+            }
+            // Below the policy's minimum: let resync take this chunk
+            // meanwhile; it works on copies the zone knows stale, so record
+            // the ones that just failed.
+            drop(exclusion.take());
+            if let Err(e @ VolumeError::Fenced { .. }) = v.record_dirty(&[]).await {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            exclusion = Some(v.stripes[stripe(p.chunk)].read().await);
+        }
+        // Copies that refused it lack it: they are no longer current.
+        for c in copies
+            .iter()
+            .filter(|c| tracker.refusers().any(|d| d == c.disk))
+        {
+            v.fail_slot(&layout, c);
+        }
+        // Noted before the states are read again: a copy failing from now
+        // on takes this chunk into its dirty set itself (see `dirty`).
+        v.note_unflushed(fork, p.chunk);
+        let states: Vec<(Uuid, CopyHealth)> = copies.iter().map(|c| (c.disk, c.health())).collect();
+        let missed: Vec<(Uuid, u64)> = tracker
+            .missed_on_ack(&states)
+            .into_iter()
+            .map(|d| (d, p.chunk))
+            .collect();
+        v.record_dirty(&missed).await
+    }
+
+    /// Reads every current copy of `chunk` (bounded by the vDisk size).
+    async fn read_copies(
+        &self,
+        v: &Inner,
+        links: &Links,
+        chunk: u64,
+        report: &mut ScrubReport,
+    ) -> Result<Vec<(Uuid, Result<Vec<u8>, VolumeError>)>, VolumeError> {
+        let piece = v.whole_chunk(chunk);
+        let layout = v.layout();
+        let mut out = Vec::new();
+        for (i, copy) in layout.group(chunk).iter().enumerate() {
+            if copy.health() != CopyHealth::Current {
+                continue;
+            }
+            let mut buf = vec![0u8; piece.len as usize];
+            let read = self
+                .read_piece(v, links, piece, &mut [&mut buf[..]], Some(i))
+                .await;
+            report.bytes_read += piece.len as u64;
+            match read {
+                Ok(()) => out.push((copy.disk, Ok(buf))),
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e) => out.push((copy.disk, Err(e))),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Redundancy for Mirror {
+    async fn read_piece(
+        &self,
+        v: &Inner,
+        links: &Links,
+        p: Piece,
+        out: &mut [&mut [u8]],
+        only: Option<usize>,
+    ) -> Result<(), VolumeError> {
+        let layout = v.layout();
+        let copies = layout.group(p.chunk);
+        if only.is_some_and(|c| c >= copies.len()) {
+            return Err(VolumeError::NoSuchCopy(only.unwrap_or(0)));
+        }
+        let first = match only {
+            Some(c) => c,
+            None => layout.read_first[layout.group_index(p.chunk)],
+        };
+        let tries = if only.is_some() { 1 } else { copies.len() };
+        let mut last_err = None;
+        let mut corrupt: Vec<&CopySlot> = Vec::new();
+        for i in 0..tries {
+            let c = &copies[(first + i) % copies.len()];
+            if only.is_none() && c.health() != CopyHealth::Current {
+                continue;
+            }
+            let range = v.range(&p, c);
+            let link = links.get(c.node);
+            let result = match link.read(Request::Read(range), out).await {
+                Ok(reply) => v.check_reply(&reply, &link),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => {
+                    if !corrupt.is_empty() {
+                        // The copies whose checksums failed are repaired by
+                        // resync: dirty for this chunk, stale until rewritten.
+                        for c in &corrupt {
+                            v.fail_slot(&layout, c);
+                        }
+                        let missed: Vec<(Uuid, u64)> =
+                            corrupt.iter().map(|c| (c.disk, p.chunk)).collect();
+                        if let Err(e) = v.record_dirty(&missed).await {
+                            tracing::warn!(error = %e, "cannot record a corrupt copy for repair");
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e @ VolumeError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "read from copy failed");
+                    if matches!(
+                        e,
+                        VolumeError::Node {
+                            status: Status::Checksum,
+                            ..
+                        }
+                    ) && only.is_none()
+                    {
+                        corrupt.push(c);
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or(VolumeError::Degraded {
+            group: layout.group_index(p.chunk),
+            current: 0,
+            needed: 1,
+        }))
+    }
+
+    async fn write_piece(
+        &self,
+        v: &Inner,
+        links: &Links,
+        fork: &ForkState,
+        p: Piece,
+        data: &[&[u8]],
+    ) -> Result<(), VolumeError> {
+        self.update_piece(v, links, fork, p, Mutation::Write(data))
+            .await
+    }
+
+    async fn zero_piece(
+        &self,
+        v: &Inner,
+        links: &Links,
+        fork: &ForkState,
+        p: Piece,
+        discard: bool,
+    ) -> Result<(), VolumeError> {
+        self.update_piece(v, links, fork, p, Mutation::Zero { discard })
+            .await
+    }
+
+    async fn rebuild_chunk(
+        &self,
+        v: &Inner,
+        links: &Links,
+        chunk: u64,
+        disk: Uuid,
+    ) -> Result<(), VolumeError> {
+        let piece = v.whole_chunk(chunk);
+        if piece.len == 0 {
+            return Ok(());
+        }
+        let layout = v.layout();
+        let Some(slot) = layout.group(chunk).iter().find(|c| c.disk == disk) else {
+            // The disk no longer holds this chunk's group: nothing to do.
+            return Ok(());
+        };
+        // The whole extent, zeros past the end of the vDisk: a node that
+        // doubts a chunk (a damaged record) trusts it again only once it
+        // is rewritten whole.
+        let full = Piece {
+            len: v.vdisk.placement.chunk_size as u32,
+            ..piece
+        };
+        let mut buf = vec![0u8; full.len as usize];
+        self.read_piece(v, links, piece, &mut [&mut buf[..piece.len as usize]], None)
+            .await?;
+        let range: ChunkRange = v.range(&full, slot);
+        // A chunk of zeros is discarded, not written: the copy stays thin.
+        if buf.iter().all(|b| *b == 0) {
+            v.call(links, slot, Request::Discard(range), &[], None)
+                .await
+        } else {
+            v.call(links, slot, Request::Write(range, &[]), &[&buf], None)
+                .await
+        }
+    }
+
+    async fn scrub_chunk(
+        &self,
+        v: &Inner,
+        links: &Links,
+        chunk: u64,
+        report: &mut ScrubReport,
+    ) -> Result<Vec<Uuid>, VolumeError> {
+        let read = self.read_copies(v, links, chunk, report).await?;
+        let mut bad = Vec::new();
+        let mut good: Vec<(Uuid, Vec<u8>)> = Vec::new();
+        for (disk, r) in read {
+            match r {
+                Ok(data) => good.push((disk, data)),
+                Err(VolumeError::Node {
+                    status: Status::Checksum,
+                    ..
+                }) => {
+                    tracing::warn!(chunk, %disk, "scrub: checksum failed");
+                    report.checksum_errors.push((disk, chunk));
+                    bad.push(disk);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Which content is right: the one most copies hold; on a tie, the
+        // one reads are served from.
+        let layout = v.layout();
+        let copies = layout.group(chunk);
+        let preferred = copies[layout.read_first[layout.group_index(chunk)]].disk;
+        let votes = |data: &Vec<u8>| good.iter().filter(|(_, d)| d == data).count();
+        let winner = good
+            .iter()
+            .max_by_key(|(disk, data)| (votes(data), *disk == preferred))
+            .map(|(_, data)| data.clone());
+        if let Some(winner) = winner {
+            for (disk, data) in &good {
+                if *data != winner {
+                    tracing::warn!(chunk, %disk, "scrub: copy differs from the majority");
+                    report.mismatches.push((*disk, chunk));
+                    bad.push(*disk);
+                }
+            }
+        }
+        Ok(bad)
+    }
+}

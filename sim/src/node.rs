@@ -1,0 +1,703 @@
+//! Simulated storage nodes: a chunk store in memory with a page cache that
+//! a power loss can tear, reached through [`NodeIo`] with delays, freezes
+//! and crashes.
+//!
+//! A node keeps, per disk, the *durable* content of every chunk and the
+//! writes since the disk's last flush (the page cache). Reads see both.
+//! `kill -9` of the node (a crash) keeps the page cache; a power loss
+//! keeps an arbitrary subset of those writes, block by block (a 4 KiB block
+//! is old, new, or torn — a torn block fails its checksum, as the real
+//! chunk store's crc makes it). Fences are durable when answered.
+//!
+//! A request runs as its own task: it sleeps a random delay (reordering
+//! requests), waits while the node is frozen, and is dropped if the node
+//! crashed meanwhile. Its caller stops waiting after the I/O timeout, but
+//! the request stays queued and may still run later — the case that makes
+//! late writes land after a resync.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tessera_proto::{Request, Status};
+use tessera_replicator::{ConnError, Connector, NodeAddr, NodeIo, Reply, SharedMemory};
+use uuid::Uuid;
+
+use crate::rng::Rng;
+
+/// Bytes of a checksummed block.
+pub const BLOCK: u64 = 4096;
+
+/// One chunk of one vDisk on one disk.
+#[derive(Debug, Clone)]
+struct Chunk {
+    data: Vec<u8>,
+    /// Blocks whose checksum fails.
+    torn: BTreeSet<u64>,
+}
+
+impl Chunk {
+    fn new(chunk_size: u64) -> Self {
+        Chunk {
+            data: vec![0; chunk_size as usize],
+            torn: BTreeSet::new(),
+        }
+    }
+}
+
+/// A mutation in a disk's page cache.
+#[derive(Debug, Clone)]
+struct Pending {
+    vdisk: Uuid,
+    chunk: u64,
+    offset: u64,
+    /// `None`: zeros (discard or write-zeroes).
+    data: Option<Vec<u8>>,
+    len: u64,
+    /// A discard of the whole chunk frees it.
+    frees: bool,
+}
+
+#[derive(Debug, Default)]
+struct SimDisk {
+    epochs: BTreeMap<Uuid, u64>,
+    durable: BTreeMap<(Uuid, u64), Chunk>,
+    cache: Vec<Pending>,
+    /// Chunks the disk may hold at most (`NoSpace` beyond).
+    capacity_chunks: u64,
+}
+
+impl SimDisk {
+    fn apply(chunks: &mut BTreeMap<(Uuid, u64), Chunk>, p: &Pending, chunk_size: u64) {
+        if p.frees {
+            chunks.remove(&(p.vdisk, p.chunk));
+            return;
+        }
+        let c = chunks
+            .entry((p.vdisk, p.chunk))
+            .or_insert_with(|| Chunk::new(chunk_size));
+        let range = p.offset as usize..(p.offset + p.len) as usize;
+        match &p.data {
+            Some(d) => c.data[range].copy_from_slice(d),
+            None => c.data[range].fill(0),
+        }
+        // Whole blocks rewritten are whole again.
+        let first = p.offset.div_ceil(BLOCK);
+        let end = (p.offset + p.len) / BLOCK;
+        for b in first..end {
+            c.torn.remove(&b);
+        }
+    }
+
+    /// The chunk as reads see it (durable content and page cache).
+    fn view(&self, vdisk: Uuid, chunk: u64, chunk_size: u64) -> Option<Chunk> {
+        let mut one: BTreeMap<(Uuid, u64), Chunk> = BTreeMap::new();
+        if let Some(c) = self.durable.get(&(vdisk, chunk)) {
+            one.insert((vdisk, chunk), c.clone());
+        }
+        for p in self
+            .cache
+            .iter()
+            .filter(|p| p.vdisk == vdisk && p.chunk == chunk)
+        {
+            Self::apply(&mut one, p, chunk_size);
+        }
+        one.remove(&(vdisk, chunk))
+    }
+
+    fn allocated(&self) -> BTreeSet<(Uuid, u64)> {
+        let mut all: BTreeSet<(Uuid, u64)> = self.durable.keys().copied().collect();
+        for p in &self.cache {
+            if p.frees {
+                all.remove(&(p.vdisk, p.chunk));
+            } else {
+                all.insert((p.vdisk, p.chunk));
+            }
+        }
+        all
+    }
+
+    fn flush(&mut self, chunk_size: u64) {
+        for p in std::mem::take(&mut self.cache) {
+            Self::apply(&mut self.durable, &p, chunk_size);
+        }
+    }
+
+    /// Power loss: each cached write survives whole, partly (block by
+    /// block, a block torn in between), or not at all, in any order.
+    fn lose_power(&mut self, rng: &mut Rng, chunk_size: u64) {
+        let mut cache = std::mem::take(&mut self.cache);
+        // Write-back goes in any order.
+        for i in (1..cache.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            cache.swap(i, j);
+        }
+        for p in cache {
+            match rng.below(3) {
+                0 => {}
+                1 => Self::apply(&mut self.durable, &p, chunk_size),
+                _ => {
+                    if p.frees {
+                        if rng.chance(500) {
+                            Self::apply(&mut self.durable, &p, chunk_size);
+                        }
+                        continue;
+                    }
+                    // Block by block.
+                    let first = p.offset / BLOCK;
+                    let last = (p.offset + p.len).div_ceil(BLOCK);
+                    for b in first..last {
+                        let lo = (b * BLOCK).max(p.offset);
+                        let hi = ((b + 1) * BLOCK).min(p.offset + p.len);
+                        match rng.below(3) {
+                            0 => {}
+                            1 => {
+                                let part = Pending {
+                                    offset: lo,
+                                    len: hi - lo,
+                                    data: p.data.as_ref().map(|d| {
+                                        d[(lo - p.offset) as usize..(hi - p.offset) as usize]
+                                            .to_vec()
+                                    }),
+                                    ..p.clone()
+                                };
+                                Self::apply(&mut self.durable, &part, chunk_size);
+                            }
+                            _ => {
+                                let c = self
+                                    .durable
+                                    .entry((p.vdisk, p.chunk))
+                                    .or_insert_with(|| Chunk::new(chunk_size));
+                                c.torn.insert(b);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Faults a node is under.
+#[derive(Debug, Default)]
+struct NodeState {
+    up: bool,
+    /// Bumped by every crash: requests of an earlier life are dropped.
+    incarnation: u64,
+    frozen: bool,
+    /// Longest random delay before a request runs.
+    max_delay: Duration,
+    /// Requests refused with `BadPayload` (a payload changed in flight), per mille.
+    bad_payload: u64,
+    /// The last write refused so: its resend (from a stable buffer) passes.
+    refused: Option<(Uuid, u64, u64)>,
+    rng: Rng,
+    disks: BTreeMap<Uuid, SimDisk>,
+    chunk_size: u64,
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng::new(0)
+    }
+}
+
+/// One simulated storage node.
+pub struct SimNode {
+    pub uuid: Uuid,
+    pub addr: String,
+    state: Mutex<NodeState>,
+    resumed: tokio::sync::Notify,
+}
+
+/// A request with its data, owned (it outlives its caller's wait).
+enum Op {
+    Read {
+        vdisk: Uuid,
+        disk: Uuid,
+        chunk: u64,
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        vdisk: Uuid,
+        disk: Uuid,
+        chunk: u64,
+        offset: u64,
+        data: Vec<u8>,
+        epoch: u64,
+    },
+    Zero {
+        vdisk: Uuid,
+        disk: Uuid,
+        chunk: u64,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    },
+    Flush {
+        disk: Uuid,
+    },
+    Fence {
+        vdisk: Uuid,
+        disk: Uuid,
+        epoch: u64,
+    },
+    Other,
+}
+
+impl SimNode {
+    pub fn new(
+        uuid: Uuid,
+        addr: String,
+        disks: &[Uuid],
+        capacity_chunks: u64,
+        chunk_size: u64,
+        seed: u64,
+    ) -> Arc<SimNode> {
+        let disks = disks
+            .iter()
+            .map(|d| {
+                (
+                    *d,
+                    SimDisk {
+                        capacity_chunks,
+                        ..SimDisk::default()
+                    },
+                )
+            })
+            .collect();
+        Arc::new(SimNode {
+            uuid,
+            addr,
+            state: Mutex::new(NodeState {
+                up: true,
+                rng: Rng::new(seed),
+                disks,
+                chunk_size,
+                ..NodeState::default()
+            }),
+            resumed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, NodeState> {
+        self.state.lock().expect("node state poisoned")
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state().up
+    }
+
+    /// `kill -9`: the page cache survives; queued requests are dropped.
+    pub fn crash(&self) {
+        let mut s = self.state();
+        s.up = false;
+        s.incarnation += 1;
+        s.frozen = false;
+        drop(s);
+        self.resumed.notify_waiters();
+    }
+
+    /// The machine loses power: unflushed writes survive in part, torn.
+    pub fn lose_power(&self) {
+        let mut s = self.state();
+        s.up = false;
+        s.incarnation += 1;
+        s.frozen = false;
+        let chunk_size = s.chunk_size;
+        let mut rng = s.rng.fork();
+        for d in s.disks.values_mut() {
+            d.lose_power(&mut rng, chunk_size);
+        }
+        drop(s);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn restart(&self) {
+        self.state().up = true;
+    }
+
+    /// SIGSTOP: requests wait (their callers time out) and run on resume.
+    pub fn freeze(&self) {
+        self.state().frozen = true;
+    }
+
+    pub fn resume(&self) {
+        self.state().frozen = false;
+        self.resumed.notify_waiters();
+    }
+
+    pub fn set_delay(&self, max: Duration) {
+        self.state().max_delay = max;
+    }
+
+    pub fn set_bad_payload(&self, per_mille: u64) {
+        self.state().bad_payload = per_mille;
+    }
+
+    /// Flips bits in one block of one chunk's stored data: its checksum
+    /// fails from now on. `whole_chunk`: the chunk's extent record is
+    /// damaged instead, so no block of it is trusted.
+    pub fn corrupt(&self, disk: Uuid, vdisk: Uuid, chunk: u64, block: u64, whole_chunk: bool) {
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return;
+        };
+        d.flush(chunk_size);
+        if let Some(c) = d.durable.get_mut(&(vdisk, chunk)) {
+            if whole_chunk {
+                c.torn.extend(0..chunk_size / BLOCK);
+            } else {
+                c.torn.insert(block % (chunk_size / BLOCK));
+            }
+        }
+    }
+
+    /// Chunks of `vdisk` this node stores on `disk`.
+    pub fn chunks(&self, disk: Uuid, vdisk: Uuid) -> Vec<u64> {
+        let s = self.state();
+        s.disks
+            .get(&disk)
+            .map(|d| {
+                d.allocated()
+                    .into_iter()
+                    .filter(|(v, _)| *v == vdisk)
+                    .map(|(_, c)| c)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What a read of the whole chunk returns on `disk` (`None`: a block fails
+    /// its checksum).
+    pub fn peek(&self, disk: Uuid, vdisk: Uuid, chunk: u64) -> Option<Vec<u8>> {
+        let s = self.state();
+        let chunk_size = s.chunk_size;
+        let d = s.disks.get(&disk)?;
+        match d.view(vdisk, chunk, chunk_size) {
+            None => Some(vec![0; chunk_size as usize]),
+            Some(c) if c.torn.is_empty() => Some(c.data),
+            Some(_) => None,
+        }
+    }
+
+    pub fn disks(&self) -> Vec<Uuid> {
+        self.state().disks.keys().copied().collect()
+    }
+
+    /// Runs one request as the node would.
+    async fn execute(self: Arc<Self>, op: Op) -> Result<Reply, ConnError> {
+        let (life, delay) = {
+            let mut s = self.state();
+            if !s.up {
+                return Err(ConnError::Connect {
+                    addr: self.addr.clone(),
+                    reason: "connection refused".into(),
+                });
+            }
+            // A request takes 50-250 us, plus the injected delay.
+            let max = s.max_delay.as_micros() as u64;
+            let delay = Duration::from_micros(
+                50 + s.rng.below(200) + if max == 0 { 0 } else { s.rng.below(max) },
+            );
+            (s.incarnation, delay)
+        };
+        tokio::time::sleep(delay).await;
+        loop {
+            let resumed = self.resumed.notified();
+            {
+                let mut s = self.state();
+                if s.incarnation != life || !s.up {
+                    return Err(ConnError::Broken {
+                        addr: self.addr.clone(),
+                        reason: "the node went away".into(),
+                    });
+                }
+                if !s.frozen {
+                    return Ok(Self::run(&mut s, op));
+                }
+            }
+            resumed.await;
+        }
+    }
+
+    fn run(s: &mut NodeState, op: Op) -> Reply {
+        let chunk_size = s.chunk_size;
+        let ok = |body: Vec<u8>| Reply {
+            status: Status::Ok,
+            body,
+        };
+        let err = |status: Status, msg: &str| Reply {
+            status,
+            body: msg.as_bytes().to_vec(),
+        };
+        let disk_of = |s: &NodeState, d: &Uuid| s.disks.contains_key(d);
+        match op {
+            Op::Read {
+                vdisk,
+                disk,
+                chunk,
+                offset,
+                len,
+            } => {
+                if !disk_of(s, &disk) {
+                    return err(Status::NoSuchDisk, "no such disk");
+                }
+                let d = &s.disks[&disk];
+                match d.view(vdisk, chunk, chunk_size) {
+                    None => ok(vec![0; len as usize]),
+                    Some(c) => {
+                        let first = offset / BLOCK;
+                        let last = (offset + len).div_ceil(BLOCK);
+                        if (first..last).any(|b| c.torn.contains(&b)) {
+                            return err(Status::Checksum, "block checksum mismatch");
+                        }
+                        ok(c.data[offset as usize..(offset + len) as usize].to_vec())
+                    }
+                }
+            }
+            Op::Write {
+                vdisk,
+                disk,
+                chunk,
+                offset,
+                data,
+                epoch,
+            } => {
+                let key = (disk, chunk, offset);
+                if s.refused != Some(key) && s.bad_payload > 0 && s.rng.chance(s.bad_payload) {
+                    s.refused = Some(key);
+                    return err(Status::BadPayload, "payload checksum mismatch");
+                }
+                Self::mutate(s, disk, vdisk, epoch, |d| {
+                    let len = data.len() as u64;
+                    Pending {
+                        vdisk,
+                        chunk,
+                        offset,
+                        data: Some(data),
+                        len,
+                        frees: false,
+                    }
+                    .into_checked(d, chunk_size)
+                })
+            }
+            Op::Zero {
+                vdisk,
+                disk,
+                chunk,
+                offset,
+                len,
+                epoch,
+            } => Self::mutate(s, disk, vdisk, epoch, |d| {
+                let frees = offset == 0 && len == chunk_size;
+                let p = Pending {
+                    vdisk,
+                    chunk,
+                    offset,
+                    data: None,
+                    len,
+                    frees,
+                };
+                // Zeroing a chunk that holds nothing takes no space.
+                if !frees && !d.allocated().contains(&(vdisk, chunk)) {
+                    return Ok(None);
+                }
+                Ok(Some(p))
+            }),
+            Op::Flush { disk } => {
+                if disk.is_nil() {
+                    for d in s.disks.values_mut() {
+                        d.flush(chunk_size);
+                    }
+                } else if let Some(d) = s.disks.get_mut(&disk) {
+                    d.flush(chunk_size);
+                } else {
+                    return err(Status::NoSuchDisk, "no such disk");
+                }
+                ok(Vec::new())
+            }
+            Op::Fence { vdisk, disk, epoch } => {
+                let Some(d) = s.disks.get_mut(&disk) else {
+                    return err(Status::NoSuchDisk, "no such disk");
+                };
+                let e = d.epochs.entry(vdisk).or_insert(0);
+                *e = (*e).max(epoch);
+                ok(e.to_le_bytes().to_vec())
+            }
+            Op::Other => err(Status::Unsupported, "not simulated"),
+        }
+    }
+
+    fn mutate(
+        s: &mut NodeState,
+        disk: Uuid,
+        vdisk: Uuid,
+        epoch: u64,
+        make: impl FnOnce(&SimDisk) -> Result<Option<Pending>, Status>,
+    ) -> Reply {
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return Reply {
+                status: Status::NoSuchDisk,
+                body: b"no such disk".to_vec(),
+            };
+        };
+        let stored = d.epochs.get(&vdisk).copied().unwrap_or(0);
+        if epoch < stored {
+            return Reply {
+                status: Status::StaleEpoch,
+                body: stored.to_le_bytes().to_vec(),
+            };
+        }
+        match make(d) {
+            Ok(Some(p)) => {
+                d.cache.push(p);
+                Reply {
+                    status: Status::Ok,
+                    body: Vec::new(),
+                }
+            }
+            Ok(None) => Reply {
+                status: Status::Ok,
+                body: Vec::new(),
+            },
+            Err(status) => Reply {
+                status,
+                body: b"no space left on the disk".to_vec(),
+            },
+        }
+    }
+}
+
+impl Pending {
+    /// A write to a chunk the disk does not hold yet needs a free extent.
+    fn into_checked(self, d: &SimDisk, _chunk_size: u64) -> Result<Option<Pending>, Status> {
+        let allocated = d.allocated();
+        if !allocated.contains(&(self.vdisk, self.chunk))
+            && allocated.len() as u64 >= d.capacity_chunks
+        {
+            return Err(Status::NoSpace);
+        }
+        Ok(Some(self))
+    }
+}
+
+/// Links to simulated nodes, by address.
+pub struct SimConnector {
+    pub nodes: Vec<Arc<SimNode>>,
+}
+
+impl Connector for SimConnector {
+    fn link(
+        &self,
+        addr: &NodeAddr,
+        _shm: Arc<SharedMemory>,
+        _client: [u8; 16],
+        timeout: Duration,
+    ) -> Arc<dyn NodeIo> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.addr == addr.addr)
+            .cloned()
+            .expect("the zone names only simulated nodes");
+        Arc::new(SimLink { node, timeout })
+    }
+}
+
+/// One volume handle's link to one simulated node.
+struct SimLink {
+    node: Arc<SimNode>,
+    timeout: Duration,
+}
+
+impl SimLink {
+    async fn send(&self, op: Op) -> Result<Reply, ConnError> {
+        let task = tokio::spawn(self.node.clone().execute(op));
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ConnError::Broken {
+                addr: self.node.addr.clone(),
+                reason: "request task failed".into(),
+            }),
+            Err(_) => Err(ConnError::Timeout {
+                addr: self.node.addr.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+fn op_of(req: &Request<'_>, payload: &[&[u8]]) -> Op {
+    let u = Uuid::from_bytes;
+    match req {
+        Request::Read(r) => Op::Read {
+            vdisk: u(r.vdisk),
+            disk: u(r.disk),
+            chunk: r.chunk,
+            offset: r.offset as u64,
+            len: r.len as u64,
+        },
+        Request::Write(r, _) => Op::Write {
+            vdisk: u(r.vdisk),
+            disk: u(r.disk),
+            chunk: r.chunk,
+            offset: r.offset as u64,
+            data: payload.concat(),
+            epoch: r.epoch,
+        },
+        Request::Discard(r) | Request::WriteZeroes(r) => Op::Zero {
+            vdisk: u(r.vdisk),
+            disk: u(r.disk),
+            chunk: r.chunk,
+            offset: r.offset as u64,
+            len: r.len as u64,
+            epoch: r.epoch,
+        },
+        Request::Flush(d) => Op::Flush { disk: u(d.disk) },
+        Request::Fence(v) => Op::Fence {
+            vdisk: u(v.vdisk),
+            disk: u(v.disk),
+            epoch: v.epoch,
+        },
+        _ => Op::Other,
+    }
+}
+
+#[async_trait]
+impl NodeIo for SimLink {
+    fn addr(&self) -> &str {
+        &self.node.addr
+    }
+
+    async fn call(
+        &self,
+        req: Request<'_>,
+        payload: &[&[u8]],
+        _crc: Option<u32>,
+    ) -> Result<Reply, ConnError> {
+        self.send(op_of(&req, payload)).await
+    }
+
+    async fn read(&self, req: Request<'_>, dest: &mut [&mut [u8]]) -> Result<Reply, ConnError> {
+        let reply = self.send(op_of(&req, &[])).await?;
+        if reply.status != Status::Ok {
+            return Ok(reply);
+        }
+        let mut pos = 0;
+        for d in dest.iter_mut() {
+            let n = d.len();
+            d.copy_from_slice(&reply.body[pos..pos + n]);
+            pos += n;
+        }
+        Ok(Reply {
+            status: Status::Ok,
+            body: Vec::new(),
+        })
+    }
+
+    async fn close(&self) {}
+}

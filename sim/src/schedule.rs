@@ -1,0 +1,730 @@
+//! One simulated schedule: a zone, storage nodes, one vDisk, a workload
+//! that checks every read against the model, and a timeline of faults —
+//! all on one thread with simulated time, drawn from one seed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_replicator::{Volume, VolumeConfig, VolumeError};
+use tessera_zone::env::Env;
+use tessera_zone::mem_store::MemStore;
+use tessera_zone::service::{
+    CreateDatastore, CreateVdisk, Health, Heartbeat, RegisterDisk, RegisterNode, ZoneService,
+};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::model::{content, Model, BLOCK};
+use crate::node::{SimConnector, SimNode};
+use crate::rng::Rng;
+use crate::zone::SimZone;
+
+/// The shape of a schedule.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nodes: usize,
+    pub mirrors: u32,
+    pub stripes: u32,
+    /// vDisk size in chunks.
+    pub chunks: u64,
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// Simulated seconds of workload under faults.
+    pub seconds: u64,
+    /// Requests the workload keeps in flight.
+    pub depth: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nodes: 3,
+            mirrors: 2,
+            stripes: 1,
+            chunks: 32,
+            chunk_size: 64 << 10,
+            seconds: 20,
+            depth: 4,
+        }
+    }
+}
+
+/// What one schedule did and found.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub seed: u64,
+    pub ops: u64,
+    pub guest_errors: u64,
+    pub faults: BTreeMap<&'static str, u64>,
+    pub violations: Vec<String>,
+}
+
+/// Faults the timeline can inject.
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Crash(usize),
+    PowerLoss(usize),
+    Freeze(usize),
+    Delay(usize),
+    BadPayload(usize),
+    Corrupt { node: usize, whole: bool },
+    ZoneDown,
+    Contention,
+    LostAnswers,
+    WriterCrash,
+    Takeover,
+}
+
+impl Event {
+    fn name(self) -> &'static str {
+        match self {
+            Event::Crash(_) => "node kill -9 and restart",
+            Event::PowerLoss(_) => "node power loss and restart",
+            Event::Freeze(_) => "node frozen and resumed",
+            Event::Delay(_) => "node delays and reorders",
+            Event::BadPayload(_) => "payload changed in flight",
+            Event::Corrupt { whole: false, .. } => "flipped data block",
+            Event::Corrupt { whole: true, .. } => "damaged extent record",
+            Event::ZoneDown => "zone unreachable",
+            Event::Contention => "zone compare-and-swap contention",
+            Event::LostAnswers => "zone answers lost after the change",
+            Event::WriterCrash => "writer crash and reopen",
+            Event::Takeover => "second writer takes over (force)",
+        }
+    }
+
+    /// The node a fault takes out (a corrupt copy counts until a scrub
+    /// repaired it).
+    fn node(self) -> Option<usize> {
+        match self {
+            Event::Crash(n) | Event::PowerLoss(n) | Event::Freeze(n) => Some(n),
+            Event::Corrupt { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+}
+
+const DS: &str = "ds";
+const NAME: &str = "v";
+
+struct World {
+    model: Mutex<Model>,
+    /// The writer the workload uses now.
+    volume: Mutex<Option<Volume>>,
+    /// Blocks with a write in flight (writes never overlap).
+    busy: Mutex<BTreeSet<u64>>,
+    violations: Mutex<Vec<String>>,
+    guest_errors: Mutex<u64>,
+    /// Bumped by every zone fault and writer change: an op that saw it
+    /// change may fail without breaking a promise.
+    excuse: Mutex<u64>,
+    /// Bumped by every takeover and writer crash: a fenced op is excused.
+    writers: Mutex<u64>,
+}
+
+impl World {
+    fn violation(&self, what: String) {
+        tracing::error!(%what, "VIOLATION");
+        self.violations.lock().expect("poisoned").push(what);
+    }
+
+    fn excuse(&self) -> u64 {
+        *self.excuse.lock().expect("poisoned")
+    }
+
+    fn excuse_now(&self) {
+        *self.excuse.lock().expect("poisoned") += 1;
+    }
+
+    fn writers(&self) -> u64 {
+        *self.writers.lock().expect("poisoned")
+    }
+
+    /// An op failed: a broken promise unless something excuses it.
+    fn op_failed(&self, what: &str, e: &VolumeError, excuse: u64, writers: u64) {
+        *self.guest_errors.lock().expect("poisoned") += 1;
+        match e {
+            VolumeError::Fenced { .. } | VolumeError::Closing if self.writers() == writers => {
+                self.violation(format!(
+                    "{what} failed with '{e}' although no other writer took over"
+                ));
+            }
+            VolumeError::Fenced { .. } | VolumeError::Closing => {}
+            _ if self.excuse() == excuse && self.writers() == writers => {
+                self.violation(format!(
+                    "{what} failed with '{e}' while the faults were within the policy"
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs schedule `seed` on a fresh single-threaded runtime with simulated time.
+pub fn run(seed: u64, cfg: &Config) -> Outcome {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    rt.block_on(schedule(seed, cfg.clone()))
+}
+
+async fn schedule(seed: u64, cfg: Config) -> Outcome {
+    let mut rng = Rng::new(seed);
+    let mut outcome = Outcome {
+        seed,
+        ..Outcome::default()
+    };
+    // The zone.
+    let service = ZoneService::new(Arc::new(MemStore::new()))
+        .with_env(Env::simulated(seed))
+        .with_chunk_size(cfg.chunk_size)
+        .expect("a valid chunk size")
+        .with_node_ttl(Duration::from_secs(5));
+    service.ensure_zone("sim").await.expect("zone");
+    let mut nodes = Vec::new();
+    let mut disk_of = Vec::new();
+    let mut leases = Vec::new();
+    let mut registrations = Vec::new();
+    for i in 0..cfg.nodes {
+        let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
+        let disk = Uuid::from_u64_pair(seed, 0x200 + i as u64);
+        let addr = format!("10.99.0.{}:7000", i + 1);
+        let node = SimNode::new(
+            uuid,
+            addr.clone(),
+            &[disk],
+            cfg.chunks,
+            cfg.chunk_size,
+            rng.next_u64(),
+        );
+        let registration = RegisterNode {
+            uuid,
+            host: format!("sim-host-{i}"),
+            addr,
+            socket: None,
+            disks: vec![RegisterDisk {
+                uuid: disk,
+                path: format!("/sim/{i}"),
+                capacity: cfg.chunks * cfg.chunk_size,
+                used: 0,
+            }],
+        };
+        let registered = service
+            .register_node(registration.clone())
+            .await
+            .expect("register");
+        registrations.push(registration);
+        leases.push(registered.lease);
+        nodes.push(node);
+        disk_of.push(disk);
+    }
+    service
+        .create_datastore(CreateDatastore {
+            name: DS.into(),
+            mirrors: cfg.mirrors,
+            stripes: Some(cfg.stripes),
+            disks: None,
+        })
+        .await
+        .expect("datastore");
+    let chunk_size = cfg.chunk_size;
+    service
+        .create_vdisk(CreateVdisk {
+            datastore: DS.into(),
+            name: NAME.into(),
+            size: cfg.chunks * chunk_size,
+        })
+        .await
+        .expect("vdisk");
+    let zone = SimZone::new(service, rng.next_u64());
+    // Nodes that are up keep their liveness in the zone.
+    {
+        let zone = zone.clone();
+        let nodes = nodes.clone();
+        tokio::spawn(async move {
+            loop {
+                for (i, n) in nodes.iter().enumerate() {
+                    if !n.is_up() {
+                        continue;
+                    }
+                    let hb = Heartbeat {
+                        lease: leases[i],
+                        disks: Vec::new(),
+                        copies: Vec::new(),
+                        vdisks: Vec::new(),
+                    };
+                    if zone.service.heartbeat(n.uuid, hb).await.is_err() {
+                        // The liveness lease ran out while the node was down.
+                        if let Ok(r) = zone.service.register_node(registrations[i].clone()).await {
+                            leases[i] = r.lease;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let connector = Arc::new(SimConnector {
+        nodes: nodes.clone(),
+    });
+    let config = {
+        let mut c = VolumeConfig::with_zone(zone.clone(), DS, NAME, "sim-host-0");
+        c.connector = Some(connector.clone());
+        c.io_timeout = Duration::from_secs(1);
+        c.degraded_wait = Duration::from_secs(3);
+        c.lease_ttl = Duration::from_secs(6);
+        c.repair_bandwidth = 64 << 20;
+        c
+    };
+    let blocks = cfg.chunks * chunk_size / BLOCK as u64;
+    let world = Arc::new(World {
+        model: Mutex::new(Model::new(blocks)),
+        volume: Mutex::new(None),
+        busy: Mutex::new(BTreeSet::new()),
+        violations: Mutex::new(Vec::new()),
+        guest_errors: Mutex::new(0),
+        excuse: Mutex::new(0),
+        writers: Mutex::new(0),
+    });
+    match Volume::open(config.clone()).await {
+        Ok(v) => *world.volume.lock().expect("poisoned") = Some(v),
+        Err(e) => {
+            outcome
+                .violations
+                .push(format!("the first open failed: {e}"));
+            return outcome;
+        }
+    }
+
+    // The timeline of faults.
+    let end = Instant::now() + Duration::from_secs(cfg.seconds);
+    let mut timeline: Vec<(Duration, Event, Duration)> = Vec::new();
+    let mut t = Duration::from_millis(rng.below(2000));
+    while t < Duration::from_secs(cfg.seconds) {
+        let n = rng.below(cfg.nodes as u64) as usize;
+        let e = match rng.below(13) {
+            0 | 1 => Event::Crash(n),
+            2 => Event::PowerLoss(n),
+            3 => Event::Freeze(n),
+            4 => Event::Delay(n),
+            5 => Event::BadPayload(n),
+            6 => Event::Corrupt {
+                node: n,
+                whole: rng.chance(300),
+            },
+            7 => Event::ZoneDown,
+            8 => Event::Contention,
+            9 => Event::LostAnswers,
+            10 => Event::WriterCrash,
+            11 => Event::Takeover,
+            _ => Event::Crash(n),
+        };
+        let lasts = Duration::from_millis(200 + rng.below(4000));
+        timeline.push((t, e, lasts));
+        t += Duration::from_millis(500 + rng.below(4000));
+    }
+    let start = Instant::now();
+
+    // Node faults in force: node -> when it ends.
+    let mut faulty: BTreeMap<usize, (Event, Instant)> = BTreeMap::new();
+    let mut zone_fault: Option<Event> = None;
+    let mut ops: JoinSet<()> = JoinSet::new();
+    let mut wrng = rng.fork();
+    let mut next_event = 0;
+    while Instant::now() < end {
+        let now = Instant::now();
+        // Faults whose time is up end.
+        let ended: Vec<usize> = faulty
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in ended {
+            let (e, _) = faulty.remove(&n).expect("listed");
+            match e {
+                Event::Crash(_) | Event::PowerLoss(_) => nodes[n].restart(),
+                Event::Freeze(_) => nodes[n].resume(),
+                Event::Corrupt { .. } => {
+                    // The background scrub finds it.
+                    let v = world.volume.lock().expect("poisoned").clone();
+                    if let Some(v) = v {
+                        if let Err(e) = v.scrub().await {
+                            tracing::info!(error = %e, "scrub failed");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if zone_fault.is_some() && !zone.is_faulty() {
+            zone_fault = None;
+            world.excuse_now();
+        }
+        // Faults whose time has come start.
+        while next_event < timeline.len() && start + timeline[next_event].0 <= now {
+            let (_, e, lasts) = timeline[next_event];
+            next_event += 1;
+            let current = world
+                .volume
+                .lock()
+                .expect("poisoned")
+                .as_ref()
+                .is_some_and(|v| v.all_current());
+            // Node faults stay within the policy: at most mirrors - 1
+            // nodes at once, and a new one only while every copy is current.
+            if let Some(n) = e.node() {
+                if faulty.contains_key(&n)
+                    || faulty.len() + 1 > cfg.mirrors as usize - 1
+                    || !current
+                {
+                    continue;
+                }
+            }
+            match e {
+                Event::Crash(n) => nodes[n].crash(),
+                Event::PowerLoss(n) => nodes[n].lose_power(),
+                Event::Freeze(n) => nodes[n].freeze(),
+                Event::Delay(n) => {
+                    nodes[n].set_delay(Duration::from_millis(1 + rng.below(50)));
+                }
+                Event::BadPayload(n) => nodes[n].set_bad_payload(200),
+                Event::Corrupt { node, whole } => {
+                    if cfg.mirrors < 2 {
+                        continue;
+                    }
+                    let vdisk = world
+                        .volume
+                        .lock()
+                        .expect("poisoned")
+                        .as_ref()
+                        .map(|v| v.vdisk().uuid);
+                    let Some(vdisk) = vdisk else { continue };
+                    let chunks = nodes[node].chunks(disk_of[node], vdisk);
+                    if chunks.is_empty() {
+                        continue;
+                    }
+                    let c = chunks[rng.below(chunks.len() as u64) as usize];
+                    nodes[node].corrupt(disk_of[node], vdisk, c, rng.next_u64(), whole);
+                }
+                Event::ZoneDown | Event::Contention | Event::LostAnswers => {
+                    if zone_fault.is_some() {
+                        continue;
+                    }
+                    // Shorter than the volume's wait for the zone: the
+                    // guest must not notice.
+                    let lasts = lasts.min(Duration::from_millis(2500));
+                    match e {
+                        Event::ZoneDown => zone.fault(true, 0, 0, lasts),
+                        Event::Contention => zone.fault(false, 300, 0, lasts),
+                        _ => zone.fault(false, 0, 300, lasts),
+                    }
+                    zone_fault = Some(e);
+                }
+                Event::WriterCrash => {
+                    // The writer dies: its requests in flight are cut off
+                    // (what it sent may still land), nothing is closed.
+                    ops.abort_all();
+                    while ops.join_next().await.is_some() {}
+                    let cut: Vec<u64> = std::mem::take(&mut *world.busy.lock().expect("poisoned"))
+                        .into_iter()
+                        .collect();
+                    world
+                        .model
+                        .lock()
+                        .expect("poisoned")
+                        .cut_off(cut.into_iter());
+                    *world.writers.lock().expect("poisoned") += 1;
+                    world.excuse_now();
+                    let old = world.volume.lock().expect("poisoned").take();
+                    drop(old);
+                    // The next writer takes over at once, or once the
+                    // dead one's lease has expired.
+                    let mut c = config.clone();
+                    c.force = rng.chance(500);
+                    if !reopen(&world, c, &zone).await {
+                        break;
+                    }
+                }
+                Event::Takeover => {
+                    // Another host opens with force while this writer runs.
+                    *world.writers.lock().expect("poisoned") += 1;
+                    world.excuse_now();
+                    let mut c = config.clone();
+                    c.force = true;
+                    c.host = "sim-host-1".into();
+                    if !reopen(&world, c, &zone).await {
+                        break;
+                    }
+                }
+            }
+            *outcome.faults.entry(e.name()).or_default() += 1;
+            tracing::info!(event = e.name(), ?e, "fault");
+            if let Some(n) = e.node() {
+                faulty.insert(n, (e, now + lasts));
+            }
+        }
+        // Keep up to `depth` of the workload's requests in flight, with
+        // pauses between them (a guest thinks, too).
+        while let Some(Ok(())) = ops.try_join_next() {}
+        if ops.len() < cfg.depth {
+            outcome.ops += 1;
+            start_op(&world, &mut ops, &mut wrng);
+        }
+        let pause = Duration::from_millis(wrng.below(40));
+        tokio::select! {
+            biased;
+            _ = ops.join_next(), if ops.len() >= cfg.depth => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    while ops.join_next().await.is_some() {}
+
+    // Heal: every fault ends; the copies must become whole again.
+    for (n, (e, _)) in std::mem::take(&mut faulty) {
+        match e {
+            Event::Crash(_) | Event::PowerLoss(_) => nodes[n].restart(),
+            Event::Freeze(_) => nodes[n].resume(),
+            _ => {}
+        }
+    }
+    for n in &nodes {
+        n.set_delay(Duration::ZERO);
+        n.set_bad_payload(0);
+    }
+    zone.heal();
+    world.excuse_now();
+    let volume = world.volume.lock().expect("poisoned").clone();
+    let Some(volume) = volume else {
+        outcome.violations.push("no writer at the end".into());
+        return finish(outcome, &world);
+    };
+    // The background scrub finds what faults left behind unread.
+    if let Err(e) = volume.scrub().await {
+        world.violation(format!("the scrub after healing failed: {e}"));
+    }
+    let healed_by = Instant::now() + Duration::from_secs(120);
+    let mut healed = false;
+    while Instant::now() < healed_by {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let health = ZoneLink_vdisk(&zone).await;
+        if volume.all_current() && health == Some(Health::Healthy) {
+            healed = true;
+            break;
+        }
+    }
+    if !healed {
+        let view = tessera_replicator::ZoneLink::vdisk(&*zone, DS, NAME).await;
+        let nodes_up = tessera_replicator::ZoneLink::nodes(&*zone).await;
+        outcome.violations.push(format!(
+            "the vDisk did not heal within 120 s (all current: {}, zone's view: {:?}, nodes: {:?})",
+            volume.all_current(),
+            view.map(|v| (v.health, v.vdisk.stale, v.repair)),
+            nodes_up.map(|n| n.iter().map(|n| n.state).collect::<Vec<_>>()),
+        ));
+    }
+    // Every block reads what the model allows; every copy agrees.
+    check_all(&world, &volume, "after healing").await;
+    if healed {
+        let copies = volume.copies();
+        for c in 0..cfg.chunks {
+            let mut first: Option<Vec<u8>> = None;
+            for i in 0..copies {
+                let mut buf = vec![0u8; chunk_size as usize];
+                match volume.read_copy(c * chunk_size, &mut buf, i).await {
+                    Ok(()) => match &first {
+                        None => first = Some(buf),
+                        Some(f) if *f != buf => {
+                            world.violation(format!(
+                                "chunk {c}: copy {i} differs from copy 0 after healing"
+                            ));
+                        }
+                        Some(_) => {}
+                    },
+                    Err(e) => world
+                        .violation(format!("chunk {c}: copy {i} unreadable after healing: {e}")),
+                }
+            }
+        }
+    }
+    if let Err(e) = volume.close().await {
+        world.violation(format!("the final close failed: {e}"));
+    }
+    // A clean close flushed everything: it survives every node losing power.
+    for n in &nodes {
+        n.lose_power();
+        n.restart();
+    }
+    *outcome
+        .faults
+        .entry("power loss of every node after close")
+        .or_default() += 1;
+    let mut last = config.clone();
+    // A close whose flush failed leaves the lease to expire.
+    last.force = true;
+    match Volume::open(last).await {
+        Ok(v) => {
+            check_all(&world, &v, "after every node lost power").await;
+            if let Err(e) = v.close().await {
+                world.violation(format!("the last close failed: {e}"));
+            }
+        }
+        Err(e) => world.violation(format!("cannot open after every node lost power: {e}")),
+    }
+    finish(outcome, &world)
+}
+
+#[allow(non_snake_case)]
+async fn ZoneLink_vdisk(zone: &SimZone) -> Option<Health> {
+    tessera_replicator::ZoneLink::vdisk(zone, DS, NAME)
+        .await
+        .ok()
+        .map(|v| v.health)
+}
+
+fn finish(mut outcome: Outcome, world: &World) -> Outcome {
+    outcome
+        .violations
+        .extend(world.violations.lock().expect("poisoned").drain(..));
+    outcome.guest_errors = *world.guest_errors.lock().expect("poisoned");
+    outcome
+}
+
+/// Opens a new writer and makes the workload use it.
+async fn reopen(world: &World, config: VolumeConfig, zone: &SimZone) -> bool {
+    let _ = zone;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Volume::open(config.clone()).await {
+            Ok(v) => {
+                *world.volume.lock().expect("poisoned") = Some(v);
+                return true;
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "reopen failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                world.violation(format!("cannot open the vDisk again: {e}"));
+                return false;
+            }
+        }
+    }
+}
+
+/// Reads every block and checks it against the model.
+async fn check_all(world: &World, volume: &Volume, when: &str) {
+    let size = volume.size();
+    let mut buf = vec![0u8; size as usize];
+    let issued: Vec<crate::model::Ticket> = {
+        let m = world.model.lock().expect("poisoned");
+        (0..m.blocks()).map(|b| m.ticket(b)).collect()
+    };
+    if let Err(e) = volume.read(0, &mut buf).await {
+        world.violation(format!("{when}: reading the vDisk failed: {e}"));
+        return;
+    }
+    let mut m = world.model.lock().expect("poisoned");
+    for b in 0..m.blocks() {
+        let data = &buf[b as usize * BLOCK..(b as usize + 1) * BLOCK];
+        if let Err(broken) = m.read_done(b, data, &issued[b as usize]) {
+            world.violation(format!("{when}: block {}: {}", broken.block, broken.what));
+        }
+    }
+}
+
+/// Starts one random request of the workload.
+fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
+    let Some(volume) = world.volume.lock().expect("poisoned").clone() else {
+        return;
+    };
+    let blocks = world.model.lock().expect("poisoned").blocks();
+    let kind = rng.below(100);
+    let long = rng.chance(100);
+    let len = 1 + rng.below(if long { 64 } else { 8 });
+    let first = rng.below(blocks);
+    let range: Range<u64> = first..(first + len).min(blocks);
+    let world = world.clone();
+    let excuse = world.excuse();
+    let writers = world.writers();
+    if kind < 50 || (50..60).contains(&kind) {
+        // A write (or, 1 in 6, zeros: discard or write-zeroes).
+        {
+            let mut busy = world.busy.lock().expect("poisoned");
+            if range.clone().any(|b| busy.contains(&b)) {
+                return;
+            }
+            busy.extend(range.clone());
+        }
+        let zero = kind >= 50;
+        let discard = rng.chance(500);
+        let id = world
+            .model
+            .lock()
+            .expect("poisoned")
+            .issue(range.clone(), zero);
+        tracing::debug!(id, ?range, zero, writer = writers, "write issued");
+        ops.spawn(async move {
+            let offset = range.start * BLOCK as u64;
+            let r = if zero {
+                let len = (range.end - range.start) * BLOCK as u64;
+                if discard {
+                    volume.discard(offset, len).await
+                } else {
+                    volume.write_zeroes(offset, len).await
+                }
+            } else {
+                let data: Vec<u8> = range.clone().flat_map(|b| content(id, b)).collect();
+                volume.write(offset, &data).await
+            };
+            tracing::debug!(id, ?range, zero, ok = r.is_ok(), err = ?r.as_ref().err().map(|e| e.to_string()), writer = writers, "write done");
+            match r {
+                Ok(()) => world.model.lock().expect("poisoned").acked(range.clone(), id),
+                Err(e) => {
+                    world.model.lock().expect("poisoned").failed(range.clone(), id);
+                    world.op_failed("a write", &e, excuse, writers);
+                }
+            }
+            let mut busy = world.busy.lock().expect("poisoned");
+            for b in range {
+                busy.remove(&b);
+            }
+        });
+    } else if kind < 90 {
+        let issued: Vec<crate::model::Ticket> = {
+            let m = world.model.lock().expect("poisoned");
+            range.clone().map(|b| m.ticket(b)).collect()
+        };
+        ops.spawn(async move {
+            let mut buf = vec![0u8; ((range.end - range.start) as usize) * BLOCK];
+            let r = volume.read(range.start * BLOCK as u64, &mut buf).await;
+            tracing::debug!(?range, ok = r.is_ok(), first = ?crate::model::decode(&buf[..BLOCK], range.start), writer = writers, "read done");
+            match r {
+                Ok(()) => {
+                    let mut m = world.model.lock().expect("poisoned");
+                    for (i, b) in range.clone().enumerate() {
+                        let data = &buf[i * BLOCK..(i + 1) * BLOCK];
+                        if let Err(broken) = m.read_done(b, data, &issued[i]) {
+                            drop(m);
+                            world.violation(format!("a read: block {}: {}", broken.block, broken.what));
+                            m = world.model.lock().expect("poisoned");
+                        }
+                    }
+                }
+                Err(e) => world.op_failed("a read", &e, excuse, writers),
+            }
+        });
+    } else {
+        let covered = world.model.lock().expect("poisoned").flush_issued();
+        ops.spawn(async move {
+            match volume.flush().await {
+                Ok(()) => world.model.lock().expect("poisoned").flushed(&covered),
+                Err(e) => world.op_failed("a flush", &e, excuse, writers),
+            }
+        });
+    }
+}
