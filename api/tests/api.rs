@@ -238,6 +238,7 @@ async fn the_client_drives_every_route() {
             &SessionRef {
                 session: opened.session,
                 ttl_ms: Some(30_000),
+                keep_activity: false,
             },
         )
         .await
@@ -254,6 +255,7 @@ async fn the_client_drives_every_route() {
         &SessionRef {
             session: opened.session,
             ttl_ms: None,
+            keep_activity: false,
         },
     )
     .await
@@ -671,6 +673,7 @@ fn renew(session: Uuid, ttl_ms: u64) -> SessionRef {
     SessionRef {
         session,
         ttl_ms: Some(ttl_ms),
+        keep_activity: false,
     }
 }
 

@@ -129,9 +129,7 @@ pub(crate) struct CopySlot {
     /// Index of the node in the volume's node list (and its connections).
     pub(crate) node: usize,
     pub(crate) local: bool,
-    /// The target of a move into this group: its state is its own.
-    pub(crate) target: bool,
-    /// Shared by every group position on the same disk (but a move target's).
+    /// This group's copy's state (every group's copy has its own).
     pub(crate) state: Arc<CopyState>,
     /// The disk's fence generation (shared by all its slots).
     pub(crate) generation: Arc<AtomicU64>,
@@ -497,8 +495,8 @@ impl Volume {
     }
 
     /// Stops taking writes, waits for those in flight, flushes, and releases
-    /// the write lease. If the flush fails the lease is left to expire
-    /// instead, so the next open reconciles what may differ.
+    /// the write lease. If the flush fails (it is reported), the activity
+    /// log is kept, so the next open reconciles what may differ.
     pub async fn close(self) -> Result<(), VolumeError> {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::SeqCst);
@@ -510,26 +508,27 @@ impl Volume {
             inner.flush(&self.links).await
         };
         self.renewer.stop();
-        let released = if flushed.is_ok() {
-            inner
-                .config
-                .zone
-                .close(
-                    &inner.config.datastore,
-                    &inner.config.name,
-                    &SessionRef {
-                        session: inner.session,
-                        ttl_ms: None,
-                    },
-                )
-                .await
-                .map_err(VolumeError::from)
-        } else {
+        // Released either way; if the flush failed, the activity log stays
+        // so that the next open makes the copies agree.
+        if flushed.is_err() {
             tracing::warn!(
-                "the final flush failed: the lease is left to expire, and the next open reconciles"
+                "the final flush failed: the activity log is kept for the next open to reconcile"
             );
-            Ok(())
+        }
+        let release = SessionRef {
+            session: inner.session,
+            ttl_ms: None,
+            keep_activity: flushed.is_err(),
         };
+        let released = inner
+            .zone_retry(|| {
+                inner
+                    .config
+                    .zone
+                    .close(&inner.config.datastore, &inner.config.name, &release)
+            })
+            .await
+            .map_err(VolumeError::from);
         self.links.close_all().await;
         flushed?;
         released?;
@@ -790,7 +789,7 @@ impl Inner {
             let slots: Vec<CopySlot> = layout
                 .disk_slots()
                 .into_iter()
-                .filter(|s| s.health().takes_flushes())
+                .filter(|s| layout.disk_any(s.disk, |h| h.takes_flushes()))
                 .collect();
             let results = join_all(slots.iter().map(|s| self.flush_one(links, s))).await;
             let mut stable = Vec::new();
@@ -869,6 +868,7 @@ impl Renewer {
                         &SessionRef {
                             session: inner.session,
                             ttl_ms: Some(inner.config.lease_ttl.as_millis() as u64),
+                            keep_activity: false,
                         },
                     )
                     .await;

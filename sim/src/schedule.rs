@@ -123,6 +123,9 @@ struct World {
     excuse: Mutex<u64>,
     /// Bumped by every takeover and writer crash: a fenced op is excused.
     writers: Mutex<u64>,
+    /// More nodes are out than writes can do without (the policy still
+    /// keeps the data, but writes may fail).
+    unavailable: Mutex<bool>,
 }
 
 impl World {
@@ -153,7 +156,10 @@ impl World {
                 ));
             }
             VolumeError::Fenced { .. } | VolumeError::Closing => {}
-            _ if self.excuse() == excuse && self.writers() == writers => {
+            _ if self.excuse() == excuse
+                && self.writers() == writers
+                && !*self.unavailable.lock().expect("poisoned") =>
+            {
                 self.violation(format!(
                     "{what} failed with '{e}' while the faults were within the policy"
                 ));
@@ -290,6 +296,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         guest_errors: Mutex::new(0),
         excuse: Mutex::new(0),
         writers: Mutex::new(0),
+        unavailable: Mutex::new(false),
     });
     match Volume::open(config.clone()).await {
         Ok(v) => *world.volume.lock().expect("poisoned") = Some(v),
@@ -330,6 +337,12 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     }
     let start = Instant::now();
 
+    let min_copies = if cfg.mirrors <= 2 {
+        1
+    } else {
+        cfg.mirrors / 2 + 1
+    };
+    let availability_tolerance = (cfg.mirrors - min_copies) as usize;
     // Node faults in force: node -> when it ends.
     let mut faulty: BTreeMap<usize, (Event, Instant)> = BTreeMap::new();
     let mut zone_fault: Option<Event> = None;
@@ -468,6 +481,13 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                 faulty.insert(n, (e, now + lasts));
             }
         }
+        // Writes need `min_copies` current copies per group: with more
+        // nodes out than that allows, they may fail (excused).
+        let out_now = faulty.len() > availability_tolerance;
+        if out_now != *world.unavailable.lock().expect("poisoned") {
+            *world.unavailable.lock().expect("poisoned") = out_now;
+            world.excuse_now();
+        }
         // Keep up to `depth` of the workload's requests in flight, with
         // pauses between them (a guest thinks, too).
         while let Some(Ok(())) = ops.try_join_next() {}
@@ -497,6 +517,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         n.set_bad_payload(0);
     }
     zone.heal();
+    *world.unavailable.lock().expect("poisoned") = false;
     world.excuse_now();
     let volume = world.volume.lock().expect("poisoned").clone();
     let Some(volume) = volume else {

@@ -45,10 +45,7 @@ fn seeded_fault_schedules_break_no_promise() {
     let first = env("TESSERA_SIM_FIRST_SEED", 1);
     // Mostly the common shape; a share with three copies and with stripes.
     let shapes = [
-        (
-            Config::default(),
-            count * 6 / 10,
-        ),
+        (Config::default(), count * 6 / 10),
         (
             Config {
                 nodes: 4,

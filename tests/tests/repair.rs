@@ -417,7 +417,19 @@ async fn below_the_minimum_a_write_waits_a_bounded_time_then_fails_or_completes_
     );
     assert!(start.elapsed() >= Duration::from_secs(2), "it waited");
     assert!(start.elapsed() < Duration::from_secs(10), "a bounded time");
-    vol.close().await.unwrap();
+    // Nor can the final flush make anything stable on two copies: close
+    // says so, and still releases the lease (keeping the activity log).
+    let err = vol.close().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tessera_replicator::VolumeError::Degraded { needed: 2, .. }
+        ),
+        "{err}"
+    );
+    let view = zone.api.vdisk("ds", "v").await.unwrap();
+    assert!(view.vdisk.lease.is_none(), "the lease is released");
+    assert!(!view.vdisk.activity.is_empty(), "the activity log is kept");
 
     // With a longer wait, a node that returns meanwhile is resynced and the
     // write completes on it.

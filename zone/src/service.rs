@@ -251,6 +251,11 @@ pub struct SessionRef {
     /// For renew: new time to live in milliseconds.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
+    /// For close: the writer could not make its last writes stable (its
+    /// final flush failed), so the activity log stays for the next open to
+    /// reconcile; the lease is released all the same.
+    #[serde(default)]
+    pub keep_activity: bool,
 }
 
 /// Default time to live of a node's liveness lease.
@@ -1188,7 +1193,9 @@ impl ZoneService {
                     v.lease = None;
                     v.state = VdiskState::Offline;
                     // A clean close: nothing is in flight.
-                    v.activity.clear();
+                    if !req.keep_activity {
+                        v.activity.clear();
+                    }
                 }
                 Ok(())
             },
@@ -1644,6 +1651,7 @@ mod tests {
         SessionRef {
             session,
             ttl_ms: None,
+            keep_activity: false,
         }
     }
 
@@ -2252,6 +2260,7 @@ mod tests {
                 SessionRef {
                     session: b.session,
                     ttl_ms: Some(5_000),
+                    keep_activity: false,
                 },
             )
             .await
@@ -2511,6 +2520,7 @@ mod tests {
         let renew = SessionRef {
             session: a.session,
             ttl_ms: Some(30_000),
+            keep_activity: false,
         };
         let error = svc
             .renew_vdisk("ds", "vd", renew.clone())

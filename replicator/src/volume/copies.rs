@@ -88,6 +88,12 @@ impl CopyState {
         )
     }
 
+    /// Resync of this copy stopped before it finished: it may have lost
+    /// what it took since its last flush. Only a resyncing copy changes.
+    pub(crate) fn abort_sync(&self) -> bool {
+        self.transition(&[CopyHealth::Syncing], CopyHealth::Failing)
+    }
+
     /// The zone recorded the failing copy stale.
     pub(crate) fn recorded_stale(&self) -> bool {
         self.transition(&[CopyHealth::Failing], CopyHealth::Stale)

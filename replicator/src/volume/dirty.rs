@@ -182,18 +182,34 @@ impl Inner {
         }
     }
 
-    /// Fails one slot (a move target's own, or a disk's), as `fail_disk`.
+    /// Fails one group's copy (a chunk of it missed a write or failed its
+    /// checksum), as `fail_disk` does for the chunks of that group.
     pub(crate) fn fail_slot(&self, layout: &Layout, slot: &super::CopySlot) {
-        if !slot.target {
-            return self.fail_disk(layout, slot.disk);
-        }
+        self.fail_slot_with(layout, slot, |st| st.fail());
+    }
+
+    /// A resync of `slot`'s copy stopped: if it was resyncing, it fails.
+    pub(crate) fn abort_sync(&self, layout: &Layout, slot: &super::CopySlot) {
+        self.fail_slot_with(layout, slot, |st| st.abort_sync());
+    }
+
+    fn fail_slot_with(
+        &self,
+        layout: &Layout,
+        slot: &super::CopySlot,
+        transition: impl Fn(&super::CopyState) -> bool,
+    ) {
         let mut d = self.dirty.lock().expect("dirty poisoned");
-        if slot.state.fail() {
+        if transition(&slot.state) {
+            let group = layout
+                .groups
+                .iter()
+                .position(|g| g.iter().any(|c| Arc::ptr_eq(&c.state, &slot.state)));
             let unflushed = self.all_unflushed();
             d.pending.extend(
                 unflushed
                     .into_iter()
-                    .filter(|c| layout.holds(slot.disk, *c))
+                    .filter(|c| Some(layout.group_index(*c)) == group)
                     .map(|c| (slot.disk, c)),
             );
         }

@@ -65,20 +65,19 @@ impl Layout {
         // share one state, except a move's target, whose copy in the group
         // it is filled for has its own (stale until the move finishes).
         let mut located: HashMap<Uuid, (usize, bool)> = HashMap::new();
-        let mut states: HashMap<(Uuid, Option<usize>), Arc<CopyState>> = HashMap::new();
+        let mut states: HashMap<(Uuid, usize), Arc<CopyState>> = HashMap::new();
         let mut generations: HashMap<Uuid, Arc<AtomicU64>> = HashMap::new();
         if let Some(p) = previous {
             for (g, group) in p.groups.iter().enumerate() {
                 for c in group {
                     located.insert(c.disk, (c.node, c.local));
                     generations.insert(c.disk, c.generation.clone());
-                    let key = (c.disk, c.target.then_some(g));
-                    states.insert(key, c.state.clone());
+                    states.insert((c.disk, g), c.state.clone());
                 }
             }
         }
         let mut all = Vec::new();
-        let mut listed: HashSet<(Uuid, Option<usize>)> = HashSet::new();
+        let mut listed: HashSet<(Uuid, usize)> = HashSet::new();
         let mut groups = Vec::with_capacity(vdisk.placement.groups.len());
         let mut read_first = Vec::with_capacity(vdisk.placement.groups.len());
         for (g, group) in vdisk.placement.groups.iter().enumerate() {
@@ -104,16 +103,13 @@ impl Layout {
                     .moves
                     .iter()
                     .any(|m| m.to == *disk && m.group as usize == g);
-                let key = (*disk, target.then_some(g));
+                // Every group's copy has a state of its own: a chunk one
+                // copy missed makes only its group's copy stale.
+                let key = (*disk, g);
                 let state = states
                     .entry(key)
                     .or_insert_with(|| {
-                        let initial = if target || vdisk.stale.contains(disk) {
-                            CopyHealth::Stale
-                        } else {
-                            CopyHealth::Current
-                        };
-                        Arc::new(CopyState::new(initial))
+                        Arc::new(CopyState::new(initial_health(vdisk, *disk, g, target)))
                     })
                     .clone();
                 if listed.insert(key) {
@@ -124,7 +120,6 @@ impl Layout {
                     disk: *disk,
                     node,
                     local,
-                    target,
                     state,
                     generation,
                 });
@@ -157,19 +152,20 @@ impl Layout {
     }
 
     /// One slot of every disk of the placement (for requests to the disk
-    /// as a whole: fence, flush), in placement order; a disk's own slot
-    /// rather than a move target's when it has both. Its health is the
-    /// disk's own unless the disk is only a move target.
+    /// as a whole: fence, flush), in placement order.
     pub(super) fn disk_slots(&self) -> Vec<CopySlot> {
         let mut out: Vec<CopySlot> = Vec::new();
         for c in self.groups.iter().flatten() {
-            match out.iter_mut().find(|x| x.disk == c.disk) {
-                Some(x) if x.target && !c.target => *x = c.clone(),
-                Some(_) => {}
-                None => out.push(c.clone()),
+            if !out.iter().any(|x| x.disk == c.disk) {
+                out.push(c.clone());
             }
         }
         out
+    }
+
+    /// Whether any of `disk`'s copies is in a state `keep` accepts.
+    pub(super) fn disk_any(&self, disk: Uuid, keep: impl Fn(CopyHealth) -> bool) -> bool {
+        self.slots(disk).any(|st| keep(st.get()))
     }
 
     /// Every copy slot of `disk`.
@@ -182,6 +178,32 @@ impl Layout {
 
     pub(super) fn has_disk(&self, disk: Uuid) -> bool {
         self.disks.iter().any(|(d, _, _)| *d == disk)
+    }
+}
+
+/// The state a copy starts in when a layout first lists it: a move's
+/// target is stale; a disk the zone lists stale is stale in the groups
+/// where its dirty set names chunks (its dirty set lists everything it may
+/// lack, so its other groups' copies are whole), and in every group if its
+/// dirty set is empty (resync then only records it complete).
+fn initial_health(vdisk: &Vdisk, disk: Uuid, group: usize, target: bool) -> CopyHealth {
+    if target {
+        return CopyHealth::Stale;
+    }
+    if !vdisk.stale.contains(&disk) {
+        return CopyHealth::Current;
+    }
+    let groups = vdisk.placement.groups.len().max(1) as u64;
+    let dirty = vdisk.dirty.iter().find(|e| e.disk == disk);
+    match dirty {
+        Some(e) if !e.is_empty() => {
+            if e.chunks().any(|c| c % groups == group as u64) {
+                CopyHealth::Stale
+            } else {
+                CopyHealth::Current
+            }
+        }
+        _ => CopyHealth::Stale,
     }
 }
 

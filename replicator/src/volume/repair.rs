@@ -83,7 +83,7 @@ impl Inner {
                 let stale = layout
                     .disk_slots()
                     .into_iter()
-                    .filter(|s| s.health() == CopyHealth::Stale)
+                    .filter(|s| layout.disk_any(s.disk, |h| h == CopyHealth::Stale))
                     .collect();
                 (stale, slots)
             };
@@ -129,7 +129,7 @@ impl Inner {
                         // stable: record those dirty, and the copy stale.
                         let layout = self.layout();
                         for s in &mine {
-                            self.fail_slot(&layout, s);
+                            self.abort_sync(&layout, s);
                         }
                         drop(layout);
                         if let Err(e) = self.record_dirty(&[]).await {

@@ -610,6 +610,7 @@ mod tests {
                 SessionRef {
                     session: opened.session,
                     ttl_ms: None,
+                    keep_activity: false,
                 },
             )
             .await
@@ -652,6 +653,7 @@ mod tests {
                 SessionRef {
                     session: opened.session,
                     ttl_ms: None,
+                    keep_activity: false,
                 },
             )
             .await
@@ -1032,7 +1034,8 @@ mod tests {
                 "vd",
                 SessionRef {
                     session: worker.session,
-                    ttl_ms: None
+                    ttl_ms: None,
+                    keep_activity: false,
                 }
             )
             .await,

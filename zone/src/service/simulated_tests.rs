@@ -24,6 +24,7 @@ fn session(session: Uuid) -> SessionRef {
     SessionRef {
         session,
         ttl_ms: None,
+        keep_activity: false,
     }
 }
 
