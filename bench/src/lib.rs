@@ -5,8 +5,11 @@
 //!   crate), with a latency sample per I/O;
 //! - [`procs`]: server processes (spawned, killed on drop) and their CPU time
 //!   from `/proc/PID/stat`;
+//! - [`checked`]: self-identifying block contents, a model of what each
+//!   block may read as, and a reader of a node's disk file (faultcampaign);
 //! - [`machine`]: what the machine is (cores, memory, kernel, QEMU version).
 
+pub mod checked;
 pub mod load;
 pub mod machine;
 pub mod procs;

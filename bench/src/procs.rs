@@ -1,7 +1,7 @@
 //! Server processes of a benchmark and their CPU time.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -134,6 +134,30 @@ pub enum Ready<'a> {
     Socket(&'a Path),
     /// A TCP port accepts connections.
     Tcp(SocketAddr),
+    /// A unix socket exists at this path and is not the file `old` (the
+    /// socket a killed predecessor left behind; see [`file_id`]).
+    NewSocket(&'a Path, Option<FileId>),
+}
+
+/// Which file a path names: inode and change time (an inode number alone
+/// may be reused by the next file created).
+pub type FileId = (u64, i64, i64);
+
+/// The identity of the file at `path`, if any (see [`Ready::NewSocket`]).
+pub fn file_id(path: &Path) -> Option<FileId> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Sends `signal` to process `pid`; false if it does not exist (any more).
+pub fn send_signal(pid: u32, signal: libc::c_int) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    // SAFETY: kill(2) has no memory arguments; `pid` is a positive pid of a
+    // child this program started (never 0 or -1, which address groups).
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
 
 impl Server {
@@ -146,14 +170,59 @@ impl Server {
         log: &Path,
         ready: Ready<'_>,
     ) -> Result<Server> {
-        let out = std::fs::File::create(log).with_context(|| format!("{}", log.display()))?;
-        let child = Command::new(program)
-            .args(args)
+        Self::start(name, program, args, log, false, ready)
+    }
+
+    /// Like [`Server::spawn`] for a server that is killed and started again:
+    /// its log is appended to (a restarted server keeps its earlier
+    /// output), and it gets SIGKILL when the thread that started it exits
+    /// (`PR_SET_PDEATHSIG`: a run killed midway leaves no server behind), so
+    /// start it from a thread that outlives it.
+    pub fn spawn_restartable(
+        name: &str,
+        program: &str,
+        args: &[String],
+        log: &Path,
+        ready: Ready<'_>,
+    ) -> Result<Server> {
+        Self::start(name, program, args, log, true, ready)
+    }
+
+    fn start(
+        name: &str,
+        program: &str,
+        args: &[String],
+        log: &Path,
+        restartable: bool,
+        ready: Ready<'_>,
+    ) -> Result<Server> {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(restartable)
+            .truncate(!restartable)
+            .open(log)
+            .with_context(|| format!("{}", log.display()))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {program}"))?;
+            .stderr(out);
+        if restartable {
+            // SAFETY: the closure runs in the child between fork and exec
+            // and only calls prctl(2), which is async-signal-safe and takes
+            // no pointers.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {program}"))?;
         let command = std::iter::once(program.to_string())
             .chain(args.iter().cloned())
             .map(|a| shell_quote(&a))
@@ -171,6 +240,9 @@ impl Server {
                 Ready::Socket(p) => std::fs::metadata(p)
                     .map(|m| m.file_type().is_socket())
                     .unwrap_or(false),
+                Ready::NewSocket(p, old) => std::fs::metadata(p)
+                    .map(|m| m.file_type().is_socket() && file_id(p) != *old)
+                    .unwrap_or(false),
                 Ready::Tcp(a) => TcpStream::connect_timeout(a, Duration::from_millis(100)).is_ok(),
             };
             if ok {
@@ -181,7 +253,7 @@ impl Server {
                     bail!(
                         "{name} exited ({status}): {}\n{}",
                         s.command,
-                        std::fs::read_to_string(log).unwrap_or_default()
+                        s.log_tail(30)
                     );
                 }
             }
@@ -206,6 +278,50 @@ impl Server {
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Its exit status if it exited (it is then reaped).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGTERM, …) to it.
+    pub fn signal(&mut self, signal: libc::c_int) -> bool {
+        if self.exited().is_some() {
+            return false;
+        }
+        send_signal(self.pid(), signal)
+    }
+
+    /// Waits up to `timeout` for it to exit; its status, or `None` if it is
+    /// still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `kill -9` and reap it; its status.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 }
 
