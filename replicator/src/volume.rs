@@ -781,6 +781,13 @@ impl Inner {
     /// every group has at least `min_copies` current copies that made
     /// everything acknowledged before the call stable.
     pub(crate) async fn flush(&self, links: &Links) -> Result<(), VolumeError> {
+        self.flush_with(links, self.min_copies).await
+    }
+
+    /// Like `flush`, with `needed` stable current copies per group (the
+    /// volume's own flushes — reconciling, cooling the activity log — need
+    /// only the copies there are: those that fail are recorded stale).
+    pub(crate) async fn flush_with(&self, links: &Links, needed: usize) -> Result<(), VolumeError> {
         // Writes acknowledged before this point are covered.
         let covered = self.seq.fetch_add(1, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + self.config.degraded_wait;
@@ -812,7 +819,7 @@ impl Inner {
                     .iter()
                     .filter(|c| c.health() == CopyHealth::Current && stable.contains(&c.disk))
                     .count();
-                (ok < self.min_copies).then_some((g, ok))
+                (ok < needed).then_some((g, ok))
             });
             drop(layout);
             // Copies that failed are recorded stale, with everything they
@@ -821,6 +828,9 @@ impl Inner {
             match short {
                 None => {
                     self.forget_unflushed(covered);
+                    self.activity
+                        .flushed_upto
+                        .fetch_max(covered, Ordering::SeqCst);
                     return Ok(());
                 }
                 Some((group, current)) => {
@@ -828,7 +838,7 @@ impl Inner {
                         return Err(VolumeError::Degraded {
                             group,
                             current,
-                            needed: self.min_copies,
+                            needed,
                         });
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -572,6 +572,16 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             }
         }
     }
+    // With no writes, the activity log drains (the volume flushes by itself).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    if let Ok(view) = tessera_replicator::ZoneLink::vdisk(&*zone, DS, NAME).await {
+        if !view.vdisk.activity.is_empty() {
+            world.violation(format!(
+                "the activity log still lists {:?} 15 s after the last write",
+                view.vdisk.activity
+            ));
+        }
+    }
     if let Err(e) = volume.close().await {
         world.violation(format!("the final close failed: {e}"));
     }

@@ -143,7 +143,7 @@ impl Inner {
         let unflushed = idle_extents()
             .any(|e| a.last_seq[e].load(Ordering::SeqCst) >= a.flushed_upto.load(Ordering::SeqCst));
         if unflushed {
-            self.flush(links).await?;
+            self.flush_with(links, 1).await?;
         }
         let _one = self.recording.lock().await;
         let mut cooling = Vec::new();
@@ -234,7 +234,7 @@ impl Inner {
         }
         // The copies agree in the page cache; they must agree on stable
         // media before the log that names these extents is gone.
-        self.flush(links).await?;
+        self.flush_with(links, 1).await?;
         self.log_activity(Vec::new(), extents.to_vec()).await?;
         Ok(rewritten)
     }
