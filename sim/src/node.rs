@@ -190,8 +190,8 @@ struct NodeState {
     max_delay: Duration,
     /// Requests refused with `BadPayload` (a payload changed in flight), per mille.
     bad_payload: u64,
-    /// The last write refused so: its resend (from a stable buffer) passes.
-    refused: Option<(Uuid, u64, u64)>,
+    /// Writes refused so: a resend (from a stable buffer) passes.
+    refused: BTreeSet<(Uuid, u64, u64)>,
     rng: Rng,
     disks: BTreeMap<Uuid, SimDisk>,
     chunk_size: u64,
@@ -468,8 +468,8 @@ impl SimNode {
                 epoch,
             } => {
                 let key = (disk, chunk, offset);
-                if s.refused != Some(key) && s.bad_payload > 0 && s.rng.chance(s.bad_payload) {
-                    s.refused = Some(key);
+                if !s.refused.contains(&key) && s.bad_payload > 0 && s.rng.chance(s.bad_payload) {
+                    s.refused.insert(key);
                     return err(Status::BadPayload, "payload checksum mismatch");
                 }
                 Self::mutate(s, disk, vdisk, epoch, |d| {

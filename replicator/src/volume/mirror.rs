@@ -366,11 +366,24 @@ impl Redundancy for Mirror {
         let range: ChunkRange = v.range(&full, slot);
         // A chunk of zeros is discarded, not written: the copy stays thin.
         if buf.iter().all(|b| *b == 0) {
-            v.call(links, slot, Request::Discard(range), &[], None)
+            return v
+                .call(links, slot, Request::Discard(range), &[], None)
+                .await;
+        }
+        // The buffer is ours and stable: a refused payload was damaged in
+        // transit, and is sent again.
+        let mut tries = 0;
+        loop {
+            match v
+                .call(links, slot, Request::Write(range, &[]), &[&buf], None)
                 .await
-        } else {
-            v.call(links, slot, Request::Write(range, &[]), &[&buf], None)
-                .await
+            {
+                Err(VolumeError::Node {
+                    status: Status::BadPayload,
+                    ..
+                }) if tries < 3 => tries += 1,
+                r => return r,
+            }
         }
     }
 

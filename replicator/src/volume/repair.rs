@@ -74,6 +74,12 @@ impl Inner {
             if let Err(e) = self.cool_extents(&links).await {
                 tracing::warn!(error = %e, "cannot update the activity log");
             }
+            // A copy that failed when nothing was written since (a read's
+            // checksum error whose record failed) is recorded now, so that
+            // resync takes it.
+            if let Err(e) = self.record_dirty(&[]).await {
+                tracing::warn!(error = %e, "cannot record failed copies yet");
+            }
             // Taken after any placement change settled (see `adopt`), and
             // not held: a layout change must not wait for a whole resync.
             let (stale, slots): (Vec<CopySlot>, Vec<CopySlot>) = {
@@ -275,15 +281,12 @@ impl Inner {
                 Cleaned::Nothing => None,
             };
             // Every copy slot of the disk: its own, and a move target's. A
-            // slot that failed meanwhile stays failing.
+            // slot that failed meanwhile stays failing, and whatever a
+            // failure recorded dirty meanwhile stays dirty (its set is not
+            // dropped: it was empty when checked above).
             for s in &slots {
                 s.state.mark_current();
             }
-            self.dirty
-                .lock()
-                .expect("dirty poisoned")
-                .known
-                .remove(&disk);
             drop(barrier);
             // A finished move changed the placement: its source leaves.
             if let Some(vdisk) = vdisk {
