@@ -545,19 +545,26 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         outcome.violations.push("no writer at the end".into());
         return finish(outcome, &world);
     };
-    // The background scrub finds what faults left behind unread.
-    if let Err(e) = volume.scrub().await {
-        world.violation(format!("the scrub after healing failed: {e}"));
-    }
-    let healed_by = Instant::now() + Duration::from_secs(120);
-    let mut healed = false;
-    while Instant::now() < healed_by {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let health = ZoneLink_vdisk(&zone).await;
-        if volume.all_current() && health == Some(Health::Healthy) {
-            healed = true;
-            break;
+    // Copies become current again; then the background scrub finds what
+    // the faults left behind unread (it checks current copies only), and
+    // what it hands to resync is repaired.
+    let wait_healthy = || async {
+        let healed_by = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < healed_by {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let health = ZoneLink_vdisk(&zone).await;
+            if volume.all_current() && health == Some(Health::Healthy) {
+                return true;
+            }
         }
+        false
+    };
+    let mut healed = wait_healthy().await;
+    if healed {
+        if let Err(e) = volume.scrub().await {
+            world.violation(format!("the scrub after healing failed: {e}"));
+        }
+        healed = wait_healthy().await;
     }
     if !healed {
         let view = tessera_replicator::ZoneLink::vdisk(&*zone, DS, NAME).await;
