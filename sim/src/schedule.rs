@@ -102,6 +102,8 @@ impl Event {
         match self {
             Event::Crash(n) | Event::PowerLoss(n) | Event::Freeze(n) => Some(n),
             Event::Corrupt { node, .. } => Some(node),
+            // A refused write leaves that copy stale until resynced.
+            Event::BadPayload(n) => Some(n),
             _ => None,
         }
     }
@@ -373,6 +375,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             match e {
                 Event::Crash(_) | Event::PowerLoss(_) => nodes[n].restart(),
                 Event::Freeze(_) => nodes[n].resume(),
+                Event::BadPayload(_) => nodes[n].set_bad_payload(0),
                 Event::Corrupt { .. } => {
                     // The background scrub finds it.
                     let v = world.volume.lock().expect("poisoned").clone();
