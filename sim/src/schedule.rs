@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::model::{content, Model, BLOCK};
+use crate::model::{fill, Model, BLOCK};
 use crate::node::{SimConnector, SimNode};
 use crate::rng::Rng;
 use crate::zone::SimZone;
@@ -740,7 +740,10 @@ fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
                     volume.write_zeroes(offset, len).await
                 }
             } else {
-                let data: Vec<u8> = range.clone().flat_map(|b| content(id, b)).collect();
+                let mut data = vec![0u8; (range.end - range.start) as usize * BLOCK];
+                for (b, out) in range.clone().zip(data.chunks_exact_mut(BLOCK)) {
+                    fill(id, b, out);
+                }
                 volume.write(offset, &data).await
             };
             tracing::debug!(id, ?range, zero, ok = r.is_ok(), err = ?r.as_ref().err().map(|e| e.to_string()), writer = writers, "write done");
