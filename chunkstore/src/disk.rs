@@ -6,6 +6,7 @@ mod open;
 #[cfg(test)]
 mod tests;
 mod vdisk;
+pub use vdisk::Fenced;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -119,6 +120,8 @@ pub struct Disk {
     zero_crc: u32,
     /// Serialises reservations of allocation generations.
     reserving: Mutex<()>,
+    /// The boot tag epoch raises are written under (see [`Disk::set_boot`]).
+    boot: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Disk {
@@ -140,6 +143,7 @@ impl Disk {
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
+            boot: std::sync::atomic::AtomicU64::new(0),
             reserving: Mutex::new(()),
         }
     }

@@ -78,7 +78,8 @@
 //!  0 4 magic   b"TSEP"    4 2 version 2     6 2 flags (0 free, 1 used, 2 lost)
 //!  8 16 vdisk uuid       24 8 epoch (lost: the loss serial)
 //! 32 4 slot index (self-check)              36 1 table copy (0, 1)  37 3 reserved
-//! 40 8 trust: the loss serial when written  48 12 reserved (zero)   60 4 crc32c
+//! 40 8 trust: the loss serial when written  48 8 boot tag (0: unknown)
+//! 56 4 reserved (zero)                       60 4 crc32c
 //! ```
 //!
 //! ## Extent table: one 64-byte record per extent, in two copies
@@ -259,7 +260,7 @@ mod superblock;
 mod sys;
 
 pub use device::{Device, FileDevice};
-pub use disk::{ChunkInfo, Disk, DiskInfo, FormatOptions};
+pub use disk::{ChunkInfo, Disk, DiskInfo, Fenced, FormatOptions};
 pub use error::Error;
 pub use layout::LayoutError;
 pub use powerloss::{CrashPlan, PendingWrite, PowerLossDevice, Survivor};

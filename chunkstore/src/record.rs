@@ -258,6 +258,10 @@ pub(crate) enum EpochSlot {
         /// version-1 slots): the epoch is trusted only if no slot was lost
         /// since, i.e. if this is at least the highest loss serial.
         trust: u64,
+        /// The boot of the node's machine when the epoch was written (a tag
+        /// of its boot identity; 0: not known, as in slots written before
+        /// the field existed). See [`crate::Disk::fence_report`].
+        boot: u64,
     },
     /// The slot's content was lost (both copies damaged); it stays out of use.
     Lost {
@@ -269,14 +273,15 @@ pub(crate) enum EpochSlot {
 impl EpochSlot {
     /// Encodes slot number `slot` for table copy `copy` (version 2).
     pub(crate) fn encode(&self, slot: u32, copy: u8) -> [u8; ENTRY_SIZE] {
-        let (flags, vdisk, epoch, trust) = match *self {
-            EpochSlot::Free => (FLAG_FREE, Uuid::nil(), 0, 0),
+        let (flags, vdisk, epoch, trust, boot) = match *self {
+            EpochSlot::Free => (FLAG_FREE, Uuid::nil(), 0, 0, 0),
             EpochSlot::Used {
                 vdisk,
                 epoch,
                 trust,
-            } => (FLAG_USED, vdisk, epoch, trust),
-            EpochSlot::Lost { serial } => (FLAG_LOST, Uuid::nil(), serial, 0),
+                boot,
+            } => (FLAG_USED, vdisk, epoch, trust, boot),
+            EpochSlot::Lost { serial } => (FLAG_LOST, Uuid::nil(), serial, 0, 0),
         };
         let mut b = header(EPOCH_MAGIC, ENTRY_VERSION, flags);
         put_uuid(&mut b, 8, &vdisk);
@@ -284,6 +289,7 @@ impl EpochSlot {
         put_u32(&mut b, 32, slot);
         b[SLOT_COPY_OFFSET] = copy;
         put_u64(&mut b, 40, trust);
+        put_u64(&mut b, 48, boot);
         seal(&mut b);
         b
     }
@@ -311,6 +317,7 @@ impl EpochSlot {
                 vdisk: get_uuid(b, 8),
                 epoch: get_u64(b, 24),
                 trust: if version >= 2 { get_u64(b, 40) } else { 0 },
+                boot: if version >= 2 { get_u64(b, 48) } else { 0 },
             },
             FLAG_LOST => EpochSlot::Lost {
                 serial: get_u64(b, 24),
@@ -501,6 +508,7 @@ mod tests {
             vdisk: Uuid::from_u128(9),
             epoch: 77,
             trust: 3,
+            boot: 0x5eed,
         };
         assert_eq!(EpochSlot::decode(&s.encode(3, 0), 3, 0), Ok(s));
         assert_eq!(
@@ -524,7 +532,8 @@ mod tests {
             Ok(EpochSlot::Used {
                 vdisk: Uuid::from_u128(9),
                 epoch: 77,
-                trust: 0
+                trust: 0,
+                boot: 0,
             })
         );
         put_u16(&mut b, 6, FLAG_LOST);
@@ -563,13 +572,14 @@ mod tests {
     fn epoch_slot() -> impl Strategy<Value = EpochSlot> {
         prop_oneof![
             Just(EpochSlot::Free),
-            (any::<u128>(), any::<u64>(), any::<u64>()).prop_map(|(v, epoch, trust)| {
-                EpochSlot::Used {
+            (any::<u128>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(v, epoch, trust, boot)| EpochSlot::Used {
                     vdisk: Uuid::from_u128(v),
                     epoch,
                     trust,
+                    boot,
                 }
-            }),
+            ),
             any::<u64>().prop_map(|serial| EpochSlot::Lost { serial }),
         ]
     }

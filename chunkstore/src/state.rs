@@ -42,6 +42,8 @@ struct VdiskEntry {
     epoch: u64,
     /// The loss serial the slot was written under (see `confirmed`).
     trust: u64,
+    /// The boot tag the slot was written under.
+    boot: u64,
 }
 
 /// Counters for [`crate::DiskInfo`].
@@ -175,11 +177,8 @@ impl State {
     }
 
     /// Loader: the vDisk's epoch lives in slot `slot`.
-    pub(crate) fn load_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64) {
-        let entry = self.vdisks.entry(vdisk).or_default();
-        entry.slot = Some(slot);
-        entry.epoch = epoch;
-        entry.trust = trust;
+    pub(crate) fn load_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64, boot: u64) {
+        self.set_epoch(vdisk, slot, epoch, trust, boot);
     }
 
     /// Loader: done; orders the free lists so the lowest index goes first.
@@ -354,11 +353,17 @@ impl State {
     }
 
     /// The vDisk's slot now durably holds `epoch`, written under `trust`.
-    pub(crate) fn set_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64) {
+    pub(crate) fn set_epoch(&mut self, vdisk: Uuid, slot: u32, epoch: u64, trust: u64, boot: u64) {
         let entry = self.vdisks.entry(vdisk).or_default();
         entry.slot = Some(slot);
         entry.epoch = epoch;
         entry.trust = trust;
+        entry.boot = boot;
+    }
+
+    /// The boot tag the vDisk's epoch was last written under (0: unknown).
+    pub(crate) fn epoch_boot(&self, vdisk: Uuid) -> u64 {
+        self.vdisks.get(&vdisk).map_or(0, |e| e.boot)
     }
 
     /// Forgets the vDisk; its slot (whose free record is written) is free.
@@ -489,7 +494,7 @@ mod tests {
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
         assert_eq!(s.epoch(a), 0);
         let slot = s.take_slot().unwrap();
-        s.set_epoch(a, slot, 5, 0);
+        s.set_epoch(a, slot, 5, 0, 0);
         s.allocate((b, 3), |_| 1).unwrap();
         assert_eq!(s.vdisks(), vec![(a, 5, 0)]);
         s.commit(&(b, 3));
@@ -503,11 +508,11 @@ mod tests {
     fn lost_slots_unconfirm_until_fenced_again() {
         let mut s = loaded(0, 2);
         let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        s.load_epoch(a, 5, 3, 0);
+        s.load_epoch(a, 5, 3, 0, 0);
         assert!(s.confirmed(a) && s.confirmed(b));
         s.load_loss_serial(1);
         assert!(!s.confirmed(a) && !s.confirmed(b));
-        s.set_epoch(a, 5, 3, 1);
+        s.set_epoch(a, 5, 3, 1, 0);
         assert!(s.confirmed(a) && !s.confirmed(b));
     }
 

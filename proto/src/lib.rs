@@ -30,7 +30,7 @@
 //! |---|---|---|
 //! | `Hello` | [`HelloReply`] | UTF-8 message |
 //! | `Read` | the data (`len` bytes, `payload_crc` set) | UTF-8 message |
-//! | `Fence` | the vDisk's epoch on that disk after the fence (u64) | UTF-8 message |
+//! | `Fence` | the vDisk's epoch on that disk after the fence (u64); then flags (u64, version 3): bit 0 = the epoch was last raised during the machine's current boot, on every disk fenced | UTF-8 message |
 //! | others | empty | UTF-8 message |
 //!
 //! A `StaleEpoch` reply's body is the node's current epoch (u64) instead of a

@@ -15,8 +15,11 @@ pub const MAX_BODY: u32 = MAX_PAYLOAD + 4096;
 /// Lowest protocol version this build speaks.
 pub const PROTOCOL_MIN: u16 = 1;
 /// Highest protocol version this build speaks (2: local sessions, with
-/// `MapMemory`, `ReadShm` and `WriteShm`).
-pub const PROTOCOL_MAX: u16 = 2;
+/// `MapMemory`, `ReadShm` and `WriteShm`; 3: the node's boot identity in
+/// [`HelloReply`]).
+pub const PROTOCOL_MAX: u16 = 3;
+/// First protocol version whose [`HelloReply`] carries the node's boot identity.
+pub const PROTOCOL_BOOT: u16 = 3;
 /// Most memory regions one local session maps.
 pub const MAX_REGIONS: usize = 64;
 /// Most shared-memory segments one `ReadShm`/`WriteShm` names.
@@ -308,6 +311,19 @@ pub struct ShmRange {
 
 /// `ShmRange::flags`: check the data against the header's `payload_crc`.
 pub const SHM_CHECK_CRC: u32 = 1;
+
+/// Flag of a `Fence` reply (protocol version 3): the vDisk's epoch was last
+/// raised, on every disk fenced, during the machine's current boot.
+pub const FENCE_SAME_BOOT: u64 = 1;
+
+/// Reads a `Fence` reply's body: the epoch, and whether the node says the
+/// epoch was last raised during its current boot (`false` when it does not
+/// say: a node speaking an older version).
+pub fn decode_fence_reply(body: &[u8]) -> Option<(u64, bool)> {
+    let epoch = le64(body.get(..8)?);
+    let flags = body.get(8..16).map_or(0, le64);
+    Some((epoch, flags & FENCE_SAME_BOOT != 0))
+}
 
 impl ShmRange {
     pub const LEN: usize = ChunkRange::LEN + 8;
@@ -652,22 +668,41 @@ impl<'a> Request<'a> {
 }
 
 /// Body of the reply to `Hello`.
+///
+/// ```text
+/// offset size field
+///      0    2 version   protocol version the node picked
+///      2    2 reserved  0
+///      4    4 n         number of disks
+///      8   16 node      the node's uuid
+///     24 16*n disks     the uuids of its disks
+///      …   16 boot      (version >= 3) the identity of the machine's current
+///                       boot: it changes when the machine restarts, and with
+///                       it everything that was only in its page cache is gone
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloReply {
     pub version: u16,
     pub node: [u8; 16],
     pub disks: Vec<[u8; 16]>,
+    /// The node's boot identity; `None` from a node speaking a version
+    /// below [`PROTOCOL_BOOT`] (and then not encoded).
+    pub boot: Option<[u8; 16]>,
 }
 
 impl HelloReply {
+    /// Encodes the reply; `boot` is written only for versions that carry it.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(24 + 16 * self.disks.len());
+        let mut b = Vec::with_capacity(40 + 16 * self.disks.len());
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&[0u8; 2]);
         b.extend_from_slice(&(self.disks.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.node);
         for d in &self.disks {
             b.extend_from_slice(d);
+        }
+        if self.version >= PROTOCOL_BOOT {
+            b.extend_from_slice(&self.boot.unwrap_or([0; 16]));
         }
         b
     }
@@ -681,21 +716,27 @@ impl HelloReply {
         if body.len() < 24 {
             return Err(bad(24));
         }
+        let version = u16::from_le_bytes([body[0], body[1]]);
         let n = le32(&body[4..8]) as usize;
-        let expected = n
+        let boot_len = if version >= PROTOCOL_BOOT { 16 } else { 0 };
+        let disks_end = n
             .checked_mul(16)
             .and_then(|x| x.checked_add(24))
+            .ok_or_else(|| bad(usize::MAX))?;
+        let expected = disks_end
+            .checked_add(boot_len)
             .ok_or_else(|| bad(usize::MAX))?;
         if body.len() != expected {
             return Err(bad(expected));
         }
         Ok(HelloReply {
-            version: u16::from_le_bytes([body[0], body[1]]),
+            version,
             node: body[8..24].try_into().expect("16 bytes"),
-            disks: body[24..]
+            disks: body[24..disks_end]
                 .chunks_exact(16)
                 .map(|c| c.try_into().expect("16 bytes"))
                 .collect(),
+            boot: (boot_len > 0).then(|| body[disks_end..].try_into().expect("16 bytes")),
         })
     }
 }
@@ -871,16 +912,45 @@ mod tests {
 
     #[test]
     fn hello_reply_roundtrip_and_truncation() {
-        let r = HelloReply {
-            version: 1,
+        for (version, boot) in [(1, None), (2, None), (3, Some([9; 16]))] {
+            let r = HelloReply {
+                version,
+                node: [5; 16],
+                disks: vec![[1; 16], [2; 16]],
+                boot,
+            };
+            let b = r.encode();
+            assert_eq!(b.len(), 24 + 32 + if boot.is_some() { 16 } else { 0 });
+            assert_eq!(HelloReply::decode(&b).unwrap(), r);
+            assert!(HelloReply::decode(&b[..b.len() - 1]).is_err());
+            let mut longer = b.clone();
+            longer.extend_from_slice(&[0; 16]);
+            assert!(HelloReply::decode(&longer).is_err());
+            let mut huge = b.clone();
+            huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(HelloReply::decode(&huge).is_err());
+        }
+    }
+
+    #[test]
+    fn an_old_node_reply_has_no_boot_and_a_new_one_always_has() {
+        // A version-2 node's reply decodes with no boot identity.
+        let old = HelloReply {
+            version: 2,
             node: [5; 16],
-            disks: vec![[1; 16], [2; 16]],
+            disks: vec![],
+            boot: Some([7; 16]),
         };
-        let b = r.encode();
-        assert_eq!(HelloReply::decode(&b).unwrap(), r);
-        assert!(HelloReply::decode(&b[..b.len() - 1]).is_err());
-        let mut huge = b.clone();
-        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(HelloReply::decode(&huge).is_err());
+        assert_eq!(HelloReply::decode(&old.encode()).unwrap().boot, None);
+        // A version-3 reply always carries one (zeros if the node had none).
+        let new = HelloReply {
+            version: 3,
+            boot: None,
+            ..old
+        };
+        assert_eq!(
+            HelloReply::decode(&new.encode()).unwrap().boot,
+            Some([0; 16])
+        );
     }
 }

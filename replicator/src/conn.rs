@@ -33,7 +33,7 @@ use thiserror::Error;
 use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::link::NodeAddr;
+use crate::link::{BootGuard, BootWatch, NodeAddr};
 use crate::shm::{SharedMemory, ShmTable};
 
 /// The receiving side, buffered: many replies come in with one `read`.
@@ -64,6 +64,11 @@ pub enum ConnError {
     Timeout { addr: String, timeout: Duration },
     #[error("storage node {addr} speaks no protocol version in {min}..={max}")]
     Version { addr: String, min: u16, max: u16 },
+    /// The node's machine restarted since this volume last reached it: what
+    /// it acknowledged but had not made stable is gone. Every request fails
+    /// so until the volume accepts the new boot ([`crate::link::BootGuard`]).
+    #[error("storage node {addr} restarted its machine: its unflushed writes may be lost")]
+    Rebooted { addr: String },
 }
 
 /// How a reply reaches its caller.
@@ -443,6 +448,7 @@ impl Conn {
                 version: 0,
                 node: [0; 16],
                 disks: Vec::new(),
+                boot: None,
             },
             shm: local.shm,
             generation: local.generation,
@@ -762,6 +768,8 @@ pub(crate) struct NodeLink {
     current: std::sync::RwLock<Option<Arc<Conn>>>,
     /// Serialises reconnects so a failed node is dialled once, not once per request.
     connecting: tokio::sync::Mutex<()>,
+    /// Whether the node rebooted since the volume last reached it.
+    pub(crate) boot: BootGuard,
 }
 
 impl NodeLink {
@@ -770,6 +778,7 @@ impl NodeLink {
         shm: Arc<SharedMemory>,
         client: [u8; 16],
         timeout: Duration,
+        boot: Arc<BootWatch>,
     ) -> Self {
         NodeLink {
             addr: addr.addr,
@@ -779,6 +788,7 @@ impl NodeLink {
             timeout,
             current: std::sync::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            boot: BootGuard::new(boot),
         }
     }
 
@@ -823,6 +833,8 @@ impl NodeLink {
             Some(c) => c,
             None => Conn::connect(&self.addr, self.client, self.timeout).await?,
         };
+        // Before any request can go on it.
+        self.boot.connected(c.hello.boot);
         *self.current.write().expect("connection slot poisoned") = Some(c.clone());
         Ok(c)
     }
@@ -836,6 +848,7 @@ impl NodeLink {
         crc: Option<u32>,
     ) -> Result<Frame, ConnError> {
         let conn = self.conn().await?;
+        self.boot.check(&self.addr)?;
         conn.call(req, payload, crc, self.timeout).await
     }
 
@@ -846,6 +859,7 @@ impl NodeLink {
         dest: &mut [&mut [u8]],
     ) -> Result<(Header, Vec<u8>), ConnError> {
         let conn = self.conn().await?;
+        self.boot.check(&self.addr)?;
         conn.call_read(req, dest, self.timeout).await
     }
 

@@ -18,7 +18,7 @@ pub mod worker;
 pub mod zone_link;
 
 pub use conn::ConnError;
-pub use link::{Connector, NodeAddr, NodeIo, Reply};
+pub use link::{BootGuard, BootWatch, Connector, NodeAddr, NodeIo, Reply};
 pub use shm::{SharedMemory, SharedRegion};
 pub use volume::{ScrubReport, Volume, VolumeConfig};
 pub use zone_link::{ZoneCallError, ZoneFailure, ZoneLink};

@@ -156,6 +156,9 @@ pub(crate) struct Inner {
     layout: ArcSwap<Layout>,
     /// Addresses of every node a layout has used, by node index (only grows).
     nodes: Arc<std::sync::RwLock<Vec<crate::link::NodeAddr>>>,
+    /// Per node index, the boot identity this volume knows it runs (shared
+    /// by every handle's link to it).
+    boots: Arc<std::sync::Mutex<Vec<Arc<crate::link::BootWatch>>>>,
     /// Memory the device adapter shares with the nodes on this host.
     shm: Arc<SharedMemory>,
     /// Serialises layout changes.
@@ -269,6 +272,7 @@ impl Volume {
             scheme: Mirror,
             layout: ArcSwap::from_pointee(layout),
             nodes,
+            boots: Arc::default(),
             shm: Arc::default(),
             adopting: tokio::sync::Mutex::new(()),
             min_copies,
@@ -546,6 +550,7 @@ impl Inner {
     fn connect(&self) -> Links {
         Links::new(
             self.nodes.clone(),
+            self.boots.clone(),
             self.shm.clone(),
             self.client,
             self.config.io_timeout,
@@ -683,9 +688,58 @@ impl Inner {
         payload: &[&[u8]],
         crc: Option<u32>,
     ) -> Result<(), VolumeError> {
+        self.call_reply(links, slot, req, payload, crc)
+            .await
+            .map(|_| ())
+    }
+
+    /// Like `call`, returning the body of an `Ok` reply.
+    pub(crate) async fn call_reply(
+        &self,
+        links: &Links,
+        slot: &CopySlot,
+        req: tessera_proto::Request<'_>,
+        payload: &[&[u8]],
+        crc: Option<u32>,
+    ) -> Result<Vec<u8>, VolumeError> {
         let link = links.get(slot.node);
-        let reply = link.call(req, payload, crc).await?;
-        self.check_reply(&reply, &link)
+        let reply = match link.call(req, payload, crc).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.node_error(slot.node, &link, e)),
+        };
+        self.check_reply(&reply, &link)?;
+        Ok(reply.body)
+    }
+
+    /// What a request's connection error means for the volume. A node whose
+    /// machine restarted lost what it had not made stable: every copy on it
+    /// fails (dirty for everything written since its last flush) before the
+    /// link may carry requests again.
+    pub(crate) fn node_error(
+        &self,
+        node: usize,
+        link: &crate::link::Link,
+        e: crate::conn::ConnError,
+    ) -> VolumeError {
+        if matches!(e, crate::conn::ConnError::Rebooted { .. }) {
+            let layout = self.layout();
+            let disks: Vec<Uuid> = layout
+                .disks
+                .iter()
+                .filter(|(_, n, _)| *n == node)
+                .map(|(d, _, _)| *d)
+                .collect();
+            tracing::warn!(
+                node = link.addr(),
+                ?disks,
+                "a node's machine restarted: its copies are resynced"
+            );
+            for d in disks {
+                self.fail_disk(&layout, d);
+            }
+            link.accept_reboot();
+        }
+        e.into()
     }
 
     /// Makes everything written to one copy stable.
@@ -707,12 +761,22 @@ impl Inner {
         links: &Links,
         slot: &CopySlot,
     ) -> Result<(), VolumeError> {
+        self.fence_report(links, slot).await.map(|_| ())
+    }
+
+    /// Like `fence_one`, returning whether the node says the vDisk's epoch
+    /// was last raised there during its machine's current boot: if not, the
+    /// machine restarted since the previous writer fenced it (or it cannot
+    /// tell), and the copy may lack what that writer acknowledged and had
+    /// not flushed.
+    async fn fence_report(&self, links: &Links, slot: &CopySlot) -> Result<bool, VolumeError> {
         let req = tessera_proto::Request::Fence(tessera_proto::VdiskRef {
             vdisk: *self.vdisk.uuid.as_bytes(),
             disk: *slot.disk.as_bytes(),
             epoch: self.wire_epoch(slot),
         });
-        self.call(links, slot, req, &[], None).await
+        let body = self.call_reply(links, slot, req, &[], None).await?;
+        Ok(tessera_proto::decode_fence_reply(&body).is_some_and(|(_, same)| same))
     }
 
     /// At open: raises the epoch on every copy, whatever its state, so no
@@ -720,15 +784,21 @@ impl Inner {
     /// fenced fails (it is recorded stale). If the previous writer died
     /// with writes in flight (a non-empty activity log), every copy that is
     /// not current and fenced is recorded dirty for the chunks of those
-    /// extents: it may have taken some of those writes and not others.
+    /// extents: it may have taken some of those writes and not others. So is
+    /// a current copy whose machine restarted since the previous writer
+    /// fenced it (it lost what its page cache held), as long as its group
+    /// has a current copy whose machine did not: if every copy restarted,
+    /// they all lost their unflushed writes, and they are made to agree.
     async fn fence_all(&self, links: &Links) -> Result<(), VolumeError> {
         let layout = self.layout();
         let slots = layout.disk_slots();
-        let results = join_all(slots.iter().map(|s| self.fence_one(links, s))).await;
+        let results = join_all(slots.iter().map(|s| self.fence_report(links, s))).await;
         let mut unfenced = Vec::new();
+        let mut restarted = Vec::new();
         for (slot, r) in slots.iter().zip(results) {
             match r {
-                Ok(()) => {}
+                Ok(true) => {}
+                Ok(false) => restarted.push(slot.disk),
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(disk = %slot.disk, error = %e, "cannot fence a copy; recording it stale");
@@ -740,9 +810,22 @@ impl Inner {
         let mut missed = Vec::new();
         if !self.vdisk.activity.is_empty() {
             for (g, copies) in layout.groups.iter().enumerate() {
+                let kept = |c: &CopySlot| {
+                    c.health() == CopyHealth::Current
+                        && !unfenced.contains(&c.disk)
+                        && !restarted.contains(&c.disk)
+                };
+                let trust_restarted = !copies.iter().any(kept);
                 for c in copies {
-                    if c.health() == CopyHealth::Current && !unfenced.contains(&c.disk) {
+                    if c.health() == CopyHealth::Current
+                        && !unfenced.contains(&c.disk)
+                        && (trust_restarted || !restarted.contains(&c.disk))
+                    {
                         continue;
+                    }
+                    if c.health() == CopyHealth::Current {
+                        tracing::warn!(disk = %c.disk, "a copy's machine restarted since the last writer fenced it: resyncing what that writer had in flight");
+                        self.fail_slot(&layout, c);
                     }
                     for chunk in activity::extent_chunks(&self.vdisk, &self.vdisk.activity) {
                         if layout.group_index(chunk) == g {

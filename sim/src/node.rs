@@ -7,7 +7,11 @@
 //! `kill -9` of the node (a crash) keeps the page cache; a power loss
 //! keeps an arbitrary subset of those writes, block by block (a 4 KiB block
 //! is old, new, or torn — a torn block fails its checksum, as the real
-//! chunk store's crc makes it). Fences are durable when answered.
+//! chunk store's crc makes it). Fences are durable when answered, with
+//! the boot they were raised in. A power loss changes the node's boot
+//! identity; a link that "connects" again after a crash or power loss
+//! reports the boot it finds to the volume's `BootGuard`, as a network link
+//! does with the node's `Hello` reply.
 //!
 //! A request runs as its own task: it sleeps a random delay (reordering
 //! requests), waits while the node is frozen, and is dropped if the node
@@ -21,7 +25,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tessera_proto::{Request, Status};
-use tessera_replicator::{ConnError, Connector, NodeAddr, NodeIo, Reply, SharedMemory};
+use tessera_replicator::{
+    BootGuard, BootWatch, ConnError, Connector, NodeAddr, NodeIo, Reply, SharedMemory,
+};
 use uuid::Uuid;
 
 use crate::rng::Rng;
@@ -61,7 +67,9 @@ struct Pending {
 
 #[derive(Debug, Default)]
 struct SimDisk {
-    epochs: BTreeMap<Uuid, u64>,
+    /// Per vDisk, its epoch and the boot it was last raised in (durable,
+    /// as a node syncs an epoch raise).
+    epochs: BTreeMap<Uuid, (u64, u64)>,
     durable: BTreeMap<(Uuid, u64), Chunk>,
     cache: Vec<Pending>,
     /// Chunks the disk may hold at most (`NoSpace` beyond).
@@ -185,6 +193,8 @@ struct NodeState {
     up: bool,
     /// Bumped by every crash: requests of an earlier life are dropped.
     incarnation: u64,
+    /// Bumped by every power loss (the machine's boot identity).
+    boot: u64,
     frozen: bool,
     /// Longest random delay before a request runs.
     max_delay: Duration,
@@ -290,6 +300,15 @@ impl SimNode {
         self.state().up
     }
 
+    /// The node's life (bumped by every crash) and boot identity, if it is up.
+    fn session(&self) -> Option<(u64, [u8; 16])> {
+        let s = self.state();
+        let mut boot = [0u8; 16];
+        boot[..8].copy_from_slice(&s.boot.to_le_bytes());
+        boot[8..].copy_from_slice(self.uuid.as_bytes()[..8].try_into().expect("8 bytes"));
+        s.up.then_some((s.incarnation, boot))
+    }
+
     /// `kill -9`: the page cache survives; queued requests are dropped.
     pub fn crash(&self) {
         let mut s = self.state();
@@ -305,6 +324,7 @@ impl SimNode {
         let mut s = self.state();
         s.up = false;
         s.incarnation += 1;
+        s.boot += 1;
         s.frozen = false;
         let chunk_size = s.chunk_size;
         let mut rng = s.rng.fork();
@@ -521,12 +541,18 @@ impl SimNode {
                 ok(Vec::new())
             }
             Op::Fence { vdisk, disk, epoch } => {
+                let boot = s.boot;
                 let Some(d) = s.disks.get_mut(&disk) else {
                     return err(Status::NoSuchDisk, "no such disk");
                 };
-                let e = d.epochs.entry(vdisk).or_insert(0);
-                *e = (*e).max(epoch);
-                ok(e.to_le_bytes().to_vec())
+                let e = d.epochs.entry(vdisk).or_insert((0, u64::MAX));
+                let same_boot = e.1 == boot;
+                if epoch > e.0 {
+                    *e = (epoch, boot);
+                }
+                let mut body = e.0.to_le_bytes().to_vec();
+                body.extend_from_slice(&u64::from(same_boot).to_le_bytes());
+                ok(body)
             }
             Op::Other => err(Status::Unsupported, "not simulated"),
         }
@@ -545,7 +571,7 @@ impl SimNode {
                 body: b"no such disk".to_vec(),
             };
         };
-        let stored = d.epochs.get(&vdisk).copied().unwrap_or(0);
+        let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
         if epoch < stored {
             return Reply {
                 status: Status::StaleEpoch,
@@ -597,6 +623,7 @@ impl Connector for SimConnector {
         _shm: Arc<SharedMemory>,
         _client: [u8; 16],
         timeout: Duration,
+        boot: Arc<BootWatch>,
     ) -> Arc<dyn NodeIo> {
         let node = self
             .nodes
@@ -604,7 +631,12 @@ impl Connector for SimConnector {
             .find(|n| n.addr == addr.addr)
             .cloned()
             .expect("the zone names only simulated nodes");
-        Arc::new(SimLink { node, timeout })
+        Arc::new(SimLink {
+            node,
+            timeout,
+            connected: Mutex::new(None),
+            boot: BootGuard::new(boot),
+        })
     }
 }
 
@@ -612,10 +644,23 @@ impl Connector for SimConnector {
 struct SimLink {
     node: Arc<SimNode>,
     timeout: Duration,
+    /// The node life this link's "connection" reached: a crash or a power
+    /// loss breaks it, and the next request connects again.
+    connected: Mutex<Option<u64>>,
+    boot: BootGuard,
 }
 
 impl SimLink {
     async fn send(&self, op: Op) -> Result<Reply, ConnError> {
+        // Connecting again after the node's restart tells its boot identity.
+        if let Some((life, boot)) = self.node.session() {
+            let mut connected = self.connected.lock().expect("poisoned");
+            if *connected != Some(life) {
+                *connected = Some(life);
+                self.boot.connected(Some(boot));
+            }
+        }
+        self.boot.check(&self.node.addr)?;
         let task = tokio::spawn(self.node.clone().execute(op));
         match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(r)) => r,
@@ -700,4 +745,8 @@ impl NodeIo for SimLink {
     }
 
     async fn close(&self) {}
+
+    fn accept_reboot(&self) {
+        self.boot.accept();
+    }
 }

@@ -91,6 +91,7 @@ impl DiskSet {
                 used = info.used,
                 "disk opened"
             );
+            disk.set_boot(crate::server::boot_tag());
             order.push(uuid);
             by_uuid.insert(uuid, Arc::new(disk));
         }

@@ -36,6 +36,38 @@ const MAX_BATCH: usize = 64;
 /// Reads and writes up to this size run on the connection's own task.
 const INLINE_MAX: u32 = 64 * 1024;
 
+/// The identity of this machine's current boot, sent in every `Hello`
+/// reply: a volume client that finds it changed since it last reached this
+/// node knows the node's page cache is gone, and with it every write the
+/// node acknowledged but had not made stable. Linux's `boot_id`; where it
+/// cannot be read, a random identity per process (every restart then looks
+/// like a reboot: copies are resynced that need not be, nothing is lost).
+/// `TESSERA_BOOT_ID` (a uuid) overrides it, for tests that restart a node
+/// as if its machine had rebooted.
+pub fn boot_id() -> [u8; 16] {
+    static BOOT: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let read = std::env::var("TESSERA_BOOT_ID")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok());
+        match read.as_deref().map(|s| Uuid::parse_str(s.trim())) {
+            Some(Ok(u)) => *u.as_bytes(),
+            _ => {
+                tracing::warn!("no boot identity readable: using one per process");
+                *Uuid::new_v4().as_bytes()
+            }
+        }
+    })
+}
+
+/// [`boot_id`] folded to the non-zero tag disks record with epoch raises.
+pub fn boot_tag() -> u64 {
+    let b = boot_id();
+    let tag = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+        ^ u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
+    tag.max(1)
+}
+
 /// A running server; [`Server::stop`] ends it and its connections.
 pub struct Server {
     stop: tokio::sync::oneshot::Sender<()>,
@@ -250,6 +282,7 @@ async fn connection<R, W>(
                     version: max.min(PROTOCOL_MAX),
                     node: *node.as_bytes(),
                     disks: disks.uuids().iter().map(|u| *u.as_bytes()).collect(),
+                    boot: Some(boot_id()),
                 }
                 .encode();
                 Reply::new(Opcode::Hello, id, Status::Ok, body)
@@ -607,10 +640,15 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
         }
         Op::Fence(v) => {
             let mut epoch = 0;
+            let mut same_boot = true;
             for d in targets(disks, &v.disk)? {
-                epoch = epoch.max(d.fence(Uuid::from_bytes(v.vdisk), v.epoch)?);
+                let f = d.fence_report(Uuid::from_bytes(v.vdisk), v.epoch)?;
+                epoch = epoch.max(f.epoch);
+                same_boot &= f.same_boot;
             }
-            Ok(epoch.to_le_bytes().to_vec())
+            let mut body = epoch.to_le_bytes().to_vec();
+            body.extend_from_slice(&u64::from(same_boot).to_le_bytes());
+            Ok(body)
         }
         Op::DeleteVdisk(v) => {
             let vdisk = Uuid::from_bytes(v.vdisk);

@@ -61,6 +61,10 @@ pub struct TestNode {
     pub disk: PathBuf,
     /// The host it claims ([`TEST_HOST`] unless a test moved it).
     pub host: String,
+    /// The machine boot identity it reports (`TESSERA_BOOT_ID`), if a test
+    /// sets one: changing it between runs makes a restart look like the
+    /// machine's reboot.
+    pub boot_id: Option<uuid::Uuid>,
     child: Option<Child>,
 }
 
@@ -145,6 +149,7 @@ impl TestZone {
             dir: node_dir,
             listen: free_port(),
             host: TEST_HOST.to_string(),
+            boot_id: None,
             child: None,
         });
         self.start_node(i);
@@ -207,7 +212,11 @@ impl TestZone {
             .append(true)
             .open(node.dir.join("node.log"))
             .expect("node log");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(boot) = node.boot_id {
+            cmd.env("TESSERA_BOOT_ID", boot.to_string());
+        }
+        let child = cmd
             .args(["node", "run", "--dir"])
             .arg(&node.dir)
             .arg("--listen")

@@ -156,3 +156,76 @@ async fn a_stale_copy_never_serves_a_read() {
     assert!(buf == new, "read after reopen served by a stale copy");
     reopened.close().await.unwrap();
 }
+
+/// A node whose machine restarted lost what its page cache held. With the
+/// writer idle, nothing but the node's boot identity tells: the next request
+/// must find it changed and fail the node's copies — dirty for everything
+/// written since the last flush — before anything is read from them. A node
+/// only killed and restarted (same boot) keeps its copies current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_machine_restarted_while_the_writer_was_idle_is_resynced() {
+    let mut zone = TestZone::start(2, 128 * MIB).await;
+    zone.datastore("ds", 2).await;
+    let vdisk = zone.vdisk("ds", "v", 8 * MIB).await;
+    let first = zone.node_of_disk(&vdisk.placement.groups[0][0]).await;
+    let disk = vdisk.placement.groups[0][0];
+    zone.nodes[first].boot_id = Some(uuid::Uuid::from_u128(1));
+    zone.kill_node(first);
+    zone.start_node(first);
+    zone.wait_nodes_up(2).await;
+
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.repair = false;
+    let vol = tessera_replicator::Volume::open(cfg).await.unwrap();
+    let flushed = pattern(1, 0, MIB as usize);
+    vol.write(0, &flushed).await.unwrap();
+    vol.flush().await.unwrap();
+    let unflushed = pattern(2, 4 * MIB, MIB as usize);
+    vol.write(4 * MIB, &unflushed).await.unwrap();
+
+    // kill -9 and restart in the same boot: the page cache survived.
+    zone.kill_node(first);
+    zone.start_node(first);
+    zone.wait_nodes_up(2).await;
+    let mut buf = vec![0u8; MIB as usize];
+    vol.read(4 * MIB, &mut buf).await.unwrap();
+    assert!(buf == unflushed);
+    let v = zone.api.vdisk("ds", "v").await.unwrap();
+    assert!(
+        v.vdisk.stale.is_empty(),
+        "a node restart in the same boot fails no copy: {:?}",
+        v.vdisk.stale
+    );
+
+    // The machine "reboots": same disk file, a new boot identity.
+    zone.kill_node(first);
+    zone.nodes[first].boot_id = Some(uuid::Uuid::from_u128(2));
+    zone.start_node(first);
+    zone.wait_nodes_up(2).await;
+    for _ in 0..4 {
+        vol.read(4 * MIB, &mut buf).await.unwrap();
+        assert!(buf == unflushed);
+    }
+    // The next flush (or write) records the failed copy in the zone.
+    vol.flush().await.unwrap();
+    let v = zone.api.vdisk("ds", "v").await.unwrap();
+    assert!(
+        v.vdisk.stale.contains(&disk),
+        "the rebooted node's copy is stale: {:?}",
+        v.vdisk.stale
+    );
+    let dirty: Vec<u64> = v
+        .vdisk
+        .dirty
+        .iter()
+        .filter(|e| e.disk == disk)
+        .flat_map(|e| e.chunks())
+        .collect();
+    let chunk = 4 * MIB / vdisk.placement.chunk_size;
+    assert!(
+        dirty.contains(&chunk),
+        "the chunk written since the last flush is dirty on it: {dirty:?}"
+    );
+    assert!(!dirty.contains(&0), "the flushed chunk is not: {dirty:?}");
+    vol.close().await.unwrap();
+}

@@ -185,11 +185,13 @@ fn combine_slots(valid: &[EpochSlot]) -> EpochSlot {
                     vdisk: va,
                     epoch: ea,
                     trust: ta,
+                    ..
                 },
                 b @ EpochSlot::Used {
                     vdisk: vb,
                     epoch: eb,
                     trust: tb,
+                    ..
                 },
             ) => {
                 if va != vb || ea > eb || (ea == eb && ta <= tb) {
@@ -502,7 +504,7 @@ fn upgrade(dev: &dyn Device, sb: Superblock) -> Result<Superblock, Error> {
 /// wins. Slots damaged in every copy are lost: the loss serial goes up and
 /// every vDisk must be fenced again.
 fn scan_epochs(dev: &dyn Device, l: &Layout, state: &mut State, fixes: &mut Fixes) {
-    let mut seen: HashMap<Uuid, (u32, u64, u64)> = HashMap::new();
+    let mut seen: HashMap<Uuid, (u32, u64, u64, u64)> = HashMap::new();
     let mut damaged = 0;
     let mut serial = 0u64;
     let mut max_trust = 0u64;
@@ -544,17 +546,18 @@ fn scan_epochs(dev: &dyn Device, l: &Layout, state: &mut State, fixes: &mut Fixe
                     vdisk,
                     epoch,
                     trust,
+                    boot,
                 } => {
                     max_trust = max_trust.max(trust);
                     match seen.entry(vdisk) {
                         Entry::Vacant(v) => {
-                            v.insert((s, epoch, trust));
+                            v.insert((s, epoch, trust, boot));
                         }
                         Entry::Occupied(mut o) => {
                             tracing::warn!(%vdisk, "two epoch slots for one vdisk; keeping the higher epoch");
-                            let (_, e0, t0) = *o.get();
+                            let (_, e0, t0, _) = *o.get();
                             let loser = if epoch > e0 || (epoch == e0 && trust < t0) {
-                                o.insert((s, epoch, trust)).0
+                                o.insert((s, epoch, trust, boot)).0
                             } else {
                                 s
                             };
@@ -576,8 +579,8 @@ fn scan_epochs(dev: &dyn Device, l: &Layout, state: &mut State, fixes: &mut Fixe
         );
     }
     state.load_loss_serial(serial);
-    for (vdisk, (slot, epoch, trust)) in seen {
-        state.load_epoch(vdisk, slot, epoch, trust);
+    for (vdisk, (slot, epoch, trust, boot)) in seen {
+        state.load_epoch(vdisk, slot, epoch, trust, boot);
     }
 }
 

@@ -292,6 +292,48 @@ fn invalid_ranges() {
     assert_eq!(disk.info().extents_used, 0);
 }
 
+/// A fence tells whether the vDisk's epoch was last raised during this
+/// boot: after a machine restart (another boot tag) the answer is no, once,
+/// and it survives the disk's reopening (the tag is in the slot).
+#[test]
+fn a_fence_tells_whether_the_machine_restarted_since_the_last_raise() {
+    let (_dir, path, disk) = new_disk();
+    let w = Uuid::from_u128(2);
+    disk.set_boot(11);
+    // Nothing raised yet: not known to be the same boot.
+    assert_eq!(
+        disk.fence_report(V, 1).unwrap(),
+        Fenced {
+            epoch: 1,
+            same_boot: false
+        }
+    );
+    assert!(disk.fence_report(V, 2).unwrap().same_boot);
+    // A raise by a write records the boot too.
+    disk.write(w, 0, 0, &[1; 4096], 3).unwrap();
+    assert!(disk.fence_report(w, 3).unwrap().same_boot);
+    drop(disk);
+    // The node restarts in the same boot (kill -9): the page cache was kept.
+    let disk = Disk::open(&path).unwrap();
+    disk.set_boot(11);
+    assert!(disk.fence_report(V, 4).unwrap().same_boot);
+    drop(disk);
+    // The machine restarted: the first fence says so, the next does not.
+    let disk = Disk::open(&path).unwrap();
+    disk.set_boot(12);
+    let f = disk.fence_report(V, 5).unwrap();
+    assert_eq!(f.epoch, 5);
+    assert!(!f.same_boot);
+    assert!(disk.fence_report(V, 6).unwrap().same_boot);
+    // A fence that raises nothing reports, and records, nothing new.
+    assert!(!disk.fence_report(w, 3).unwrap().same_boot);
+    // A disk that was never told its boot never claims the same boot.
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    assert!(!disk.fence_report(V, 7).unwrap().same_boot);
+    assert!(!disk.fence_report(V, 8).unwrap().same_boot);
+}
+
 #[test]
 fn epochs_fence_writes() {
     let (_dir, path, disk) = new_disk();

@@ -14,7 +14,39 @@ use super::{read, write, Disk};
 use crate::record::EpochSlot;
 use crate::Error;
 
+/// What a fence found (see [`Disk::fence_report`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced {
+    /// The vDisk's epoch after the fence.
+    pub epoch: u64,
+    /// The vDisk's epoch was last raised during the machine's current boot
+    /// (as [`Disk::set_boot`] names it): whatever the writers since then
+    /// wrote is still here, page cache included. False when the machine
+    /// restarted since, or when that is not known.
+    pub same_boot: bool,
+}
+
 impl Disk {
+    /// Names the machine's current boot (a tag of its boot identity, not 0)
+    /// for the epoch raises from now on.
+    pub fn set_boot(&self, boot: u64) {
+        self.boot.store(boot, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Disk::fence`], also telling whether the previous raise of the
+    /// vDisk's epoch happened during this boot. A new writer learns so
+    /// whether this copy may have lost writes its predecessor had
+    /// acknowledged but not flushed: the machine lost power in between.
+    pub fn fence_report(&self, vdisk: Uuid, epoch: u64) -> Result<Fenced, Error> {
+        let boot = self.boot.load(std::sync::atomic::Ordering::Relaxed);
+        let before = self.state().epoch_boot(vdisk);
+        let epoch = self.fence(vdisk, epoch)?;
+        Ok(Fenced {
+            epoch,
+            same_boot: boot != 0 && before == boot,
+        })
+    }
+
     /// Raises the vDisk's stored epoch to `max(stored, epoch)` and returns it.
     ///
     /// A raise is written to every copy of the epoch slot and synced
@@ -46,6 +78,7 @@ impl Disk {
                 Some(s) => (s, false),
                 None => (self.state().take_slot().ok_or(Error::NoSpace)?, true),
             };
+            let boot = self.boot.load(std::sync::atomic::Ordering::Relaxed);
             let written = self
                 .write_slot(
                     slot,
@@ -53,6 +86,7 @@ impl Disk {
                         vdisk,
                         epoch,
                         trust,
+                        boot,
                     },
                 )
                 .and_then(|()| self.sync("make an epoch raise durable (fdatasync)"));
@@ -62,7 +96,7 @@ impl Disk {
                 }
                 return Err(e);
             }
-            self.state().set_epoch(vdisk, slot, epoch, trust);
+            self.state().set_epoch(vdisk, slot, epoch, trust, boot);
             return Ok(epoch);
         }
     }

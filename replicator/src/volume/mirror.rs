@@ -271,7 +271,20 @@ impl Redundancy for Mirror {
             let link = links.get(c.node);
             let result = match link.read(Request::Read(range), out).await {
                 Ok(reply) => v.check_reply(&reply, &link),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(v.node_error(c.node, &link, e)),
+            };
+            // A copy that failed while the read was in flight (its node
+            // rebooted, it missed a write) may have answered with what it
+            // lacks: read another.
+            let result = match result {
+                Ok(()) if only.is_none() && c.health() != CopyHealth::Current => {
+                    Err(VolumeError::Degraded {
+                        group: layout.group_index(p.chunk),
+                        current: 0,
+                        needed: 1,
+                    })
+                }
+                r => r,
             };
             match result {
                 Ok(()) => {

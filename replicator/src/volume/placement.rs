@@ -30,7 +30,7 @@ use uuid::Uuid;
 use super::copies::{CopyHealth, CopyState};
 use super::{CopySlot, Inner};
 use crate::conn::NodeLink;
-use crate::link::{Connector, Link, NodeAddr};
+use crate::link::{BootWatch, Connector, Link, NodeAddr};
 use crate::shm::SharedMemory;
 use crate::VolumeError;
 
@@ -239,6 +239,7 @@ pub(super) fn locator<'a>(
 pub(crate) struct Links {
     slots: std::sync::RwLock<Vec<Arc<Link>>>,
     addrs: Arc<std::sync::RwLock<Vec<NodeAddr>>>,
+    boots: Arc<std::sync::Mutex<Vec<Arc<BootWatch>>>>,
     shm: Arc<SharedMemory>,
     client: [u8; 16],
     timeout: Duration,
@@ -248,6 +249,7 @@ pub(crate) struct Links {
 impl Links {
     pub(super) fn new(
         addrs: Arc<std::sync::RwLock<Vec<NodeAddr>>>,
+        boots: Arc<std::sync::Mutex<Vec<Arc<BootWatch>>>>,
         shm: Arc<SharedMemory>,
         client: [u8; 16],
         timeout: Duration,
@@ -256,6 +258,7 @@ impl Links {
         Links {
             slots: std::sync::RwLock::new(Vec::new()),
             addrs,
+            boots,
             shm,
             client,
             timeout,
@@ -270,15 +273,23 @@ impl Links {
         }
         let mut slots = self.slots.write().expect("links poisoned");
         let addrs = self.addrs.read().expect("nodes poisoned");
+        let mut boots = self.boots.lock().expect("boots poisoned");
+        while boots.len() < addrs.len() {
+            boots.push(Arc::default());
+        }
         while slots.len() < addrs.len() {
             let addr = addrs[slots.len()].clone();
+            let boot = boots[slots.len()].clone();
             let link = match &self.connector {
-                Some(c) => Link::Other(c.link(&addr, self.shm.clone(), self.client, self.timeout)),
+                Some(c) => {
+                    Link::Other(c.link(&addr, self.shm.clone(), self.client, self.timeout, boot))
+                }
                 None => Link::Net(NodeLink::new(
                     addr,
                     self.shm.clone(),
                     self.client,
                     self.timeout,
+                    boot,
                 )),
             };
             slots.push(Arc::new(link));
