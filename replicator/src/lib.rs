@@ -51,6 +51,8 @@ pub enum VolumeError {
     Closing,
     #[error("the vDisk has no copy number {0}")]
     NoSuchCopy(usize),
+    #[error("the copy on disk {disk} failed while a read from it was in flight")]
+    CopyFailed { disk: uuid::Uuid },
     #[error("placement group {group} has {current} current copies, fewer than the {needed} the policy requires")]
     Degraded {
         group: usize,

@@ -278,11 +278,7 @@ impl Redundancy for Mirror {
             // lacks: read another.
             let result = match result {
                 Ok(()) if only.is_none() && c.health() != CopyHealth::Current => {
-                    Err(VolumeError::Degraded {
-                        group: layout.group_index(p.chunk),
-                        current: 0,
-                        needed: 1,
-                    })
+                    Err(VolumeError::CopyFailed { disk: c.disk })
                 }
                 r => r,
             };

@@ -253,12 +253,22 @@ impl Inner {
             for s in &self.stripes {
                 barrier.push(s.write().await);
             }
-            let clean = {
+            let (known_clean, pending) = {
                 let d = self.dirty.lock().expect("dirty poisoned");
-                d.known.get(&disk).is_none_or(|k| k.is_empty())
-                    && !d.pending.iter().any(|(p, _)| *p == disk)
+                (
+                    d.known.get(&disk).is_none_or(|k| k.is_empty()),
+                    d.pending.iter().any(|(p, _)| *p == disk),
+                )
             };
-            if !clean {
+            if pending {
+                // A write failed on the copy meanwhile: what it may lack
+                // waits to be recorded. Record it (nothing else may, with
+                // the guest idle), then copy it.
+                drop(barrier);
+                self.record_dirty(&[]).await?;
+                continue;
+            }
+            if !known_clean {
                 continue;
             }
             let layout = self.layout();
