@@ -70,6 +70,8 @@ impl Mirror {
         let mut tracker = WriteTracker::new();
         // A stable copy of the data, once a node saw it change in flight.
         let mut private: Option<Vec<u8>> = None;
+        // Times a current copy refused it for our own newer fence.
+        let mut overtaken = 0;
         loop {
             let targets: Vec<&CopySlot> = copies
                 .iter()
@@ -108,10 +110,24 @@ impl Mirror {
             .await;
             let mut fenced = None;
             let mut changed_in_flight = false;
+            let mut resend = false;
             for (c, r) in targets.iter().zip(results) {
                 match r {
                     Ok(()) => tracker.record(c.disk, Answer::Held),
                     Err(e @ VolumeError::Fenced { .. }) => fenced = Some(e),
+                    // Resync of another group's copy on this disk fenced it
+                    // with a newer generation while this was in flight to a
+                    // copy that stays current here: refused, not applied.
+                    // Sent again with the new generation (resync never
+                    // copies chunks of a group whose copy is current), it
+                    // costs that copy nothing; failing it would make its
+                    // resync fence again, and so on under load.
+                    Err(VolumeError::Node {
+                        status: Status::StaleEpoch,
+                        ..
+                    }) if overtaken < 3 && c.health() == CopyHealth::Current => {
+                        resend = true;
+                    }
                     Err(VolumeError::Node {
                         status: Status::BadPayload,
                         ..
@@ -148,6 +164,10 @@ impl Mirror {
                     tracker = WriteTracker::new();
                     continue;
                 }
+            }
+            if resend {
+                overtaken += 1;
+                continue;
             }
             let states: Vec<(Uuid, CopyHealth)> =
                 copies.iter().map(|c| (c.disk, c.health())).collect();
