@@ -114,6 +114,58 @@ impl SimDisk {
         one.remove(&(vdisk, chunk))
     }
 
+    /// What a read of `len` bytes at `offset` of the chunk returns: the
+    /// data, or `None` if a block of the range fails its checksum. Copies
+    /// only the range (the whole-chunk `view` is for checks after a run).
+    fn read(&self, vdisk: Uuid, chunk: u64, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let key = (vdisk, chunk);
+        let range = offset as usize..(offset + len) as usize;
+        let first = offset / BLOCK;
+        let last = (offset + len).div_ceil(BLOCK);
+        let (mut out, mut torn): (Vec<u8>, BTreeSet<u64>) = match self.durable.get(&key) {
+            Some(c) => (
+                c.data[range].to_vec(),
+                c.torn.range(first..last).copied().collect(),
+            ),
+            None => (vec![0; len as usize], BTreeSet::new()),
+        };
+        for p in self
+            .cache
+            .iter()
+            .filter(|p| p.vdisk == vdisk && p.chunk == chunk)
+        {
+            if p.frees {
+                out.fill(0);
+                torn.clear();
+                continue;
+            }
+            let lo = p.offset.max(offset);
+            let hi = (p.offset + p.len).min(offset + len);
+            if lo < hi {
+                let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+                match &p.data {
+                    Some(d) => {
+                        dst.copy_from_slice(&d[(lo - p.offset) as usize..(hi - p.offset) as usize])
+                    }
+                    None => dst.fill(0),
+                }
+            }
+            for b in p.offset.div_ceil(BLOCK)..(p.offset + p.len) / BLOCK {
+                torn.remove(&b);
+            }
+        }
+        torn.is_empty().then_some(out)
+    }
+
+    /// Whether the disk holds the chunk (durably or in its page cache).
+    fn holds(&self, key: (Uuid, u64)) -> bool {
+        let mut held = self.durable.contains_key(&key);
+        for p in self.cache.iter().filter(|p| (p.vdisk, p.chunk) == key) {
+            held = !p.frees;
+        }
+        held
+    }
+
     fn allocated(&self) -> BTreeSet<(Uuid, u64)> {
         let mut all: BTreeSet<(Uuid, u64)> = self.durable.keys().copied().collect();
         for p in &self.cache {
@@ -466,17 +518,9 @@ impl SimNode {
                 if !disk_of(s, &disk) {
                     return err(Status::NoSuchDisk, "no such disk");
                 }
-                let d = &s.disks[&disk];
-                match d.view(vdisk, chunk, chunk_size) {
-                    None => ok(vec![0; len as usize]),
-                    Some(c) => {
-                        let first = offset / BLOCK;
-                        let last = (offset + len).div_ceil(BLOCK);
-                        if (first..last).any(|b| c.torn.contains(&b)) {
-                            return err(Status::Checksum, "block checksum mismatch");
-                        }
-                        ok(c.data[offset as usize..(offset + len) as usize].to_vec())
-                    }
+                match s.disks[&disk].read(vdisk, chunk, offset, len) {
+                    Some(data) => ok(data),
+                    None => err(Status::Checksum, "block checksum mismatch"),
                 }
             }
             Op::Write {
@@ -523,7 +567,7 @@ impl SimNode {
                     frees,
                 };
                 // Zeroing a chunk that holds nothing takes no space.
-                if !frees && !d.allocated().contains(&(vdisk, chunk)) {
+                if !frees && !d.holds((vdisk, chunk)) {
                     return Ok(None);
                 }
                 Ok(Some(p))
@@ -601,9 +645,10 @@ impl SimNode {
 impl Pending {
     /// A write to a chunk the disk does not hold yet needs a free extent.
     fn into_checked(self, d: &SimDisk, _chunk_size: u64) -> Result<Option<Pending>, Status> {
-        let allocated = d.allocated();
-        if !allocated.contains(&(self.vdisk, self.chunk))
-            && allocated.len() as u64 >= d.capacity_chunks
+        // (Counting what is allocated only when it could be the limit.)
+        if !d.holds((self.vdisk, self.chunk))
+            && (d.durable.len() + d.cache.len()) as u64 >= d.capacity_chunks
+            && d.allocated().len() as u64 >= d.capacity_chunks
         {
             return Err(Status::NoSpace);
         }
