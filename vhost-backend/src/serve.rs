@@ -32,7 +32,7 @@ pub enum ServeError {
     Listen {
         path: PathBuf,
         #[source]
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
     #[error("cannot create the vhost-user device: {0}")]
     Daemon(String),
@@ -70,11 +70,51 @@ pub fn serve_device<D: BlockDisk>(
 ) -> Result<(), ServeError> {
     // One listening socket for the life of the process: a front-end that
     // connects while the previous one is being torn down waits in its backlog.
-    let mut listener =
-        Listener::new(&config.socket, true).map_err(|source| ServeError::Listen {
-            path: config.socket.clone(),
-            source,
-        })?;
+    let (listener, ours) = listen(&config.socket).map_err(|source| ServeError::Listen {
+        path: config.socket.clone(),
+        source,
+    })?;
+    let mut listener = Listener::from(listener);
+    let result = serve_on(&device, config, &stop, &mut listener);
+    // Removed unless another process replaced it since.
+    if file_id(&config.socket) == Some(ours) {
+        let _ = std::fs::remove_file(&config.socket);
+    }
+    result
+}
+
+/// Which file a path names (device and inode).
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// A socket listening at `path`, replacing whatever was there. It is bound
+/// under a temporary name and renamed into place once it listens, so the
+/// path never names a socket that refuses connections: whoever waits for the
+/// path to appear (a qemu hook, a supervisor) may connect at once.
+fn listen(
+    path: &std::path::Path,
+) -> std::io::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let id = file_id(path).ok_or_else(|| std::io::Error::other("the socket vanished"))?;
+    Ok((listener, id))
+}
+
+fn serve_on<D: BlockDisk>(
+    device: &VhostUserBlk<D>,
+    config: &ServeConfig,
+    stop: &AtomicBool,
+    listener: &mut Listener,
+) -> Result<(), ServeError> {
     tracing::info!(socket = %config.socket.display(), queues = config.num_queues, "vhost-user-blk device listening");
     while !stop.load(Ordering::Acquire) {
         let mut daemon = VhostUserDaemon::new(
@@ -84,7 +124,7 @@ pub fn serve_device<D: BlockDisk>(
         )
         .map_err(|e| ServeError::Daemon(e.to_string()))?;
         daemon
-            .start(&mut listener)
+            .start(listener)
             .map_err(|e| ServeError::Connection(e.to_string()))?;
         tracing::info!("front-end connected");
         let ended = daemon.wait();
@@ -104,4 +144,35 @@ pub fn serve_device<D: BlockDisk>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket path names a listening socket as soon as it exists, and
+    /// replaces what a dead predecessor left there.
+    #[test]
+    fn the_socket_path_appears_listening_and_replaces_a_stale_one() {
+        let dir = std::env::temp_dir().join(format!("tessera-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        // A stale socket nobody listens on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        let (listener, id) = listen(&path).unwrap();
+        assert_eq!(file_id(&path), Some(id));
+        std::os::unix::net::UnixStream::connect(&path).expect("listening once it exists");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("v.sock")],
+            "no temporary name left"
+        );
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
