@@ -384,6 +384,48 @@ impl SimNode {
         }
     }
 
+    /// Whether the node is frozen (SIGSTOP: it does not heartbeat either).
+    pub fn is_frozen(&self) -> bool {
+        self.state().frozen
+    }
+
+    /// The copies this node reports to the zone: (disk, vDisk) of every
+    /// vDisk with chunks or an epoch on the disk, as a real node's heartbeat does.
+    pub fn copies(&self) -> Vec<[Uuid; 2]> {
+        let s = self.state();
+        let mut out = BTreeSet::new();
+        for (disk, d) in &s.disks {
+            out.extend(d.epochs.keys().map(|v| [*disk, *v]));
+            out.extend(d.allocated().into_iter().map(|(v, _)| [*disk, v]));
+        }
+        out.into_iter().collect()
+    }
+
+    /// Frees the copy of `vdisk` on `disk` (the zone said it moved away),
+    /// as the real node's `delete_vdisk` does: every chunk (a free record
+    /// per extent, unsynced: a power loss may bring some back) and the
+    /// epoch.
+    pub fn free(&self, disk: Uuid, vdisk: Uuid) {
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return;
+        };
+        for (v, chunk) in d.allocated() {
+            if v == vdisk {
+                d.cache.push(Pending {
+                    vdisk,
+                    chunk,
+                    offset: 0,
+                    data: None,
+                    len: chunk_size,
+                    frees: true,
+                });
+            }
+        }
+        d.epochs.remove(&vdisk);
+    }
+
     pub fn disks(&self) -> Vec<Uuid> {
         self.state().disks.keys().copied().collect()
     }
