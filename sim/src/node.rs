@@ -66,6 +66,11 @@ struct SimDisk {
     cache: Vec<Pending>,
     /// Chunks the disk may hold at most (`NoSpace` beyond).
     capacity_chunks: u64,
+    /// Copies freed because they moved away, with the chunks set whole
+    /// since: every other chunk of the vDisk reads as an error, not zeros,
+    /// as the real chunk store does (`Disk::free_moved_copy`). In memory:
+    /// a restart of the node forgets it.
+    moved_away: BTreeMap<Uuid, BTreeSet<u64>>,
 }
 
 impl SimDisk {
@@ -88,6 +93,14 @@ impl SimDisk {
         for b in first..end {
             c.torn.remove(&b);
         }
+    }
+
+    /// Whether an unallocated chunk may hold data this disk no longer has
+    /// (its copy was freed after it moved away).
+    fn uncertain(&self, vdisk: Uuid, chunk: u64) -> bool {
+        self.moved_away
+            .get(&vdisk)
+            .is_some_and(|set| !set.contains(&chunk))
     }
 
     /// The chunk as reads see it (durable content and page cache).
@@ -296,6 +309,9 @@ impl SimNode {
         s.up = false;
         s.incarnation += 1;
         s.frozen = false;
+        for d in s.disks.values_mut() {
+            d.moved_away.clear();
+        }
         drop(s);
         self.resumed.notify_waiters();
     }
@@ -310,6 +326,7 @@ impl SimNode {
         let mut rng = s.rng.fork();
         for d in s.disks.values_mut() {
             d.lose_power(&mut rng, chunk_size);
+            d.moved_away.clear();
         }
         drop(s);
         self.resumed.notify_waiters();
@@ -402,9 +419,9 @@ impl SimNode {
     }
 
     /// Frees the copy of `vdisk` on `disk` (the zone said it moved away),
-    /// as the real node's `delete_vdisk` does: every chunk (a free record
+    /// as the real node's `free_moved_copy` does: every chunk (a free record
     /// per extent, unsynced: a power loss may bring some back) and the
-    /// epoch.
+    /// epoch; until rewritten whole, its chunks read as errors.
     pub fn free(&self, disk: Uuid, vdisk: Uuid) {
         let mut s = self.state();
         let chunk_size = s.chunk_size;
@@ -424,6 +441,7 @@ impl SimNode {
             }
         }
         d.epochs.remove(&vdisk);
+        d.moved_away.insert(vdisk, BTreeSet::new());
     }
 
     pub fn disks(&self) -> Vec<Uuid> {
@@ -490,6 +508,10 @@ impl SimNode {
                 }
                 let d = &s.disks[&disk];
                 match d.view(vdisk, chunk, chunk_size) {
+                    None if d.uncertain(vdisk, chunk) => err(
+                        Status::Checksum,
+                        "the copy was freed after it moved: the chunk is unknown",
+                    ),
                     None => ok(vec![0; len as usize]),
                     Some(c) => {
                         let first = offset / BLOCK;
@@ -546,6 +568,9 @@ impl SimNode {
                 };
                 // Zeroing a chunk that holds nothing takes no space.
                 if !frees && !d.allocated().contains(&(vdisk, chunk)) {
+                    if d.uncertain(vdisk, chunk) {
+                        return Err(Status::Checksum);
+                    }
                     return Ok(None);
                 }
                 Ok(Some(p))
@@ -596,6 +621,12 @@ impl SimNode {
         }
         match make(d) {
             Ok(Some(p)) => {
+                // A chunk set whole is known again.
+                if p.offset == 0 && p.len == s.chunk_size {
+                    if let Some(set) = d.moved_away.get_mut(&p.vdisk) {
+                        set.insert(p.chunk);
+                    }
+                }
                 d.cache.push(p);
                 Reply {
                     status: Status::Ok,
@@ -608,7 +639,10 @@ impl SimNode {
             },
             Err(status) => Reply {
                 status,
-                body: b"no space left on the disk".to_vec(),
+                body: match status {
+                    Status::NoSpace => b"no space left on the disk".to_vec(),
+                    _ => b"the chunk is unknown: write it whole".to_vec(),
+                },
             },
         }
     }
@@ -616,11 +650,16 @@ impl SimNode {
 
 impl Pending {
     /// A write to a chunk the disk does not hold yet needs a free extent.
-    fn into_checked(self, d: &SimDisk, _chunk_size: u64) -> Result<Option<Pending>, Status> {
+    fn into_checked(self, d: &SimDisk, chunk_size: u64) -> Result<Option<Pending>, Status> {
         let allocated = d.allocated();
-        if !allocated.contains(&(self.vdisk, self.chunk))
-            && allocated.len() as u64 >= d.capacity_chunks
+        let new = !allocated.contains(&(self.vdisk, self.chunk));
+        if new
+            && d.uncertain(self.vdisk, self.chunk)
+            && !(self.offset == 0 && self.len == chunk_size)
         {
+            return Err(Status::Checksum);
+        }
+        if new && allocated.len() as u64 >= d.capacity_chunks {
             return Err(Status::NoSpace);
         }
         Ok(Some(self))
