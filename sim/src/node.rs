@@ -205,6 +205,8 @@ struct NodeState {
     bad_payload: u64,
     /// Writes refused so: a resend (from a stable buffer) passes.
     refused: BTreeSet<(Uuid, u64, u64)>,
+    /// Reads of a copy freed after it moved, refused (a lagging reader).
+    freed_reads: u64,
     rng: Rng,
     disks: BTreeMap<Uuid, SimDisk>,
     chunk_size: u64,
@@ -444,6 +446,11 @@ impl SimNode {
         d.moved_away.insert(vdisk, BTreeSet::new());
     }
 
+    /// Reads this node refused because their copy was freed after it moved.
+    pub fn freed_reads(&self) -> u64 {
+        self.state().freed_reads
+    }
+
     pub fn disks(&self) -> Vec<Uuid> {
         self.state().disks.keys().copied().collect()
     }
@@ -508,10 +515,13 @@ impl SimNode {
                 }
                 let d = &s.disks[&disk];
                 match d.view(vdisk, chunk, chunk_size) {
-                    None if d.uncertain(vdisk, chunk) => err(
-                        Status::Checksum,
-                        "the copy was freed after it moved: the chunk is unknown",
-                    ),
+                    None if d.uncertain(vdisk, chunk) => {
+                        s.freed_reads += 1;
+                        err(
+                            Status::Checksum,
+                            "the copy was freed after it moved: the chunk is unknown",
+                        )
+                    }
                     None => ok(vec![0; len as usize]),
                     Some(c) => {
                         let first = offset / BLOCK;

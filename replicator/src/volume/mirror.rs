@@ -108,7 +108,33 @@ impl Mirror {
             .await;
             let mut fenced = None;
             let mut changed_in_flight = false;
-            for (c, r) in targets.iter().zip(results) {
+            for (c, mut r) in targets.iter().zip(results) {
+                // Refused whole by our own newer fence generation: resync
+                // fenced the disk for another of its copies (a move's
+                // target in another group) while this write was queued.
+                // This copy is current, so resync copies none of its
+                // chunks: send it again with the new generation rather
+                // than fail the copy (it may be its group's last one).
+                let mut resent = 0;
+                while resent < 3
+                    && c.health() == CopyHealth::Current
+                    && matches!(
+                        r,
+                        Err(VolumeError::Node {
+                            status: Status::StaleEpoch,
+                            ..
+                        })
+                    )
+                {
+                    resent += 1;
+                    let range = v.range(&p, c);
+                    let req = match op {
+                        Mutation::Write(_) => Request::Write(range, &[]),
+                        Mutation::Zero { discard: true } => Request::Discard(range),
+                        Mutation::Zero { discard: false } => Request::WriteZeroes(range),
+                    };
+                    r = v.call(links, c, req, payload, crc).await;
+                }
                 match r {
                     Ok(()) => tracker.record(c.disk, Answer::Held),
                     Err(e @ VolumeError::Fenced { .. }) => fenced = Some(e),
