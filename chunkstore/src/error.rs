@@ -94,10 +94,11 @@ pub enum Error {
         source: io::Error,
     },
     /// The chunk has no extent here, but an extent whose record is damaged
-    /// may hold it: reading it as zeros could hide its data. Reads, and
-    /// writes or discards of part of it, fail until it is written or
-    /// discarded whole.
-    #[error("vdisk {vdisk} chunk {chunk} may be held by an extent whose record is damaged")]
+    /// may hold it, or this copy was freed after it moved to another disk
+    /// ([`crate::Disk::free_moved_copy`]): reading it as zeros could hide
+    /// its data. Reads, and writes or discards of part of it, fail until it
+    /// is written or discarded whole.
+    #[error("vdisk {vdisk} chunk {chunk} may hold data this disk cannot read (a damaged extent record, or a copy freed after it moved)")]
     OwnershipUnknown {
         /// The vDisk.
         vdisk: Uuid,

@@ -93,6 +93,11 @@ pub(crate) struct State {
     /// Bumped (on disk, in the lost slots' markers) every time epoch slots
     /// are found lost; 0 if none ever was.
     loss_serial: u64,
+    /// Copies freed because they moved to another disk, with the chunks
+    /// set whole since: every other chunk of the vDisk is uncertain (a
+    /// writer still on the placement of before the move may read it; it
+    /// must get an error, not zeros). Kept in memory only.
+    moved_away: HashMap<Uuid, HashSet<u64>>,
 }
 
 impl State {
@@ -108,6 +113,7 @@ impl State {
             free_slots: Vec::new(),
             slots_lost: 0,
             loss_serial: 0,
+            moved_away: HashMap::new(),
         }
     }
 
@@ -199,6 +205,20 @@ impl State {
     pub(crate) fn uncertain(&self, key: &ChunkKey) -> bool {
         self.damaged.suspects.contains_key(key)
             || (!self.damaged.ownerless.is_empty() && !self.damaged.resolved.contains(key))
+            || self
+                .moved_away
+                .get(&key.0)
+                .is_some_and(|set| !set.contains(&key.1))
+    }
+
+    /// The vDisk's copy here moved away and is being freed (`true`), or the
+    /// vDisk is deleted (`false`: nobody reads it any more).
+    pub(crate) fn set_moved_away(&mut self, vdisk: Uuid, moved: bool) {
+        if moved {
+            self.moved_away.insert(vdisk, HashSet::new());
+        } else {
+            self.moved_away.remove(&vdisk);
+        }
     }
 
     /// The chunk's whole content was just written or discarded: it is no
@@ -208,6 +228,9 @@ impl State {
     pub(crate) fn resolve(&mut self, key: ChunkKey) -> Vec<u64> {
         if !self.damaged.ownerless.is_empty() {
             self.damaged.resolved.insert(key);
+        }
+        if let Some(set) = self.moved_away.get_mut(&key.0) {
+            set.insert(key.1);
         }
         self.damaged.suspects.remove(&key).unwrap_or_default()
     }

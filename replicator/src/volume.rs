@@ -356,6 +356,26 @@ impl Volume {
             .all(|(_, _, st)| st.get() == CopyHealth::Current)
     }
 
+    /// Whether every copy of the placement is current, copies being filled
+    /// for a move aside (they are not current until the move finishes).
+    pub fn members_current(&self) -> bool {
+        let layout = self.inner.layout();
+        layout.groups.iter().enumerate().all(|(g, group)| {
+            group
+                .iter()
+                .all(|c| layout.targets.contains(&(c.disk, g)) || c.health() == CopyHealth::Current)
+        })
+    }
+
+    /// Whether any copy on `disk` is current in this volume's view (false
+    /// for a disk its placement does not use).
+    pub fn disk_current(&self, disk: Uuid) -> bool {
+        self.inner
+            .layout()
+            .slots(disk)
+            .any(|st| st.get() == CopyHealth::Current)
+    }
+
     /// The placement version this volume works with.
     pub fn placement_version(&self) -> u64 {
         self.inner.layout().version

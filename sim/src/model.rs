@@ -223,6 +223,41 @@ impl Model {
         }
     }
 
+    /// A read by a writer another one took over (it has not learnt it yet)
+    /// returned `data` for block `b`; `ticket` was taken when it was taken
+    /// over. It may return what it could read then, or anything written
+    /// since — never anything older (such as a freed copy's zeros), never
+    /// garbage. Nothing is pinned by it.
+    pub fn check_lagging(&self, b: u64, data: &[u8], ticket: &Ticket) -> Result<(), Broken> {
+        let s = &self.blocks[b as usize];
+        let id = match decode(data, b) {
+            Seen::Write(id) => id,
+            Seen::Misplaced { id, block } => {
+                return Err(Broken {
+                    block: b,
+                    what: format!("holds block {block}'s data (write {id})"),
+                })
+            }
+            Seen::Garbage => {
+                return Err(Broken {
+                    block: b,
+                    what: "holds garbage".into(),
+                })
+            }
+        };
+        let since = &s.history[ticket.issued..];
+        if ticket.allowed.contains(&id) || since.contains(&id) || s.maybe.contains(&id) {
+            return Ok(());
+        }
+        Err(Broken {
+            block: b,
+            what: format!(
+                "reads write {id}; when its writer was taken over it could read {:?}, and since then {since:?} were written",
+                ticket.allowed
+            ),
+        })
+    }
+
     /// A read of block `b` issued with `ticket` returned `data`.
     pub fn read_done(&mut self, b: u64, data: &[u8], ticket: &Ticket) -> Result<(), Broken> {
         let s = &mut self.blocks[b as usize];

@@ -74,6 +74,11 @@ struct SimDisk {
     cache: Vec<Pending>,
     /// Chunks the disk may hold at most (`NoSpace` beyond).
     capacity_chunks: u64,
+    /// Copies freed because they moved away, with the chunks set whole
+    /// since: every other chunk of the vDisk reads as an error, not zeros,
+    /// as the real chunk store does (`Disk::free_moved_copy`). In memory:
+    /// a restart of the node forgets it.
+    moved_away: BTreeMap<Uuid, BTreeSet<u64>>,
 }
 
 impl SimDisk {
@@ -96,6 +101,14 @@ impl SimDisk {
         for b in first..end {
             c.torn.remove(&b);
         }
+    }
+
+    /// Whether an unallocated chunk may hold data this disk no longer has
+    /// (its copy was freed after it moved away).
+    fn uncertain(&self, vdisk: Uuid, chunk: u64) -> bool {
+        self.moved_away
+            .get(&vdisk)
+            .is_some_and(|set| !set.contains(&chunk))
     }
 
     /// The chunk as reads see it (durable content and page cache).
@@ -254,6 +267,8 @@ struct NodeState {
     bad_payload: u64,
     /// Writes refused so: a resend (from a stable buffer) passes.
     refused: BTreeSet<(Uuid, u64, u64)>,
+    /// Reads of a copy freed after it moved, refused (a lagging reader).
+    freed_reads: u64,
     rng: Rng,
     disks: BTreeMap<Uuid, SimDisk>,
     chunk_size: u64,
@@ -367,6 +382,9 @@ impl SimNode {
         s.up = false;
         s.incarnation += 1;
         s.frozen = false;
+        for d in s.disks.values_mut() {
+            d.moved_away.clear();
+        }
         drop(s);
         self.resumed.notify_waiters();
     }
@@ -382,6 +400,7 @@ impl SimNode {
         let mut rng = s.rng.fork();
         for d in s.disks.values_mut() {
             d.lose_power(&mut rng, chunk_size);
+            d.moved_away.clear();
         }
         drop(s);
         self.resumed.notify_waiters();
@@ -456,6 +475,54 @@ impl SimNode {
         }
     }
 
+    /// Whether the node is frozen (SIGSTOP: it does not heartbeat either).
+    pub fn is_frozen(&self) -> bool {
+        self.state().frozen
+    }
+
+    /// The copies this node reports to the zone: (disk, vDisk) of every
+    /// vDisk with chunks or an epoch on the disk, as a real node's heartbeat does.
+    pub fn copies(&self) -> Vec<[Uuid; 2]> {
+        let s = self.state();
+        let mut out = BTreeSet::new();
+        for (disk, d) in &s.disks {
+            out.extend(d.epochs.keys().map(|v| [*disk, *v]));
+            out.extend(d.allocated().into_iter().map(|(v, _)| [*disk, v]));
+        }
+        out.into_iter().collect()
+    }
+
+    /// Frees the copy of `vdisk` on `disk` (the zone said it moved away),
+    /// as the real node's `free_moved_copy` does: every chunk (a free record
+    /// per extent, unsynced: a power loss may bring some back) and the
+    /// epoch; until rewritten whole, its chunks read as errors.
+    pub fn free(&self, disk: Uuid, vdisk: Uuid) {
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return;
+        };
+        for (v, chunk) in d.allocated() {
+            if v == vdisk {
+                d.cache.push(Pending {
+                    vdisk,
+                    chunk,
+                    offset: 0,
+                    data: None,
+                    len: chunk_size,
+                    frees: true,
+                });
+            }
+        }
+        d.epochs.remove(&vdisk);
+        d.moved_away.insert(vdisk, BTreeSet::new());
+    }
+
+    /// Reads this node refused because their copy was freed after it moved.
+    pub fn freed_reads(&self) -> u64 {
+        self.state().freed_reads
+    }
+
     pub fn disks(&self) -> Vec<Uuid> {
         self.state().disks.keys().copied().collect()
     }
@@ -518,6 +585,17 @@ impl SimNode {
                 if !disk_of(s, &disk) {
                     return err(Status::NoSuchDisk, "no such disk");
                 }
+                let freed = {
+                    let d = &s.disks[&disk];
+                    !d.holds((vdisk, chunk)) && d.uncertain(vdisk, chunk)
+                };
+                if freed {
+                    s.freed_reads += 1;
+                    return err(
+                        Status::Checksum,
+                        "the copy was freed after it moved: the chunk is unknown",
+                    );
+                }
                 match s.disks[&disk].read(vdisk, chunk, offset, len) {
                     Some(data) => ok(data),
                     None => err(Status::Checksum, "block checksum mismatch"),
@@ -568,6 +646,9 @@ impl SimNode {
                 };
                 // Zeroing a chunk that holds nothing takes no space.
                 if !frees && !d.holds((vdisk, chunk)) {
+                    if d.uncertain(vdisk, chunk) {
+                        return Err(Status::Checksum);
+                    }
                     return Ok(None);
                 }
                 Ok(Some(p))
@@ -624,6 +705,12 @@ impl SimNode {
         }
         match make(d) {
             Ok(Some(p)) => {
+                // A chunk set whole is known again.
+                if p.offset == 0 && p.len == s.chunk_size {
+                    if let Some(set) = d.moved_away.get_mut(&p.vdisk) {
+                        set.insert(p.chunk);
+                    }
+                }
                 d.cache.push(p);
                 Reply {
                     status: Status::Ok,
@@ -636,7 +723,10 @@ impl SimNode {
             },
             Err(status) => Reply {
                 status,
-                body: b"no space left on the disk".to_vec(),
+                body: match status {
+                    Status::NoSpace => b"no space left on the disk".to_vec(),
+                    _ => b"the chunk is unknown: write it whole".to_vec(),
+                },
             },
         }
     }
@@ -644,9 +734,16 @@ impl SimNode {
 
 impl Pending {
     /// A write to a chunk the disk does not hold yet needs a free extent.
-    fn into_checked(self, d: &SimDisk, _chunk_size: u64) -> Result<Option<Pending>, Status> {
+    fn into_checked(self, d: &SimDisk, chunk_size: u64) -> Result<Option<Pending>, Status> {
+        let new = !d.holds((self.vdisk, self.chunk));
+        if new
+            && d.uncertain(self.vdisk, self.chunk)
+            && !(self.offset == 0 && self.len == chunk_size)
+        {
+            return Err(Status::Checksum);
+        }
         // (Counting what is allocated only when it could be the limit.)
-        if !d.holds((self.vdisk, self.chunk))
+        if new
             && (d.durable.len() + d.cache.len()) as u64 >= d.capacity_chunks
             && d.allocated().len() as u64 >= d.capacity_chunks
         {

@@ -10,14 +10,16 @@ use std::time::Duration;
 use tessera_replicator::{Volume, VolumeConfig, VolumeError};
 use tessera_zone::env::Env;
 use tessera_zone::mem_store::MemStore;
+use tessera_zone::records::MoveReason;
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Health, Heartbeat, RegisterDisk, RegisterNode, ZoneService,
+    CreateDatastore, CreateVdisk, Health, Heartbeat, MovePlanner, RegisterDisk, RegisterNode,
+    ZoneService,
 };
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::model::{fill, Model, BLOCK};
+use crate::model::{fill, Model, Ticket, BLOCK};
 use crate::node::{SimConnector, SimNode};
 use crate::rng::Rng;
 use crate::zone::SimZone;
@@ -81,6 +83,15 @@ enum Event {
     LostAnswers,
     WriterCrash,
     Takeover,
+    /// A disk leaves the datastore (`tessera datastore remove-disk`): its
+    /// copies drain to other disks.
+    Drain,
+    /// A disk that left comes back (`tessera datastore add-disk`):
+    /// placement may prefer it (rebalance).
+    AddDisk,
+    /// A node stays down past `rebuild_after`: its copies are rebuilt
+    /// elsewhere.
+    Outage(usize),
 }
 
 impl Event {
@@ -99,6 +110,9 @@ impl Event {
             Event::LostAnswers => "zone answers lost after the change",
             Event::WriterCrash => "writer crash and reopen",
             Event::Takeover => "second writer takes over (force)",
+            Event::Drain => "disk removed from the datastore (drain)",
+            Event::AddDisk => "disk added back to the datastore (rebalance)",
+            Event::Outage(_) => "node down past rebuild_after (rebuild)",
         }
     }
 
@@ -106,7 +120,11 @@ impl Event {
     /// repaired it).
     fn node(self) -> Option<usize> {
         match self {
-            Event::Crash(n) | Event::PowerLoss(n) | Event::Reboot(n) | Event::Freeze(n) => Some(n),
+            Event::Crash(n)
+            | Event::PowerLoss(n)
+            | Event::Reboot(n)
+            | Event::Freeze(n)
+            | Event::Outage(n) => Some(n),
             Event::Corrupt { node, .. } => Some(node),
             // A refused write leaves that copy stale until resynced.
             Event::BadPayload(n) => Some(n),
@@ -117,6 +135,22 @@ impl Event {
 
 const DS: &str = "ds";
 const NAME: &str = "v";
+/// How long a node is down before the move planner rebuilds its copies
+/// elsewhere (counted from the first planning pass that saw it down, once
+/// its liveness lease ran out).
+const REBUILD_AFTER: Duration = Duration::from_secs(2);
+/// How often the move planner runs (the API server's `plan_interval`).
+const PLAN_INTERVAL: Duration = Duration::from_secs(1);
+/// The nodes' liveness lease.
+const NODE_TTL: Duration = Duration::from_secs(5);
+
+/// Counts of what the zone did by itself (moves planned, copies freed),
+/// reported with the faults.
+type Tallies = Arc<Mutex<BTreeMap<&'static str, u64>>>;
+
+fn tally(t: &Tallies, what: &'static str) {
+    *t.lock().expect("poisoned").entry(what).or_default() += 1;
+}
 
 struct World {
     model: Mutex<Model>,
@@ -198,7 +232,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         .with_env(Env::simulated(seed))
         .with_chunk_size(cfg.chunk_size)
         .expect("a valid chunk size")
-        .with_node_ttl(Duration::from_secs(5));
+        .with_node_ttl(NODE_TTL);
     service.ensure_zone("sim").await.expect("zone");
     let mut nodes = Vec::new();
     let mut disk_of = Vec::new();
@@ -256,30 +290,78 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         .await
         .expect("vdisk");
     let zone = SimZone::new(service, rng.next_u64());
-    // Nodes that are up keep their liveness in the zone.
+    let tallies: Tallies = Arc::default();
+    // Nodes that are up (and not frozen) keep their liveness in the zone,
+    // report the copies they hold, and free those the zone says moved away.
     {
         let zone = zone.clone();
         let nodes = nodes.clone();
+        let tallies = tallies.clone();
         tokio::spawn(async move {
             loop {
                 for (i, n) in nodes.iter().enumerate() {
-                    if !n.is_up() {
+                    if !n.is_up() || n.is_frozen() {
                         continue;
                     }
                     let hb = Heartbeat {
                         lease: leases[i],
                         disks: Vec::new(),
-                        copies: Vec::new(),
+                        copies: n.copies(),
                         vdisks: Vec::new(),
                     };
-                    if zone.service.heartbeat(n.uuid, hb).await.is_err() {
-                        // The liveness lease ran out while the node was down.
-                        if let Ok(r) = zone.service.register_node(registrations[i].clone()).await {
-                            leases[i] = r.lease;
+                    match zone.service.heartbeat(n.uuid, hb).await {
+                        Ok(reply) => {
+                            for [disk, vdisk] in reply.free {
+                                tracing::info!(node = i, %disk, %vdisk, "node frees a moved copy");
+                                n.free(disk, vdisk);
+                                tally(&tallies, "moved copy freed by its node");
+                            }
+                        }
+                        Err(_) => {
+                            // The liveness lease ran out while the node was down.
+                            if let Ok(r) =
+                                zone.service.register_node(registrations[i].clone()).await
+                            {
+                                leases[i] = r.lease;
+                            }
                         }
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    // The API server's move planner (rebuild, drain, rebalance), on the
+    // simulated clock; it stops while the zone is down. Heal switches it
+    // off once the placement settled.
+    let planning = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let zone = zone.clone();
+        let tallies = tallies.clone();
+        let planning = planning.clone();
+        tokio::spawn(async move {
+            let mut planner = MovePlanner::new(zone.service.clone(), REBUILD_AFTER);
+            loop {
+                tokio::time::sleep(PLAN_INTERVAL).await;
+                if zone.is_down() || !planning.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                match planner.run_once().await {
+                    Ok(moves) => {
+                        for m in moves {
+                            tracing::info!(?m, "move planned");
+                            tally(
+                                &tallies,
+                                match m.mv.reason {
+                                    MoveReason::Rebuild => "move planned: rebuild",
+                                    MoveReason::Drain => "move planned: drain",
+                                    MoveReason::Rebalance => "move planned: rebalance",
+                                },
+                            );
+                        }
+                    }
+                    Err(e) => tracing::info!(error = %e, "planning moves failed"),
+                }
             }
         });
     }
@@ -322,7 +404,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     let mut t = Duration::from_millis(rng.below(2000));
     while t < Duration::from_secs(cfg.seconds) {
         let n = rng.below(cfg.nodes as u64) as usize;
-        let e = match rng.below(13) {
+        let e = match rng.below(17) {
             0 | 1 => Event::Crash(n),
             2 => Event::PowerLoss(n),
             3 => Event::Freeze(n),
@@ -337,9 +419,18 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             9 => Event::LostAnswers,
             10 => Event::WriterCrash,
             11 => Event::Takeover,
-            _ => Event::Reboot(n),
+            12 => Event::Drain,
+            13 => Event::AddDisk,
+            14 => Event::Outage(n),
+            15 => Event::Reboot(n),
+            _ => Event::Crash(n),
         };
-        let lasts = Duration::from_millis(200 + rng.below(4000));
+        let lasts = match e {
+            // Until the zone saw it down (its liveness lease ran out), then
+            // past `rebuild_after`, and a while longer or not.
+            Event::Outage(_) => NODE_TTL + REBUILD_AFTER + Duration::from_millis(rng.below(6000)),
+            _ => Duration::from_millis(200 + rng.below(4000)),
+        };
         timeline.push((t, e, lasts));
         t += Duration::from_millis(500 + rng.below(4000));
     }
@@ -353,31 +444,36 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     let availability_tolerance = (cfg.mirrors - min_copies) as usize;
     // Node faults in force: node -> when it ends.
     let mut faulty: BTreeMap<usize, (Event, Instant)> = BTreeMap::new();
+    // Disks removed from the datastore (they may be added back).
+    let mut removed: Vec<Uuid> = Vec::new();
     let mut zone_fault: Option<Event> = None;
     let mut ops: JoinSet<()> = JoinSet::new();
     let mut wrng = rng.fork();
+    // A writer taken over by force keeps reading until it learns it (at
+    // its next lease renewal, or from a node): its reads may return what
+    // it could read when it was taken over, or anything written since,
+    // never older (a copy freed after a move must not read as zeros).
+    let mut lrng = rng.fork();
+    let mut lagging: Option<(Volume, Arc<Vec<Ticket>>, Instant)> = None;
     let mut next_event = 0;
     while Instant::now() < end {
         let now = Instant::now();
         // Faults whose time is up end.
         // A reboot lasts (as a fault of its node) until the writer noticed
         // it: until then the node's copies lack what its page cache held.
-        let noticed = world
-            .volume
-            .lock()
-            .expect("poisoned")
-            .as_ref()
-            .is_none_or(|v| !v.all_current());
+        let writer = world.volume.lock().expect("poisoned").clone();
+        let noticed = |n: usize| writer.as_ref().is_none_or(|v| !v.disk_current(disk_of[n]));
         let ended: Vec<usize> = faulty
             .iter()
             .filter(|(_, (_, until))| *until <= now)
-            .filter(|(_, (e, _))| !matches!(e, Event::Reboot(_)) || noticed)
+            .filter(|(n, (e, _))| !matches!(e, Event::Reboot(_)) || noticed(**n))
             .map(|(n, _)| *n)
             .collect();
+        drop(writer);
         for n in ended {
             let (e, _) = faulty.remove(&n).expect("listed");
             match e {
-                Event::Crash(_) | Event::PowerLoss(_) => nodes[n].restart(),
+                Event::Crash(_) | Event::PowerLoss(_) | Event::Outage(_) => nodes[n].restart(),
                 Event::Freeze(_) => nodes[n].resume(),
                 Event::BadPayload(_) => nodes[n].set_bad_payload(0),
                 Event::Corrupt { .. } => {
@@ -405,9 +501,10 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                 .lock()
                 .expect("poisoned")
                 .as_ref()
-                .is_some_and(|v| v.all_current());
+                .is_some_and(|v| v.members_current());
             // Node faults stay within the policy: at most mirrors - 1
-            // nodes at once, and a new one only while every copy is current.
+            // nodes at once, and a new one only while every copy is current
+            // (a copy being filled for a move is not one of them yet).
             if let Some(n) = e.node() {
                 if faulty.contains_key(&n)
                     || faulty.len() + 1 > cfg.mirrors as usize - 1
@@ -416,8 +513,14 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                     continue;
                 }
             }
+            // Moves need a node beyond the placement's width.
+            if matches!(e, Event::Drain | Event::AddDisk | Event::Outage(_))
+                && cfg.nodes <= cfg.mirrors as usize
+            {
+                continue;
+            }
             match e {
-                Event::Crash(n) => nodes[n].crash(),
+                Event::Crash(n) | Event::Outage(n) => nodes[n].crash(),
                 Event::PowerLoss(n) => nodes[n].lose_power(),
                 Event::Reboot(n) => {
                     nodes[n].lose_power();
@@ -461,6 +564,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                     zone_fault = Some(e);
                 }
                 Event::WriterCrash => {
+                    lagging = None;
                     // The writer dies: its requests in flight are cut off
                     // (what it sent may still land), nothing is closed.
                     ops.abort_all();
@@ -485,6 +589,37 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                         break;
                     }
                 }
+                Event::Drain => {
+                    // A disk of the vDisk's placement leaves the datastore,
+                    // as long as the datastore keeps enough disks to place it.
+                    let ds = zone.service.datastore(DS).await.expect("datastore");
+                    let placed = zone.service.vdisk(DS, NAME).await.expect("vdisk").vdisk;
+                    let candidates: Vec<Uuid> = ds
+                        .disks
+                        .iter()
+                        .copied()
+                        .filter(|d| placed.placement.holds(*d))
+                        .collect();
+                    if ds.disks.len() <= cfg.mirrors as usize || candidates.is_empty() {
+                        continue;
+                    }
+                    let d = candidates[rng.below(candidates.len() as u64) as usize];
+                    zone.service
+                        .remove_datastore_disk(DS, d)
+                        .await
+                        .expect("a member disk is removed");
+                    removed.push(d);
+                }
+                Event::AddDisk => {
+                    if removed.is_empty() {
+                        continue;
+                    }
+                    let d = removed.remove(rng.below(removed.len() as u64) as usize);
+                    zone.service
+                        .add_datastore_disk(DS, d)
+                        .await
+                        .expect("a disk is added");
+                }
                 Event::Takeover => {
                     // Another host opens with force while this writer runs.
                     *world.writers.lock().expect("poisoned") += 1;
@@ -492,9 +627,15 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                     let mut c = config.clone();
                     c.force = true;
                     c.host = "sim-host-1".into();
+                    let old = world.volume.lock().expect("poisoned").clone();
+                    let tickets: Vec<Ticket> = {
+                        let m = world.model.lock().expect("poisoned");
+                        (0..m.blocks()).map(|b| m.ticket(b)).collect()
+                    };
                     if !reopen(&world, c, &zone).await {
                         break;
                     }
+                    lagging = old.map(|v| (v, Arc::new(tickets), now + Duration::from_secs(10)));
                 }
             }
             *outcome.faults.entry(e.name()).or_default() += 1;
@@ -517,6 +658,17 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             outcome.ops += 1;
             start_op(&world, &mut ops, &mut wrng);
         }
+        if let Some((old, tickets, until)) = &lagging {
+            if old.is_fenced() || *until <= now {
+                lagging = None;
+            } else if lrng.chance(200) {
+                *outcome
+                    .faults
+                    .entry("read by a taken-over writer before it learnt it")
+                    .or_default() += 1;
+                lagging_read(&world, &mut ops, &mut lrng, old, tickets);
+            }
+        }
         let pause = Duration::from_millis(wrng.below(40));
         tokio::select! {
             biased;
@@ -525,6 +677,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         }
     }
     while ops.join_next().await.is_some() {}
+    drop(lagging);
 
     // Heal: every fault ends; the copies must become whole again. A flush
     // first lets the writer notice the nodes that are down (see above).
@@ -539,7 +692,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     }
     for (n, (e, _)) in std::mem::take(&mut faulty) {
         match e {
-            Event::Crash(_) | Event::PowerLoss(_) => nodes[n].restart(),
+            Event::Crash(_) | Event::PowerLoss(_) | Event::Outage(_) => nodes[n].restart(),
             Event::Freeze(_) => nodes[n].resume(),
             _ => {}
         }
@@ -554,17 +707,49 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     let volume = world.volume.lock().expect("poisoned").clone();
     let Some(volume) = volume else {
         outcome.violations.push("no writer at the end".into());
-        return finish(outcome, &world);
+        return finish(outcome, &world, &tallies);
     };
     // Copies become current again; then the background scrub finds what
     // the faults left behind unread (it checks current copies only), and
     // what it hands to resync is repaired.
+    // Copies held outside the placement: every one must be freed.
+    let strays = || async {
+        let v = zone.service.vdisk(DS, NAME).await.expect("vdisk").vdisk;
+        let mut out = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for [disk, vd] in n.copies() {
+                if vd == v.uuid && !v.placement.holds(disk) {
+                    out.push((i, disk));
+                }
+            }
+        }
+        (out, v.released)
+    };
+    // Healthy, the writer on the zone's placement, every move finished,
+    // every moved copy freed.
     let wait_healthy = || async {
         let healed_by = Instant::now() + Duration::from_secs(120);
         while Instant::now() < healed_by {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let health = ZoneLink_vdisk(&zone).await;
-            if volume.all_current() && health == Some(Health::Healthy) {
+            let placement = zone
+                .service
+                .vdisk(DS, NAME)
+                .await
+                .expect("vdisk")
+                .vdisk
+                .placement;
+            let settled = placement.moves.is_empty()
+                && placement.version == volume.placement_version()
+                && placement
+                    .groups
+                    .iter()
+                    .all(|g| g.len() == cfg.mirrors as usize);
+            if volume.all_current()
+                && health == Some(Health::Healthy)
+                && settled
+                && strays().await == (Vec::new(), Vec::new())
+            {
                 return true;
             }
         }
@@ -572,6 +757,9 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     };
     let mut healed = wait_healthy().await;
     if healed {
+        // Settled: no new move from now on (one planned meanwhile finishes
+        // in the wait below).
+        planning.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = volume.scrub().await {
             world.violation(format!("the scrub after healing failed: {e}"));
         }
@@ -581,10 +769,12 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         let view = tessera_replicator::ZoneLink::vdisk(&*zone, DS, NAME).await;
         let nodes_up = tessera_replicator::ZoneLink::nodes(&*zone).await;
         outcome.violations.push(format!(
-            "the vDisk did not heal within 120 s (all current: {}, zone's view: {:?}, nodes: {:?})",
+            "the vDisk did not heal within 120 s (all current: {}, writer's placement version {}, zone's view: {:?}, nodes: {:?}, copies outside the placement and released: {:?})",
             volume.all_current(),
-            view.map(|v| (v.health, v.vdisk.stale, v.repair)),
+            volume.placement_version(),
+            view.map(|v| (v.health, v.vdisk.stale, v.repair, v.vdisk.placement)),
             nodes_up.map(|n| n.iter().map(|n| n.state).collect::<Vec<_>>()),
+            strays().await,
         ));
     }
     // Every block reads what the model allows; every copy agrees.
@@ -633,6 +823,13 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         .faults
         .entry("power loss of every node after close")
         .or_default() += 1;
+    let freed_reads: u64 = nodes.iter().map(|n| n.freed_reads()).sum();
+    if freed_reads > 0 {
+        *outcome
+            .faults
+            .entry("read of a moved copy after its node freed it (refused)")
+            .or_default() += freed_reads;
+    }
     let mut last = config.clone();
     // A close whose flush failed leaves the lease to expire.
     last.force = true;
@@ -645,7 +842,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         }
         Err(e) => world.violation(format!("cannot open after every node lost power: {e}")),
     }
-    finish(outcome, &world)
+    finish(outcome, &world, &tallies)
 }
 
 #[allow(non_snake_case)]
@@ -656,7 +853,10 @@ async fn ZoneLink_vdisk(zone: &SimZone) -> Option<Health> {
         .map(|v| v.health)
 }
 
-fn finish(mut outcome: Outcome, world: &World) -> Outcome {
+fn finish(mut outcome: Outcome, world: &World, tallies: &Tallies) -> Outcome {
+    for (k, v) in tallies.lock().expect("poisoned").iter() {
+        *outcome.faults.entry(k).or_default() += v;
+    }
     outcome
         .violations
         .extend(world.violations.lock().expect("poisoned").drain(..));
@@ -705,6 +905,47 @@ async fn check_all(world: &World, volume: &Volume, when: &str) {
             world.violation(format!("{when}: block {}: {}", broken.block, broken.what));
         }
     }
+}
+
+/// Starts a read by a writer that was taken over and does not know it yet.
+fn lagging_read(
+    world: &Arc<World>,
+    ops: &mut JoinSet<()>,
+    rng: &mut Rng,
+    old: &Volume,
+    tickets: &Arc<Vec<Ticket>>,
+) {
+    let blocks = world.model.lock().expect("poisoned").blocks();
+    let first = rng.below(blocks);
+    let range: Range<u64> = first..(first + 1 + rng.below(8)).min(blocks);
+    let (world, old, tickets) = (world.clone(), old.clone(), tickets.clone());
+    ops.spawn(async move {
+        let mut buf = vec![0u8; ((range.end - range.start) as usize) * BLOCK];
+        // Failing is fine (it is fenced, or its copies are out).
+        if old
+            .read(range.start * BLOCK as u64, &mut buf)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let m = world.model.lock().expect("poisoned");
+        let broken: Vec<_> = range
+            .clone()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                m.check_lagging(b, &buf[i * BLOCK..(i + 1) * BLOCK], &tickets[b as usize])
+                    .err()
+            })
+            .collect();
+        drop(m);
+        for broken in broken {
+            world.violation(format!(
+                "a read by the taken-over writer: block {}: {}",
+                broken.block, broken.what
+            ));
+        }
+    });
 }
 
 /// Starts one random request of the workload.

@@ -73,6 +73,14 @@ impl SimZone {
         f.until = None;
     }
 
+    /// Whether the zone is down now (its API server, and the move planner
+    /// it runs, with it).
+    pub fn is_down(&self) -> bool {
+        let mut f = self.faults();
+        Self::expire(&mut f);
+        f.down
+    }
+
     /// Whether a fault is in force.
     pub fn is_faulty(&self) -> bool {
         let mut f = self.faults();

@@ -198,7 +198,7 @@ impl Link {
             let Some(d) = self.disks.iter().find(|d| d.uuid() == disk).cloned() else {
                 continue;
             };
-            let freed = tokio::task::spawn_blocking(move || d.delete_vdisk(vdisk).unwrap_or(0))
+            let freed = tokio::task::spawn_blocking(move || d.free_moved_copy(vdisk).unwrap_or(0))
                 .await
                 .unwrap_or(0);
             tracing::info!(%vdisk, %disk, extents = freed, "freed a copy that moved to another disk");

@@ -1153,11 +1153,21 @@ impl ZoneService {
                         e.remove(req.chunks.iter().copied());
                     }
                     if req.complete {
-                        let left = v
-                            .dirty
-                            .iter()
-                            .find(|e| e.disk == req.disk)
-                            .map_or(0, |e| e.count());
+                        // Chunks of groups the disk is not in (left by a
+                        // finished move) are nothing it could copy.
+                        let groups = &v.placement.groups;
+                        let left: u64 =
+                            v.dirty.iter().find(|e| e.disk == req.disk).map_or(0, |e| {
+                                e.runs()
+                                    .iter()
+                                    .filter(|r| {
+                                        groups
+                                            .get(r[0] as usize)
+                                            .is_some_and(|g| g.contains(&req.disk))
+                                    })
+                                    .map(|r| r[2] - r[1])
+                                    .sum()
+                            });
                         if left > 0 {
                             return Err(ZoneError::StillDirty {
                                 disk: req.disk,

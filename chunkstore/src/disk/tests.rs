@@ -490,6 +490,50 @@ fn delete_vdisk_frees_everything() {
 }
 
 #[test]
+fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole() {
+    let (_dir, _path, disk) = new_disk();
+    let w = Uuid::from_u128(2);
+    for c in 0..3 {
+        disk.write(V, c, 0, &[3; 4096], 4).unwrap();
+    }
+    disk.write(w, 0, 0, &[4; 4096], 1).unwrap();
+    assert_eq!(disk.free_moved_copy(V).unwrap(), 3);
+    assert_eq!(disk.vdisks(), vec![(w, 1, 1)], "freed, as a deletion");
+    assert_eq!(disk.epoch(V), 0);
+    // A writer still on the placement of before the move reads an error
+    // (and fails over), never zeros: in chunks it had and chunks it did not.
+    let mut buf = vec![0u8; 4096];
+    for c in [0, 1, 5] {
+        let e = disk.read(V, c, 0, &mut buf).unwrap_err();
+        assert!(
+            matches!(e, Error::OwnershipUnknown { chunk, .. } if chunk == c) && e.is_bad_copy(),
+            "{e:?}"
+        );
+    }
+    // Part of a chunk is refused; a whole chunk (a move back's resync) is
+    // taken, and so is a whole discard.
+    assert!(matches!(
+        disk.write(V, 0, 0, &[5; 4096], 4),
+        Err(Error::OwnershipUnknown { .. })
+    ));
+    assert!(matches!(
+        disk.discard(V, 1, 0, 4096, 4),
+        Err(Error::OwnershipUnknown { .. })
+    ));
+    disk.write(V, 0, 0, &vec![6; ES as usize], 5).unwrap();
+    disk.discard(V, 1, 0, ES, 5).unwrap();
+    assert_eq!(read_all(&disk, V, 0), vec![6; ES as usize]);
+    assert_eq!(read_all(&disk, V, 1), vec![0; ES as usize]);
+    disk.discard(V, 0, 0, ES, 5).unwrap();
+    assert_eq!(read_all(&disk, V, 0), vec![0; ES as usize], "set whole");
+    assert!(disk.read(V, 2, 0, &mut buf).is_err(), "still unknown");
+    // Other vDisks are untouched; a deletion of the vDisk forgets it.
+    assert_eq!(read_all(&disk, w, 0)[..4096], [4; 4096]);
+    disk.delete_vdisk(V).unwrap();
+    assert_eq!(read_all(&disk, V, 2), vec![0; ES as usize]);
+}
+
+#[test]
 fn chunks_listing_and_generations() {
     let (_dir, path, disk) = new_disk();
     for c in [5u64, 2, 9] {

@@ -104,12 +104,31 @@ impl Disk {
     /// Frees every extent of the vDisk and its epoch slot; returns the
     /// number of extents freed.
     pub fn delete_vdisk(&self, vdisk: Uuid) -> Result<u64, Error> {
+        self.free_vdisk(vdisk, false)
+    }
+
+    /// Frees the vDisk's copy on this disk because it moved to another
+    /// disk, as [`Disk::delete_vdisk`] does; then, until this `Disk` is
+    /// closed, every chunk of the vDisk reads as
+    /// [`Error::OwnershipUnknown`] instead of zeros (and takes only a write
+    /// or discard of the whole chunk) until it is set whole again: a writer
+    /// that has not adopted the placement without this copy yet may still
+    /// read it, and must fail over to another copy rather than read zeros.
+    /// A move back to this disk rewrites every chunk of its group whole.
+    pub fn free_moved_copy(&self, vdisk: Uuid) -> Result<u64, Error> {
+        self.free_vdisk(vdisk, true)
+    }
+
+    fn free_vdisk(&self, vdisk: Uuid, moved: bool) -> Result<u64, Error> {
         loop {
             let gate = self.state().gate(vdisk);
             let mut g = write(&gate);
             if g.retired {
                 continue;
             }
+            // Before any chunk is freed: a read that finds a chunk gone
+            // finds it uncertain too.
+            self.state().set_moved_away(vdisk, moved);
             // No write of this vDisk is in flight (we hold its gate), so every
             // mapping is committed and stays put.
             let mut freed = 0;

@@ -86,8 +86,11 @@ pub(crate) enum Cleaned {
     Recorded(Box<Vdisk>),
     /// `complete` was refused: the zone knows of chunks the copy still
     /// misses (a move or another record added them); they were added to
-    /// the copy's dirty set.
-    StillDirty,
+    /// the copy's dirty set. The vDisk record is the zone's: a move that
+    /// added them may have put the disk in a group the volume's layout does
+    /// not have it in yet, so the caller adopts that placement before it
+    /// copies them.
+    StillDirty(Box<Vdisk>),
 }
 
 impl Inner {
@@ -383,8 +386,9 @@ impl Inner {
                     for e in view.vdisk.dirty.iter().filter(|e| e.disk == disk) {
                         d.known.entry(disk).or_default().extend(e.chunks());
                     }
+                    drop(d);
                     tracing::info!(%disk, "the zone lists more chunks for this copy; resync continues");
-                    return Ok(Cleaned::StillDirty);
+                    return Ok(Cleaned::StillDirty(Box::new(view.vdisk)));
                 }
                 Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -46,6 +46,8 @@ pub(crate) struct Layout {
     /// a move target's copy): disk, node index and state. A disk may be
     /// listed twice.
     pub(super) disks: Vec<(Uuid, usize, Arc<CopyState>)>,
+    /// The copies being filled for a move: (disk, group).
+    pub(super) targets: HashSet<(Uuid, usize)>,
 }
 
 impl Layout {
@@ -78,6 +80,7 @@ impl Layout {
         }
         let mut all = Vec::new();
         let mut listed: HashSet<(Uuid, usize)> = HashSet::new();
+        let mut targets: HashSet<(Uuid, usize)> = HashSet::new();
         let mut groups = Vec::with_capacity(vdisk.placement.groups.len());
         let mut read_first = Vec::with_capacity(vdisk.placement.groups.len());
         for (g, group) in vdisk.placement.groups.iter().enumerate() {
@@ -103,6 +106,9 @@ impl Layout {
                     .moves
                     .iter()
                     .any(|m| m.to == *disk && m.group as usize == g);
+                if target {
+                    targets.insert((*disk, g));
+                }
                 // Every group's copy has a state of its own: a chunk one
                 // copy missed makes only its group's copy stale.
                 let key = (*disk, g);
@@ -135,6 +141,7 @@ impl Layout {
             groups,
             read_first,
             disks: all,
+            targets,
         })
     }
 

@@ -199,6 +199,25 @@ impl Inner {
                     // has this disk's copy current cannot be copied safely.
                     // Fail that copy first (resync then comes back to it).
                     let layout = self.layout();
+                    if !layout.holds(disk, c) {
+                        // Not in this chunk's group as far as our layout
+                        // knows: a group it left, or one a move put it in
+                        // that we have not adopted yet. Copying nothing
+                        // must not record the chunk clean: if the zone
+                        // still wants it, completing the copy is refused
+                        // (still dirty), we adopt its placement and copy it.
+                        drop(layout);
+                        if let Some(k) = self
+                            .dirty
+                            .lock()
+                            .expect("dirty poisoned")
+                            .known
+                            .get_mut(&disk)
+                        {
+                            k.remove(&c);
+                        }
+                        continue;
+                    }
                     if let Some(slot) = layout
                         .group(c)
                         .iter()
@@ -287,7 +306,16 @@ impl Inner {
             self.flush_one(links, first).await?;
             let vdisk = match self.record_clean(disk, &mut Vec::new(), true).await? {
                 Cleaned::Recorded(v) => Some(v),
-                Cleaned::StillDirty => continue,
+                Cleaned::StillDirty(vdisk) => {
+                    // A move may have made this disk a target in a group
+                    // our layout does not have it in: copying "nothing"
+                    // there would record its chunks clean. Adopt the
+                    // zone's placement first (writes held by the barrier
+                    // must be let go for the old layout to drain).
+                    drop(barrier);
+                    self.adopt(&vdisk).await?;
+                    continue;
+                }
                 Cleaned::Nothing => None,
             };
             // Every copy slot of the disk: its own, and a move target's. A

@@ -355,6 +355,14 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
         if !v.placement.holds(m.from) {
             v.stale.retain(|d| *d != m.from);
             v.dirty.retain(|e| e.disk != m.from);
+        } else if let Some(e) = v.dirty.iter_mut().find(|e| e.disk == m.from) {
+            // It holds other groups: what it missed in this one no longer
+            // matters (and must not pass for chunks to copy there if it is
+            // made a target of this group again).
+            e.remove_group(m.group);
+            if e.is_empty() {
+                v.dirty.retain(|e| e.disk != m.from);
+            }
         }
     }
     v.placement.moves.retain(|m| m.to != disk);
