@@ -98,21 +98,3 @@ fn a_seed_replays_the_same_schedule() {
         );
     }
 }
-
-/// Schedules that found a bug, replayed as they ran when it was fixed (a
-/// change to the simulation's draws shifts them: re-find such a schedule
-/// then, e.g. by undoing the fix and running schedules).
-#[test]
-fn schedules_that_found_bugs_stay_clean() {
-    let stripes3 = Config {
-        nodes: 5,
-        stripes: 3,
-        ..Config::default()
-    };
-    // A resync of a disk's move target in one group bumped the disk's
-    // fence generation, which refused a write queued for its current copy
-    // in another group; that copy failed although it was its group's last
-    // one (the other was down): writes failed, the group never healed.
-    let o = run(716, &stripes3);
-    assert!(o.violations.is_empty(), "seed 716: {:?}", o.violations);
-}
