@@ -255,8 +255,15 @@ pub fn block(id: u64) -> Vec<u8> {
     crate::model::content(id, id)
 }
 
-/// Runs `test` on a fresh single-threaded runtime with paused time.
+/// Runs `test` on a fresh single-threaded runtime with paused time (with
+/// `RUST_LOG` set, the volume client's log goes to stderr).
 pub fn run<F: std::future::Future<Output = ()>>(test: F) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)

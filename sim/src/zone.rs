@@ -76,6 +76,8 @@ struct Rules {
     next: u64,
     /// Calls waiting on a hold rule, by rule.
     held: std::collections::BTreeMap<u64, usize>,
+    /// Calls a refusing or answer-losing rule applied to, by rule.
+    applied: std::collections::BTreeMap<u64, u32>,
 }
 
 impl SimZone {
@@ -116,6 +118,12 @@ impl SimZone {
         r.held.get(&id).copied().unwrap_or(0)
     }
 
+    /// Calls rule `id` refused or lost the answer of so far.
+    pub fn applied(&self, id: u64) -> u32 {
+        let r = self.rules.lock().expect("zone rules poisoned");
+        r.applied.get(&id).copied().unwrap_or(0)
+    }
+
     /// Applies the rules to a call before it is made: `Ok(lose)` says
     /// whether its answer is to be lost.
     async fn ruled(&self, call: ZoneCall<'_>) -> Result<bool, ZoneCallError> {
@@ -144,6 +152,7 @@ impl SimZone {
                     if let Some(t) = rule.times.as_mut() {
                         *t -= 1;
                     }
+                    *r.applied.entry(id).or_default() += 1;
                     if let Some(w) = waiting {
                         *r.held.entry(w).or_default() -= 1;
                     }
