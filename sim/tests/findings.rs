@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use tessera_proto::Status;
 use tessera_replicator::{Volume, VolumeError, ZoneFailure};
-use tessera_sim::harness::{block, run, Cluster, Shape};
+use tessera_sim::harness::{block, run, Cluster, Shape, DS, NAME};
 use tessera_sim::node::{Match, OpKind, Rule, SimNode};
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
+use tessera_zone::service::MarkStale;
 use uuid::Uuid;
 
 const BLOCK: usize = 4096;
@@ -842,6 +843,169 @@ fn the_repair_worker_takes_a_vdisk_whose_writer_crashed() {
             tessera_replicator::worker::needs_offline_repair(&view, now()),
             "the writer died and its lease expired: {:?}",
             view.vdisk.lease
+        );
+    });
+}
+
+/// Finding 17: resync never copies a chunk of a group in which the disk's
+/// copy is current (writes there take no stripe lock): it fails that copy
+/// first, so writes to the group and resync of the chunk exclude each other.
+///
+/// Disk b is stale in group 0 only. The zone's dirty set of b also names
+/// chunk 1 of group 1, where the writer holds b's copy current (the test
+/// records it through the zone service with the writer's session: no path
+/// of the volume client records such a chunk by itself any more); resync
+/// learns of it when the zone refuses to record b complete. Write 2 to
+/// chunk 1 runs while resync's copy of the chunk is on its way to b.
+///
+/// Fails if `resync` copies such a chunk without failing the copy first
+/// (its `is current` check removed): the copy, read before write 2, lands
+/// on b after it; b stays current, and with the other copy down a read
+/// returns write 1.
+#[test]
+fn resync_never_copies_a_chunk_whose_copy_is_current() {
+    run(async {
+        let c = Cluster::new(Shape {
+            stripes: 2,
+            ..Shape::default()
+        })
+        .await;
+        let (_, a) = copy_node(&c, 1, 0).await;
+        let (disk_b, b) = copy_node(&c, 1, 1).await;
+        let at = c.offset(1, 0);
+        let v = c.open(false).await;
+        v.write(at, &block(1)).await.expect("write 1");
+        // Resync's first copy of chunk 1 to b takes its time.
+        let copying = b.add_rule_times(
+            Rule::Hold(Match {
+                whole_chunk: Some(true),
+                ..writes(disk_b, 1)
+            }),
+            Some(1),
+        );
+        let session = c.view().await.vdisk.lease.expect("the lease").session;
+        c.zone
+            .service
+            .mark_stale(
+                DS,
+                NAME,
+                MarkStale {
+                    session,
+                    disks: vec![disk_b],
+                    chunks: vec![1],
+                },
+            )
+            .await
+            .expect("recorded");
+        // b misses a write of group 0: stale there, resync starts.
+        b.add_rule_times(Rule::Fail(writes(disk_b, 0), Status::IoError), Some(1));
+        v.write(c.offset(0, 0), &block(3)).await.expect("write 3");
+        assert!(
+            c.until(Duration::from_secs(10), || b.held() == 1).await,
+            "resync copies chunk 1"
+        );
+        v.write(at, &block(2)).await.expect("write 2");
+        b.release(copying);
+        healed(&c, &v).await;
+        sleep(2000).await;
+        healed(&c, &v).await;
+        a.crash();
+        let data = read(&v, at).await.expect("read from b");
+        assert!(
+            data == block(2),
+            "write 2 was acknowledged; a read returns {}",
+            what(&data)
+        );
+    });
+}
+
+/// A copy move recorded while the writer resyncs the move's target disk
+/// (stale in another group), before the writer adopted the new placement:
+/// the target must receive the group's data before the move finishes.
+///
+/// Disk b is stale in group 0; while its resync records it complete, the
+/// zone drains disk c and moves c's copy of group 1 to b. The zone refuses
+/// the completion (b's dirty set now holds group 1), resync reloads the
+/// dirty set — and must copy group 1 to b before it records b complete,
+/// which finishes the move and drops c from group 1.
+///
+/// Fails today (a bug still present): `resync` takes the reloaded chunks of
+/// group 1 while its layout does not list b in group 1 yet, so
+/// `rebuild_chunk` finds no slot for b and answers `Ok` without copying;
+/// resync records the 16 chunks clean and b complete, the zone finishes the
+/// move, and b serves group 1 with nothing in it: with a down, a read of
+/// chunk 1 returns zeros instead of write 1.
+#[test]
+#[ignore = "finding: a move recorded while its target disk is resynced finishes with the target empty (resync records the move's chunks clean without copying them)"]
+fn a_move_recorded_during_a_resync_of_its_target_is_filled() {
+    run(async {
+        let c = Cluster::new(Shape {
+            nodes: 3,
+            stripes: 2,
+            ..Shape::default()
+        })
+        .await;
+        let groups = c.groups().await;
+        let disk_b = *groups[0]
+            .iter()
+            .find(|d| !groups[1].contains(d))
+            .expect("a disk of group 0 only");
+        let disk_c = *groups[1]
+            .iter()
+            .find(|d| !groups[0].contains(d))
+            .expect("a disk of group 1 only");
+        let disk_a = *groups[1]
+            .iter()
+            .find(|d| **d != disk_c)
+            .expect("the other copy of group 1");
+        let b = c.node_of(disk_b).clone();
+        let v = c.open(false).await;
+        let at = c.offset(1, 0);
+        v.write(at, &block(1)).await.expect("write 1");
+        b.add_rule_times(Rule::Fail(writes(disk_b, 0), Status::IoError), Some(1));
+        let completing = c.zone.add_rule(ZoneRule {
+            matches: Box::new(move |call| {
+                matches!(call, ZoneCall::MarkClean(m) if m.complete && m.disk == disk_b)
+            }),
+            action: ZoneAction::Hold,
+            times: Some(1),
+        });
+        v.write(c.offset(0, 0), &block(2)).await.expect("write 2");
+        assert!(
+            c.until(Duration::from_secs(5), || c.zone.held(completing) == 1)
+                .await,
+            "resync of b reaches its end"
+        );
+        c.zone
+            .service
+            .remove_datastore_disk(DS, disk_c)
+            .await
+            .expect("drain c");
+        let moves = c
+            .zone
+            .service
+            .plan_moves(&std::collections::HashSet::new())
+            .await
+            .expect("planned");
+        assert!(
+            moves.iter().any(|m| m.mv.to == disk_b && m.mv.group == 1),
+            "{moves:?}"
+        );
+        c.zone.release(completing);
+        assert!(
+            c.until(Duration::from_secs(30), || v.all_current()).await,
+            "resync ends"
+        );
+        let view = c.view().await.vdisk;
+        assert!(view.placement.moves.is_empty(), "the move finished");
+        assert!(view.placement.groups[1].contains(&disk_b));
+        // Group 1 is now a and b; a goes down.
+        c.node_of(disk_a).crash();
+        let data = read(&v, at).await.expect("read from b");
+        assert!(
+            data == block(1),
+            "write 1 was acknowledged in group 1; after its copy moved to b a read returns {}",
+            what(&data)
         );
     });
 }
