@@ -8,6 +8,7 @@
 //! flushed ([`model`]). A failure prints its seed; `tessera-sim --seed S`
 //! replays it.
 
+pub mod harness;
 pub mod model;
 pub mod node;
 pub mod rng;

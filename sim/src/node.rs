@@ -272,6 +272,64 @@ struct NodeState {
     rng: Rng,
     disks: BTreeMap<Uuid, SimDisk>,
     chunk_size: u64,
+    /// Deterministic faults set by a test: requests held back or failed.
+    rules: Vec<NodeRule>,
+    next_rule: u64,
+    /// Requests waiting on a hold rule now.
+    held: usize,
+}
+
+/// Which requests a [`Rule`] applies to (every field given must match).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Match {
+    pub kind: Option<OpKind>,
+    pub disk: Option<Uuid>,
+    pub chunk: Option<u64>,
+    /// Only mutations of a whole chunk (`Some(true)`: a resync's copy) or
+    /// only of part of one (`Some(false)`: a guest's small write).
+    pub whole_chunk: Option<bool>,
+}
+
+/// The kind of a request, for [`Match`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    /// A write, discard or write-zeroes.
+    Mutation,
+    Flush,
+    Fence,
+}
+
+/// What happens to a request a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// It waits (its caller may time out; it stays queued) until the rule
+    /// is released, then runs.
+    Hold(Match),
+    /// It waits like `Hold`, then fails with the status.
+    HoldThenFail(Match, Status),
+    /// The disk answers it with this status (and does nothing).
+    Fail(Match, Status),
+}
+
+#[derive(Debug)]
+struct NodeRule {
+    id: u64,
+    rule: Rule,
+    /// Requests it may still apply to (`None`: any number).
+    left: Option<u32>,
+}
+
+impl Rule {
+    fn matcher(&self) -> &Match {
+        match self {
+            Rule::Hold(m) | Rule::HoldThenFail(m, _) | Rule::Fail(m, _) => m,
+        }
+    }
+
+    fn holds(&self) -> bool {
+        matches!(self, Rule::Hold(_) | Rule::HoldThenFail(..))
+    }
 }
 
 impl Default for Rng {
@@ -322,6 +380,35 @@ enum Op {
         epoch: u64,
     },
     Other,
+}
+
+impl Op {
+    fn matches(&self, m: &Match, chunk_size: u64) -> bool {
+        let (kind, disk, chunk, whole) = match self {
+            Op::Read {
+                disk, chunk, len, ..
+            } => (OpKind::Read, *disk, Some(*chunk), *len == chunk_size),
+            Op::Write {
+                disk, chunk, data, ..
+            } => (
+                OpKind::Mutation,
+                *disk,
+                Some(*chunk),
+                data.len() as u64 == chunk_size,
+            ),
+            Op::Zero {
+                disk, chunk, len, ..
+            } => (OpKind::Mutation, *disk, Some(*chunk), *len == chunk_size),
+            Op::Flush { disk } => (OpKind::Flush, *disk, None, false),
+            Op::Fence { disk, .. } => (OpKind::Fence, *disk, None, false),
+            Op::Other => return false,
+        };
+        m.kind.is_none_or(|k| k == kind)
+            && m.disk.is_none_or(|d| d == disk)
+            && m.chunk.is_none_or(|c| Some(c) == chunk)
+            && m.whole_chunk
+                .is_none_or(|w| w == whole && kind == OpKind::Mutation)
+    }
 }
 
 impl SimNode {
@@ -447,6 +534,74 @@ impl SimNode {
         }
     }
 
+    /// Adds a deterministic fault; returns its id (for [`SimNode::release`]).
+    pub fn add_rule(&self, rule: Rule) -> u64 {
+        self.add_rule_times(rule, None)
+    }
+
+    /// Adds a fault that applies to the next `times` matching requests
+    /// only (`None`: any number); a request it holds waits until release.
+    pub fn add_rule_times(&self, rule: Rule, times: Option<u32>) -> u64 {
+        let mut s = self.state();
+        s.next_rule += 1;
+        let id = s.next_rule;
+        s.rules.push(NodeRule {
+            id,
+            rule,
+            left: times,
+        });
+        id
+    }
+
+    /// Ends rule `id`: requests it held run now.
+    pub fn release(&self, id: u64) {
+        self.state().rules.retain(|r| r.id != id);
+        self.resumed.notify_waiters();
+    }
+
+    /// Requests waiting on a hold rule now.
+    pub fn held(&self) -> usize {
+        self.state().held
+    }
+
+    /// The machine loses power and every disk's page cache is lost whole
+    /// (`keep_cache`: written back whole instead): the two ends of what
+    /// [`SimNode::lose_power`] draws at random.
+    pub fn lose_power_with(&self, keep_cache: bool) {
+        let mut s = self.state();
+        s.up = false;
+        s.incarnation += 1;
+        s.frozen = false;
+        let chunk_size = s.chunk_size;
+        for d in s.disks.values_mut() {
+            if keep_cache {
+                d.flush(chunk_size);
+            } else {
+                d.cache.clear();
+            }
+        }
+        drop(s);
+        self.resumed.notify_waiters();
+    }
+
+    /// Replaces one chunk's stored content with `data` whose checksums
+    /// pass: a copy that reads back wrong bytes as good (what an extent
+    /// whose record was damaged did when it read as zeros).
+    pub fn rot(&self, disk: Uuid, vdisk: Uuid, chunk: u64, data: &[u8]) {
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return;
+        };
+        d.flush(chunk_size);
+        let c = d
+            .durable
+            .entry((vdisk, chunk))
+            .or_insert_with(|| Chunk::new(chunk_size));
+        c.data[..data.len()].copy_from_slice(data);
+        c.torn.clear();
+    }
+
     /// Chunks of `vdisk` this node stores on `disk`.
     pub fn chunks(&self, disk: Uuid, vdisk: Uuid) -> Vec<u64> {
         let s = self.state();
@@ -545,26 +700,72 @@ impl SimNode {
             (s.incarnation, delay)
         };
         tokio::time::sleep(delay).await;
+        // The hold rule this request waits on, and how it ends.
+        let mut held_by: Option<(u64, Option<Status>)> = None;
         loop {
             let resumed = self.resumed.notified();
             {
                 let mut s = self.state();
                 if s.incarnation != life || !s.up {
+                    if held_by.is_some() {
+                        s.held -= 1;
+                    }
                     return Err(ConnError::Broken {
                         addr: self.addr.clone(),
                         reason: "the node went away".into(),
                     });
                 }
-                if !s.frozen {
-                    return Ok(Self::run(&mut s, op));
+                if held_by.is_none() {
+                    let chunk_size = s.chunk_size;
+                    if let Some(r) = s.rules.iter_mut().find(|r| {
+                        r.left != Some(0)
+                            && r.rule.holds()
+                            && op.matches(r.rule.matcher(), chunk_size)
+                    }) {
+                        if let Some(n) = r.left.as_mut() {
+                            *n -= 1;
+                        }
+                        let then = match r.rule {
+                            Rule::HoldThenFail(_, st) => Some(st),
+                            _ => None,
+                        };
+                        held_by = Some((r.id, then));
+                        s.held += 1;
+                    }
+                }
+                let holding = held_by.is_some_and(|(id, _)| s.rules.iter().any(|r| r.id == id));
+                if !s.frozen && !holding {
+                    if held_by.is_some() {
+                        s.held -= 1;
+                    }
+                    return Ok(Self::run(&mut s, op, held_by.and_then(|(_, then)| then)));
                 }
             }
             resumed.await;
         }
     }
 
-    fn run(s: &mut NodeState, op: Op) -> Reply {
+    fn run(s: &mut NodeState, op: Op, then_fail: Option<Status>) -> Reply {
         let chunk_size = s.chunk_size;
+        let fail = then_fail.or_else(|| {
+            let r = s.rules.iter_mut().find(|r| {
+                r.left != Some(0)
+                    && matches!(r.rule, Rule::Fail(m, _) if op.matches(&m, chunk_size))
+            })?;
+            if let Some(n) = r.left.as_mut() {
+                *n -= 1;
+            }
+            match r.rule {
+                Rule::Fail(_, st) => Some(st),
+                _ => None,
+            }
+        });
+        if let Some(status) = fail {
+            return Reply {
+                status,
+                body: b"injected failure".to_vec(),
+            };
+        }
         let ok = |body: Vec<u8>| Reply {
             status: Status::Ok,
             body,
@@ -756,6 +957,41 @@ impl Pending {
 /// Links to simulated nodes, by address.
 pub struct SimConnector {
     pub nodes: Vec<Arc<SimNode>>,
+    volatile: Arc<Mutex<Option<Volatile>>>,
+}
+
+/// A guest buffer that changes while a write from it is in flight: the
+/// first `intact` transmissions from it carry what was there when the write
+/// began, every later one the changed bytes (one bit flipped). A node
+/// refuses bytes that do not match the payload crc the client sent
+/// (`BadPayload`); a transmission without a crc is checksummed by the
+/// connection as it goes, so the node takes whatever it carries.
+#[derive(Debug, Clone, Copy)]
+struct Volatile {
+    start: usize,
+    len: usize,
+    intact: u32,
+    sent: u32,
+}
+
+impl SimConnector {
+    pub fn new(nodes: Vec<Arc<SimNode>>) -> Self {
+        SimConnector {
+            nodes,
+            volatile: Arc::default(),
+        }
+    }
+
+    /// Makes `buf` a guest buffer that changes in flight after `intact`
+    /// transmissions from it (see [`Volatile`]); `None` ends it.
+    pub fn set_volatile(&self, buf: Option<&[u8]>, intact: u32) {
+        *self.volatile.lock().expect("volatile poisoned") = buf.map(|b| Volatile {
+            start: b.as_ptr() as usize,
+            len: b.len(),
+            intact,
+            sent: 0,
+        });
+    }
 }
 
 impl Connector for SimConnector {
@@ -778,6 +1014,7 @@ impl Connector for SimConnector {
             timeout,
             connected: Mutex::new(None),
             boot: BootGuard::new(boot),
+            volatile: self.volatile.clone(),
         })
     }
 }
@@ -790,6 +1027,7 @@ struct SimLink {
     /// loss breaks it, and the next request connects again.
     connected: Mutex<Option<u64>>,
     boot: BootGuard,
+    volatile: Arc<Mutex<Option<Volatile>>>,
 }
 
 impl SimLink {
@@ -815,6 +1053,26 @@ impl SimLink {
                 timeout: self.timeout,
             }),
         }
+    }
+}
+
+impl SimLink {
+    /// Whether this transmission of `payload` carries changed bytes (see
+    /// [`Volatile`]).
+    fn changed_in_flight(&self, payload: &[&[u8]]) -> bool {
+        let mut v = self.volatile.lock().expect("volatile poisoned");
+        let Some(v) = v.as_mut() else {
+            return false;
+        };
+        let from_it = payload.first().is_some_and(|p| {
+            let at = p.as_ptr() as usize;
+            at >= v.start && at < v.start + v.len
+        });
+        if !from_it {
+            return false;
+        }
+        v.sent += 1;
+        v.sent > v.intact
     }
 }
 
@@ -864,9 +1122,21 @@ impl NodeIo for SimLink {
         &self,
         req: Request<'_>,
         payload: &[&[u8]],
-        _crc: Option<u32>,
+        crc: Option<u32>,
     ) -> Result<Reply, ConnError> {
-        self.send(op_of(&req, payload)).await
+        let mut op = op_of(&req, payload);
+        if let Op::Write { data, .. } = &mut op {
+            if self.changed_in_flight(payload) {
+                data[0] ^= 1;
+                if crc.is_some_and(|c| c != tessera_crc::crc32c_append(0, data)) {
+                    return Ok(Reply {
+                        status: Status::BadPayload,
+                        body: b"payload checksum mismatch".to_vec(),
+                    });
+                }
+            }
+        }
+        self.send(op).await
     }
 
     async fn read(&self, req: Request<'_>, dest: &mut [&mut [u8]]) -> Result<Reply, ConnError> {

@@ -365,9 +365,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             }
         });
     }
-    let connector = Arc::new(SimConnector {
-        nodes: nodes.clone(),
-    });
+    let connector = Arc::new(SimConnector::new(nodes.clone()));
     let config = {
         let mut c = VolumeConfig::with_zone(zone.clone(), DS, NAME, "sim-host-0");
         c.connector = Some(connector.clone());

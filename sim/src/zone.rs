@@ -31,6 +31,53 @@ struct Faults {
 pub struct SimZone {
     pub service: ZoneService,
     faults: Mutex<Faults>,
+    rules: Mutex<Rules>,
+    released: tokio::sync::Notify,
+}
+
+/// A zone call as a [`ZoneRule`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum ZoneCall<'a> {
+    Open(&'a OpenVdisk),
+    Renew(&'a SessionRef),
+    MarkStale(&'a MarkStale),
+    MarkClean(&'a MarkClean),
+    MarkActive(&'a MarkActive),
+    Close(&'a SessionRef),
+    /// A call that reads (vDisk, vDisks, disks, nodes).
+    Read,
+}
+
+/// What a [`ZoneRule`] does to the calls it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneAction {
+    /// Refused before anything changed.
+    Refuse(ZoneFailure),
+    /// Made, and then its answer is lost (`Unreachable`).
+    LoseAnswer,
+    /// Waits until the rule is released, then goes through.
+    Hold,
+}
+
+/// Which calls a rule matches.
+pub type ZoneMatch = Box<dyn Fn(&ZoneCall<'_>) -> bool + Send + Sync>;
+
+/// A deterministic fault of the zone, set by a test.
+pub struct ZoneRule {
+    pub matches: ZoneMatch,
+    pub action: ZoneAction,
+    /// How many calls it applies to (`None`: until released).
+    pub times: Option<u32>,
+}
+
+#[derive(Default)]
+struct Rules {
+    rules: Vec<(u64, ZoneRule)>,
+    next: u64,
+    /// Calls waiting on a hold rule, by rule.
+    held: std::collections::BTreeMap<u64, usize>,
+    /// Calls a refusing or answer-losing rule applied to, by rule.
+    applied: std::collections::BTreeMap<u64, u32>,
 }
 
 impl SimZone {
@@ -41,7 +88,95 @@ impl SimZone {
                 rng: Some(Rng::new(seed)),
                 ..Faults::default()
             }),
+            rules: Mutex::new(Rules::default()),
+            released: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Adds a deterministic fault; returns its id (for [`SimZone::release`]).
+    pub fn add_rule(&self, rule: ZoneRule) -> u64 {
+        let mut r = self.rules.lock().expect("zone rules poisoned");
+        r.next += 1;
+        let id = r.next;
+        r.rules.push((id, rule));
+        id
+    }
+
+    /// Ends rule `id`: calls it held go through now.
+    pub fn release(&self, id: u64) {
+        self.rules
+            .lock()
+            .expect("zone rules poisoned")
+            .rules
+            .retain(|(r, _)| *r != id);
+        self.released.notify_waiters();
+    }
+
+    /// Calls waiting on hold rule `id` now.
+    pub fn held(&self, id: u64) -> usize {
+        let r = self.rules.lock().expect("zone rules poisoned");
+        r.held.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Calls rule `id` refused or lost the answer of so far.
+    pub fn applied(&self, id: u64) -> u32 {
+        let r = self.rules.lock().expect("zone rules poisoned");
+        r.applied.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Applies the rules to a call before it is made: `Ok(lose)` says
+    /// whether its answer is to be lost.
+    async fn ruled(&self, call: ZoneCall<'_>) -> Result<bool, ZoneCallError> {
+        let mut waiting: Option<u64> = None;
+        loop {
+            let released = self.released.notified();
+            {
+                let mut r = self.rules.lock().expect("zone rules poisoned");
+                let hit = r
+                    .rules
+                    .iter_mut()
+                    .find(|(_, rule)| rule.times != Some(0) && (rule.matches)(&call));
+                let Some((id, rule)) = hit else {
+                    if let Some(w) = waiting {
+                        *r.held.entry(w).or_default() -= 1;
+                    }
+                    return Ok(false);
+                };
+                let (id, action) = (*id, rule.action);
+                if action == ZoneAction::Hold {
+                    if waiting.is_none() {
+                        waiting = Some(id);
+                        *r.held.entry(id).or_default() += 1;
+                    }
+                } else {
+                    if let Some(t) = rule.times.as_mut() {
+                        *t -= 1;
+                    }
+                    *r.applied.entry(id).or_default() += 1;
+                    if let Some(w) = waiting {
+                        *r.held.entry(w).or_default() -= 1;
+                    }
+                    return match action {
+                        ZoneAction::Refuse(kind) => {
+                            Err(ZoneCallError::new(kind, "a refusal injected by the test"))
+                        }
+                        _ => Ok(true),
+                    };
+                }
+            }
+            released.await;
+        }
+    }
+
+    /// The answer of a call the rules said to lose.
+    fn lost<T>(lose: bool, r: Result<T, ZoneCallError>) -> Result<T, ZoneCallError> {
+        match r {
+            Ok(_) if lose => Err(ZoneCallError::new(
+                ZoneFailure::Unreachable,
+                "the answer was lost (injected by the test)",
+            )),
+            r => r,
+        }
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
@@ -135,9 +270,10 @@ impl SimZone {
 #[async_trait]
 impl ZoneLink for SimZone {
     async fn open(&self, ds: &str, name: &str, req: &OpenVdisk) -> Result<Opened, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Open(req)).await?;
         self.before()?;
         let r = ZoneLink::open(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn renew(
         &self,
@@ -145,9 +281,10 @@ impl ZoneLink for SimZone {
         name: &str,
         req: &SessionRef,
     ) -> Result<Renewed, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Renew(req)).await?;
         self.before()?;
         let r = ZoneLink::renew(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn mark_stale(
         &self,
@@ -155,9 +292,10 @@ impl ZoneLink for SimZone {
         name: &str,
         req: &MarkStale,
     ) -> Result<Vdisk, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::MarkStale(req)).await?;
         self.before()?;
         let r = ZoneLink::mark_stale(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn mark_clean(
         &self,
@@ -165,9 +303,10 @@ impl ZoneLink for SimZone {
         name: &str,
         req: &MarkClean,
     ) -> Result<Vdisk, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::MarkClean(req)).await?;
         self.before()?;
         let r = ZoneLink::mark_clean(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn mark_active(
         &self,
@@ -175,29 +314,35 @@ impl ZoneLink for SimZone {
         name: &str,
         req: &MarkActive,
     ) -> Result<Vdisk, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::MarkActive(req)).await?;
         self.before()?;
         let r = ZoneLink::mark_active(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn close(&self, ds: &str, name: &str, req: &SessionRef) -> Result<(), ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Close(req)).await?;
         self.before()?;
         let r = ZoneLink::close(&self.service, ds, name, req).await;
-        self.after(r)
+        Self::lost(lose, self.after(r))
     }
     async fn vdisk(&self, ds: &str, name: &str) -> Result<VdiskView, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Read).await?;
         self.before()?;
-        ZoneLink::vdisk(&self.service, ds, name).await
+        Self::lost(lose, ZoneLink::vdisk(&self.service, ds, name).await)
     }
     async fn vdisks(&self) -> Result<Vec<VdiskView>, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Read).await?;
         self.before()?;
-        ZoneLink::vdisks(&self.service).await
+        Self::lost(lose, ZoneLink::vdisks(&self.service).await)
     }
     async fn disks(&self) -> Result<Vec<Disk>, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Read).await?;
         self.before()?;
-        ZoneLink::disks(&self.service).await
+        Self::lost(lose, ZoneLink::disks(&self.service).await)
     }
     async fn nodes(&self) -> Result<Vec<NodeStatus>, ZoneCallError> {
+        let lose = self.ruled(ZoneCall::Read).await?;
         self.before()?;
-        ZoneLink::nodes(&self.service).await
+        Self::lost(lose, ZoneLink::nodes(&self.service).await)
     }
 }

@@ -89,9 +89,7 @@ impl Cluster {
             })
             .await
             .expect("vdisk");
-        let connector = Arc::new(SimConnector {
-            nodes: nodes.clone(),
-        });
+        let connector = Arc::new(SimConnector::new(nodes.clone()));
         Cluster {
             zone: SimZone::new(service, seed),
             nodes,

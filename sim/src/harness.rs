@@ -1,0 +1,273 @@
+//! One vDisk on a few simulated nodes, set up in this process for a
+//! deterministic, targeted test: the zone service, the nodes and their
+//! heartbeats, and the configuration a writer opens the vDisk with. Faults
+//! are the test's to inject, step by step ([`SimNode::add_rule`],
+//! [`SimZone::add_rule`], crashes and power losses); nothing here draws a
+//! random fault.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_replicator::{Volume, VolumeConfig, ZoneLink};
+use tessera_zone::env::Env;
+use tessera_zone::mem_store::MemStore;
+use tessera_zone::service::{
+    CreateDatastore, CreateVdisk, Heartbeat, RegisterDisk, RegisterNode, VdiskView, ZoneService,
+};
+use uuid::Uuid;
+
+use crate::node::{SimConnector, SimNode};
+use crate::zone::SimZone;
+
+/// The datastore and vDisk names of a [`Cluster`].
+pub const DS: &str = "ds";
+pub const NAME: &str = "v";
+/// The host writers open the vDisk from (no node is on it: reads go to
+/// the first copy of each group, in placement order).
+pub const WRITER_HOST: &str = "sim-writer";
+
+/// The shape of a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub nodes: usize,
+    pub mirrors: u32,
+    pub stripes: u32,
+    /// vDisk size in chunks.
+    pub chunks: u64,
+    /// Bytes per chunk.
+    pub chunk_size: u64,
+    /// Seeds the zone's ids (and so the placement) and the nodes' delays.
+    pub seed: u64,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            nodes: 2,
+            mirrors: 2,
+            stripes: 1,
+            chunks: 32,
+            chunk_size: 64 << 10,
+            seed: 1,
+        }
+    }
+}
+
+/// A zone, its nodes (one disk each) and one vDisk.
+pub struct Cluster {
+    pub shape: Shape,
+    pub zone: Arc<SimZone>,
+    pub nodes: Vec<Arc<SimNode>>,
+    /// The disk of node `i`.
+    pub disks: Vec<Uuid>,
+    pub connector: Arc<SimConnector>,
+    /// The vDisk's uuid.
+    pub vdisk: Uuid,
+    heartbeats: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+impl Cluster {
+    /// Sets everything up (call on a runtime with paused time).
+    pub async fn new(shape: Shape) -> Cluster {
+        let seed = shape.seed;
+        let service = ZoneService::new(Arc::new(MemStore::new()))
+            .with_env(Env::simulated(seed))
+            .with_chunk_size(shape.chunk_size)
+            .expect("a valid chunk size")
+            .with_node_ttl(Duration::from_secs(5));
+        service.ensure_zone("sim").await.expect("zone");
+        let mut nodes = Vec::new();
+        let mut disks = Vec::new();
+        let mut registrations = Vec::new();
+        let mut leases = Vec::new();
+        for i in 0..shape.nodes {
+            // Disk uuids sort in node order.
+            let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
+            let disk = Uuid::from_u64_pair(seed, 0x200 + i as u64);
+            let addr = format!("10.99.0.{}:7000", i + 1);
+            nodes.push(SimNode::new(
+                uuid,
+                addr.clone(),
+                &[disk],
+                shape.chunks,
+                shape.chunk_size,
+                seed.wrapping_add(i as u64),
+            ));
+            let registration = RegisterNode {
+                uuid,
+                host: format!("sim-host-{i}"),
+                addr,
+                socket: None,
+                disks: vec![RegisterDisk {
+                    uuid: disk,
+                    path: format!("/sim/{i}"),
+                    capacity: shape.chunks * shape.chunk_size,
+                    used: 0,
+                }],
+            };
+            let registered = service
+                .register_node(registration.clone())
+                .await
+                .expect("register");
+            leases.push(registered.lease);
+            registrations.push(registration);
+            disks.push(disk);
+        }
+        service
+            .create_datastore(CreateDatastore {
+                name: DS.into(),
+                mirrors: shape.mirrors,
+                stripes: Some(shape.stripes),
+                disks: None,
+            })
+            .await
+            .expect("datastore");
+        let vdisk = service
+            .create_vdisk(CreateVdisk {
+                datastore: DS.into(),
+                name: NAME.into(),
+                size: shape.chunks * shape.chunk_size,
+            })
+            .await
+            .expect("vdisk")
+            .uuid;
+        let zone = SimZone::new(service, seed);
+        let heartbeats = {
+            let zone = zone.clone();
+            let nodes = nodes.clone();
+            tokio::spawn(async move {
+                loop {
+                    for (i, n) in nodes.iter().enumerate() {
+                        if !n.is_up() {
+                            continue;
+                        }
+                        let hb = Heartbeat {
+                            lease: leases[i],
+                            disks: Vec::new(),
+                            copies: Vec::new(),
+                            vdisks: Vec::new(),
+                        };
+                        if zone.service.heartbeat(n.uuid, hb).await.is_err() {
+                            if let Ok(r) =
+                                zone.service.register_node(registrations[i].clone()).await
+                            {
+                                leases[i] = r.lease;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        let connector = Arc::new(SimConnector::new(nodes.clone()));
+        Cluster {
+            shape,
+            zone,
+            nodes,
+            disks,
+            connector,
+            vdisk,
+            heartbeats,
+        }
+    }
+
+    /// How a writer opens the vDisk: 1 s I/O timeout, 3 s degraded wait,
+    /// 6 s lease, fast resync.
+    pub fn config(&self) -> VolumeConfig {
+        let mut c = VolumeConfig::with_zone(self.zone.clone(), DS, NAME, WRITER_HOST);
+        c.connector = Some(self.connector.clone());
+        c.io_timeout = Duration::from_secs(1);
+        c.degraded_wait = Duration::from_secs(3);
+        c.lease_ttl = Duration::from_secs(6);
+        c.repair_bandwidth = 64 << 20;
+        c
+    }
+
+    /// Opens the vDisk for writing (`force`: taking over a dead writer's lease).
+    pub async fn open(&self, force: bool) -> Volume {
+        let mut c = self.config();
+        c.force = force;
+        Volume::open(c).await.expect("open")
+    }
+
+    /// The vDisk as the zone sees it now.
+    pub async fn view(&self) -> VdiskView {
+        ZoneLink::vdisk(&self.zone.service, DS, NAME)
+            .await
+            .expect("the vDisk")
+    }
+
+    /// The placement groups: disks of each group, in placement order.
+    pub async fn groups(&self) -> Vec<Vec<Uuid>> {
+        self.view().await.vdisk.placement.groups
+    }
+
+    /// The node that holds `disk`.
+    pub fn node_of(&self, disk: Uuid) -> &Arc<SimNode> {
+        let i = self
+            .disks
+            .iter()
+            .position(|d| *d == disk)
+            .expect("a disk of the cluster");
+        &self.nodes[i]
+    }
+
+    /// Whether the zone lists `disk` stale, and the chunks its dirty set names.
+    pub async fn stale(&self, disk: Uuid) -> (bool, Vec<u64>) {
+        let v = self.view().await.vdisk;
+        let dirty = v
+            .dirty
+            .iter()
+            .filter(|e| e.disk == disk)
+            .flat_map(|e| e.chunks())
+            .collect();
+        (v.stale.contains(&disk), dirty)
+    }
+
+    /// Byte offset of block `block` (4 KiB) of chunk `chunk`.
+    pub fn offset(&self, chunk: u64, block: u64) -> u64 {
+        chunk * self.shape.chunk_size + block * crate::node::BLOCK
+    }
+
+    /// Advances simulated time until `done` holds (checked every 10 ms), at
+    /// most `limit`; returns whether it held.
+    pub async fn until(&self, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < end {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        done()
+    }
+}
+
+/// A 4 KiB block whose bytes name `id` (distinct writes have distinct
+/// content).
+pub fn block(id: u64) -> Vec<u8> {
+    crate::model::content(id, id)
+}
+
+/// Runs `test` on a fresh single-threaded runtime with paused time (with
+/// `RUST_LOG` set, the volume client's log goes to stderr).
+pub fn run<F: std::future::Future<Output = ()>>(test: F) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+        .block_on(test)
+}
