@@ -571,6 +571,7 @@ impl SimNode {
         let mut s = self.state();
         s.up = false;
         s.incarnation += 1;
+        s.boot += 1;
         s.frozen = false;
         let chunk_size = s.chunk_size;
         for d in s.disks.values_mut() {
