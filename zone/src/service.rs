@@ -1085,11 +1085,28 @@ impl ZoneService {
                         if !v.placement.holds(*d) {
                             continue;
                         }
+                        // Chunks of groups the disk is not in (it left them
+                        // in a move a writer had not adopted yet) are never
+                        // read from it, nor resynced: nothing to record.
+                        let stripes = u64::from(v.placement.stripes());
+                        let chunks: Vec<u64> = req
+                            .chunks
+                            .iter()
+                            .copied()
+                            .filter(|c| {
+                                v.placement
+                                    .groups
+                                    .get((c % stripes) as usize)
+                                    .is_some_and(|g| g.contains(d))
+                            })
+                            .collect();
+                        if chunks.is_empty() && !req.chunks.is_empty() {
+                            continue;
+                        }
                         // Chunks a move's target misses in the group it is
                         // being filled for make it no staler than it is.
-                        let stripes = u64::from(v.placement.stripes());
-                        let only_filling = !req.chunks.is_empty()
-                            && req.chunks.iter().all(|c| {
+                        let only_filling = !chunks.is_empty()
+                            && chunks.iter().all(|c| {
                                 v.placement
                                     .moves
                                     .iter()
@@ -1098,7 +1115,7 @@ impl ZoneService {
                         if !only_filling && !v.stale.contains(d) {
                             v.stale.push(*d);
                         }
-                        dirty_set(v, *d).add(req.chunks.iter().copied());
+                        dirty_set(v, *d).add(chunks.iter().copied());
                     }
                     Ok(())
                 },

@@ -398,3 +398,53 @@ async fn moving_a_group_of_the_largest_vdisk_records_one_run() {
         "the record stays small"
     );
 }
+
+/// A writer that has not adopted a finished move yet records a disk as
+/// having missed chunks of a group the disk left: nothing is recorded (the
+/// disk holds no copy of that group any more, so no resync could ever clear
+/// it, and the vDisk would never be healthy again). Chunks of its groups are.
+#[tokio::test(start_paused = true)]
+async fn missed_chunks_of_a_group_the_disk_is_not_in_are_not_recorded() {
+    let svc = simulated(1).await;
+    cluster(&svc, 4, 1).await;
+    svc.create_datastore(mirrors("ds", 2, Some(2)))
+        .await
+        .expect("datastore");
+    svc.create_vdisk(vdisk_req("ds", "vd", 64 << 20))
+        .await
+        .expect("vdisk");
+    let opened = svc
+        .open_vdisk("ds", "vd", open_req("hv1", 60_000, false))
+        .await
+        .expect("opens");
+    let groups = &opened.vdisk.placement.groups;
+    let disk = groups[1]
+        .iter()
+        .copied()
+        .find(|d| !groups[0].contains(d))
+        .expect("with seed 1 on 4 nodes, a disk of group 1 is not in group 0");
+    let stale = |chunks: Vec<u64>| MarkStale {
+        session: opened.session,
+        disks: vec![disk],
+        chunks,
+    };
+    // Chunk 2 is in group 0, which `disk` is not in.
+    let v = svc
+        .mark_stale("ds", "vd", stale(vec![2]))
+        .await
+        .expect("marked");
+    assert!(
+        !v.stale.contains(&disk) && v.dirty.is_empty(),
+        "{:?} {:?}",
+        v.stale,
+        v.dirty
+    );
+    // Chunks 2 and 3: only 3 (group 1) is recorded.
+    let v = svc
+        .mark_stale("ds", "vd", stale(vec![2, 3]))
+        .await
+        .expect("marked");
+    assert!(v.stale.contains(&disk));
+    let dirty: Vec<u64> = v.dirty.iter().flat_map(|e| e.chunks()).collect();
+    assert_eq!(dirty, vec![3]);
+}
