@@ -30,7 +30,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT};
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -41,7 +41,7 @@ use vmm_sys_util::event::{
 use crate::config::DeviceConfig;
 use crate::device::execute;
 use crate::disk::BlockDisk;
-use crate::request::Request;
+use crate::request::{ParseError, Request, RequestError};
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -452,11 +452,44 @@ impl<D: BlockDisk> VhostUserBlk<D> {
     ) {
         let head = chain.head_index();
         let limits = self.inner.config.limits();
-        let request = match Request::parse(&chain, mem, &limits) {
+        let mut mem = mem.clone();
+        let mut parsed = Request::parse(&chain, &mem, &limits);
+        if let Err(ParseError {
+            error: RequestError::Memory(addr),
+            ..
+        }) = &parsed
+        {
+            // Memory the request names may have been added after this pass
+            // over the ring took its view of the table: parse again against
+            // the newest table before failing the request.
+            let addr = *addr;
+            if let Some(newest) = self.memory() {
+                parsed = Request::parse(&chain, &newest, &limits);
+                let regions: Vec<String> = newest
+                    .iter()
+                    .map(|r| format!("{:#x}+{:#x}", r.start_addr().raw_value(), r.len()))
+                    .collect();
+                match &parsed {
+                    Ok(_) => {
+                        tracing::info!(
+                            queue = q,
+                            head,
+                            addr,
+                            "request names memory added since the ring was read"
+                        );
+                        mem = newest;
+                    }
+                    Err(_) => {
+                        tracing::warn!(queue = q, head, addr, regions = ?regions, "request names memory outside every region")
+                    }
+                }
+            }
+        }
+        let request = match parsed {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(queue = q, head, error = %e.error, "invalid request");
-                complete(vring, mem, head, e.status_addr, e.error.status(), 1);
+                complete(vring, &mem, head, e.status_addr, e.error.status(), 1);
                 return;
             }
         };
@@ -465,7 +498,6 @@ impl<D: BlockDisk> VhostUserBlk<D> {
         let generation = qs.generation.load(Ordering::Acquire);
         let inner = self.inner.clone();
         let vring = vring.clone();
-        let mem = mem.clone();
         tokio::spawn(async move {
             let (status, used) = execute(&*inner.disks[q], &*mem, &request, &inner.serial).await;
             let used_len = write_status(&mem, head, Some(request.status_addr), status, used);
@@ -1300,5 +1332,52 @@ mod tests {
         let blk =
             VhostUserBlk::new(Arc::new(MemDisk::new(DISK_SIZE)), 1, QUEUE_SIZE, SERIAL).unwrap();
         assert!(blk.handle_event(0, EventSet::IN, &dev.vrings, 0).is_err());
+    }
+    /// A request whose buffer lies in memory the front-end added (and the
+    /// device acknowledged) after this pass over the ring took its view of
+    /// the memory table is served, not failed with "guest memory is not
+    /// accessible". Fails with the re-parse in `start` removed.
+    #[test]
+    fn a_request_naming_memory_added_after_the_ring_was_read_is_served() {
+        let dev = Device::new(1, SERIAL);
+        let mut drv = Driver::new(&dev, 0);
+        // The view of the table this pass took: the first region only.
+        let before = dev.blk.memory().unwrap();
+        // Then a second region is added, as ADD_MEM_REG does.
+        const EXTRA: u64 = 0x40_0000;
+        let extra = Arc::new(
+            vm_memory::GuestRegionMmap::<()>::from_range(GuestAddress(EXTRA), 0x1_0000, None)
+                .unwrap(),
+        );
+        let grown = dev.mem.insert_region(extra).unwrap();
+        let atomic = dev.blk.inner.mem.read().unwrap().clone().unwrap();
+        atomic.lock().unwrap().replace(grown.clone());
+
+        let payload = pattern(4096, 3);
+        grown.write_slice(&payload, GuestAddress(EXTRA)).unwrap();
+        dev.write_header(0, VIRTIO_BLK_T_OUT, 8);
+        dev.mem.write_obj(0xffu8, GuestAddress(status(0))).unwrap();
+        let head = drv.push(&[(hdr(0), 16, R), (EXTRA, 4096, R), (status(0), 1, W)]);
+
+        let qs = &dev.blk.inner.queues[0];
+        qs.runtime.get().block_on(async {
+            let chains: Vec<_> = dev.vrings[0]
+                .get_mut()
+                .get_queue_mut()
+                .iter(before.clone())
+                .unwrap()
+                .collect();
+            assert_eq!(chains.len(), 1);
+            for chain in chains {
+                dev.blk.start(0, &dev.vrings[0], &before, chain);
+            }
+            while qs.in_flight.count() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let used = drv.wait_used(1);
+        assert_eq!(used[&head], 1);
+        assert_eq!(dev.byte(status(0)), S_OK);
+        assert_eq!(&dev.disk.contents()[4096..8192], &payload[..]);
     }
 }
