@@ -261,8 +261,23 @@ impl Mirror {
     }
 }
 
-impl Redundancy for Mirror {
-    async fn read_piece(
+/// How long a read that found no copy to serve it waits for the copies of
+/// its group to change (a move finishing) before it fails.
+const READ_SETTLE: Duration = Duration::from_secs(1);
+
+/// The disks of `chunk`'s group that are current now.
+fn current_disks(v: &Inner, chunk: u64) -> Vec<Uuid> {
+    v.layout()
+        .group(chunk)
+        .iter()
+        .filter(|c| c.health() == CopyHealth::Current)
+        .map(|c| c.disk)
+        .collect()
+}
+
+impl Mirror {
+    /// One pass of a read over the copies of its group as they are now.
+    async fn read_once(
         &self,
         v: &Inner,
         links: &Links,
@@ -340,6 +355,45 @@ impl Redundancy for Mirror {
             current: 0,
             needed: 1,
         }))
+    }
+}
+
+impl Redundancy for Mirror {
+    /// Reads from one current copy, failing over to the others. If none
+    /// could serve it while the group's copies are changing — a move's
+    /// target became current and its source, which the zone already told
+    /// its node to free, refused the read before this writer adopted the
+    /// new placement — it reads again once they changed, for a bounded
+    /// time.
+    async fn read_piece(
+        &self,
+        v: &Inner,
+        links: &Links,
+        p: Piece,
+        out: &mut [&mut [u8]],
+        only: Option<usize>,
+    ) -> Result<(), VolumeError> {
+        let deadline = tokio::time::Instant::now() + READ_SETTLE;
+        loop {
+            let before = current_disks(v, p.chunk);
+            let e = match self.read_once(v, links, p, out, only).await {
+                Ok(()) => return Ok(()),
+                Err(e @ (VolumeError::Fenced { .. } | VolumeError::NoSuchCopy(_))) => {
+                    return Err(e)
+                }
+                Err(e) if only.is_some() => return Err(e),
+                Err(e) => e,
+            };
+            loop {
+                if current_disks(v, p.chunk) != before {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     async fn write_piece(
