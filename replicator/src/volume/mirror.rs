@@ -59,13 +59,10 @@ impl Mirror {
         let layout = v.layout();
         let copies = layout.group(p.chunk);
         let group = layout.group_index(p.chunk);
-        // With a copy missing, exclude resync of this chunk while we write it.
-        let degraded = copies.iter().any(|c| c.health() != CopyHealth::Current);
-        let mut exclusion = if degraded {
-            Some(v.stripes[stripe(p.chunk)].read().await)
-        } else {
-            None
-        };
+        // Shared by every mutation of the stripe's chunks: resync (with a
+        // copy missing) and scrub (comparing the copies) take it
+        // exclusively, so they never see a write half applied.
+        let mut exclusion = Some(v.stripes[stripe(p.chunk)].read().await);
         let deadline = tokio::time::Instant::now() + v.config.degraded_wait;
         let mut tracker = WriteTracker::new();
         // A stable copy of the data, once a node saw it change in flight.
