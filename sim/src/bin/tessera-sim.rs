@@ -99,7 +99,22 @@ fn main() {
                     t.4.push(seed);
                 }
                 if t.0 % 1000 == 0 {
-                    eprintln!("{} schedules, {:.0} s", t.0, started.elapsed().as_secs_f64());
+                    // The failing seeds so far on every progress line: a
+                    // long run read from its last lines tells the truth.
+                    let mut failing = t.4.clone();
+                    failing.sort_unstable();
+                    failing.dedup();
+                    eprintln!(
+                        "{} schedules, {:.0} s, {} failing seed(s){}",
+                        t.0,
+                        started.elapsed().as_secs_f64(),
+                        failing.len(),
+                        if failing.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {failing:?}")
+                        }
+                    );
                 }
             });
         }
