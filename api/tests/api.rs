@@ -239,6 +239,7 @@ async fn the_client_drives_every_route() {
                 session: opened.session,
                 ttl_ms: Some(30_000),
                 keep_activity: false,
+                settled: None,
             },
         )
         .await
@@ -256,6 +257,7 @@ async fn the_client_drives_every_route() {
             session: opened.session,
             ttl_ms: None,
             keep_activity: false,
+            settled: None,
         },
     )
     .await
@@ -674,6 +676,7 @@ fn renew(session: Uuid, ttl_ms: u64) -> SessionRef {
         session,
         ttl_ms: Some(ttl_ms),
         keep_activity: false,
+        settled: None,
     }
 }
 

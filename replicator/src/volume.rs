@@ -163,6 +163,11 @@ pub(crate) struct Inner {
     shm: Arc<SharedMemory>,
     /// Serialises layout changes.
     adopting: tokio::sync::Mutex<()>,
+    /// The placement version no operation of this volume is older than
+    /// (the layout's, once operations on the previous one ended). Renewals
+    /// report it: the zone frees a copy a newer placement dropped only once
+    /// this reaches that placement.
+    pub(crate) settled: AtomicU64,
     /// Fewest current copies a write needs.
     pub(crate) min_copies: usize,
     /// Identifies this open to the nodes (the session id).
@@ -275,6 +280,7 @@ impl Volume {
             boots: Arc::default(),
             shm: Arc::default(),
             adopting: tokio::sync::Mutex::new(()),
+            settled: AtomicU64::new(opened.vdisk.placement.version),
             min_copies,
             recording: tokio::sync::Mutex::new(()),
             vdisk: opened.vdisk,
@@ -543,6 +549,7 @@ impl Volume {
             session: inner.session,
             ttl_ms: None,
             keep_activity: flushed.is_err(),
+            settled: None,
         };
         let released = inner
             .zone_retry(|| {
@@ -982,6 +989,7 @@ impl Renewer {
                             session: inner.session,
                             ttl_ms: Some(inner.config.lease_ttl.as_millis() as u64),
                             keep_activity: false,
+                            settled: Some(inner.settled.load(Ordering::Acquire)),
                         },
                     )
                     .await;

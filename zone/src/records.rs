@@ -243,6 +243,12 @@ pub struct Lease {
     /// Held by the zone's repair worker: any other open takes it over.
     #[serde(default)]
     pub repair: bool,
+    /// The newest placement version the holder has settled on: none of its
+    /// I/O uses an older one. A copy that a newer placement no longer holds
+    /// is freed only once the holder settled on it (it may read that copy
+    /// until then).
+    #[serde(default)]
+    pub settled: u64,
 }
 
 /// Which disks hold a vDisk's chunks.
@@ -743,6 +749,7 @@ mod tests {
                 expires_ms: 10,
                 ttl_ms: 5,
                 repair: false,
+                settled: 1,
             }),
             epoch: 3,
             placement: Placement {

@@ -256,6 +256,10 @@ pub struct SessionRef {
     /// reconcile; the lease is released all the same.
     #[serde(default)]
     pub keep_activity: bool,
+    /// For renew: the newest placement version the writer has settled on
+    /// (see [`Lease::settled`]).
+    #[serde(default)]
+    pub settled: Option<u64>,
 }
 
 /// Default time to live of a node's liveness lease.
@@ -960,6 +964,8 @@ impl ZoneService {
                         expires_ms: now.saturating_add(req.ttl_ms),
                         ttl_ms: req.ttl_ms,
                         repair: req.repair,
+                        // The writer starts from the placement it is given.
+                        settled: v.placement.version,
                     });
                     v.state = VdiskState::Online {
                         host: req.host.clone(),
@@ -1034,6 +1040,9 @@ impl ZoneService {
                     });
                     lease.expires_ms = self.env.now_ms().saturating_add(ttl);
                     lease.ttl_ms = ttl;
+                    if let Some(settled) = req.settled {
+                        lease.settled = lease.settled.max(settled.min(v.placement.version));
+                    }
                     Ok(lease.clone())
                 },
             )
@@ -1679,6 +1688,7 @@ mod tests {
             session,
             ttl_ms: None,
             keep_activity: false,
+            settled: None,
         }
     }
 
@@ -2288,6 +2298,7 @@ mod tests {
                     session: b.session,
                     ttl_ms: Some(5_000),
                     keep_activity: false,
+                    settled: None,
                 },
             )
             .await
@@ -2548,6 +2559,7 @@ mod tests {
             session: a.session,
             ttl_ms: Some(30_000),
             keep_activity: false,
+            settled: None,
         };
         let error = svc
             .renew_vdisk("ds", "vd", renew.clone())

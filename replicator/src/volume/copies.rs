@@ -23,7 +23,7 @@
 //! every change is a compare-and-swap from the states a transition allows,
 //! so a concurrent failure is never overwritten by a later success.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Whether a copy slot serves the vDisk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,24 +59,43 @@ impl CopyHealth {
     }
 }
 
-/// One copy slot's state.
-pub(crate) struct CopyState(AtomicU8);
+/// One copy slot's state: its health in the low byte, and above it how
+/// many times it failed (so that an answer can be matched with the copy as
+/// it was when the request was sent).
+pub(crate) struct CopyState(AtomicU64);
 
 impl CopyState {
     pub(crate) fn new(initial: CopyHealth) -> Self {
-        CopyState(AtomicU8::new(initial.code()))
+        CopyState(AtomicU64::new(initial.code() as u64))
     }
 
     pub(crate) fn get(&self) -> CopyHealth {
-        CopyHealth::from_code(self.0.load(Ordering::SeqCst))
+        CopyHealth::from_code(self.0.load(Ordering::SeqCst) as u8)
+    }
+
+    /// How many times the copy failed. A copy that answered a request
+    /// sent before its latest failure may have lost what it answered for
+    /// (its machine restarted), even if it is resyncing by now.
+    pub(crate) fn failures(&self) -> u64 {
+        self.0.load(Ordering::SeqCst) >> 8
     }
 
     fn transition(&self, from: &[CopyHealth], to: CopyHealth) -> bool {
-        from.iter().any(|f| {
-            self.0
-                .compare_exchange(f.code(), to.code(), Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        })
+        let mut now = self.0.load(Ordering::SeqCst);
+        loop {
+            if !from.iter().any(|f| f.code() as u64 == now & 0xff) {
+                return false;
+            }
+            let failures = (now >> 8) + u64::from(to == CopyHealth::Failing);
+            let next = (failures << 8) | to.code() as u64;
+            match self
+                .0
+                .compare_exchange(now, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(seen) => now = seen,
+            }
+        }
     }
 
     /// A current or resyncing copy missed something: it goes (back) to
@@ -134,6 +153,18 @@ mod tests {
         assert_eq!(s.get(), CopyHealth::Syncing);
         assert!(s.mark_current());
         assert_eq!(s.get(), CopyHealth::Current);
+        assert_eq!(s.failures(), 1, "one failure on the way round");
+    }
+
+    #[test]
+    fn every_failure_is_counted_once() {
+        let s = CopyState::new(CopyHealth::Current);
+        assert_eq!(s.failures(), 0);
+        assert!(s.fail() && !s.fail());
+        assert!(s.recorded_stale() && s.begin_sync());
+        assert_eq!(s.failures(), 1, "recovering is no failure");
+        assert!(s.abort_sync());
+        assert_eq!((s.get(), s.failures()), (CopyHealth::Failing, 2));
     }
 
     #[test]

@@ -42,6 +42,26 @@ pub(crate) struct DirtyState {
     pub(crate) known: HashMap<Uuid, HashSet<u64>>,
     /// Waiting to be recorded.
     pub(crate) pending: Vec<(Uuid, u64)>,
+    /// Chunks resync wrote to a copy (or is writing) that no flush of that
+    /// copy has covered yet. Its machine restarting loses them, and a flush
+    /// that reaches the restarted machine says nothing about them: the
+    /// failure that notices the restart makes them dirty again (see
+    /// [`Inner::fail_disk`]).
+    pub(crate) copied: HashMap<Uuid, HashSet<u64>>,
+}
+
+impl DirtyState {
+    /// Queues for recording every chunk resync copied to `disk` that no
+    /// flush covered, among those `keep` accepts.
+    fn recopy(&mut self, disk: Uuid, keep: impl Fn(u64) -> bool) {
+        if let Some(copied) = self.copied.get_mut(&disk) {
+            let lost: Vec<u64> = copied.iter().copied().filter(|c| keep(*c)).collect();
+            for c in &lost {
+                copied.remove(c);
+            }
+            self.pending.extend(lost.into_iter().map(|c| (disk, c)));
+        }
+    }
 }
 
 /// A handle's own bookkeeping.
@@ -168,6 +188,9 @@ impl Inner {
 
     /// Every current or resyncing slot of `disk` fails; each one that
     /// changed makes the disk dirty for every unflushed chunk it holds.
+    /// Whatever resync copied to it and no flush covered is dirty again in
+    /// any case: this is how a restart of its machine is handled, and a
+    /// copy that had failed before its resync ended is still being written.
     pub(crate) fn fail_disk(&self, layout: &Layout, disk: Uuid) {
         let mut d = self.dirty.lock().expect("dirty poisoned");
         let mut changed = false;
@@ -183,6 +206,7 @@ impl Inner {
                     .map(|c| (disk, c)),
             );
         }
+        d.recopy(disk, |_| true);
     }
 
     /// Fails one group's copy (a chunk of it missed a write or failed its
@@ -215,6 +239,7 @@ impl Inner {
                     .filter(|c| Some(layout.group_index(*c)) == group)
                     .map(|c| (slot.disk, c)),
             );
+            d.recopy(slot.disk, |c| Some(layout.group_index(c)) == group);
         }
     }
 
@@ -226,7 +251,7 @@ impl Inner {
     pub(crate) async fn record_dirty(&self, missed: &[(Uuid, u64)]) -> Result<(), VolumeError> {
         {
             let mut d = self.dirty.lock().expect("dirty poisoned");
-            let DirtyState { known, pending } = &mut *d;
+            let DirtyState { known, pending, .. } = &mut *d;
             let new: Vec<(Uuid, u64)> = missed
                 .iter()
                 .filter(|(disk, c)| !known.get(disk).is_some_and(|k| k.contains(c)))

@@ -95,6 +95,9 @@ impl Mirror {
             // checksums its own private copy of the data instead.
             let crc = (!payload.is_empty() && (targets.len() > 1 || private.is_some()))
                 .then(|| crate::conn::payload_crc(payload));
+            // Each copy as it was when the mutation went out: one that fails
+            // before its answer is read may have lost what it answered for.
+            let failures: Vec<u64> = targets.iter().map(|c| c.state.failures()).collect();
             let results = join_all(targets.iter().map(|c| {
                 let range = v.range(&p, c);
                 let req = match op {
@@ -108,8 +111,15 @@ impl Mirror {
             let mut fenced = None;
             let mut changed_in_flight = false;
             let mut resend = false;
-            for (c, r) in targets.iter().zip(results) {
+            for ((c, r), failures) in targets.iter().zip(results).zip(failures) {
                 match r {
+                    // It failed (and maybe came back to resync) since the
+                    // mutation went out: a restart of its machine may have
+                    // taken the mutation with it, and resync does not know
+                    // to copy the chunk (simulation seed 157397 on 4 nodes).
+                    Ok(()) if c.state.failures() != failures => {
+                        tracker.record(c.disk, Answer::Failed)
+                    }
                     Ok(()) => tracker.record(c.disk, Answer::Held),
                     Err(e @ VolumeError::Fenced { .. }) => fenced = Some(e),
                     // Resync of another group's copy on this disk fenced it

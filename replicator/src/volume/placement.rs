@@ -112,6 +112,13 @@ impl Layout {
                 // Every group's copy has a state of its own: a chunk one
                 // copy missed makes only its group's copy stale.
                 let key = (*disk, g);
+                // A copy that becomes a move's target starts afresh, even if
+                // the previous layout had it in this group: between the two
+                // placements the zone may have moved it out, had its node
+                // free it, and planned a move back onto it.
+                if target && previous.is_some_and(|p| !p.targets.contains(&key)) {
+                    states.remove(&key);
+                }
                 let state = states
                     .entry(key)
                     .or_insert_with(|| {
@@ -364,9 +371,23 @@ impl Inner {
             }
             d.known.retain(|disk, _| placed.contains(disk));
             d.pending.retain(|(disk, _)| placed.contains(disk));
+            d.copied.retain(|disk, _| placed.contains(disk));
         }
         let added: Vec<Uuid> = placed.difference(&known).copied().collect();
         let removed: Vec<Uuid> = known.difference(&placed).copied().collect();
+        // Copies this volume knew in the group a move now fills them for.
+        let refilled: Vec<Uuid> = layout
+            .targets
+            .iter()
+            .filter(|(d, g)| {
+                !old.targets.contains(&(*d, *g))
+                    && old
+                        .groups
+                        .get(*g)
+                        .is_some_and(|c| c.iter().any(|c| c.disk == *d))
+            })
+            .map(|(d, _)| *d)
+            .collect();
         let previous = self.layout.swap(Arc::new(layout));
         drop(old);
         tracing::info!(
@@ -374,6 +395,7 @@ impl Inner {
             to = vdisk.placement.version,
             ?added,
             ?removed,
+            ?refilled,
             "adopted a new placement"
         );
         // Operations that started on the old layout finish before resync
@@ -387,6 +409,8 @@ impl Inner {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        self.settled
+            .fetch_max(vdisk.placement.version, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 }

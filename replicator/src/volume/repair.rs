@@ -169,8 +169,29 @@ impl Inner {
         let Some(slot) = slot else {
             return Ok(());
         };
-        self.flush_one(links, &slot).await?;
+        self.flush_copied(links, &slot).await?;
         self.record_clean(disk, cleaned, false).await?;
+        Ok(())
+    }
+
+    /// Flushes `slot`'s copy; then what resync had copied to it before is
+    /// stable. (A chunk that a restart of its machine made dirty again
+    /// meanwhile is pending, not copied: recording it clean skips it.)
+    async fn flush_copied(&self, links: &Links, slot: &CopySlot) -> Result<(), VolumeError> {
+        let before: Vec<u64> = {
+            let d = self.dirty.lock().expect("dirty poisoned");
+            d.copied
+                .get(&slot.disk)
+                .map(|c| c.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        self.flush_one(links, slot).await?;
+        let mut d = self.dirty.lock().expect("dirty poisoned");
+        if let Some(copied) = d.copied.get_mut(&slot.disk) {
+            for c in &before {
+                copied.remove(c);
+            }
+        }
         Ok(())
     }
 
@@ -229,13 +250,16 @@ impl Inner {
                         )));
                     }
                     drop(layout);
-                    let still_dirty = self
-                        .dirty
-                        .lock()
-                        .expect("dirty poisoned")
-                        .known
-                        .get_mut(&disk)
-                        .is_some_and(|k| k.remove(&c));
+                    let still_dirty = {
+                        let mut d = self.dirty.lock().expect("dirty poisoned");
+                        let dirty = d.known.get_mut(&disk).is_some_and(|k| k.remove(&c));
+                        // Noted before a byte is sent: a restart of its
+                        // machine noticed from now on makes it dirty again.
+                        if dirty {
+                            d.copied.entry(disk).or_default().insert(c);
+                        }
+                        dirty
+                    };
                     if !still_dirty {
                         continue;
                     }
@@ -303,7 +327,27 @@ impl Inner {
                 // The disk left the placement meanwhile.
                 return Ok(());
             };
-            self.flush_one(links, first).await?;
+            self.flush_copied(links, first).await?;
+            // A failure noticed while the flush ran (a restart of the
+            // copy's machine, which the flush may not see if another
+            // connection accepted it) made it dirty again: the copy is not
+            // complete, and the zone must not hear that it is.
+            let failed = slots.iter().any(|s| s.health() != CopyHealth::Syncing);
+            let redirtied = {
+                let d = self.dirty.lock().expect("dirty poisoned");
+                d.pending.iter().any(|(p, _)| *p == disk)
+                    || d.known.get(&disk).is_some_and(|k| !k.is_empty())
+                    || d.copied.get(&disk).is_some_and(|k| !k.is_empty())
+            };
+            if failed {
+                return Err(VolumeError::Placement(format!(
+                    "copy on disk {disk} failed as its resync finished"
+                )));
+            }
+            if redirtied {
+                drop(barrier);
+                continue;
+            }
             let vdisk = match self.record_clean(disk, &mut Vec::new(), true).await? {
                 Cleaned::Recorded(v) => Some(v),
                 Cleaned::StillDirty(vdisk) => {

@@ -309,8 +309,22 @@ impl ZoneService {
                         if cur.uuid != v.uuid {
                             return Ok(release);
                         }
+                        // A writer still on an older placement may read the
+                        // copy a newer one dropped: it is freed once the
+                        // writer settled on the newer one (or lost its lease).
+                        let now = self.env.now_ms();
+                        let writer_behind = cur.lease.as_ref().is_some_and(|l| {
+                            l.expires_ms > now && l.settled < cur.placement.version
+                        });
                         for d in &here {
                             let held = reported.contains(&[*d, cur.uuid]);
+                            if held
+                                && !cur.placement.holds(*d)
+                                && writer_behind
+                                && !cur.released.contains(d)
+                            {
+                                continue;
+                            }
                             if held && !cur.placement.holds(*d) {
                                 if !cur.released.contains(d) {
                                     cur.released.push(*d);
@@ -619,6 +633,7 @@ mod tests {
                     session: opened.session,
                     ttl_ms: None,
                     keep_activity: false,
+                    settled: None,
                 },
             )
             .await
@@ -662,6 +677,7 @@ mod tests {
                     session: opened.session,
                     ttl_ms: None,
                     keep_activity: false,
+                    settled: None,
                 },
             )
             .await
@@ -1044,6 +1060,7 @@ mod tests {
                     session: worker.session,
                     ttl_ms: None,
                     keep_activity: false,
+                    settled: None,
                 }
             )
             .await,

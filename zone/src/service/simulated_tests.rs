@@ -25,6 +25,7 @@ fn session(session: Uuid) -> SessionRef {
         session,
         ttl_ms: None,
         keep_activity: false,
+        settled: None,
     }
 }
 
