@@ -536,9 +536,24 @@ mod tests {
                 .session
         }
 
-        /// Resyncs the spare completely: finishes the move.
+        /// Resyncs the spare completely: finishes the move, and the writer
+        /// settles on the placement without the source.
         async fn finish(&self) {
-            let session = self.open("hv1").await;
+            let session = self.finish_unsettled(60_000).await;
+            let version = self.vdisk().await.placement.version;
+            self.settle(session, version).await;
+        }
+
+        /// Finishes the move with a writer whose lease lasts `ttl_ms`; the
+        /// writer has not adopted the placement without the source yet.
+        /// Returns the writer's session.
+        async fn finish_unsettled(&self, ttl_ms: u64) -> Uuid {
+            let session = self
+                .svc
+                .open_vdisk("ds", "vd", open_req("hv1", ttl_ms, false))
+                .await
+                .expect("opens")
+                .session;
             self.svc
                 .mark_clean(
                     "ds",
@@ -552,6 +567,24 @@ mod tests {
                 )
                 .await
                 .expect("the spare is complete");
+            session
+        }
+
+        /// The writer of `session` renews, settled on placement `version`.
+        async fn settle(&self, session: Uuid, version: u64) {
+            self.svc
+                .renew_vdisk(
+                    "ds",
+                    "vd",
+                    SessionRef {
+                        session,
+                        ttl_ms: None,
+                        keep_activity: false,
+                        settled: Some(version),
+                    },
+                )
+                .await
+                .expect("renews");
         }
 
         /// Node `n`'s heartbeat reporting `copies`.
@@ -820,6 +853,68 @@ mod tests {
                 to: d.source,
                 reason: MoveReason::Rebalance,
             }]
+        );
+    }
+
+    /// A writer that has not adopted the placement without a move's source
+    /// may still read the source: its node frees it only once the writer
+    /// has settled on that placement, or lost its lease.
+    ///
+    /// Fails if `copies_to_free` releases a copy while the lease holder's
+    /// `settled` version is older than the placement (the `writer_behind`
+    /// check removed): the first heartbeat frees the source.
+    #[tokio::test]
+    async fn a_moved_copy_is_freed_only_once_the_writer_settled_past_it() {
+        let d = drained().await;
+        let vd = d.created.uuid;
+        let source_node = node_of(d.source);
+        let session = d.finish_unsettled(60_000).await;
+        let version = d.vdisk().await.placement.version;
+        assert!(
+            !d.vdisk().await.placement.holds(d.source),
+            "the move finished"
+        );
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            NO_COPIES,
+            "the writer may still read the source"
+        );
+        assert_eq!(d.vdisk().await.released, NO_DISKS);
+        // Settled on the version before: still kept.
+        d.settle(session, version - 1).await;
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            NO_COPIES
+        );
+        // A renewal claiming a newer version than there is settles nothing
+        // beyond the placement's.
+        d.settle(session, version + 5).await;
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]],
+            "the writer settled: the source is freed"
+        );
+        assert_eq!(d.vdisk().await.released, vec![d.source]);
+        let lease = d.vdisk().await.lease.expect("held");
+        assert_eq!(lease.settled, version);
+    }
+
+    /// A writer whose lease ran out reads nothing any more: what it had not
+    /// settled on does not keep a moved copy from being freed.
+    #[tokio::test]
+    async fn a_moved_copy_is_freed_once_the_lagging_writer_lost_its_lease() {
+        let d = drained().await;
+        let vd = d.created.uuid;
+        let source_node = node_of(d.source);
+        d.finish_unsettled(200).await;
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            NO_COPIES
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]]
         );
     }
 
