@@ -332,7 +332,9 @@ impl Inner {
             // copy's machine, which the flush may not see if another
             // connection accepted it) made it dirty again: the copy is not
             // complete, and the zone must not hear that it is.
-            let failed = slots.iter().any(|s| s.health() != CopyHealth::Syncing);
+            let failed = slots
+                .iter()
+                .any(|s| matches!(s.health(), CopyHealth::Failing | CopyHealth::Stale));
             let redirtied = {
                 let d = self.dirty.lock().expect("dirty poisoned");
                 d.pending.iter().any(|(p, _)| *p == disk)

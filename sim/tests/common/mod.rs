@@ -1,0 +1,122 @@
+//! Helpers shared by the deterministic simulation tests.
+
+#![allow(dead_code)]
+
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_replicator::{Volume, VolumeError};
+use tessera_sim::harness::Cluster;
+use tessera_sim::node::{Match, OpKind, SimNode};
+use tessera_zone::service::Health;
+use uuid::Uuid;
+
+pub const BLOCK: usize = 4096;
+
+/// Real time a test's simulation may take (it takes well under a second,
+/// simulated time being paused; the rest is room for a loaded machine).
+pub const WALL: Duration = Duration::from_secs(30);
+
+pub fn sleep(ms: u64) -> tokio::time::Sleep {
+    tokio::time::sleep(Duration::from_millis(ms))
+}
+
+/// Mutations of `chunk` on `disk`.
+pub fn writes(disk: Uuid, chunk: u64) -> Match {
+    Match {
+        kind: Some(OpKind::Mutation),
+        disk: Some(disk),
+        chunk: Some(chunk),
+        whole_chunk: None,
+    }
+}
+
+/// A guest's small writes (not a resync's whole-chunk copy) of `chunk` on `disk`.
+pub fn small_writes(disk: Uuid, chunk: u64) -> Match {
+    Match {
+        whole_chunk: Some(false),
+        ..writes(disk, chunk)
+    }
+}
+
+/// What a read of the 4 KiB block at `offset` returns.
+pub async fn read(v: &Volume, offset: u64) -> Result<Vec<u8>, VolumeError> {
+    let mut buf = vec![0u8; BLOCK];
+    v.read(offset, &mut buf).await.map(|()| buf)
+}
+
+/// Names what a block holds, for assertion messages.
+pub fn what(data: &[u8]) -> String {
+    if data.iter().all(|b| *b == 0) {
+        return "zeros".into();
+    }
+    format!(
+        "write {}",
+        u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
+    )
+}
+
+/// The node of copy `i` of group `g`.
+pub async fn copy_node(c: &Cluster, g: usize, i: usize) -> (Uuid, Arc<SimNode>) {
+    let disk = c.groups().await[g][i];
+    (disk, c.node_of(disk).clone())
+}
+
+/// Advances simulated time, at most `limit`, until the vDisk is healthy:
+/// every copy current for the writer, and the zone listing no stale copy,
+/// no dirty chunk, and health `healthy`.
+pub async fn healthy(c: &Cluster, v: &Volume, limit: Duration) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        let view = c.view().await;
+        if v.all_current()
+            && view.health == Health::Healthy
+            && view.vdisk.stale.is_empty()
+            && view.vdisk.dirty.is_empty()
+        {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        sleep(10).await;
+    }
+}
+
+/// The chunks (of the vDisk's `chunks`) whose content differs between the
+/// copies on `x` and `y`, as each node holds them.
+pub fn differing(c: &Cluster, x: Uuid, y: Uuid) -> Vec<u64> {
+    (0..c.shape.chunks)
+        .filter(|chunk| {
+            c.node_of(x).peek(x, c.vdisk, *chunk) != c.node_of(y).peek(y, c.vdisk, *chunk)
+        })
+        .collect()
+}
+
+/// Runs `test` (a whole simulation) on a thread of its own and fails if it
+/// has not finished after `wall` of real time. A task that never stops
+/// being ready keeps paused simulated time from advancing: the simulation
+/// would then hang instead of failing. (The thread keeps spinning until
+/// the test binary exits.)
+pub fn bounded(wall: Duration, test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let sim = std::thread::Builder::new()
+        .name("simulation".into())
+        .spawn(move || {
+            test();
+            let _ = done.send(());
+        })
+        .expect("a thread for the simulation");
+    match finished.recv_timeout(wall) {
+        Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = sim.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(RecvTimeoutError::Timeout) => panic!(
+            "the simulation did not finish within {wall:?} of real time: a task spins \
+             without ever waiting, so simulated time stands still"
+        ),
+    }
+}
