@@ -42,12 +42,21 @@ fn what_resync_copied_to_a_copy_whose_machine_restarts_is_copied_again() {
             let mut config = c.config();
             config.repair_bandwidth = c.shape.chunk_size;
             let v = Volume::open(config).await.expect("open");
+            let miss = b.add_rule(Rule::Fail(
+                Match {
+                    kind: Some(OpKind::Mutation),
+                    disk: Some(disk_b),
+                    whole_chunk: Some(false),
+                    ..Match::default()
+                },
+                Status::IoError,
+            ));
             for (chunk, id) in [(0, 1), (1, 2)] {
-                b.add_rule_times(Rule::Fail(writes(disk_b, chunk), Status::IoError), Some(1));
                 v.write(c.offset(chunk, 0), &block(id))
                     .await
                     .expect("written");
             }
+            b.release(miss);
             v.flush().await.expect("flush");
             let (stale, dirty) = c.stale(disk_b).await;
             assert!(
