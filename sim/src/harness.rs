@@ -82,61 +82,28 @@ impl Cluster {
             .expect("a valid chunk size")
             .with_node_ttl(Duration::from_secs(5));
         service.ensure_zone("sim").await.expect("zone");
-        let mut nodes = Vec::new();
-        let mut disks = Vec::new();
-        let mut registrations = Vec::new();
-        let mut leases = Vec::new();
-        for i in 0..shape.nodes {
-            // Disk uuids sort in node order.
-            let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
-            let disk = Uuid::from_u64_pair(seed, 0x200 + i as u64);
-            let addr = format!("10.99.0.{}:7000", i + 1);
-            nodes.push(SimNode::new(
-                uuid,
-                addr.clone(),
-                &[disk],
-                shape.chunks,
-                shape.chunk_size,
-                seed.wrapping_add(i as u64),
-            ));
-            let registration = RegisterNode {
-                uuid,
-                host: format!("sim-host-{i}"),
-                addr,
-                socket: None,
-                disks: vec![RegisterDisk {
-                    uuid: disk,
-                    path: format!("/sim/{i}"),
-                    capacity: shape.chunks * shape.chunk_size,
-                    used: 0,
-                }],
-            };
-            let registered = service
-                .register_node(registration.clone())
-                .await
-                .expect("register");
-            leases.push(registered.lease);
-            registrations.push(registration);
-            disks.push(disk);
-        }
-        service
-            .create_datastore(CreateDatastore {
-                name: DS.into(),
-                mirrors: shape.mirrors,
-                stripes: Some(shape.stripes),
-                disks: None,
-            })
-            .await
-            .expect("datastore");
-        let vdisk = service
-            .create_vdisk(CreateVdisk {
-                datastore: DS.into(),
-                name: NAME.into(),
-                size: shape.chunks * shape.chunk_size,
-            })
-            .await
-            .expect("vdisk")
-            .uuid;
+        let Nodes {
+            nodes,
+            disks,
+            registrations,
+            mut leases,
+        } = build_nodes(
+            &service,
+            seed,
+            shape.nodes,
+            shape.chunks,
+            shape.chunk_size,
+            |i| seed.wrapping_add(i as u64),
+        )
+        .await;
+        let vdisk = create_vdisk(
+            &service,
+            shape.mirrors,
+            shape.stripes,
+            shape.chunks,
+            shape.chunk_size,
+        )
+        .await;
         let zone = SimZone::new(service, seed);
         let heartbeats = {
             let zone = zone.clone();
@@ -253,6 +220,95 @@ impl Cluster {
 /// content).
 pub fn block(id: u64) -> Vec<u8> {
     crate::model::content(id, id)
+}
+
+/// Simulated nodes of one disk each, registered with the zone by
+/// [`build_nodes`]; entry `i` of each list is node `i`'s.
+#[derive(Default)]
+pub struct Nodes {
+    pub nodes: Vec<Arc<SimNode>>,
+    /// Each node's one disk (their uuids sort in node order).
+    pub disks: Vec<Uuid>,
+    /// What each node registered (to register again once its liveness
+    /// lease ran out).
+    pub registrations: Vec<RegisterNode>,
+    /// Each node's liveness lease.
+    pub leases: Vec<u64>,
+}
+
+/// Builds `count` nodes of a simulation seeded `seed` and registers them
+/// with `service`, in node order: node `i`'s uuid and disk are drawn from
+/// `seed`, its address is `10.99.0.{i + 1}:7000` and its host
+/// `sim-host-{i}`, its disk holds `chunks` chunks of `chunk_size` bytes, and
+/// `delays(i)` (called just before node `i` is built) seeds its delays.
+/// The uuids, addresses, seeds and the order of registrations are what a
+/// seed replays: changing any of them changes every seed's schedule.
+pub async fn build_nodes(
+    service: &ZoneService,
+    seed: u64,
+    count: usize,
+    chunks: u64,
+    chunk_size: u64,
+    mut delays: impl FnMut(usize) -> u64,
+) -> Nodes {
+    let mut built = Nodes::default();
+    for i in 0..count {
+        let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
+        let disk = Uuid::from_u64_pair(seed, 0x200 + i as u64);
+        let addr = format!("10.99.0.{}:7000", i + 1);
+        let node = SimNode::new(uuid, addr.clone(), &[disk], chunks, chunk_size, delays(i));
+        let registration = RegisterNode {
+            uuid,
+            host: format!("sim-host-{i}"),
+            addr,
+            socket: None,
+            disks: vec![RegisterDisk {
+                uuid: disk,
+                path: format!("/sim/{i}"),
+                capacity: chunks * chunk_size,
+                used: 0,
+            }],
+        };
+        let registered = service
+            .register_node(registration.clone())
+            .await
+            .expect("register");
+        built.nodes.push(node);
+        built.disks.push(disk);
+        built.registrations.push(registration);
+        built.leases.push(registered.lease);
+    }
+    built
+}
+
+/// Creates datastore [`DS`] over every registered disk (`mirrors` copies,
+/// `stripes` groups) and in it vDisk [`NAME`] of `chunks` chunks of
+/// `chunk_size` bytes; returns the vDisk's uuid.
+pub async fn create_vdisk(
+    service: &ZoneService,
+    mirrors: u32,
+    stripes: u32,
+    chunks: u64,
+    chunk_size: u64,
+) -> Uuid {
+    service
+        .create_datastore(CreateDatastore {
+            name: DS.into(),
+            mirrors,
+            stripes: Some(stripes),
+            disks: None,
+        })
+        .await
+        .expect("datastore");
+    service
+        .create_vdisk(CreateVdisk {
+            datastore: DS.into(),
+            name: NAME.into(),
+            size: chunks * chunk_size,
+        })
+        .await
+        .expect("vdisk")
+        .uuid
 }
 
 /// Runs `test` on a fresh single-threaded runtime with paused time (with

@@ -11,16 +11,14 @@ use tessera_replicator::{Volume, VolumeConfig, VolumeError};
 use tessera_zone::env::Env;
 use tessera_zone::mem_store::MemStore;
 use tessera_zone::records::MoveReason;
-use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Health, Heartbeat, MovePlanner, RegisterDisk, RegisterNode,
-    ZoneService,
-};
+use tessera_zone::service::{Health, Heartbeat, MovePlanner, ZoneService};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::harness::{build_nodes, create_vdisk, Nodes, DS, NAME};
 use crate::model::{fill, Model, Ticket, BLOCK};
-use crate::node::{SimConnector, SimNode};
+use crate::node::SimConnector;
 use crate::rng::Rng;
 use crate::zone::SimZone;
 
@@ -133,8 +131,6 @@ impl Event {
     }
 }
 
-const DS: &str = "ds";
-const NAME: &str = "v";
 /// How long a node is down before the move planner rebuilds its copies
 /// elsewhere (counted from the first planning pass that saw it down, once
 /// its liveness lease ran out).
@@ -234,61 +230,29 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         .expect("a valid chunk size")
         .with_node_ttl(NODE_TTL);
     service.ensure_zone("sim").await.expect("zone");
-    let mut nodes = Vec::new();
-    let mut disk_of = Vec::new();
-    let mut leases = Vec::new();
-    let mut registrations = Vec::new();
-    for i in 0..cfg.nodes {
-        let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
-        let disk = Uuid::from_u64_pair(seed, 0x200 + i as u64);
-        let addr = format!("10.99.0.{}:7000", i + 1);
-        let node = SimNode::new(
-            uuid,
-            addr.clone(),
-            &[disk],
-            cfg.chunks,
-            cfg.chunk_size,
-            rng.next_u64(),
-        );
-        let registration = RegisterNode {
-            uuid,
-            host: format!("sim-host-{i}"),
-            addr,
-            socket: None,
-            disks: vec![RegisterDisk {
-                uuid: disk,
-                path: format!("/sim/{i}"),
-                capacity: cfg.chunks * cfg.chunk_size,
-                used: 0,
-            }],
-        };
-        let registered = service
-            .register_node(registration.clone())
-            .await
-            .expect("register");
-        registrations.push(registration);
-        leases.push(registered.lease);
-        nodes.push(node);
-        disk_of.push(disk);
-    }
-    service
-        .create_datastore(CreateDatastore {
-            name: DS.into(),
-            mirrors: cfg.mirrors,
-            stripes: Some(cfg.stripes),
-            disks: None,
-        })
-        .await
-        .expect("datastore");
+    let Nodes {
+        nodes,
+        disks: disk_of,
+        registrations,
+        mut leases,
+    } = build_nodes(
+        &service,
+        seed,
+        cfg.nodes,
+        cfg.chunks,
+        cfg.chunk_size,
+        |_| rng.next_u64(),
+    )
+    .await;
+    create_vdisk(
+        &service,
+        cfg.mirrors,
+        cfg.stripes,
+        cfg.chunks,
+        cfg.chunk_size,
+    )
+    .await;
     let chunk_size = cfg.chunk_size;
-    service
-        .create_vdisk(CreateVdisk {
-            datastore: DS.into(),
-            name: NAME.into(),
-            size: cfg.chunks * chunk_size,
-        })
-        .await
-        .expect("vdisk");
     let zone = SimZone::new(service, rng.next_u64());
     let tallies: Tallies = Arc::default();
     // Nodes that are up (and not frozen) keep their liveness in the zone,

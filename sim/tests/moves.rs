@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_replicator::{Volume, VolumeConfig};
+use tessera_sim::harness::{build_nodes, create_vdisk, Nodes};
 use tessera_sim::node::{SimConnector, SimNode};
 use tessera_sim::zone::SimZone;
 use tessera_zone::env::Env;
 use tessera_zone::mem_store::MemStore;
-use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, RegisterDisk, RegisterNode, ZoneService,
-};
+use tessera_zone::service::{Heartbeat, RegisterDisk, ZoneService};
 use uuid::Uuid;
 
 const CHUNKS: u64 = 4;
@@ -35,60 +34,19 @@ impl Cluster {
         Cluster::with(seed, 3, 1, CHUNKS).await
     }
 
-    async fn with(seed: u64, count: u64, stripes: u32, chunks: u64) -> Cluster {
+    async fn with(seed: u64, count: usize, stripes: u32, chunks: u64) -> Cluster {
         let service = ZoneService::new(Arc::new(MemStore::new()))
             .with_env(Env::simulated(seed))
             .with_chunk_size(CHUNK)
             .expect("a chunk size");
         service.ensure_zone("sim").await.expect("zone");
-        let (mut nodes, mut disks, mut leases) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..count {
-            let uuid = Uuid::from_u64_pair(seed, 0x100 + i);
-            let disk = Uuid::from_u64_pair(seed, 0x200 + i);
-            let addr = format!("10.99.0.{}:7000", i + 1);
-            nodes.push(SimNode::new(
-                uuid,
-                addr.clone(),
-                &[disk],
-                chunks,
-                CHUNK,
-                seed + i,
-            ));
-            let r = service
-                .register_node(RegisterNode {
-                    uuid,
-                    host: format!("sim-host-{i}"),
-                    addr,
-                    socket: None,
-                    disks: vec![RegisterDisk {
-                        uuid: disk,
-                        path: format!("/sim/{i}"),
-                        capacity: chunks * CHUNK,
-                        used: 0,
-                    }],
-                })
-                .await
-                .expect("register");
-            leases.push(r.lease);
-            disks.push(disk);
-        }
-        service
-            .create_datastore(CreateDatastore {
-                name: "ds".into(),
-                mirrors: 2,
-                stripes: Some(stripes),
-                disks: None,
-            })
-            .await
-            .expect("datastore");
-        service
-            .create_vdisk(CreateVdisk {
-                datastore: "ds".into(),
-                name: "v".into(),
-                size: chunks * CHUNK,
-            })
-            .await
-            .expect("vdisk");
+        let Nodes {
+            nodes,
+            disks,
+            leases,
+            ..
+        } = build_nodes(&service, seed, count, chunks, CHUNK, |i| seed + i as u64).await;
+        create_vdisk(&service, 2, stripes, chunks, CHUNK).await;
         let connector = Arc::new(SimConnector::new(nodes.clone()));
         Cluster {
             zone: SimZone::new(service, seed),
