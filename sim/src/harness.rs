@@ -12,7 +12,8 @@ use tessera_replicator::{Volume, VolumeConfig, ZoneLink};
 use tessera_zone::env::Env;
 use tessera_zone::mem_store::MemStore;
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Heartbeat, RegisterDisk, RegisterNode, VdiskView, ZoneService,
+    CreateDatastore, CreateVdisk, Heartbeat, RecordedMove, RegisterDisk, RegisterNode, VdiskView,
+    ZoneService,
 };
 use uuid::Uuid;
 
@@ -220,6 +221,19 @@ impl Cluster {
 /// content).
 pub fn block(id: u64) -> Vec<u8> {
     crate::model::content(id, id)
+}
+
+/// Removes `disk` from datastore [`DS`] and runs the move planner once:
+/// returns the moves it planned (the drain of `disk`'s copies).
+pub async fn drain(service: &ZoneService, disk: Uuid) -> Vec<RecordedMove> {
+    service
+        .remove_datastore_disk(DS, disk)
+        .await
+        .expect("the disk removed from the datastore");
+    service
+        .plan_moves(&Default::default())
+        .await
+        .expect("moves planned")
 }
 
 /// Simulated nodes of one disk each, registered with the zone by

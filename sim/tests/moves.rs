@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_replicator::{Volume, VolumeConfig};
-use tessera_sim::harness::{build_nodes, create_vdisk, Nodes};
+use tessera_sim::harness::{build_nodes, create_vdisk, drain, Nodes};
 use tessera_sim::node::{SimConnector, SimNode};
 use tessera_sim::zone::SimZone;
 use tessera_zone::env::Env;
@@ -113,17 +113,7 @@ impl Cluster {
 
     /// Drains `disk` out of the datastore: one move, planned now.
     async fn drain(&self, disk: Uuid) {
-        self.zone
-            .service
-            .remove_datastore_disk("ds", disk)
-            .await
-            .expect("removed");
-        let planned = self
-            .zone
-            .service
-            .plan_moves(&Default::default())
-            .await
-            .expect("planned");
+        let planned = drain(&self.zone.service, disk).await;
         assert_eq!(planned.len(), 1, "{planned:?}");
     }
 
