@@ -1,5 +1,6 @@
 //! [`Disk`]: one formatted device, shared by the node's I/O threads.
 
+mod crc_cache;
 mod data;
 mod io;
 mod open;
@@ -118,6 +119,8 @@ pub struct Disk {
     stripes: Box<[RwLock<()>]>,
     /// crc32c of a 4 KiB block of zeros.
     zero_crc: u32,
+    /// The stored crcs of recently used extents.
+    crcs: crc_cache::CrcCache,
     /// Serialises reservations of allocation generations.
     reserving: Mutex<()>,
     /// The boot tag epoch raises are written under (see [`Disk::set_boot`]).
@@ -136,6 +139,7 @@ impl std::fmt::Debug for Disk {
 
 impl Disk {
     fn new(path: &Path, dev: Arc<dyn Device>, sb: Superblock, state: State) -> Disk {
+        let blocks = sb.layout.blocks_per_extent();
         Disk {
             path: path.to_path_buf(),
             dev,
@@ -143,6 +147,7 @@ impl Disk {
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
+            crcs: crc_cache::CrcCache::new(crc_cache::DEFAULT_BUDGET, blocks),
             boot: std::sync::atomic::AtomicU64::new(0),
             reserving: Mutex::new(()),
         }

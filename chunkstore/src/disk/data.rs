@@ -308,6 +308,7 @@ impl Disk {
     /// Frees a chunk's extent: record (free) first, then the free list.
     pub(super) fn free_chunk(&self, key: &ChunkKey, extent: u64) -> Result<(), Error> {
         let generation = self.state().high_generation();
+        self.crcs.forget(extent);
         self.write_extent_record(extent, &ExtentRecord::Free { generation })?;
         self.state().release(key);
         Ok(())

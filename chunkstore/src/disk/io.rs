@@ -97,12 +97,22 @@ impl Disk {
         first: u32,
         count: u32,
     ) -> Result<Vec<u32>, Error> {
-        let mut raw = vec![0u8; count as usize * 4];
-        self.read_chunk_at(key, &mut raw, self.sb.layout.crc_offset(e, first))?;
-        Ok(raw
+        let mut out = vec![0u32; count as usize];
+        if self.crcs.get(e, first, &mut out) {
+            return Ok(out);
+        }
+        // The whole extent's crcs, kept for the next reads of it.
+        let blocks = self.sb.layout.blocks_per_extent();
+        let mut raw = vec![0u8; blocks as usize * 4];
+        self.read_chunk_at(key, &mut raw, self.sb.layout.crc_offset(e, 0))?;
+        let row: Box<[u32]> = raw
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        let first = first as usize;
+        out.copy_from_slice(&row[first..first + count as usize]);
+        self.crcs.insert(e, row);
+        Ok(out)
     }
 
     /// Writes the stored crcs of blocks `first..first + crcs.len()` of
@@ -110,7 +120,16 @@ impl Disk {
     pub(super) fn write_crcs(&self, e: u64, first: u32, crcs: &[u32]) -> Result<(), Error> {
         let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
         let off = self.sb.layout.crc_offset(e, first);
-        self.write_at(&raw, off, "write block checksums")
+        match self.write_at(&raw, off, "write block checksums") {
+            Ok(()) => {
+                self.crcs.update(e, first, crcs);
+                Ok(())
+            }
+            Err(err) => {
+                self.crcs.forget(e);
+                Err(err)
+            }
+        }
     }
 
     /// Writes extent `e`'s stamp (mirrored layouts) and the crcs of all its
@@ -122,12 +141,28 @@ impl Disk {
         crcs: &[u32],
     ) -> Result<(), Error> {
         let l = &self.sb.layout;
-        if !l.mirrored() {
-            return self.write_crcs(e, 0, crcs);
+        let written = if l.mirrored() {
+            let mut raw = Vec::with_capacity(ENTRY_SIZE + crcs.len() * 4);
+            raw.extend_from_slice(&stamp.encode(e));
+            raw.extend(crcs.iter().flat_map(|c| c.to_le_bytes()));
+            self.write_at(&raw, l.stamp_offset(e), "write block checksums")
+        } else {
+            let raw: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+            self.write_at(&raw, l.crc_offset(e, 0), "write block checksums")
+        };
+        match written {
+            Ok(()) if crcs.len() == l.blocks_per_extent() as usize => {
+                self.crcs.insert(e, crcs.into());
+                Ok(())
+            }
+            Ok(()) => {
+                self.crcs.forget(e);
+                Ok(())
+            }
+            Err(err) => {
+                self.crcs.forget(e);
+                Err(err)
+            }
         }
-        let mut raw = Vec::with_capacity(ENTRY_SIZE + crcs.len() * 4);
-        raw.extend_from_slice(&stamp.encode(e));
-        raw.extend(crcs.iter().flat_map(|c| c.to_le_bytes()));
-        self.write_at(&raw, l.stamp_offset(e), "write block checksums")
     }
 }

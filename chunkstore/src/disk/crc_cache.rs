@@ -1,0 +1,154 @@
+//! The stored crcs of recently used extents, kept in memory.
+//!
+//! A read verifies its blocks against the crcs the cache holds for its
+//! extent, so it costs one read of the device (the data), not two. The
+//! cache is filled with a whole extent's crcs at its first read (one read of
+//! the crc table, as before) and at its allocation, and every crc write goes
+//! to the device first and then to the cache: the device stays the truth,
+//! and nothing is lost with the process (a `kill -9` leaves the device's
+//! page cache with every crc written).
+//!
+//! Consistency: every access to an extent's crcs happens under its chunk's
+//! stripe lock (reads shared, writes exclusive), so a row is never updated
+//! while a read of the same extent uses it. A crc write that fails drops
+//! the row (what reached the device is unknown). Freeing an extent drops
+//! its row. The cache is bounded: a shard over its share of the budget
+//! evicts rows (any of them; rows are cheap to read again).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Shards of the cache (by extent), so the node's I/O threads rarely meet.
+const SHARDS: usize = 16;
+
+/// Bytes of crcs a disk keeps in memory by default: 32 MiB, the crcs of
+/// 32 GiB of data with 1 MiB extents.
+pub(crate) const DEFAULT_BUDGET: usize = 32 << 20;
+
+/// One shard: extent → the crcs of all its blocks.
+type Rows = HashMap<u64, Box<[u32]>>;
+
+pub(crate) struct CrcCache {
+    shards: Box<[Mutex<Rows>]>,
+    /// Rows a shard keeps at most.
+    rows_per_shard: usize,
+}
+
+impl CrcCache {
+    /// A cache of at most `budget` bytes of crcs, for extents of
+    /// `blocks` blocks.
+    pub(crate) fn new(budget: usize, blocks: u32) -> CrcCache {
+        let row = (blocks as usize * 4).max(1);
+        CrcCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            rows_per_shard: (budget / row / SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, extent: u64) -> std::sync::MutexGuard<'_, Rows> {
+        self.shards[(extent % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Copies the crcs of blocks `first..first + out.len()` of `extent`
+    /// into `out`; false if the cache does not hold the extent.
+    pub(crate) fn get(&self, extent: u64, first: u32, out: &mut [u32]) -> bool {
+        let shard = self.shard(extent);
+        let Some(row) = shard.get(&extent) else {
+            return false;
+        };
+        let first = first as usize;
+        match row.get(first..first + out.len()) {
+            Some(crcs) => {
+                out.copy_from_slice(crcs);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps `row`, the crcs of every block of `extent` as the device holds
+    /// them.
+    pub(crate) fn insert(&self, extent: u64, row: Box<[u32]>) {
+        let mut shard = self.shard(extent);
+        if shard.len() >= self.rows_per_shard && !shard.contains_key(&extent) {
+            if let Some(victim) = shard.keys().next().copied() {
+                shard.remove(&victim);
+            }
+        }
+        shard.insert(extent, row);
+    }
+
+    /// The device now holds `crcs` for blocks `first..` of `extent`.
+    pub(crate) fn update(&self, extent: u64, first: u32, crcs: &[u32]) {
+        let mut shard = self.shard(extent);
+        let first = first as usize;
+        let stale = match shard.get_mut(&extent) {
+            Some(row) => match row.get_mut(first..first + crcs.len()) {
+                Some(dst) => {
+                    dst.copy_from_slice(crcs);
+                    false
+                }
+                None => true,
+            },
+            None => false,
+        };
+        if stale {
+            shard.remove(&extent);
+        }
+    }
+
+    /// Forgets `extent` (freed, or its crcs on the device are unknown).
+    pub(crate) fn forget(&self, extent: u64) {
+        self.shard(extent).remove(&extent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_read_updated_and_forgotten() {
+        let c = CrcCache::new(1 << 20, 4);
+        let mut out = [0u32; 2];
+        assert!(!c.get(7, 0, &mut out));
+        c.insert(7, vec![1, 2, 3, 4].into());
+        assert!(c.get(7, 1, &mut out));
+        assert_eq!(out, [2, 3]);
+        c.update(7, 2, &[30, 40]);
+        assert!(c.get(7, 2, &mut out));
+        assert_eq!(out, [30, 40]);
+        assert!(!c.get(7, 3, &mut out), "past the row's end");
+        c.update(8, 0, &[9]);
+        assert!(!c.get(8, 0, &mut out[..1]), "an update fills nothing");
+        c.forget(7);
+        assert!(!c.get(7, 0, &mut out));
+    }
+
+    #[test]
+    fn an_update_past_the_row_forgets_it() {
+        let c = CrcCache::new(1 << 20, 4);
+        c.insert(1, vec![1, 2, 3, 4].into());
+        c.update(1, 3, &[5, 6]);
+        let mut out = [0u32; 1];
+        assert!(!c.get(1, 0, &mut out));
+    }
+
+    #[test]
+    fn the_budget_bounds_the_rows() {
+        // 16 shards of one 16-byte row each.
+        let c = CrcCache::new(16 * 16, 4);
+        for e in 0..1000u64 {
+            c.insert(e, vec![e as u32; 4].into());
+        }
+        let held = (0..1000u64)
+            .filter(|e| c.get(*e, 0, &mut [0u32; 1]))
+            .count();
+        assert_eq!(held, SHARDS);
+        let mut out = [0u32; 4];
+        assert!(c.get(999, 0, &mut out), "the newest row is kept");
+        assert_eq!(out, [999; 4]);
+    }
+}
