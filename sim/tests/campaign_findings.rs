@@ -9,7 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    bounded, copy_node, differing, healthy, read, sleep, small_writes, what, writes, WALL,
+    assert_reads, bounded, copy_node, differing, healthy, read, sleep, small_writes, what, writes,
+    WALL,
 };
 use tessera_proto::Status;
 use tessera_replicator::ZoneFailure;
@@ -220,14 +221,7 @@ fn a_write_overtaken_by_resync_of_another_group_is_sent_again() {
             "the copies differ"
         );
         a.crash();
-        for (chunk, id) in [(1, 2), (0, 3)] {
-            let data = read(&v, c.offset(chunk, 0)).await.expect("read from b");
-            assert!(
-                data == block(id),
-                "write {id} was acknowledged; b returns {}",
-                what(&data)
-            );
-        }
+        assert_reads(&c, &v, &[(1, 2), (0, 3)], "b").await;
     });
 }
 

@@ -8,10 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bounded, copy_node, differing, healthy, read, sleep, what, writes, WALL};
+use common::{assert_healed, assert_reads, copy_pair, read, simulate, sleep, what, writes};
 use tessera_proto::Status;
 use tessera_replicator::{Volume, ZoneFailure};
-use tessera_sim::harness::{block, run, Cluster, Shape, DS};
+use tessera_sim::harness::{block, Cluster, Shape, DS};
 use tessera_sim::node::{Match, OpKind, Rule};
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 
@@ -34,63 +34,48 @@ use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 /// write 1, the copies differ in chunk 0, and with a gone b reads zeros.
 #[test]
 fn what_resync_copied_to_a_copy_whose_machine_restarts_is_copied_again() {
-    bounded(WALL, || {
-        run(async {
-            let c = Cluster::new(Shape::default()).await;
-            let (disk_a, a) = copy_node(&c, 0, 0).await;
-            let (disk_b, b) = copy_node(&c, 0, 1).await;
-            let mut config = c.config();
-            config.repair_bandwidth = c.shape.chunk_size;
-            let v = Volume::open(config).await.expect("open");
-            let miss = b.add_rule(Rule::Fail(
-                Match {
-                    kind: Some(OpKind::Mutation),
-                    disk: Some(disk_b),
-                    whole_chunk: Some(false),
-                    ..Match::default()
-                },
-                Status::IoError,
-            ));
-            for (chunk, id) in [(0, 1), (1, 2)] {
-                v.write(c.offset(chunk, 0), &block(id))
-                    .await
-                    .expect("written");
-            }
-            b.release(miss);
-            v.flush().await.expect("flush");
-            let (stale, dirty) = c.stale(disk_b).await;
-            assert!(
-                stale && dirty == [0, 1],
-                "b misses chunks 0 and 1: {dirty:?}"
-            );
-            let copied = || {
-                b.peek(disk_b, c.vdisk, 0)
-                    .is_some_and(|d| d[..common::BLOCK] == block(1)[..])
-            };
-            assert!(
-                c.until(Duration::from_secs(5), copied).await,
-                "resync copies chunk 0 to b"
-            );
-            b.lose_power_with(false);
-            b.restart();
-            assert!(!copied(), "the restart lost the copy");
-            v.flush().await.expect("flush");
-            assert!(
-                healthy(&c, &v, Duration::from_secs(60)).await,
-                "the vDisk did not become healthy"
-            );
-            let differ = differing(&c, disk_a, disk_b);
-            assert!(differ.is_empty(), "the copies differ in chunks {differ:?}");
-            a.crash();
-            for (chunk, id) in [(0, 1), (1, 2)] {
-                let data = read(&v, c.offset(chunk, 0)).await.expect("read from b");
-                assert!(
-                    data == block(id),
-                    "write {id} was acknowledged; b returns {}",
-                    what(&data)
-                );
-            }
-        })
+    simulate(|| async {
+        let c = Cluster::new(Shape::default()).await;
+        let ((disk_a, a), (disk_b, b)) = copy_pair(&c).await;
+        let mut config = c.config();
+        config.repair_bandwidth = c.shape.chunk_size;
+        let v = Volume::open(config).await.expect("open");
+        let miss = b.add_rule(Rule::Fail(
+            Match {
+                kind: Some(OpKind::Mutation),
+                disk: Some(disk_b),
+                whole_chunk: Some(false),
+                ..Match::default()
+            },
+            Status::IoError,
+        ));
+        for (chunk, id) in [(0, 1), (1, 2)] {
+            v.write(c.offset(chunk, 0), &block(id))
+                .await
+                .expect("written");
+        }
+        b.release(miss);
+        v.flush().await.expect("flush");
+        let (stale, dirty) = c.stale(disk_b).await;
+        assert!(
+            stale && dirty == [0, 1],
+            "b misses chunks 0 and 1: {dirty:?}"
+        );
+        let copied = || {
+            b.peek(disk_b, c.vdisk, 0)
+                .is_some_and(|d| d[..common::BLOCK] == block(1)[..])
+        };
+        assert!(
+            c.until(Duration::from_secs(5), copied).await,
+            "resync copies chunk 0 to b"
+        );
+        b.lose_power_with(false);
+        b.restart();
+        assert!(!copied(), "the restart lost the copy");
+        v.flush().await.expect("flush");
+        assert_healed(&c, &v, disk_a, disk_b, Duration::from_secs(60)).await;
+        a.crash();
+        assert_reads(&c, &v, &[(0, 1), (1, 2)], "b").await;
     });
 }
 
@@ -113,81 +98,74 @@ fn what_resync_copied_to_a_copy_whose_machine_restarts_is_copied_again() {
 /// the second move never finishes.
 #[test]
 fn a_copy_that_becomes_a_move_target_again_is_filled_again() {
-    bounded(WALL, || {
-        run(async {
-            let c = Cluster::new(Shape {
-                nodes: 3,
-                ..Shape::default()
-            })
-            .await;
-            let svc = &c.zone.service;
-            let group = c.groups().await[0].clone();
-            let (disk_a, disk_b) = (group[0], group[1]);
-            let spare = *c
-                .disks
-                .iter()
-                .find(|d| !group.contains(d))
-                .expect("a spare disk");
-            let v = c.open(false).await;
-            v.write(c.offset(0, 0), &block(1)).await.expect("write 1");
-            v.flush().await.expect("flush");
+    simulate(|| async {
+        let c = Cluster::new(Shape {
+            nodes: 3,
+            ..Shape::default()
+        })
+        .await;
+        let svc = &c.zone.service;
+        let group = c.groups().await[0].clone();
+        let (disk_a, disk_b) = (group[0], group[1]);
+        let spare = *c
+            .disks
+            .iter()
+            .find(|d| !group.contains(d))
+            .expect("a spare disk");
+        let v = c.open(false).await;
+        v.write(c.offset(0, 0), &block(1)).await.expect("write 1");
+        v.flush().await.expect("flush");
 
-            let completes_spare = move |call: &ZoneCall<'_>| matches!(call, ZoneCall::MarkClean(m) if m.complete && m.disk == spare);
-            c.zone.add_rule(ZoneRule {
-                matches: Box::new(completes_spare),
-                action: ZoneAction::LoseAnswer,
-                times: Some(1),
-            });
-            let retry = c.zone.add_rule(ZoneRule {
-                matches: Box::new(completes_spare),
-                action: ZoneAction::Hold,
-                times: Some(1),
-            });
-            svc.remove_datastore_disk(DS, disk_b)
-                .await
-                .expect("drain b");
-            let planned = svc.plan_moves(&Default::default()).await.expect("plan");
-            assert_eq!(planned.len(), 1, "{planned:?}");
-            assert!(
-                c.until(Duration::from_secs(30), || c.zone.held(retry) == 1)
-                    .await,
-                "the writer fills the spare and completes it"
-            );
-            let v3 = c.view().await.vdisk.placement;
-            assert_eq!(v3.groups[0], [disk_a, spare], "the first move finished");
+        let completes_spare = move |call: &ZoneCall<'_>| matches!(call, ZoneCall::MarkClean(m) if m.complete && m.disk == spare);
+        c.zone.add_rule(ZoneRule {
+            matches: Box::new(completes_spare),
+            action: ZoneAction::LoseAnswer,
+            times: Some(1),
+        });
+        let retry = c.zone.add_rule(ZoneRule {
+            matches: Box::new(completes_spare),
+            action: ZoneAction::Hold,
+            times: Some(1),
+        });
+        svc.remove_datastore_disk(DS, disk_b)
+            .await
+            .expect("drain b");
+        let planned = svc.plan_moves(&Default::default()).await.expect("plan");
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert!(
+            c.until(Duration::from_secs(30), || c.zone.held(retry) == 1)
+                .await,
+            "the writer fills the spare and completes it"
+        );
+        let v3 = c.view().await.vdisk.placement;
+        assert_eq!(v3.groups[0], [disk_a, spare], "the first move finished");
 
-            svc.add_datastore_disk(DS, disk_b).await.expect("b is back");
-            svc.remove_datastore_disk(DS, spare)
-                .await
-                .expect("drain the spare");
-            let planned = svc.plan_moves(&Default::default()).await.expect("plan");
-            assert_eq!(planned.len(), 1, "{planned:?}");
-            assert_eq!((planned[0].mv.from, planned[0].mv.to), (spare, disk_b));
-            c.zone.release(retry);
+        svc.add_datastore_disk(DS, disk_b).await.expect("b is back");
+        svc.remove_datastore_disk(DS, spare)
+            .await
+            .expect("drain the spare");
+        let planned = svc.plan_moves(&Default::default()).await.expect("plan");
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert_eq!((planned[0].mv.from, planned[0].mv.to), (spare, disk_b));
+        c.zone.release(retry);
 
-            let end = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let p = c.view().await.vdisk.placement;
-                if p.moves.is_empty() {
-                    assert_eq!(p.groups[0], [disk_a, disk_b]);
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < end,
-                    "the move back onto b never finished: the writer is at placement {} \
-                     with every copy current ({}), the zone at {p:?}",
-                    v.placement_version(),
-                    v.all_current()
-                );
-                sleep(100).await;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let p = c.view().await.vdisk.placement;
+            if p.moves.is_empty() {
+                assert_eq!(p.groups[0], [disk_a, disk_b]);
+                break;
             }
             assert!(
-                healthy(&c, &v, Duration::from_secs(30)).await,
-                "the vDisk did not become healthy"
+                tokio::time::Instant::now() < end,
+                "the move back onto b never finished: the writer is at placement {} \
+                 with every copy current ({}), the zone at {p:?}",
+                v.placement_version(),
+                v.all_current()
             );
-            let differ = differing(&c, disk_a, disk_b);
-            assert!(differ.is_empty(), "the copies differ in chunks {differ:?}");
-        })
+            sleep(100).await;
+        }
+        assert_healed(&c, &v, disk_a, disk_b, Duration::from_secs(30)).await;
     });
 }
 
@@ -209,68 +187,55 @@ fn a_copy_that_becomes_a_move_target_again_is_filled_again() {
 /// copies differ.
 #[test]
 fn an_answer_from_before_a_copy_failed_is_no_hold() {
-    bounded(WALL, || {
-        run(async {
-            let c = Cluster::new(Shape::default()).await;
-            let (disk_a, a) = copy_node(&c, 0, 0).await;
-            let (disk_b, b) = copy_node(&c, 0, 1).await;
-            let mut config = c.config();
-            config.io_timeout = Duration::from_secs(10);
-            let v = Volume::open(config).await.expect("open");
-            let at = c.offset(0, 0);
-            v.write(at, &block(1)).await.expect("write 1");
-            v.flush().await.expect("flush");
+    simulate(|| async {
+        let c = Cluster::new(Shape::default()).await;
+        let ((disk_a, a), (disk_b, b)) = copy_pair(&c).await;
+        let mut config = c.config();
+        config.io_timeout = Duration::from_secs(10);
+        let v = Volume::open(config).await.expect("open");
+        let at = c.offset(0, 0);
+        v.write(at, &block(1)).await.expect("write 1");
+        v.flush().await.expect("flush");
 
-            let at_a = a.add_rule_times(Rule::Hold(writes(disk_a, 0)), Some(1));
-            let w = {
-                let v = v.clone();
-                tokio::spawn(async move { v.write(at, &block(2)).await })
-            };
-            let took = || {
-                b.peek(disk_b, c.vdisk, 0)
-                    .is_some_and(|d| d[..common::BLOCK] == block(2)[..])
-            };
-            assert!(
-                c.until(Duration::from_secs(1), || a.held() == 1 && took())
-                    .await,
-                "write 2 waits at a; b took it"
-            );
-            let fence = b.add_rule_times(
-                Rule::Hold(Match {
-                    kind: Some(OpKind::Fence),
-                    disk: Some(disk_b),
-                    ..Match::default()
-                }),
-                Some(1),
-            );
-            b.lose_power_with(false);
-            b.restart();
-            v.fork().flush().await.expect("flush");
-            let (stale, _) = c.stale(disk_b).await;
-            assert!(stale, "the restart was noticed: b is stale");
-            assert!(
-                c.until(Duration::from_secs(2), || b.held() == 1).await,
-                "resync fences b"
-            );
-            b.release(fence);
-            sleep(10).await;
-            assert!(!w.is_finished(), "write 2 still waits for a");
-            a.release(at_a);
-            w.await.expect("the write task").expect("write 2");
-            assert!(
-                healthy(&c, &v, Duration::from_secs(30)).await,
-                "the vDisk did not become healthy"
-            );
-            let differ = differing(&c, disk_a, disk_b);
-            assert!(differ.is_empty(), "the copies differ in chunks {differ:?}");
-            a.crash();
-            let data = read(&v, at).await.expect("read from b");
-            assert!(
-                data == block(2),
-                "write 2 was acknowledged; b returns {}",
-                what(&data)
-            );
-        })
+        let at_a = a.add_rule_times(Rule::Hold(writes(disk_a, 0)), Some(1));
+        let w = {
+            let v = v.clone();
+            tokio::spawn(async move { v.write(at, &block(2)).await })
+        };
+        let took = || {
+            b.peek(disk_b, c.vdisk, 0)
+                .is_some_and(|d| d[..common::BLOCK] == block(2)[..])
+        };
+        assert!(
+            c.until(Duration::from_secs(1), || a.held() == 1 && took())
+                .await,
+            "write 2 waits at a; b took it"
+        );
+        let fence = b.add_rule_times(
+            Rule::Hold(Match {
+                kind: Some(OpKind::Fence),
+                disk: Some(disk_b),
+                ..Match::default()
+            }),
+            Some(1),
+        );
+        b.lose_power_with(false);
+        b.restart();
+        v.fork().flush().await.expect("flush");
+        let (stale, _) = c.stale(disk_b).await;
+        assert!(stale, "the restart was noticed: b is stale");
+        assert!(
+            c.until(Duration::from_secs(2), || b.held() == 1).await,
+            "resync fences b"
+        );
+        b.release(fence);
+        sleep(10).await;
+        assert!(!w.is_finished(), "write 2 still waits for a");
+        a.release(at_a);
+        w.await.expect("the write task").expect("write 2");
+        assert_healed(&c, &v, disk_a, disk_b, Duration::from_secs(30)).await;
+        a.crash();
+        assert_reads(&c, &v, &[(0, 2)], "b").await;
     });
 }
 
@@ -288,49 +253,41 @@ fn an_answer_from_before_a_copy_failed_is_no_hold() {
 /// already read.
 #[test]
 fn reconcile_makes_a_copy_that_fails_on_the_way_dirty_for_the_rest_of_the_extent() {
-    bounded(WALL, || {
-        run(async {
-            let c = Cluster::new(Shape::default()).await;
-            let (disk_a, a) = copy_node(&c, 0, 0).await;
-            let (disk_b, b) = copy_node(&c, 0, 1).await;
-            let old = c.open(false).await;
-            old.write(c.offset(0, 0), &block(1)).await.expect("write 1");
-            old.write(c.offset(1, 0), &block(2)).await.expect("write 2");
-            old.flush().await.expect("flush");
-            a.corrupt(disk_a, c.vdisk, 0, 0, false);
-            let session = c.view().await.vdisk.lease.expect("open").session;
-            c.zone.add_rule(ZoneRule {
-                matches: Box::new(
-                    move |call| matches!(call, ZoneCall::MarkStale(m) if m.session == session),
-                ),
-                action: ZoneAction::Refuse(ZoneFailure::Unreachable),
-                times: None,
-            });
-            a.add_rule_times(Rule::Fail(writes(disk_a, 1), Status::IoError), Some(1));
-            let failed = old.write(c.offset(1, 0), &block(3)).await;
-            assert!(failed.is_err(), "write 3 cannot be acknowledged");
-            assert_eq!(
-                b.peek(disk_b, c.vdisk, 1)
-                    .map(|d| d[..common::BLOCK] == block(3)[..]),
-                Some(true),
-                "b took write 3"
-            );
-            let new = c.open(true).await;
-            let seen = read(&new, c.offset(1, 0)).await.expect("read");
-            assert!(seen == block(3), "the new writer reads {}", what(&seen));
-            assert!(
-                healthy(&c, &new, Duration::from_secs(30)).await,
-                "the vDisk did not become healthy"
-            );
-            let differ = differing(&c, disk_a, disk_b);
-            assert!(differ.is_empty(), "the copies differ in chunks {differ:?}");
-            b.crash();
-            let data = read(&new, c.offset(1, 0)).await.expect("read from a");
-            assert!(
-                data == seen,
-                "the new writer read write 3; a returns {}",
-                what(&data)
-            );
-        })
+    simulate(|| async {
+        let c = Cluster::new(Shape::default()).await;
+        let ((disk_a, a), (disk_b, b)) = copy_pair(&c).await;
+        let old = c.open(false).await;
+        old.write(c.offset(0, 0), &block(1)).await.expect("write 1");
+        old.write(c.offset(1, 0), &block(2)).await.expect("write 2");
+        old.flush().await.expect("flush");
+        a.corrupt(disk_a, c.vdisk, 0, 0, false);
+        let session = c.view().await.vdisk.lease.expect("open").session;
+        c.zone.add_rule(ZoneRule {
+            matches: Box::new(
+                move |call| matches!(call, ZoneCall::MarkStale(m) if m.session == session),
+            ),
+            action: ZoneAction::Refuse(ZoneFailure::Unreachable),
+            times: None,
+        });
+        a.add_rule_times(Rule::Fail(writes(disk_a, 1), Status::IoError), Some(1));
+        let failed = old.write(c.offset(1, 0), &block(3)).await;
+        assert!(failed.is_err(), "write 3 cannot be acknowledged");
+        assert_eq!(
+            b.peek(disk_b, c.vdisk, 1)
+                .map(|d| d[..common::BLOCK] == block(3)[..]),
+            Some(true),
+            "b took write 3"
+        );
+        let new = c.open(true).await;
+        let seen = read(&new, c.offset(1, 0)).await.expect("read");
+        assert!(seen == block(3), "the new writer reads {}", what(&seen));
+        assert_healed(&c, &new, disk_a, disk_b, Duration::from_secs(30)).await;
+        b.crash();
+        let data = read(&new, c.offset(1, 0)).await.expect("read from a");
+        assert!(
+            data == seen,
+            "the new writer read write 3; a returns {}",
+            what(&data)
+        );
     });
 }

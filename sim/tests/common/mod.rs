@@ -120,3 +120,43 @@ pub fn bounded(wall: Duration, test: impl FnOnce() + Send + 'static) {
         ),
     }
 }
+
+/// Each `(chunk, id)`: the chunk's first block reads as write `id`.
+/// `from` names the copies left to serve the reads, for the message.
+pub async fn assert_reads(c: &Cluster, v: &Volume, expected: &[(u64, u64)], from: &str) {
+    for &(chunk, id) in expected {
+        let data = read(v, c.offset(chunk, 0))
+            .await
+            .unwrap_or_else(|e| panic!("read chunk {chunk} from {from}: {e}"));
+        assert!(
+            data == tessera_sim::harness::block(id),
+            "chunk {chunk}: write {id} was acknowledged; {from} returns {}",
+            what(&data)
+        );
+    }
+}
+
+/// The vDisk becomes healthy within `limit`, and the copies on `x` and `y`
+/// are then equal.
+pub async fn assert_healed(c: &Cluster, v: &Volume, x: Uuid, y: Uuid, limit: Duration) {
+    assert!(
+        healthy(c, v, limit).await,
+        "the vDisk did not become healthy"
+    );
+    let differ = differing(c, x, y);
+    assert!(differ.is_empty(), "the copies differ in chunks {differ:?}");
+}
+
+/// Runs a simulation (see `tessera_sim::harness::run`) bounded by `WALL` of
+/// real time (see [`bounded`]).
+pub fn simulate<F>(test: impl FnOnce() -> F + Send + 'static)
+where
+    F: std::future::Future<Output = ()>,
+{
+    bounded(WALL, move || tessera_sim::harness::run(test()))
+}
+
+/// The disks and nodes of the two copies of group 0, in placement order.
+pub async fn copy_pair(c: &Cluster) -> ((Uuid, Arc<SimNode>), (Uuid, Arc<SimNode>)) {
+    (copy_node(c, 0, 0).await, copy_node(c, 0, 1).await)
+}
