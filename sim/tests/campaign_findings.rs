@@ -9,13 +9,13 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_reads, bounded, copy_node, differing, healthy, read, sleep, small_writes, what, writes,
-    WALL,
+    assert_reads, bounded, copy_node, differing, fences, healthy, read, sleep, small_writes, what,
+    writes, WALL,
 };
 use tessera_proto::Status;
 use tessera_replicator::ZoneFailure;
 use tessera_sim::harness::{block, run, Cluster, Shape};
-use tessera_sim::node::{Match, OpKind, Rule};
+use tessera_sim::node::Rule;
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 
 /// Fault campaign seed 6706842144 (fixed in 82fe8d9): a write fails on a
@@ -157,14 +157,7 @@ fn a_write_overtaken_by_resync_of_another_group_is_sent_again() {
         v.write(at, &block(1)).await.expect("write 1");
         // Write 2 waits at b; so will resync's fence of b.
         let queued = b.add_rule_times(Rule::Hold(writes(disk_b, 1)), Some(1));
-        let fence = b.add_rule_times(
-            Rule::Hold(Match {
-                kind: Some(OpKind::Fence),
-                disk: Some(disk_b),
-                ..Match::default()
-            }),
-            Some(1),
-        );
+        let fence = b.add_rule_times(Rule::Hold(fences(disk_b)), Some(1));
         let w = {
             let v = v.clone();
             tokio::spawn(async move { v.write(at, &block(2)).await })

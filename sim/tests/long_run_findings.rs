@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_healed, assert_reads, copy_pair, read, simulate, sleep, what, writes};
+use common::{assert_healed, assert_reads, copy_pair, fences, read, simulate, sleep, what, writes};
 use tessera_proto::Status;
 use tessera_replicator::{Volume, ZoneFailure};
 use tessera_sim::harness::{block, Cluster, Shape, DS};
@@ -211,14 +211,7 @@ fn an_answer_from_before_a_copy_failed_is_no_hold() {
                 .await,
             "write 2 waits at a; b took it"
         );
-        let fence = b.add_rule_times(
-            Rule::Hold(Match {
-                kind: Some(OpKind::Fence),
-                disk: Some(disk_b),
-                ..Match::default()
-            }),
-            Some(1),
-        );
+        let fence = b.add_rule_times(Rule::Hold(fences(disk_b)), Some(1));
         b.lose_power_with(false);
         b.restart();
         v.fork().flush().await.expect("flush");

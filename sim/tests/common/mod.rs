@@ -160,3 +160,12 @@ where
 pub async fn copy_pair(c: &Cluster) -> ((Uuid, Arc<SimNode>), (Uuid, Arc<SimNode>)) {
     (copy_node(c, 0, 0).await, copy_node(c, 0, 1).await)
 }
+
+/// Fences of `disk`.
+pub fn fences(disk: Uuid) -> Match {
+    Match {
+        kind: Some(OpKind::Fence),
+        disk: Some(disk),
+        ..Match::default()
+    }
+}
