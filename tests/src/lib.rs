@@ -3,7 +3,10 @@
 //! [`TestZone`] runs the management API in the test process (over the
 //! embedded store, in a temporary directory) and every storage node as its
 //! own `tessera node run` child process on loopback, so tests can `kill -9`
-//! and restart nodes. Everything is killed when the zone is dropped.
+//! and restart nodes. Everything is killed when the zone is dropped. The
+//! nodes and vhost processes run [`TestZone::bin`]: [`tessera_bin`] unless
+//! the zone was started with another executable
+//! ([`TestZone::start_with_bin`], e.g. an older build for an A/B benchmark).
 
 pub mod blk;
 /// The guest kit (its own crate, also used by `tessera up --boot-guest`).
@@ -85,6 +88,9 @@ pub struct TestZone {
     pub url: String,
     pub token_file: PathBuf,
     pub nodes: Vec<TestNode>,
+    /// The `tessera` executable the zone's nodes and vhost processes run
+    /// (the API always runs in this process).
+    pub bin: PathBuf,
     server: Option<tessera_api::ApiServer>,
     disk_size: u64,
 }
@@ -102,6 +108,23 @@ impl TestZone {
     /// Like [`TestZone::start`], with the API rebuilding a down node's
     /// copies elsewhere after `rebuild_after` (moves planned every 200 ms).
     pub async fn start_with(n: usize, disk_size: u64, rebuild_after: Duration) -> TestZone {
+        Self::start_full(n, disk_size, rebuild_after, tessera_bin()).await
+    }
+
+    /// Like [`TestZone::start`], with the nodes (and the vhost processes
+    /// [`TestZone::spawn_vhost`] starts) running `bin` instead of
+    /// [`tessera_bin`]: for instance an older build, which talks to this
+    /// process's API over HTTP like any node.
+    pub async fn start_with_bin(n: usize, disk_size: u64, bin: PathBuf) -> TestZone {
+        Self::start_full(n, disk_size, Duration::from_secs(600), bin).await
+    }
+
+    async fn start_full(
+        n: usize,
+        disk_size: u64,
+        rebuild_after: Duration,
+        bin: PathBuf,
+    ) -> TestZone {
         // TESSERA_TEST_LOG=info shows the in-process API's and volumes' logs.
         if let Ok(filter) = std::env::var("TESSERA_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -127,6 +150,7 @@ impl TestZone {
             url,
             token_file,
             nodes: Vec::new(),
+            bin,
             server: Some(server),
             disk_size,
         };
@@ -204,7 +228,7 @@ impl TestZone {
 
     /// Starts (or restarts) node `i` with the same command line as before.
     pub fn start_node(&mut self, i: usize) {
-        let bin = tessera_bin();
+        let bin = self.bin.clone();
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "node {i} is already running");
         let log = std::fs::OpenOptions::new()
@@ -345,8 +369,8 @@ impl TestZone {
         c
     }
 
-    /// Starts `tessera vhost serve DS/NAME` as a child process and waits
-    /// until its socket accepts connections.
+    /// Starts `tessera vhost serve DS/NAME` (the zone's [`TestZone::bin`])
+    /// as a child process and waits until its socket accepts connections.
     pub fn spawn_vhost(&self, datastore: &str, name: &str, queues: u16) -> VhostProcess {
         let socket = self.dir.path().join(format!(
             "vhost-{datastore}-{name}-{}.sock",
@@ -402,6 +426,8 @@ pub struct VhostProcess {
 }
 
 impl VhostProcess {
+    /// Starts `tessera vhost serve PATH` with the zone's executable
+    /// ([`TestZone::bin`]), its API and token, and waits for its socket.
     pub fn spawn(
         zone: &TestZone,
         path: &str,
@@ -415,7 +441,7 @@ impl VhostProcess {
             .append(true)
             .open(&log)
             .expect("vhost log");
-        let child = Command::new(tessera_bin())
+        let child = Command::new(&zone.bin)
             .args(["vhost", "serve", path, "--socket"])
             .arg(&socket)
             .args(["--queues", &queues.to_string(), "--host", TEST_HOST])

@@ -19,7 +19,12 @@
 //!   shared with the node); nodes 1 and 2 claim other hosts, so they are
 //!   reached over TCP (loopback), as peers on other machines would be. `m1`
 //!   keeps its one copy on node 0 (a datastore of that disk alone: the local
-//!   disk an operator gives a mirrors=1 vDisk); `m2` and `m3` use all three.
+//!   disk an operator gives a mirrors=1 vDisk); `m2` and `m3` use all three;
+//! - `b1`, `b2`, `b3` (only with `--base-bin PATH`): Tessera base, the same
+//!   as `m1`–`m3` but served entirely by an older `tessera` executable (its
+//!   storage nodes and its `vhost serve` processes), on a second 3-node zone
+//!   of the same shape. Both zones' management API runs in this process: it
+//!   is the current code's, which the base executables reach over HTTP.
 //!
 //! Every system is exported over vhost-user-blk and driven by the same
 //! client (the `blkio` crate's `virtio-blk-vhost-user` driver, one queue,
@@ -31,8 +36,19 @@
 //! min–max over repetitions, with the servers' CPU time per I/O (user + sys
 //! of every server process, from `/proc/PID/stat`).
 //!
+//! A/B: the host's speed drifts (by more than 20% within half an hour on a
+//! shared machine), so today's Tessera is compared with an older build in
+//! the same run rather than with an old results file: `--base-bin` adds
+//! `b1`–`b3`, measured in the same repetitions as everything else, and the
+//! report gives `mN/bN` columns and a "New against base" section (medians,
+//! ratios normalised by the limit and the peer, and per-repetition paired
+//! ratios `mN`/`bN`, which cancel the drift best). An A/B run leaves
+//! `blkbench-latest.md` alone: it is not the new baseline.
+//!
 //! Run: `cargo build --release --bin tessera --bin blkbench && target/release/blkbench`
-//! (see `--help`). Results go to `bench/results/`.
+//! (see `--help`). Results go to `bench/results/`. A/B against an older
+//! build: `target/release/blkbench --base-bin /path/to/old/tessera` (with
+//! `--only`, list the base systems too: `--only qsd,quorum,m1,m2,m3,b1,b2,b3`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -45,14 +61,15 @@ use serde::Serialize;
 use tessera_bench::load::{Client, Job, Measured, Pattern};
 use tessera_bench::machine::{utc_now, Machine};
 use tessera_bench::procs::{preallocated_file, shell_quote, CpuSample, Ready, Server, Watched};
-use tessera_tests::{free_port, tessera_bin, TestZone, VhostProcess, TEST_HOST};
+use tessera_tests::{free_port, TestZone, VhostProcess, TEST_HOST};
 use tessera_zone::service::CreateDatastore;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// Tessera's block-storage benchmark against qemu-storage-daemon (local
-/// file), QEMU's quorum over qemu-nbd, Ceph RBD and Tessera mirrors=1/2/3.
+/// file), QEMU's quorum over qemu-nbd, Ceph RBD and Tessera mirrors=1/2/3
+/// (and an older Tessera build with `--base-bin`).
 #[derive(Parser, Debug)]
 #[command(name = "blkbench")]
 struct Args {
@@ -69,7 +86,8 @@ struct Args {
     #[arg(long, default_value = "1G")]
     range: String,
     /// Only these systems (comma list of qsd, qsd-direct, quorum, nbd, ceph,
-    /// m1, m2, m3); `ceph` also needs `--ceph`.
+    /// m1, m2, m3, b1, b2, b3); `ceph` also needs `--ceph`, `b1`-`b3` need
+    /// `--base-bin` (and are not added for the `m` systems listed: list them).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Only these workloads (comma list of 4k-randread-qd1,
@@ -81,12 +99,24 @@ struct Args {
     /// ~2 min of setup, ~4.5 GiB of memory, 30 GiB of OSD block files).
     #[arg(long)]
     ceph: bool,
-    /// Directory for the results (`blkbench-<date>.md/.json`, `blkbench-latest.md`).
+    /// Directory for the results (`blkbench-<date>.md/.json`, and
+    /// `blkbench-latest.md` unless `--base-bin`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// How quorum and nbd reach qemu-nbd: `unix` sockets or loopback `tcp`.
     #[arg(long, default_value = "tcp", value_parser = ["tcp", "unix"])]
     nbd_transport: String,
+    /// A/B: an older `tessera` executable to compare with. Adds the systems
+    /// `b1`, `b2`, `b3` (Tessera base mirrors=1/2/3): a second 3-node zone
+    /// whose storage nodes and `vhost serve` processes run this executable
+    /// (the zone's API is this build's, in process), measured in the same
+    /// repetitions as the rest. An A/B run does not write `blkbench-latest.md`.
+    #[arg(long, value_name = "PATH")]
+    base_bin: Option<PathBuf>,
+    /// What to call the base in the report (e.g. its commit) [default: the
+    /// path of `--base-bin`].
+    #[arg(long, value_name = "TEXT", requires = "base_bin")]
+    base_label: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -183,8 +213,9 @@ const CLIENT_MEM: usize = 4 << 20;
 
 // ------------------------------------------------------------------ systems
 
-/// Every system, in report order: (id, label).
-const SYSTEMS: [(&str, &str); 8] = [
+/// Every system, in report order (and in the order each workload runs on
+/// them): (id, label).
+const SYSTEMS: [(&str, &str); 11] = [
     ("qsd", "limit: qsd file, cache.direct=off"),
     ("qsd-direct", "qsd file, cache.direct=on, aio=native"),
     ("quorum", "peer: qsd quorum 2/3 over 3 qemu-nbd"),
@@ -193,9 +224,26 @@ const SYSTEMS: [(&str, &str); 8] = [
     ("m1", "Tessera mirrors=1"),
     ("m2", "Tessera mirrors=2"),
     ("m3", "Tessera mirrors=3"),
+    ("b1", "Tessera base mirrors=1"),
+    ("b2", "Tessera base mirrors=2"),
+    ("b3", "Tessera base mirrors=3"),
 ];
 const LIMIT: &str = "qsd";
 const PEER: &str = "quorum";
+
+/// A Tessera system's mirrors and whether it is the base (`bN`, an older
+/// executable) rather than this build (`mN`).
+fn tessera_system(id: &str) -> Option<(bool, u32)> {
+    let base = match id.as_bytes().first() {
+        Some(b'm') => false,
+        Some(b'b') => true,
+        _ => return None,
+    };
+    match id[1..].parse() {
+        Ok(n @ 1..=3) => Some((base, n)),
+        _ => None,
+    }
+}
 
 /// One system under test: its servers, the processes whose CPU is counted,
 /// and the client connected to it.
@@ -513,8 +561,9 @@ fn setup_ceph(sys: &mut System, work: &Path, ceph: &Ceph) -> Result<()> {
     Ok(())
 }
 
-/// A Tessera vDisk `mN/bench` with `mirrors=N`, served by its own
-/// `tessera vhost serve` with one queue.
+/// A Tessera vDisk `ID/bench` (`ID` = `mN` or `bN`) with `mirrors=N`,
+/// served by its own `tessera vhost serve` (the zone's executable) with one
+/// queue.
 fn setup_tessera(
     sys: &mut System,
     rt: &tokio::runtime::Runtime,
@@ -543,7 +592,7 @@ fn setup_tessera(
     });
     let vhost = zone.spawn_vhost(ds, "bench", 1);
     sys.socket = vhost.socket.clone();
-    let bin = tessera_bin().display().to_string();
+    let bin = shell_quote(&zone.bin.display().to_string());
     sys.commands.push(format!(
         "{bin} vhost serve {ds}/bench --socket {} --queues 1 --host {TEST_HOST} --api {} --token-file {}",
         shell_quote(&vhost.socket.display().to_string()),
@@ -577,6 +626,12 @@ fn setup_tessera(
     sys.commands.push(format!(
         "# datastore {ds}: mirrors={mirrors} over {over}; vDisk {ds}/bench: {range} bytes"
     ));
+    if tessera_system(ds).is_some_and(|(base, _)| base) {
+        sys.commands.push(format!(
+            "# zone API {}: in the benchmark process, this build's (the base executable's nodes and vhost process reach it over HTTP)",
+            zone.url
+        ));
+    }
     sys.vhost = Some(vhost);
     Ok(())
 }
@@ -643,6 +698,12 @@ struct Settings {
     nbd_transport: String,
     client: String,
     command: String,
+    /// The older `tessera` executable of the `b` systems (`--base-bin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_bin: Option<String>,
+    /// What the report calls it (`--base-label`, else its path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_label: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -652,6 +713,193 @@ struct Report {
     systems: Vec<SystemReport>,
     runs: Vec<Run>,
     total_seconds: f64,
+    /// Throughput of each `mN` against `bN` (when both ran).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    new_against_base: Vec<AgainstBase>,
+}
+
+/// `mN`'s throughput over `bN`'s in one repetition.
+#[derive(Debug, Clone, Serialize)]
+struct PairedRatio {
+    rep: usize,
+    ratio: f64,
+}
+
+/// Throughput of `mN` (this build) against `bN` (the base) in one workload.
+#[derive(Debug, Clone, Serialize)]
+struct AgainstBase {
+    workload: String,
+    mirrors: u32,
+    /// `IOPS` or `MiB/s`.
+    unit: &'static str,
+    /// Medians over repetitions.
+    new_median: f64,
+    base_median: f64,
+    /// `new_median / base_median`.
+    ratio: f64,
+    /// Median over repetitions of `mN / limit` (same repetition), over the
+    /// same for `bN`.
+    ratio_of_limit_ratios: Option<f64>,
+    /// The same against the peer.
+    ratio_of_peer_ratios: Option<f64>,
+    /// In each repetition both ran: `mN`'s throughput over `bN`'s.
+    paired: Vec<PairedRatio>,
+    paired_median: Option<f64>,
+    paired_min: Option<f64>,
+    paired_max: Option<f64>,
+    /// Some ratio above is off 1 by more than [`AB_THRESHOLD`].
+    flagged: bool,
+}
+
+/// A new-against-base throughput ratio further from 1 than this is flagged.
+const AB_THRESHOLD: f64 = 0.05;
+
+fn beyond_threshold(r: f64) -> bool {
+    (1.0 - r).abs() > AB_THRESHOLD
+}
+
+/// For every workload and mirrors level where both `mN` and `bN` ran:
+/// their throughputs compared (see [`AgainstBase`]).
+fn against_base(workloads: &[Workload], ids: &[&str], runs: &[Run]) -> Vec<AgainstBase> {
+    let mut out = Vec::new();
+    for w in workloads {
+        // Throughput of `id` in each repetition it ran without error.
+        let series = |id: &str| -> Vec<(usize, f64)> {
+            runs.iter()
+                .filter(|r| r.system == id && r.workload == w.name && r.error.is_none())
+                .filter_map(|r| throughput(w, r).map(|v| (r.rep, v)))
+                .filter(|(_, v)| v.is_finite())
+                .collect()
+        };
+        // In each repetition both ran: a over b.
+        let paired = |a: &[(usize, f64)], b: &[(usize, f64)]| -> Vec<PairedRatio> {
+            a.iter()
+                .filter_map(|&(rep, x)| {
+                    let (_, y) = b.iter().find(|(r, _)| *r == rep)?;
+                    (*y > 0.0).then(|| PairedRatio { rep, ratio: x / y })
+                })
+                .collect()
+        };
+        let median = |v: &[(usize, f64)]| stats(&v.iter().map(|p| p.1).collect::<Vec<_>>());
+        let ratio_median =
+            |v: &[PairedRatio]| stats(&v.iter().map(|p| p.ratio).collect::<Vec<_>>());
+        for n in 1..=3u32 {
+            let (m, b) = (format!("m{n}"), format!("b{n}"));
+            if !ids.contains(&m.as_str()) || !ids.contains(&b.as_str()) {
+                continue;
+            }
+            let (ms, bs) = (series(&m), series(&b));
+            let (Some((mm, _, _)), Some((bm, _, _))) = (median(&ms), median(&bs)) else {
+                continue;
+            };
+            if bm <= 0.0 {
+                continue;
+            }
+            // (mN/ref)/(bN/ref), each the median of same-repetition ratios.
+            let of_ratios = |reference: &str| -> Option<f64> {
+                let rs = series(reference);
+                let (Some((a, _, _)), Some((b, _, _))) = (
+                    ratio_median(&paired(&ms, &rs)),
+                    ratio_median(&paired(&bs, &rs)),
+                ) else {
+                    return None;
+                };
+                (b > 0.0).then(|| a / b)
+            };
+            let pairs = paired(&ms, &bs);
+            let p = ratio_median(&pairs);
+            let mut a = AgainstBase {
+                workload: w.name.to_string(),
+                mirrors: n,
+                unit: if w.bandwidth() { "MiB/s" } else { "IOPS" },
+                new_median: mm,
+                base_median: bm,
+                ratio: mm / bm,
+                ratio_of_limit_ratios: of_ratios(LIMIT),
+                ratio_of_peer_ratios: of_ratios(PEER),
+                paired: pairs,
+                paired_median: p.map(|p| p.0),
+                paired_min: p.map(|p| p.1),
+                paired_max: p.map(|p| p.2),
+                flagged: false,
+            };
+            a.flagged = [
+                Some(a.ratio),
+                a.ratio_of_limit_ratios,
+                a.ratio_of_peer_ratios,
+                a.paired_median,
+            ]
+            .into_iter()
+            .flatten()
+            .any(beyond_threshold);
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The "New against base" section of the report.
+fn against_base_section(md: &mut String, rows: &[AgainstBase], workloads: &[Workload]) {
+    let _ = writeln!(md, "\n### New against base\n");
+    let _ = writeln!(
+        md,
+        "Throughput of this build (`mN`) over the base (`bN`, same mirrors), from the runs above. `mN/bN`: median over median. `(mN/limit)/(bN/limit)`: the median over repetitions of `mN`'s throughput over the limit's in the same repetition, over the same median for `bN` (with medians of separate series it would be `mN/bN` exactly; per repetition, it is normalised by what the limit got meanwhile); `(mN/peer)/(bN/peer)` likewise. Paired: in each repetition, `mN`'s throughput over `bN`'s in that repetition, median (min–max) and each repetition's; pairs cancel host drift better than medians of separate series. Bold: further than {:.0}% from 1. Flag: how far the paired median (else `mN/bN`) is from 1 when that is bold; `mixed` when only another ratio is.\n",
+        AB_THRESHOLD * 100.0
+    );
+    let _ = writeln!(
+        md,
+        "| workload | mirrors | new `mN` | base `bN` | mN/bN | (mN/limit)/(bN/limit) | (mN/peer)/(bN/peer) | paired mN/bN | paired, by repetition | flag |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let ratio = |r: f64| {
+        let cell = format!("{r:.3}×");
+        if beyond_threshold(r) {
+            format!("**{cell}**")
+        } else {
+            cell
+        }
+    };
+    let opt = |r: Option<f64>| r.map(ratio).unwrap_or_else(|| "–".into());
+    for a in rows {
+        let title = workloads
+            .iter()
+            .find(|w| w.name == a.workload)
+            .map(|w| w.title)
+            .unwrap_or(&a.workload);
+        let paired = match (a.paired_median, a.paired_min, a.paired_max) {
+            (Some(med), Some(lo), Some(hi)) => {
+                format!("{} ({lo:.3}–{hi:.3}×)", ratio(med))
+            }
+            _ => "–".into(),
+        };
+        let by_rep = if a.paired.is_empty() {
+            "–".to_string()
+        } else {
+            a.paired
+                .iter()
+                .map(|p| format!("r{}: {:.3}", p.rep, p.ratio))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let headline = a.paired_median.unwrap_or(a.ratio);
+        let flag = if beyond_threshold(headline) {
+            format!("**new {:+.1}%**", (headline - 1.0) * 100.0)
+        } else if a.flagged {
+            "mixed".to_string()
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            md,
+            "| {title} ({}) | {} | {} | {} | {} | {} | {} | {paired} | {by_rep} | {flag} |",
+            a.unit,
+            a.mirrors,
+            num(a.new_median),
+            num(a.base_median),
+            ratio(a.ratio),
+            opt(a.ratio_of_limit_ratios),
+            opt(a.ratio_of_peer_ratios),
+        );
+    }
 }
 
 fn measure(sys: &mut System, w: &Workload, rep: usize, args: &Args, range: u64) -> Result<Run> {
@@ -770,7 +1018,7 @@ struct Table<'a> {
     title: &'a str,
     note: &'a str,
     metric: Metric,
-    /// Ratio columns against the limit and the peer.
+    /// Ratio columns against the limit and the peer (and `mN/bN`).
     ratios: bool,
     /// IOPS or MiB/s after the workload's name.
     units: bool,
@@ -792,10 +1040,15 @@ fn table(
     } = *t;
     let ids: Vec<&str> = systems.iter().map(|s| s.id).collect();
     let has = |id: &str| ids.contains(&id);
-    // Ratio columns: Tessera's systems against the limit and the peer (or
-    // every other system when no Tessera system ran).
+    // Ratio columns: Tessera's systems (this build's, then the base's)
+    // against the limit and the peer (or every other system when no Tessera
+    // system ran), then this build's over the base's.
     let subjects: Vec<&str> = {
-        let t: Vec<&str> = ids.iter().copied().filter(|i| i.starts_with('m')).collect();
+        let t: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|i| tessera_system(i).is_some())
+            .collect();
         if t.is_empty() {
             ids.iter()
                 .copied()
@@ -806,10 +1059,19 @@ fn table(
         }
     };
     let mut refs = Vec::new();
+    // (mN, bN) pairs that both ran.
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     if ratios {
         for r in [LIMIT, PEER] {
             if has(r) {
                 refs.push(r);
+            }
+        }
+        for m in &ids {
+            if let Some((false, n)) = tessera_system(m) {
+                if let Some(b) = ids.iter().find(|b| tessera_system(b) == Some((true, n))) {
+                    pairs.push((m, b));
+                }
             }
         }
     }
@@ -829,6 +1091,10 @@ fn table(
             );
             rule.push_str("---|");
         }
+    }
+    for (m, b) in &pairs {
+        let _ = write!(head, " {m}/{b} |");
+        rule.push_str("---|");
     }
     let _ = writeln!(md, "{head}\n{rule}");
     for w in workloads {
@@ -868,6 +1134,14 @@ fn table(
                 }
             }
         }
+        for (m, b) in &pairs {
+            match (med(m), med(b)) {
+                (Some(a), Some(b)) if b.0 > 0.0 => {
+                    let _ = write!(row, " {:.2}× |", a.0 / b.0);
+                }
+                _ => row.push_str(" – |"),
+            }
+        }
         let _ = writeln!(md, "{row}");
     }
 }
@@ -900,16 +1174,40 @@ fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> Str
         .filter(|r| r.error.is_none() && r.seconds > 0.0)
         .map(|r| r.others_cpu_s / r.seconds)
         .collect();
+    if let (Some(bin), true) = (
+        &s.base_bin,
+        report
+            .systems
+            .iter()
+            .any(|sys| tessera_system(&sys.id).is_some_and(|(base, _)| base)),
+    ) {
+        let label = match &s.base_label {
+            Some(l) if l != bin => format!("{l} (`{bin}`)"),
+            _ => format!("`{bin}`"),
+        };
+        let _ = writeln!(
+            md,
+            "Base (`b1`–`b3`, \"Tessera base\"): {label}, which runs their storage nodes and `vhost serve` processes in a second zone of the same shape; both zones' management API runs in the benchmark process and is this build's ({}).\n",
+            m.tessera_commit
+        );
+    }
     if let Some((med, _, max)) = stats(&others) {
         let _ = writeln!(
             md,
             "Other load during the measured runs (CPU used by neither the servers nor the benchmark process, from /proc/stat): median {med:.2}, max {max:.2} cores.\n"
         );
     }
-    let _ = writeln!(
+    let _ = write!(
         md,
         "Cells: median over repetitions (min–max). Ratio columns: median of the Tessera system over median of the limit (`qsd`, cache.direct=off) or of the peer (`quorum`); for throughput higher is better, for latency and CPU lower is better."
     );
+    if !report.new_against_base.is_empty() {
+        let _ = write!(
+            md,
+            " `mN/bN`: median of this build's system over median of the base's with the same mirrors."
+        );
+    }
+    let _ = writeln!(md);
     let tables = [
         Table {
             title: "Throughput",
@@ -956,6 +1254,9 @@ fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> Str
     ];
     for t in &tables {
         table(&mut md, t, workloads, systems, &report.runs);
+    }
+    if !report.new_against_base.is_empty() {
+        against_base_section(&mut md, &report.new_against_base, workloads);
     }
     let _ = writeln!(md, "\n### Systems\n");
     for sys in &report.systems {
@@ -1019,17 +1320,39 @@ fn main() -> Result<()> {
         bail!("--reps and --seconds must be positive");
     }
     let known: Vec<&str> = SYSTEMS.iter().map(|(i, _)| *i).collect();
+    let is_base = |id: &str| tessera_system(id).is_some_and(|(base, _)| base);
     for o in &args.only {
         if !known.contains(&o.as_str()) {
             bail!("unknown system {o:?} (known: {})", known.join(", "));
         }
+        if is_base(o) && args.base_bin.is_none() {
+            bail!("{o} is Tessera base: it needs --base-bin PATH (an older tessera executable)");
+        }
     }
+    let base_bin = match &args.base_bin {
+        Some(p) => {
+            if !p.is_file() {
+                bail!("--base-bin {}: not a file", p.display());
+            }
+            Some(std::fs::canonicalize(p).with_context(|| format!("--base-bin {}", p.display()))?)
+        }
+        None => None,
+    };
     let selected: Vec<&'static str> = known
         .iter()
         .copied()
-        .filter(|i| args.only.is_empty() || args.only.iter().any(|o| o == i))
+        .filter(|i| {
+            if args.only.is_empty() {
+                !is_base(i) || base_bin.is_some()
+            } else {
+                args.only.iter().any(|o| o == i)
+            }
+        })
         .filter(|i| *i != "ceph" || args.ceph)
         .collect();
+    if base_bin.is_some() && !selected.iter().any(|i| is_base(i)) {
+        eprintln!("blkbench: --base-bin given but no base system (b1, b2, b3) selected");
+    }
     if args.only.iter().any(|o| o == "ceph") && !args.ceph {
         bail!("ceph needs --ceph");
     }
@@ -1067,22 +1390,43 @@ fn main() -> Result<()> {
 
     // Set up every system (all of them stay up for the whole run).
     let mut systems: Vec<System> = selected.iter().map(|id| System::new(id)).collect();
-    let needs_zone = selected.iter().any(|i| i.starts_with('m'));
+    let needs_zone = selected
+        .iter()
+        .any(|i| tessera_system(i).is_some_and(|(base, _)| !base));
+    let needs_base_zone = selected.iter().any(|i| is_base(i));
     // Each node may hold a copy of all three vDisks.
     let disk = 3 * range + 512 * MIB;
+    // Nodes 1 and 2 stand for nodes on other hosts: TCP, no local session.
+    let on_hosts = |mut zone: TestZone| {
+        zone.restart_node_on_host(1, "bench-peer-1");
+        zone.restart_node_on_host(2, "bench-peer-2");
+        rt.block_on(zone.wait_nodes_up(3));
+        zone
+    };
     let zone = if needs_zone {
         eprintln!(
             "tessera: starting a 3-node zone ({} MiB disk files)",
             disk / MIB
         );
-        let mut zone = rt.block_on(TestZone::start(3, disk));
-        // Nodes 1 and 2 stand for nodes on other hosts: TCP, no local session.
-        zone.restart_node_on_host(1, "bench-peer-1");
-        zone.restart_node_on_host(2, "bench-peer-2");
-        rt.block_on(zone.wait_nodes_up(3));
-        Some(zone)
+        Some(on_hosts(rt.block_on(TestZone::start(3, disk))))
     } else {
         None
+    };
+    // The base's own zone, of the same shape, its nodes running the base.
+    let base_zone = match (&base_bin, needs_base_zone) {
+        (Some(bin), true) => {
+            eprintln!(
+                "tessera base: starting a 3-node zone of {} ({} MiB disk files)",
+                bin.display(),
+                disk / MIB
+            );
+            Some(on_hosts(rt.block_on(TestZone::start_with_bin(
+                3,
+                disk,
+                bin.clone(),
+            ))))
+        }
+        _ => None,
     };
     let ceph = if args.ceph {
         match Ceph::setup(&wp.join("ceph"), range) {
@@ -1112,6 +1456,11 @@ fn main() -> Result<()> {
             "m1" | "m2" | "m3" => {
                 let n = sys.id[1..].parse()?;
                 setup_tessera(sys, &rt, zone.as_ref().context("no zone")?, n, range, disk)
+            }
+            "b1" | "b2" | "b3" => {
+                let n = sys.id[1..].parse()?;
+                let z = base_zone.as_ref().context("no base zone")?;
+                setup_tessera(sys, &rt, z, n, range, disk)
             }
             other => bail!("no setup for {other}"),
         };
@@ -1237,6 +1586,12 @@ fn main() -> Result<()> {
             nbd_transport: args.nbd_transport.clone(),
             client: "blkio 0.5 virtio-blk-vhost-user, 1 queue, eventfd completions, requests split at the device's size_max".into(),
             command,
+            base_bin: base_bin.as_ref().map(|b| b.display().to_string()),
+            base_label: base_bin.as_ref().map(|b| {
+                args.base_label
+                    .clone()
+                    .unwrap_or_else(|| b.display().to_string())
+            }),
         },
         systems: systems
             .iter()
@@ -1249,6 +1604,11 @@ fn main() -> Result<()> {
                 failed: s.failed.clone(),
             })
             .collect(),
+        new_against_base: against_base(
+            &workloads,
+            &systems.iter().map(|s| s.id).collect::<Vec<_>>(),
+            &runs,
+        ),
         runs,
         total_seconds: started.elapsed().as_secs_f64(),
     };
@@ -1260,14 +1620,26 @@ fn main() -> Result<()> {
     let json_path = args.out.join(format!("blkbench-{stamp}.json"));
     std::fs::write(&md_path, &md)?;
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-    std::fs::write(args.out.join("blkbench-latest.md"), &md)?;
+    // An A/B run is not the new baseline: blkbench-latest.md stays.
+    if base_bin.is_none() {
+        std::fs::write(args.out.join("blkbench-latest.md"), &md)?;
+    }
     println!("{md}");
-    eprintln!(
-        "wrote {}, {} and blkbench-latest.md in {:.0} s",
-        md_path.display(),
-        json_path.display(),
-        report.total_seconds
-    );
+    if base_bin.is_none() {
+        eprintln!(
+            "wrote {}, {} and blkbench-latest.md in {:.0} s",
+            md_path.display(),
+            json_path.display(),
+            report.total_seconds
+        );
+    } else {
+        eprintln!(
+            "wrote {} and {} in {:.0} s (an A/B run: blkbench-latest.md left as it was)",
+            md_path.display(),
+            json_path.display(),
+            report.total_seconds
+        );
+    }
 
     // Clients first, then their servers, the zone and Ceph.
     for s in &mut systems {
@@ -1275,6 +1647,7 @@ fn main() -> Result<()> {
     }
     drop(systems);
     drop(zone);
+    drop(base_zone);
     drop(ceph);
     drop(rt);
     drop(work);
@@ -1291,6 +1664,71 @@ mod tests {
         assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("1X").is_err());
+    }
+
+    #[test]
+    fn tessera_systems() {
+        assert_eq!(tessera_system("m2"), Some((false, 2)));
+        assert_eq!(tessera_system("b3"), Some((true, 3)));
+        assert_eq!(tessera_system("b4"), None);
+        assert_eq!(tessera_system("qsd"), None);
+        assert_eq!(tessera_system("nbd"), None);
+        assert!(SYSTEMS.iter().all(|(id, label)| tessera_system(id)
+            .is_none_or(|(base, _)| base == label.starts_with("Tessera base"))));
+    }
+
+    fn run(system: &str, rep: usize, iops: f64) -> Run {
+        Run {
+            system: system.into(),
+            workload: "4k-randread-qd1".into(),
+            rep,
+            error: None,
+            seconds: 1.0,
+            ios: iops as u64,
+            bytes: 0,
+            iops,
+            mib_per_s: 0.0,
+            latency_us: None,
+            io_errors: 0,
+            first_io_error: None,
+            server_cpu_s: 0.0,
+            server_cpu_us_per_io: 0.0,
+            server_cpu_by_process: Vec::new(),
+            client_cpu_s: 0.0,
+            client_cpu_us_per_io: 0.0,
+            others_cpu_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn new_against_base_pairs_repetitions() {
+        // The host slows down by half in repetition 1: the pairs do not see it.
+        let runs = vec![
+            run("qsd", 0, 1000.0),
+            run("m1", 0, 110.0),
+            run("b1", 0, 100.0),
+            run("qsd", 1, 500.0),
+            run("m1", 1, 55.0),
+            run("b1", 1, 50.0),
+            run("qsd", 2, 1000.0),
+            run("m1", 2, 110.0),
+            run("b1", 2, 100.0),
+            run("m2", 0, 50.0),
+        ];
+        let rows = against_base(&WORKLOADS[..1], &["qsd", "m1", "b1", "m2"], &runs);
+        assert_eq!(rows.len(), 1, "m2 has no base");
+        let a = &rows[0];
+        assert_eq!((a.mirrors, a.unit), (1, "IOPS"));
+        assert!((a.ratio - 1.1).abs() < 1e-9);
+        assert!((a.ratio_of_limit_ratios.unwrap() - 1.1).abs() < 1e-9);
+        assert_eq!(a.ratio_of_peer_ratios, None);
+        assert_eq!(a.paired.len(), 3);
+        assert!((a.paired_median.unwrap() - 1.1).abs() < 1e-9);
+        assert!(a.flagged);
+        let mut md = String::new();
+        against_base_section(&mut md, &rows, &WORKLOADS);
+        assert!(md.contains("| 4k randread QD1 (IOPS) | 1 | 110 | 100 | **1.100×** |"));
+        assert!(md.contains("**new +10.0%**"));
     }
 
     #[test]
