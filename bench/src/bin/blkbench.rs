@@ -245,6 +245,29 @@ fn tessera_system(id: &str) -> Option<(bool, u32)> {
     }
 }
 
+/// The order in which a repetition measures `ids` (given in report
+/// order): each base system right after its new counterpart when both run.
+fn measurement_order(ids: &[&str]) -> Vec<usize> {
+    let pair = |i: &str, base: bool| {
+        tessera_system(i).and_then(|(_, n)| {
+            ids.iter()
+                .position(|o| tessera_system(o) == Some((base, n)))
+        })
+    };
+    let mut order = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        match tessera_system(id) {
+            Some((true, _)) if pair(id, false).is_some() => {}
+            Some((false, _)) => {
+                order.push(i);
+                order.extend(pair(id, true));
+            }
+            _ => order.push(i),
+        }
+    }
+    order
+}
+
 /// One system under test: its servers, the processes whose CPU is counted,
 /// and the client connected to it.
 struct System {
@@ -1507,13 +1530,16 @@ fn main() -> Result<()> {
         }
     }
 
-    // The measurement: A B C A B C …
+    // The measurement: A B C A B C … A base system runs right after its
+    // new counterpart (m1 b1 m2 b2 …), so that each pair sees the same host.
+    let order = measurement_order(&systems.iter().map(|s| s.id).collect::<Vec<_>>());
     let mut runs = Vec::new();
     let total = args.reps * workloads.len() * systems.len();
     let mut done = 0;
     for rep in 0..args.reps {
         for w in &workloads {
-            for sys in &mut systems {
+            for &i in &order {
+                let sys = &mut systems[i];
                 done += 1;
                 if sys.failed.is_some() {
                     continue;
@@ -1675,6 +1701,15 @@ mod tests {
         assert_eq!(tessera_system("nbd"), None);
         assert!(SYSTEMS.iter().all(|(id, label)| tessera_system(id)
             .is_none_or(|(base, _)| base == label.starts_with("Tessera base"))));
+    }
+
+    #[test]
+    fn each_base_system_runs_right_after_its_counterpart() {
+        let ids = ["qsd", "quorum", "m1", "m2", "m3", "b1", "b3"];
+        let order: Vec<&str> = measurement_order(&ids).iter().map(|i| ids[*i]).collect();
+        assert_eq!(order, ["qsd", "quorum", "m1", "b1", "m2", "m3", "b3"]);
+        let ids = ["qsd", "b2"];
+        assert_eq!(measurement_order(&ids), [0, 1]);
     }
 
     fn run(system: &str, rep: usize, iops: f64) -> Run {
