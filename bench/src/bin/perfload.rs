@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tessera_bench::load::{Client, Job, Pattern};
 use tessera_bench::procs::{clock_ticks_per_s, cpu_ticks, machine_busy_ticks};
-use tessera_tests::{tessera_bin, TestZone};
+use tessera_tests::TestZone;
 
 const MIB: u64 = 1 << 20;
 
@@ -141,14 +141,14 @@ fn main() -> Result<()> {
         zone.datastore(&ds, args.mirrors).await;
         zone.vdisk(&ds, "bench", range).await;
     });
+    let real = zone.bin.clone();
     if let Some(w) = &args.vhost_wrap {
         // Only the vhost process goes through the wrapper.
-        let real = tessera_bin();
-        std::env::set_var("TESSERA_BIN", w);
-        std::env::set_var("TESSERA_REAL_BIN", real);
+        std::env::set_var("TESSERA_REAL_BIN", &real);
+        zone.bin = w.into();
     }
     let vhost = zone.spawn_vhost(&ds, "bench", 1);
-    std::env::remove_var("TESSERA_BIN");
+    zone.bin = real;
     let vpid = vhost.pid().context("vhost gone")?;
     let npids: Vec<u32> = zone.nodes.iter().filter_map(|n| n.pid()).collect();
     let mut all = vec![vpid];

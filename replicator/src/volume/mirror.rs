@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use smallvec::SmallVec;
 use tessera_proto::{ChunkRange, Request, Status};
 use uuid::Uuid;
 
@@ -24,7 +25,7 @@ use super::dirty::ForkState;
 use super::placement::Links;
 use super::repair::ScrubReport;
 use super::scheme::Redundancy;
-use super::tracker::{Answer, Decision, WriteTracker};
+use super::tracker::{Answer, CopyStates, Decision, WriteTracker, INLINE_COPIES};
 use super::{stripe, CopySlot, Inner};
 use crate::layout::Piece;
 use crate::VolumeError;
@@ -70,7 +71,10 @@ impl Mirror {
         // Times a current copy refused it for our own newer fence.
         let mut overtaken = 0;
         loop {
-            let targets: Vec<&CopySlot> = copies
+            // Each target with its failure count as the mutation goes out:
+            // one that fails before its answer is read may have lost what
+            // it answered for.
+            let targets: SmallVec<[(&CopySlot, u64); INLINE_COPIES]> = copies
                 .iter()
                 .filter(|c| !tracker.holds(c.disk))
                 .filter(|c| match c.health() {
@@ -80,6 +84,7 @@ impl Mirror {
                     CopyHealth::Syncing => !v.is_dirty(c.disk, p.chunk),
                     _ => false,
                 })
+                .map(|c| (c, c.state.failures()))
                 .collect();
             let stable: [&[u8]; 1];
             let payload: &[&[u8]] = match (op, &private) {
@@ -95,23 +100,30 @@ impl Mirror {
             // checksums its own private copy of the data instead.
             let crc = (!payload.is_empty() && (targets.len() > 1 || private.is_some()))
                 .then(|| crate::conn::payload_crc(payload));
-            // Each copy as it was when the mutation went out: one that fails
-            // before its answer is read may have lost what it answered for.
-            let failures: Vec<u64> = targets.iter().map(|c| c.state.failures()).collect();
-            let results = join_all(targets.iter().map(|c| {
+            let req = |c: &CopySlot| {
                 let range = v.range(&p, c);
-                let req = match op {
+                match op {
                     Mutation::Write(_) => Request::Write(range, &[]),
                     Mutation::Zero { discard: true } => Request::Discard(range),
                     Mutation::Zero { discard: false } => Request::WriteZeroes(range),
-                };
-                v.call(links, c, req, payload, crc)
-            }))
-            .await;
+                }
+            };
+            // One copy (mirrors=1, or the last one missing it): no join.
+            let results: SmallVec<[Result<(), VolumeError>; INLINE_COPIES]> = match &targets[..] {
+                [(c, _)] => std::iter::once(v.call(links, c, req(c), payload, crc).await).collect(),
+                _ => join_all(
+                    targets
+                        .iter()
+                        .map(|(c, _)| v.call(links, c, req(c), payload, crc)),
+                )
+                .await
+                .into_iter()
+                .collect(),
+            };
             let mut fenced = None;
             let mut changed_in_flight = false;
             let mut resend = false;
-            for ((c, r), failures) in targets.iter().zip(results).zip(failures) {
+            for (&(c, failures), r) in targets.iter().zip(results) {
                 match r {
                     // It failed (and maybe came back to resync) since the
                     // mutation went out: a restart of its machine may have
@@ -176,8 +188,7 @@ impl Mirror {
                 overtaken += 1;
                 continue;
             }
-            let states: Vec<(Uuid, CopyHealth)> =
-                copies.iter().map(|c| (c.disk, c.health())).collect();
+            let states: CopyStates = copies.iter().map(|c| (c.disk, c.health())).collect();
             match tracker.decide(&states, v.min_copies) {
                 Decision::Acknowledge => break,
                 Decision::Short { current } => {
@@ -191,7 +202,7 @@ impl Mirror {
                                 v.fail_slot(&layout, c);
                             }
                         }
-                        let states: Vec<(Uuid, CopyHealth)> =
+                        let states: CopyStates =
                             copies.iter().map(|c| (c.disk, c.health())).collect();
                         let missed: Vec<(Uuid, u64)> = tracker
                             .missed_on_failure(&states)
@@ -229,7 +240,7 @@ impl Mirror {
         // Noted before the states are read again: a copy failing from now
         // on takes this chunk into its dirty set itself (see `dirty`).
         v.note_unflushed(fork, p.chunk);
-        let states: Vec<(Uuid, CopyHealth)> = copies.iter().map(|c| (c.disk, c.health())).collect();
+        let states: CopyStates = copies.iter().map(|c| (c.disk, c.health())).collect();
         let missed: Vec<(Uuid, u64)> = tracker
             .missed_on_ack(&states)
             .into_iter()

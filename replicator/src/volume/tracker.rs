@@ -9,9 +9,17 @@
 //! may not last (a copy that failed after taking it) — is recorded dirty for
 //! that chunk.
 
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use super::copies::CopyHealth;
+
+/// Copies of one group, inline up to this many (no allocation per write).
+pub(crate) const INLINE_COPIES: usize = 4;
+
+/// Each copy of a group and its state: what [`WriteTracker::decide`] and
+/// the lists of missed copies read.
+pub(crate) type CopyStates = SmallVec<[(Uuid, CopyHealth); INLINE_COPIES]>;
 
 /// How one copy answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +37,7 @@ pub(crate) enum Answer {
 /// One piece's mutation across its copies.
 #[derive(Debug, Default)]
 pub(crate) struct WriteTracker {
-    answers: Vec<(Uuid, Answer)>,
+    answers: SmallVec<[(Uuid, Answer); INLINE_COPIES]>,
 }
 
 /// What the tracker decided.
