@@ -113,10 +113,6 @@ impl FileDevice {
         } else {
             return Err(Error::UnsupportedDevice);
         };
-        // Chunks are read where they lie, by many vDisks at once: the
-        // kernel's readahead would only fill the page cache (and with
-        // large folios, which every later small write has to walk).
-        sys::advise_random(&file);
         Ok(FileDevice {
             file,
             kind,

@@ -51,14 +51,6 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
 }
 
 /// Whether an error means "this fallocate mode is not supported here".
-/// Tells the kernel that `file` is read at random (no readahead):
-/// best effort.
-pub(crate) fn advise_random(file: &File) {
-    // SAFETY: posix_fadvise only reads its integer arguments; the fd is
-    // open for the duration of the call (borrowed from `file`).
-    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-}
-
 pub(crate) fn is_unsupported(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
