@@ -6,6 +6,8 @@ mod io;
 mod open;
 #[cfg(test)]
 mod tests;
+mod thin;
+mod thin_data;
 mod vdisk;
 pub use vdisk::Fenced;
 
@@ -34,6 +36,10 @@ pub struct FormatOptions {
     pub size: Option<u64>,
     /// Overwrite an existing Tessera superblock.
     pub force: bool,
+    /// Format version 3: chunks take space 4 KiB block by block as they
+    /// are written (a chunk's `extent_size` stays its size). Otherwise
+    /// version 2: a chunk's first write takes a whole extent.
+    pub thin: bool,
 }
 
 impl FormatOptions {
@@ -44,6 +50,7 @@ impl FormatOptions {
             extent_size: DEFAULT_EXTENT_SIZE,
             size: None,
             force: false,
+            thin: false,
         }
     }
 }
@@ -125,6 +132,8 @@ pub struct Disk {
     reserving: Mutex<()>,
     /// The boot tag epoch raises are written under (see [`Disk::set_boot`]).
     boot: std::sync::atomic::AtomicU64,
+    /// Format v3: the block map and its log.
+    thin: Option<thin::Thin>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -138,8 +147,20 @@ impl std::fmt::Debug for Disk {
 }
 
 impl Disk {
-    fn new(path: &Path, dev: Arc<dyn Device>, sb: Superblock, state: State) -> Disk {
-        let blocks = sb.layout.blocks_per_extent();
+    fn new(
+        path: &Path,
+        dev: Arc<dyn Device>,
+        sb: Superblock,
+        state: State,
+        thin: Option<thin::Thin>,
+    ) -> Disk {
+        // Rows of the crc cache: an extent's blocks, or (format v3) a
+        // group of physical blocks.
+        let blocks = if sb.layout.thin.is_some() {
+            thin_data::CRC_GROUP
+        } else {
+            sb.layout.blocks_per_extent()
+        };
         Disk {
             path: path.to_path_buf(),
             dev,
@@ -150,6 +171,7 @@ impl Disk {
             crcs: crc_cache::CrcCache::new(crc_cache::DEFAULT_BUDGET, blocks),
             boot: std::sync::atomic::AtomicU64::new(0),
             reserving: Mutex::new(()),
+            thin,
         }
     }
 
@@ -168,6 +190,34 @@ impl Disk {
     pub fn info(&self) -> DiskInfo {
         let l = &self.sb.layout;
         let c = self.state().counts();
+        if let Some(t) = &self.thin {
+            let free = t.index().map.free_blocks();
+            let total = t.regions.blocks_total;
+            let bs = u64::from(BLOCK_SIZE);
+            let used_chunks = (total - free).div_ceil(u64::from(t.blocks_per_chunk));
+            let slots_total = u64::from(l.epoch_slots);
+            return DiskInfo {
+                uuid: self.sb.disk_uuid,
+                format_version: self.sb.version,
+                extent_size: l.extent_size,
+                block_size: BLOCK_SIZE,
+                device_size: l.device_size,
+                created: self.sb.created,
+                extents_total: l.extents_total,
+                extents_used: used_chunks.min(l.extents_total),
+                extents_free: l.extents_total.saturating_sub(used_chunks),
+                quarantined_extents: 0,
+                suspect_chunks: 0,
+                ownerless_extents: 0,
+                capacity: total * bs,
+                used: (total - free) * bs,
+                epoch_slots_total: slots_total,
+                epoch_slots_used: slots_total - c.slots_free - c.slots_lost,
+                quarantined_epoch_slots: c.slots_lost,
+                epoch_loss_serial: c.loss_serial,
+                mirrored_tables: true,
+            };
+        }
         let extents_used = l.extents_total - c.extents_free - c.extents_quarantined;
         let slots_total = u64::from(l.epoch_slots);
         DiskInfo {
@@ -195,9 +245,7 @@ impl Disk {
 
     /// Makes everything written before durable (fdatasync).
     pub fn flush(&self) -> Result<(), Error> {
-        self.dev
-            .sync()
-            .map_err(Error::io("flush the device (fdatasync)"))
+        self.sync("flush the device (fdatasync)")
     }
 
     /// The vDisk's stored epoch; 0 if unknown.
@@ -208,11 +256,59 @@ impl Disk {
     /// Every vDisk with an epoch slot or an allocated chunk, as
     /// `(vdisk, epoch, chunks)`, sorted by vDisk.
     pub fn vdisks(&self) -> Vec<(Uuid, u64, u64)> {
-        self.state().vdisks()
+        let mut out = self.state().vdisks();
+        if let Some(t) = &self.thin {
+            let counts = t.index().map.chunk_counts();
+            for (vdisk, (chunks, _)) in counts {
+                match out.binary_search_by_key(&vdisk, |(v, _, _)| *v) {
+                    Ok(i) => out[i].2 = chunks,
+                    Err(i) => out.insert(i, (vdisk, self.state().epoch(vdisk), chunks)),
+                }
+            }
+        }
+        out
+    }
+
+    /// What each vDisk's copy takes on this disk, in bytes (sorted by
+    /// vDisk): its written blocks (format v3) or its chunks' extents.
+    pub fn usage(&self) -> Vec<(Uuid, u64)> {
+        if let Some(t) = &self.thin {
+            return t
+                .index()
+                .map
+                .chunk_counts()
+                .into_iter()
+                .map(|(v, (_, blocks))| (v, blocks * u64::from(BLOCK_SIZE)))
+                .collect();
+        }
+        let extent = u64::from(self.sb.layout.extent_size);
+        self.vdisks()
+            .into_iter()
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(v, _, n)| (v, n * extent))
+            .collect()
     }
 
     /// The vDisk's allocated chunks, sorted by chunk index.
     pub fn chunks(&self, vdisk: Uuid) -> Vec<ChunkInfo> {
+        if let Some(t) = &self.thin {
+            // Format v3 has no extents: `extent` is the chunk's first
+            // block's physical block, in chunks.
+            let ix = t.index();
+            return ix
+                .map
+                .chunks_of(vdisk)
+                .into_iter()
+                .filter_map(|chunk| {
+                    let r = ix.map.runs(&(vdisk, chunk)).first().copied()?;
+                    Some(ChunkInfo {
+                        chunk,
+                        extent: r.phys / u64::from(t.blocks_per_chunk),
+                        generation: r.generation,
+                    })
+                })
+                .collect();
+        }
         self.state()
             .chunks_of(vdisk)
             .into_iter()
@@ -226,7 +322,11 @@ impl Disk {
     }
 
     /// Byte offset of the chunk's extent in the device, if it is allocated.
+    /// Format v3: `None` (a chunk's blocks are wherever they were placed).
     pub fn extent_offset(&self, vdisk: Uuid, chunk: u64) -> Option<u64> {
+        if self.thin.is_some() {
+            return None;
+        }
         let m = self.state().lookup(&(vdisk, chunk))?;
         m.committed
             .then(|| self.sb.layout.extent_data_offset(m.extent))

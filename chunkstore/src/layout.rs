@@ -64,8 +64,43 @@ pub(crate) struct Layout {
     pub crc_table_len: u64,
     /// Byte offset of extent 0's data.
     pub data_offset: u64,
-    /// Number of extents.
+    /// Number of extents (format v3: chunks of data blocks, rounded down;
+    /// for information only).
     pub extents_total: u64,
+    /// Format v3 (allocation at 4 KiB): the metadata log and checkpoint
+    /// areas; no extent table (both its offsets are 0).
+    pub thin: Option<ThinRegions>,
+}
+
+/// Format v3's own regions: the metadata log in two copies, the two
+/// checkpoint areas, and the number of 4 KiB data blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ThinRegions {
+    /// Byte offset of the log ring.
+    pub log_offset: u64,
+    /// Byte offset of the log ring's second copy.
+    pub log_mirror_offset: u64,
+    /// Pages (4 KiB) in each copy of the ring.
+    pub log_pages: u64,
+    /// Byte offsets of the two checkpoint areas.
+    pub checkpoint_offsets: [u64; 2],
+    /// Pages (4 KiB) in each checkpoint area.
+    pub checkpoint_pages: u64,
+    /// 4 KiB blocks in the data region.
+    pub blocks_total: u64,
+}
+
+impl ThinRegions {
+    /// Byte offsets of the log ring's two copies.
+    pub(crate) fn logs(&self) -> [u64; 2] {
+        [self.log_offset, self.log_mirror_offset]
+    }
+}
+
+/// Log pages per copy for `blocks` data blocks: a page per 4 MiB of data,
+/// at least 64 pages and at most 256 MiB.
+pub(crate) fn thin_log_pages(blocks: u64) -> u64 {
+    (blocks / 1024).clamp(64, 65536)
 }
 
 /// Size of an extent's ownership stamp in the crc table (mirrored layouts).
@@ -130,7 +165,151 @@ impl Layout {
             crc_table_len,
             data_offset,
             extents_total: n,
+            thin: None,
         })
+    }
+
+    /// The format-v3 layout with `blocks` data blocks of 4 KiB, or `None`
+    /// if it does not fit. Checkpoint areas hold the worst case: every
+    /// block a run of its own.
+    fn thin_with_blocks(
+        device_size: u64,
+        chunk_size: u32,
+        epoch_slots: u32,
+        blocks: u64,
+    ) -> Option<Self> {
+        let bs = u64::from(BLOCK_SIZE);
+        let epoch_table_len = u64::from(epoch_slots) * RECORD_SIZE;
+        let epoch_mirror_offset = round_up(EPOCH_TABLE_OFFSET + epoch_table_len, META_ALIGN)?;
+        let log_pages = thin_log_pages(blocks);
+        let log_offset = round_up(epoch_mirror_offset + epoch_table_len, META_ALIGN)?;
+        let log_mirror_offset = log_offset.checked_add(log_pages * bs)?;
+        let checkpoint_pages = crate::ckpt::pages_for(usize::try_from(blocks).ok()?) as u64;
+        let ckpt0 = log_mirror_offset.checked_add(log_pages * bs)?;
+        let ckpt1 = ckpt0.checked_add(checkpoint_pages.checked_mul(bs)?)?;
+        let crc_table_offset = ckpt1.checked_add(checkpoint_pages * bs)?;
+        let crc_table_len = round_up(blocks.checked_mul(4)?, META_ALIGN)?;
+        let data_offset = round_up(crc_table_offset.checked_add(crc_table_len)?, DATA_ALIGN)?;
+        let end = data_offset.checked_add(blocks.checked_mul(bs)?)?;
+        (end <= device_size).then_some(Layout {
+            device_size,
+            extent_size: chunk_size,
+            epoch_slots,
+            epoch_table_offset: EPOCH_TABLE_OFFSET,
+            epoch_table_len,
+            epoch_mirror_offset,
+            extent_table_offset: 0,
+            extent_table_len: 0,
+            extent_mirror_offset: 0,
+            crc_table_offset,
+            crc_table_len,
+            data_offset,
+            extents_total: blocks / u64::from(chunk_size / BLOCK_SIZE),
+            thin: Some(ThinRegions {
+                log_offset,
+                log_mirror_offset,
+                log_pages,
+                checkpoint_offsets: [ckpt0, ckpt1],
+                checkpoint_pages,
+                blocks_total: blocks,
+            }),
+        })
+    }
+
+    /// The format-v3 layout with the most 4 KiB data blocks that fit in
+    /// `device_size` bytes (at least one chunk's worth).
+    pub(crate) fn compute_thin(
+        device_size: u64,
+        chunk_size: u32,
+        epoch_slots: u32,
+    ) -> Result<Self, LayoutError> {
+        check_extent_size(chunk_size)?;
+        let fits = |n| Self::thin_with_blocks(device_size, chunk_size, epoch_slots, n);
+        let min = u64::from(chunk_size / BLOCK_SIZE);
+        fits(min).ok_or(LayoutError::TooSmall)?;
+        let (mut lo, mut hi) = (min, device_size / u64::from(BLOCK_SIZE));
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid).is_some() {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        fits(lo).ok_or(LayoutError::TooSmall)
+    }
+
+    /// Checks a recorded format-v3 layout.
+    fn validate_thin(&self, t: &ThinRegions) -> Result<(), LayoutError> {
+        use LayoutError::Inconsistent as Bad;
+        let bs = u64::from(BLOCK_SIZE);
+        if self.epoch_slots == 0
+            || self.epoch_table_len != u64::from(self.epoch_slots) * RECORD_SIZE
+        {
+            return Err(Bad("epoch table length does not match its slot count"));
+        }
+        if self.epoch_table_offset < 2 * bs || self.epoch_mirror_offset == 0 {
+            return Err(Bad("epoch table overlaps the superblocks or has no mirror"));
+        }
+        if self.extent_table_offset != 0 || self.extent_mirror_offset != 0 {
+            return Err(Bad("format v3 has no extent table"));
+        }
+        if t.blocks_total < u64::from(self.extent_size / BLOCK_SIZE) {
+            return Err(Bad("fewer data blocks than a chunk"));
+        }
+        if t.log_pages < 4 {
+            return Err(Bad("metadata log too short"));
+        }
+        let need_ckpt = usize::try_from(t.blocks_total)
+            .map(|b| crate::ckpt::pages_for(b) as u64)
+            .unwrap_or(u64::MAX);
+        if t.checkpoint_pages < need_ckpt {
+            return Err(Bad("checkpoint areas too short"));
+        }
+        if t.blocks_total
+            .checked_mul(4)
+            .is_none_or(|need| self.crc_table_len < need)
+        {
+            return Err(Bad("crc table too short"));
+        }
+        let pages = |n: u64| n.saturating_mul(bs);
+        let regions = [
+            (self.epoch_table_offset, self.epoch_table_len),
+            (self.epoch_mirror_offset, self.epoch_table_len),
+            (t.log_offset, pages(t.log_pages)),
+            (t.log_mirror_offset, pages(t.log_pages)),
+            (t.checkpoint_offsets[0], pages(t.checkpoint_pages)),
+            (t.checkpoint_offsets[1], pages(t.checkpoint_pages)),
+            (self.crc_table_offset, self.crc_table_len),
+            (self.data_offset, 0),
+        ];
+        if regions.iter().any(|(o, _)| o % META_ALIGN != 0) {
+            return Err(Bad("a region is not 4 KiB aligned"));
+        }
+        for w in regions.windows(2) {
+            let ((off, len), (next, _)) = (w[0], w[1]);
+            if off.checked_add(len).is_none_or(|end| end > next) {
+                return Err(Bad("regions overlap or are out of order"));
+            }
+        }
+        let end = t
+            .blocks_total
+            .checked_mul(bs)
+            .and_then(|d| d.checked_add(self.data_offset));
+        if end.is_none_or(|end| end > self.device_size) {
+            return Err(Bad("data region exceeds the device"));
+        }
+        Ok(())
+    }
+
+    /// Byte offset of physical block `p`'s data (format v3).
+    pub(crate) fn block_data_offset(&self, p: u64) -> u64 {
+        self.data_offset + p * u64::from(BLOCK_SIZE)
+    }
+
+    /// Byte offset of physical block `p`'s crc (format v3).
+    pub(crate) fn block_crc_offset(&self, p: u64) -> u64 {
+        self.crc_table_offset + p * 4
     }
 
     /// The layout with the most extents that fit in `device_size` bytes.
@@ -159,6 +338,9 @@ impl Layout {
     pub(crate) fn validate(&self) -> Result<(), LayoutError> {
         use LayoutError::Inconsistent as Bad;
         check_extent_size(self.extent_size)?;
+        if let Some(t) = &self.thin {
+            return self.validate_thin(t);
+        }
         let es = u64::from(self.extent_size);
         let n = self.extents_total;
         if self.epoch_slots == 0
@@ -224,7 +406,7 @@ impl Layout {
     /// Byte offsets of the copies of the epoch table (one or two).
     pub(crate) fn epoch_tables(&self) -> Vec<u64> {
         let mut v = vec![self.epoch_table_offset];
-        if self.mirrored() {
+        if self.epoch_mirror_offset != 0 {
             v.push(self.epoch_mirror_offset);
         }
         v
@@ -232,6 +414,9 @@ impl Layout {
 
     /// Byte offsets of the copies of the extent table (one or two).
     pub(crate) fn extent_tables(&self) -> Vec<u64> {
+        if self.thin.is_some() {
+            return Vec::new();
+        }
         let mut v = vec![self.extent_table_offset];
         if self.mirrored() {
             v.push(self.extent_mirror_offset);
@@ -359,6 +544,7 @@ mod tests {
             crc_table_len,
             data_offset: round_up(crc_table_offset + crc_table_len, 1 << 20).unwrap(),
             extents_total: n,
+            thin: None,
         }
     }
 
@@ -371,6 +557,42 @@ mod tests {
         assert_eq!(l.epoch_tables(), vec![l.epoch_table_offset]);
         assert_eq!(l.extent_tables(), vec![l.extent_table_offset]);
         assert_eq!(l.crc_offset(1, 2), l.crc_table_offset + (16 + 2) * 4);
+    }
+
+    #[test]
+    fn thin_layouts_fit_and_validate() {
+        for size in [8u64 << 20, (100 << 20) + 12345, 10 << 30, 1 << 40] {
+            for cs in [64u32 << 10, 1 << 20] {
+                let l = Layout::compute_thin(size, cs, DEFAULT_EPOCH_SLOTS).unwrap();
+                l.validate().unwrap();
+                let t = l.thin.unwrap();
+                assert!(l.data_offset % (1 << 20) == 0);
+                assert!(Layout::thin_with_blocks(
+                    size,
+                    cs,
+                    DEFAULT_EPOCH_SLOTS,
+                    t.blocks_total + 1
+                )
+                .is_none());
+                // Metadata stays a small share of a large disk.
+                if size >= 10 << 30 {
+                    let data = t.blocks_total * 4096;
+                    assert!(data as f64 > size as f64 * 0.96, "size {size}: {data}");
+                }
+                assert_eq!(l.epoch_tables().len(), 2);
+                assert!(l.extent_tables().is_empty());
+            }
+        }
+        assert_eq!(
+            Layout::compute_thin(1 << 20, 64 << 10, DEFAULT_EPOCH_SLOTS),
+            Err(LayoutError::TooSmall)
+        );
+        let mut l = Layout::compute_thin(64 << 20, 1 << 20, DEFAULT_EPOCH_SLOTS).unwrap();
+        l.thin.as_mut().unwrap().checkpoint_pages -= 1;
+        assert!(l.validate().is_err());
+        let mut l = Layout::compute_thin(64 << 20, 1 << 20, DEFAULT_EPOCH_SLOTS).unwrap();
+        l.thin.as_mut().unwrap().log_mirror_offset -= 4096;
+        assert!(l.validate().is_err());
     }
 
     #[test]

@@ -132,6 +132,18 @@
 //! crcs follow; its data is at `data_offset + e * extent_size`.
 //! `extents_total` is the largest count whose metadata and data fit.
 //!
+//! ## Version 3 (space taken 4 KiB at a time)
+//!
+//! [`FormatOptions::thin`]. The superblock (version 3) adds, at 160–215:
+//! the log ring's offset and its second copy's, its pages, the two
+//! checkpoint areas' offsets, their pages, and the data blocks; the extent
+//! table's fields are 0 (there is none). The crc table holds one u32 per
+//! physical data block (`crc32c(block) ^ tag`, the tag naming vDisk, chunk,
+//! generation and the block's place in the chunk). The block map lives in
+//! the metadata log and the checkpoints: see `mlog` (pages, replay, what
+//! tells a flushed page lost), `ckpt` (checkpoint pages), `blockmap` (runs,
+//! generations, homes) and `disk::thin` (how they are written and read).
+//!
 //! ## Version 1 (read and upgraded)
 //!
 //! Version 1 has one copy of each table, no stamps (`run` = `bpe * 4`),
@@ -248,11 +260,14 @@
 //! Lock order: vDisk gate → chunk stripe → state mutex.
 //! An exclusive `flock` on the device keeps a second process out.
 
+mod blockmap;
+mod ckpt;
 mod codec;
 mod device;
 mod disk;
 mod error;
 mod layout;
+mod mlog;
 mod powerloss;
 mod record;
 mod state;
@@ -272,6 +287,9 @@ pub const BLOCK_SIZE: u32 = 4096;
 pub const SECTOR_SIZE: u32 = 512;
 /// Default extent size, equal to the chunk size (1 MiB).
 pub const DEFAULT_EXTENT_SIZE: u32 = 1 << 20;
-/// The on-disk format version this crate writes (it also reads, and
-/// upgrades, version 1).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest on-disk format version this build reads and writes: 3,
+/// allocation at 4 KiB ([`FormatOptions::thin`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of disks allocated by extents (a chunk takes a whole
+/// extent): disks formatted so, and version-1 disks once opened.
+pub const EXTENT_FORMAT_VERSION: u32 = 2;

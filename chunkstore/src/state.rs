@@ -70,11 +70,22 @@ struct Damaged {
     /// every unallocated chunk reads as an error until rewritten or
     /// discarded whole in this session.
     ownerless: Vec<u64>,
-    /// Chunks rewritten or discarded whole while `ownerless` is not empty.
+    /// Format v3: the block map could not be read back whole, so any
+    /// block it does not name may be one whose record was lost.
+    index_lost: bool,
+    /// Chunks rewritten or discarded whole while `ownerless` is not empty
+    /// (or the index is lost).
     resolved: HashSet<ChunkKey>,
     /// Extents whose record write failed while running: their on-disk state
     /// is unknown until the next open.
     unknown: u64,
+}
+
+impl Damaged {
+    /// Whether a chunk that is not mapped may still own data somewhere.
+    fn any_ownerless(&self) -> bool {
+        !self.ownerless.is_empty() || self.index_lost
+    }
 }
 
 /// The in-memory state. Guarded by one mutex in `Disk`.
@@ -128,6 +139,22 @@ impl State {
     /// `suspect` as its owner.
     pub(crate) fn load_suspect(&mut self, suspect: ChunkKey, e: u64) {
         self.damaged.suspects.entry(suspect).or_default().push(e);
+    }
+
+    /// Loader (format v3): the block map is not whole.
+    pub(crate) fn load_index_lost(&mut self) {
+        self.damaged.index_lost = true;
+    }
+
+    /// A fresh generation for a chunk's new life; `None` if none is
+    /// reserved.
+    pub(crate) fn take_generation(&mut self) -> Option<u64> {
+        if self.generations_left() == 0 {
+            return None;
+        }
+        let g = self.next_generation;
+        self.next_generation += 1;
+        Some(g)
     }
 
     /// Loader: extent `e`'s record is damaged and its owner cannot be told.
@@ -204,7 +231,7 @@ impl State {
     /// it as zeros could hide its data.
     pub(crate) fn uncertain(&self, key: &ChunkKey) -> bool {
         self.damaged.suspects.contains_key(key)
-            || (!self.damaged.ownerless.is_empty() && !self.damaged.resolved.contains(key))
+            || (self.damaged.any_ownerless() && !self.damaged.resolved.contains(key))
             || self
                 .moved_away
                 .get(&key.0)
@@ -226,7 +253,7 @@ impl State {
     /// owner: the caller writes their records free, then calls
     /// [`State::release_damaged`].
     pub(crate) fn resolve(&mut self, key: ChunkKey) -> Vec<u64> {
-        if !self.damaged.ownerless.is_empty() {
+        if self.damaged.any_ownerless() {
             self.damaged.resolved.insert(key);
         }
         if let Some(set) = self.moved_away.get_mut(&key.0) {
@@ -295,7 +322,7 @@ impl State {
     pub(crate) fn release(&mut self, key: &ChunkKey) -> Option<Mapping> {
         let m = self.chunks.remove(key)?;
         self.free_extents.push(m.extent);
-        if !self.damaged.ownerless.is_empty() {
+        if self.damaged.any_ownerless() {
             // Known to read as zeros now, whatever an ownerless extent holds.
             self.damaged.resolved.insert(*key);
         }

@@ -5,7 +5,7 @@
 use uuid::Uuid;
 
 use crate::codec::{get_u32, get_u64, get_uuid, put_u32, put_u64, put_uuid};
-use crate::layout::{Layout, LayoutError};
+use crate::layout::{Layout, LayoutError, ThinRegions};
 use crate::{BLOCK_SIZE, FORMAT_VERSION, SECTOR_SIZE};
 
 /// Size of one superblock copy.
@@ -90,7 +90,7 @@ impl Superblock {
         let l = &self.layout;
         let mut b = vec![0u8; SUPERBLOCK_SIZE];
         b[..8].copy_from_slice(&MAGIC);
-        put_u32(&mut b, 8, FORMAT_VERSION);
+        put_u32(&mut b, 8, self.version);
         put_u32(&mut b, 12, self.flags);
         put_uuid(&mut b, 16, &self.disk_uuid);
         put_u32(&mut b, 32, l.extent_size);
@@ -111,6 +111,15 @@ impl Superblock {
         put_u64(&mut b, 136, l.extent_mirror_offset);
         put_u32(&mut b, 144, self.upgraded_from);
         put_u64(&mut b, 152, self.generation_floor);
+        if let Some(t) = &l.thin {
+            put_u64(&mut b, 160, t.log_offset);
+            put_u64(&mut b, 168, t.log_mirror_offset);
+            put_u64(&mut b, 176, t.log_pages);
+            put_u64(&mut b, 184, t.checkpoint_offsets[0]);
+            put_u64(&mut b, 192, t.checkpoint_offsets[1]);
+            put_u64(&mut b, 200, t.checkpoint_pages);
+            put_u64(&mut b, 208, t.blocks_total);
+        }
         crate::codec::seal(&mut b);
         b
     }
@@ -153,6 +162,14 @@ impl Superblock {
             // Version 1 has no mirrors; its bytes 128.. are reserved (zero).
             epoch_mirror_offset: if version >= 2 { get_u64(b, 128) } else { 0 },
             extent_mirror_offset: if version >= 2 { get_u64(b, 136) } else { 0 },
+            thin: (version >= 3).then(|| ThinRegions {
+                log_offset: get_u64(b, 160),
+                log_mirror_offset: get_u64(b, 168),
+                log_pages: get_u64(b, 176),
+                checkpoint_offsets: [get_u64(b, 184), get_u64(b, 192)],
+                checkpoint_pages: get_u64(b, 200),
+                blocks_total: get_u64(b, 208),
+            }),
         };
         layout.validate().map_err(SuperblockError::Geometry)?;
         Ok(Superblock {
@@ -177,7 +194,7 @@ mod tests {
 
     fn sample() -> Superblock {
         Superblock {
-            version: FORMAT_VERSION,
+            version: crate::EXTENT_FORMAT_VERSION,
             upgraded_from: 0,
             generation_floor: 1 << 40,
             disk_uuid: Uuid::from_u128(42),
@@ -191,6 +208,23 @@ mod tests {
     fn round_trip() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+    }
+
+    #[test]
+    fn thin_round_trip() {
+        let layout = Layout::compute_thin(1 << 30, 1 << 20, DEFAULT_EPOCH_SLOTS).expect("a layout");
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            layout,
+            ..sample()
+        };
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        // A version-2 superblock never carries v3 regions.
+        let v2 = Superblock {
+            version: crate::EXTENT_FORMAT_VERSION,
+            ..sb
+        };
+        assert!(Superblock::decode(&v2.encode()).is_err());
     }
 
     #[test]
@@ -208,11 +242,11 @@ mod tests {
         b[200] ^= 1;
         assert_eq!(Superblock::decode(&b), Err(SuperblockError::Checksum));
         let mut b = good.clone();
-        put_u32(&mut b, 8, 3);
+        put_u32(&mut b, 8, FORMAT_VERSION + 1);
         seal(&mut b);
         assert_eq!(
             Superblock::decode(&b),
-            Err(SuperblockError::UnsupportedVersion(3))
+            Err(SuperblockError::UnsupportedVersion(FORMAT_VERSION + 1))
         );
         let mut b = good.clone();
         put_u64(&mut b, 128, 0);
@@ -254,7 +288,7 @@ mod tests {
             let Ok(layout) = Layout::compute(mib << 20, es_blocks * BLOCK_SIZE, DEFAULT_EPOCH_SLOTS) else {
                 return Ok(());
             };
-            let sb = Superblock { version: FORMAT_VERSION, upgraded_from: 0, generation_floor: created / 3, disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
+            let sb = Superblock { version: crate::EXTENT_FORMAT_VERSION, upgraded_from: 0, generation_floor: created / 3, disk_uuid: Uuid::from_u128(uuid), flags: 0, created, layout };
             prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         }
     }

@@ -38,7 +38,11 @@ pub async fn run(global: &Global, a: NodeRunArgs) -> anyhow::Result<()> {
         disks: a
             .disks
             .into_iter()
-            .map(|path| DiskSpec { path, create_size })
+            .map(|path| DiskSpec {
+                path,
+                create_size,
+                create_format: a.format_version,
+            })
             .collect(),
         api,
         heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(50)),
@@ -61,14 +65,16 @@ pub fn format(a: NodeFormatArgs) -> anyhow::Result<()> {
             extent_size: tessera_chunkstore::DEFAULT_EXTENT_SIZE,
             size,
             force: a.force,
+            thin: a.format_version >= 3,
         },
     )
     .with_context(|| format!("cannot format {}", a.path.display()))?;
     let info = disk.info();
     println!(
-        "formatted {}: disk {} with {} of chunk space",
+        "formatted {}: disk {} (format version {}) with {} of chunk space",
         a.path.display(),
         disk.uuid(),
+        info.format_version,
         crate::size::human(info.capacity)
     );
     Ok(())

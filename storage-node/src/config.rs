@@ -16,6 +16,10 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// If the path does not exist, create a file of this size and format it.
     pub create_size: Option<u64>,
+    /// The format version a created file gets: 3 (space taken 4 KiB at a
+    /// time as chunks are written) or 2 (a chunk takes its whole size at
+    /// its first write).
+    pub create_format: u32,
 }
 
 /// Everything the node needs to run.

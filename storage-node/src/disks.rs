@@ -62,6 +62,7 @@ impl DiskSet {
                             extent_size: DEFAULT_EXTENT_SIZE,
                             size: Some(size),
                             force: false,
+                            thin: spec.create_format >= 3,
                         },
                     )
                     .map_err(|source| DisksError::Create {

@@ -50,7 +50,8 @@ async fn futures_join(vol: &tessera_replicator::Volume, writes: &[&(u64, Vec<u8>
     }
 }
 
-async fn check_every_copy(zone: &mut TestZone, mirrors: u32, nodes: usize) {
+/// Returns what the vDisk `m{mirrors}/v` holds.
+async fn check_every_copy(zone: &mut TestZone, mirrors: u32, nodes: usize) -> Vec<u8> {
     let ds = format!("m{mirrors}");
     zone.datastore(&ds, mirrors).await;
     let size = 24 * MIB;
@@ -101,12 +102,41 @@ async fn check_every_copy(zone: &mut TestZone, mirrors: u32, nodes: usize) {
         zone.start_node(i);
     }
     zone.wait_nodes_up(nodes).await;
+    model
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_2_every_byte_on_every_copy() {
     let mut zone = TestZone::start(3, 256 * MIB).await;
     check_every_copy(&mut zone, 2, 3).await;
+}
+
+/// Disks of format version 3 (space taken 4 KiB at a time): every byte
+/// on every copy, and each copy takes about what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_2_every_byte_on_every_copy_of_format_3() {
+    let mut zone = TestZone::start_formatted(3, 256 * MIB, 3).await;
+    let model = check_every_copy(&mut zone, 2, 3).await;
+    // Each copy takes the 4 KiB blocks written, not the chunks touched.
+    let written = model
+        .chunks(4096)
+        .filter(|b| b.iter().any(|x| *x != 0))
+        .count() as u64
+        * 4096;
+    let mut copies = 0;
+    for i in 0..3 {
+        zone.stop_node(i);
+        let disk = tessera_chunkstore::Disk::open(&zone.nodes[i].disk).expect("disk opens");
+        assert_eq!(disk.info().format_version, 3);
+        for (vdisk, bytes) in disk.usage() {
+            assert_eq!(bytes, written, "vDisk {vdisk} on node {i}");
+            copies += 1;
+        }
+        drop(disk);
+        zone.start_node(i);
+    }
+    assert_eq!(copies, 2);
+    zone.wait_nodes_up(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,11 +25,52 @@ const SHARDS: usize = 16;
 /// 32 GiB of data with 1 MiB extents.
 pub(crate) const DEFAULT_BUDGET: usize = 32 << 20;
 
-/// One shard: extent → the crcs of all its blocks.
-type Rows = HashMap<u64, Box<[u32]>>;
+/// The crcs of one extent's blocks (format v3: of one group of physical
+/// blocks), and which of them are known.
+struct Row {
+    crcs: Box<[u32]>,
+    /// One bit per block: its crc is the device's.
+    known: Box<[u64]>,
+}
+
+impl Row {
+    fn all_known(crcs: Box<[u32]>) -> Row {
+        let mut known = vec![u64::MAX; crcs.len().div_ceil(64)];
+        if crcs.len() % 64 != 0 {
+            if let Some(last) = known.last_mut() {
+                *last = (1u64 << (crcs.len() % 64)) - 1;
+            }
+        }
+        Row {
+            crcs,
+            known: known.into(),
+        }
+    }
+
+    fn none_known(len: usize) -> Row {
+        Row {
+            crcs: vec![0; len].into(),
+            known: vec![0; len.div_ceil(64)].into(),
+        }
+    }
+
+    fn is_known(&self, b: usize) -> bool {
+        self.known[b / 64] & (1 << (b % 64)) != 0
+    }
+
+    fn set(&mut self, b: usize, crc: u32) {
+        self.crcs[b] = crc;
+        self.known[b / 64] |= 1 << (b % 64);
+    }
+}
+
+/// One shard: extent → its row.
+type Rows = HashMap<u64, Row>;
 
 pub(crate) struct CrcCache {
     shards: Box<[Mutex<Rows>]>,
+    /// Blocks per row.
+    blocks: usize,
     /// Rows a shard keeps at most.
     rows_per_shard: usize,
 }
@@ -41,6 +82,7 @@ impl CrcCache {
         let row = (blocks as usize * 4).max(1);
         CrcCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            blocks: blocks as usize,
             rows_per_shard: (budget / row / SHARDS).max(1),
         }
     }
@@ -52,19 +94,27 @@ impl CrcCache {
     }
 
     /// Copies the crcs of blocks `first..first + out.len()` of `extent`
-    /// into `out`; false if the cache does not hold the extent.
+    /// into `out`; false if the cache does not know them all.
     pub(crate) fn get(&self, extent: u64, first: u32, out: &mut [u32]) -> bool {
         let shard = self.shard(extent);
         let Some(row) = shard.get(&extent) else {
             return false;
         };
         let first = first as usize;
-        match row.get(first..first + out.len()) {
-            Some(crcs) => {
-                out.copy_from_slice(crcs);
-                true
+        let end = first + out.len();
+        if end > row.crcs.len() || !(first..end).all(|b| row.is_known(b)) {
+            return false;
+        }
+        out.copy_from_slice(&row.crcs[first..end]);
+        true
+    }
+
+    /// Makes room in a full shard for a new row.
+    fn room(&self, shard: &mut Rows, extent: u64) {
+        if shard.len() >= self.rows_per_shard && !shard.contains_key(&extent) {
+            if let Some(victim) = shard.keys().next().copied() {
+                shard.remove(&victim);
             }
-            None => false,
         }
     }
 
@@ -72,30 +122,45 @@ impl CrcCache {
     /// them.
     pub(crate) fn insert(&self, extent: u64, row: Box<[u32]>) {
         let mut shard = self.shard(extent);
-        if shard.len() >= self.rows_per_shard && !shard.contains_key(&extent) {
-            if let Some(victim) = shard.keys().next().copied() {
-                shard.remove(&victim);
-            }
-        }
-        shard.insert(extent, row);
+        self.room(&mut shard, extent);
+        shard.insert(extent, Row::all_known(row));
     }
 
-    /// The device now holds `crcs` for blocks `first..` of `extent`.
+    /// The device now holds `crcs` for blocks `first..` of `extent` (a row
+    /// the cache holds is updated; none is made).
     pub(crate) fn update(&self, extent: u64, first: u32, crcs: &[u32]) {
         let mut shard = self.shard(extent);
         let first = first as usize;
         let stale = match shard.get_mut(&extent) {
-            Some(row) => match row.get_mut(first..first + crcs.len()) {
-                Some(dst) => {
-                    dst.copy_from_slice(crcs);
-                    false
+            Some(row) if first + crcs.len() <= row.crcs.len() => {
+                for (i, c) in crcs.iter().enumerate() {
+                    row.set(first + i, *c);
                 }
-                None => true,
-            },
+                false
+            }
+            Some(_) => true,
             None => false,
         };
         if stale {
             shard.remove(&extent);
+        }
+    }
+
+    /// The device holds `crcs` for blocks `first..` of `extent`, read or
+    /// just written: kept, in a new row if need be (format v3, whose rows
+    /// fill block by block).
+    pub(crate) fn fill(&self, extent: u64, first: u32, crcs: &[u32]) {
+        let first = first as usize;
+        if first + crcs.len() > self.blocks {
+            return;
+        }
+        let mut shard = self.shard(extent);
+        self.room(&mut shard, extent);
+        let row = shard
+            .entry(extent)
+            .or_insert_with(|| Row::none_known(self.blocks));
+        for (i, c) in crcs.iter().enumerate() {
+            row.set(first + i, *c);
         }
     }
 
@@ -125,6 +190,21 @@ mod tests {
         assert!(!c.get(8, 0, &mut out[..1]), "an update fills nothing");
         c.forget(7);
         assert!(!c.get(7, 0, &mut out));
+    }
+
+    #[test]
+    fn filled_rows_know_only_what_was_filled() {
+        let c = CrcCache::new(1 << 20, 100);
+        let mut out = [0u32; 2];
+        c.fill(3, 70, &[7, 8]);
+        assert!(c.get(3, 70, &mut out));
+        assert_eq!(out, [7, 8]);
+        assert!(!c.get(3, 69, &mut out), "block 69 is not known");
+        c.update(3, 69, &[6]);
+        assert!(c.get(3, 69, &mut out));
+        assert_eq!(out, [6, 7]);
+        c.fill(3, 99, &[1, 2]);
+        assert!(!c.get(3, 99, &mut out[..1]), "past the row: not kept");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::{Error, BLOCK_SIZE};
 const BS: u32 = BLOCK_SIZE;
 
 /// The 4 KiB blocks a byte range of a chunk touches (`len` > 0).
-fn blocks(offset: u32, len: usize) -> Range<u32> {
+pub(super) fn blocks(offset: u32, len: usize) -> Range<u32> {
     let end = offset + len as u32;
     offset / BS..end.div_ceil(BS)
 }
@@ -51,6 +51,10 @@ impl Disk {
         }
         let key = (vdisk, chunk);
         let _stripe = read(self.stripe(&key));
+        if self.thin.is_some() {
+            let uncertain = self.state().uncertain(&key);
+            return self.thin_read(&key, offset, buf, uncertain);
+        }
         // An uncommitted mapping is never seen here: its writer holds the
         // stripe exclusively until it commits or aborts.
         let (mapping, uncertain) = {
@@ -105,6 +109,16 @@ impl Disk {
             }
             let key = (vdisk, chunk);
             let _stripe = write(self.stripe(&key));
+            if self.thin.is_some() {
+                // A chunk that may hold blocks whose records were lost takes
+                // only a write of all of it.
+                let uncertain = self.state().uncertain(&key);
+                if uncertain && !self.whole(offset, data.len()) {
+                    return Err(Error::OwnershipUnknown { vdisk, chunk });
+                }
+                self.thin_write(&key, offset, data)?;
+                return if uncertain { self.resolve(key) } else { Ok(()) };
+            }
             let (existing, uncertain) = {
                 let st = self.state();
                 let m = st.lookup(&key);
@@ -138,6 +152,17 @@ impl Disk {
         self.admitted(vdisk, epoch, || {
             let key = (vdisk, chunk);
             let _stripe = write(self.stripe(&key));
+            if self.thin.is_some() {
+                if len == 0 {
+                    return Ok(());
+                }
+                let uncertain = self.state().uncertain(&key);
+                if uncertain && !self.whole(offset, len as usize) {
+                    return Err(Error::OwnershipUnknown { vdisk, chunk });
+                }
+                self.thin_discard(&key, offset, len)?;
+                return if uncertain { self.resolve(key) } else { Ok(()) };
+            }
             let (mapping, uncertain) = {
                 let st = self.state();
                 let m = st.lookup(&key);

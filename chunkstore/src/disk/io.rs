@@ -40,8 +40,16 @@ impl Disk {
     }
 
     /// `fdatasync` of the device.
+    ///
+    /// Format v3: seals the log's open page first (a durable page is never
+    /// rewritten), and tells the log which pages are durable after.
     pub(super) fn sync(&self, op: &'static str) -> Result<(), Error> {
-        self.dev.sync().map_err(Error::io(op))
+        let sealed = self.seal_log();
+        self.dev.sync().map_err(Error::io(op))?;
+        if let Some(seq) = sealed {
+            self.thin().index().log_durable(seq);
+        }
+        Ok(())
     }
 
     /// Writes extent `e`'s record to table copy `copy` (one sector-contained

@@ -10,14 +10,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-use super::{Disk, FormatOptions};
+use super::{thin, Disk, FormatOptions};
 use crate::device::{Device, FileDevice};
 use crate::layout::{check_extent_size, Layout, LayoutError, DEFAULT_EPOCH_SLOTS};
 use crate::record::{owner_tag, EpochSlot, ExtentRecord, RecordError, Stamp, ENTRY_SIZE};
 use crate::state::{ChunkKey, State};
 use crate::superblock::SUPERBLOCK_SIZE;
 use crate::superblock::{has_magic, Superblock, SuperblockError, SUPERBLOCK_OFFSETS};
-use crate::{Error, BLOCK_SIZE, FORMAT_VERSION};
+use crate::{Error, BLOCK_SIZE, EXTENT_FORMAT_VERSION, FORMAT_VERSION};
 
 /// Entries read or written per table I/O (1 MiB).
 const TABLE_BATCH: u64 = 16384;
@@ -238,7 +238,12 @@ impl Disk {
         } else {
             dev.size()
         };
-        Layout::compute(size, opts.extent_size, DEFAULT_EPOCH_SLOTS).map_err(layout_error)?;
+        if opts.thin {
+            Layout::compute_thin(size, opts.extent_size, DEFAULT_EPOCH_SLOTS)
+        } else {
+            Layout::compute(size, opts.extent_size, DEFAULT_EPOCH_SLOTS)
+        }
+        .map_err(layout_error)?;
         dev.preallocate(size)?;
         Self::format_on(path, Arc::new(dev), opts, DEFAULT_EPOCH_SLOTS, false)
     }
@@ -274,10 +279,18 @@ impl Disk {
         if refuse_existing && has_superblock(&*dev)? {
             return Err(Error::AlreadyFormatted);
         }
-        let layout =
-            Layout::compute(dev.size(), opts.extent_size, epoch_slots).map_err(layout_error)?;
+        let layout = if opts.thin {
+            Layout::compute_thin(dev.size(), opts.extent_size, epoch_slots)
+        } else {
+            Layout::compute(dev.size(), opts.extent_size, epoch_slots)
+        }
+        .map_err(layout_error)?;
         let sb = Superblock {
-            version: FORMAT_VERSION,
+            version: if opts.thin {
+                FORMAT_VERSION
+            } else {
+                EXTENT_FORMAT_VERSION
+            },
             upgraded_from: 0,
             generation_floor: 0,
             disk_uuid: opts.disk_uuid,
@@ -305,6 +318,9 @@ impl Disk {
         // No stamps yet: an all-zero stamp means "never allocated".
         d.zero(layout.crc_table_offset, layout.crc_table_len)
             .map_err(Error::io("clear the crc table"))?;
+        if let Some(t) = &layout.thin {
+            thin::Thin::format(d, t)?;
+        }
         sync()?;
         let block = sb.encode();
         for off in SUPERBLOCK_OFFSETS {
@@ -341,26 +357,52 @@ impl Disk {
                 actual: dev.size(),
             }));
         }
-        if sb.version < FORMAT_VERSION {
+        if sb.version < EXTENT_FORMAT_VERSION {
             sb = upgrade(&*dev, sb)?;
         }
         let l = sb.layout;
         let mut state = State::new();
         let mut fixes = Fixes::default();
         scan_epochs(&*dev, &l, &mut state, &mut fixes);
-        scan_extents(&*dev, &l, &mut state, &mut fixes);
+        let mut thin = None;
+        let mut floor = sb.generation_floor;
+        if l.thin.is_some() {
+            let (t, loaded) = thin::Thin::load(&*dev, &l);
+            tracing::info!(
+                checkpoint = loaded.checkpoint_seq,
+                pages = loaded.pages_replayed,
+                records = loaded.records_replayed,
+                "read the block map"
+            );
+            if loaded.lost {
+                tracing::error!(
+                    inconsistent = loaded.inconsistent,
+                    "the block map was not read back whole: blocks it does not name read as errors until their chunk is written whole"
+                );
+                state.load_index_lost();
+            }
+            floor = floor.max(loaded.generation_floor);
+            thin = Some(t);
+        } else {
+            scan_extents(&*dev, &l, &mut state, &mut fixes);
+        }
         // Allocations made before a crash may have lost their records but
         // left blocks tagged with their generations: start above every
         // generation an earlier open may have handed out.
-        state.load_next_generation(state.next_generation().max(sb.generation_floor));
+        state.load_next_generation(state.next_generation().max(floor));
         state.finish_load();
-        let disk = Disk::new(path, dev, sb, state);
+        let disk = Disk::new(path, dev, sb, state, thin);
         disk.apply(&fixes);
         // What was read may still be only in the page cache (after kill -9):
         // make it durable before anything is decided on it. Then reserve
         // the generations this session may hand out.
         disk.sync("flush the opened disk (fdatasync)")?;
         disk.reserve_generations()?;
+        if let Some(t) = &disk.thin {
+            // The map as read, as the log's new start (see `Thin::load`).
+            let mut ix = t.index();
+            disk.checkpoint_locked(&mut ix)?;
+        }
         tracing::debug!(path = %path.display(), uuid = %disk.uuid(), "opened disk");
         Ok(disk)
     }
@@ -485,7 +527,7 @@ fn read_superblock(dev: &dyn Device) -> Result<Superblock, Error> {
 /// crash leaves one copy or both upgraded, and the next open finishes.
 fn upgrade(dev: &dyn Device, sb: Superblock) -> Result<Superblock, Error> {
     let up = Superblock {
-        version: FORMAT_VERSION,
+        version: EXTENT_FORMAT_VERSION,
         upgraded_from: sb.version,
         ..sb
     };
@@ -495,7 +537,7 @@ fn upgrade(dev: &dyn Device, sb: Superblock) -> Result<Superblock, Error> {
             .map_err(Error::io("upgrade a superblock"))?;
         dev.sync().map_err(Error::io("flush the device"))?;
     }
-    tracing::info!(uuid = %up.disk_uuid, from = sb.version, to = FORMAT_VERSION,
+    tracing::info!(uuid = %up.disk_uuid, from = sb.version, to = EXTENT_FORMAT_VERSION,
         "upgraded the disk's format; its tables stay unmirrored (reformat for mirrored tables)");
     Ok(up)
 }

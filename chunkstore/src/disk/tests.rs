@@ -16,12 +16,24 @@ use crate::SuperblockError;
 const ES: u32 = 64 << 10;
 const SIZE: u64 = 4 << 20;
 
+thread_local! {
+    /// Whether this test formats its disks at version 3 (see [`v3`]).
+    static THIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a test of the disk's contract on disks formatted at version 3.
+fn v3(test: fn()) {
+    THIN.with(|t| t.set(true));
+    test();
+}
+
 fn opts(size: u64) -> FormatOptions {
     FormatOptions {
         disk_uuid: Uuid::from_u128(0xd15c),
         extent_size: ES,
         size: Some(size),
         force: false,
+        thin: THIN.with(|t| t.get()),
     }
 }
 
@@ -118,6 +130,11 @@ fn format_refuses_existing_unless_forced() {
 }
 
 #[test]
+fn format_refuses_existing_unless_forced_v3() {
+    v3(format_refuses_existing_unless_forced);
+}
+
+#[test]
 fn format_rejects_bad_options() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
@@ -193,12 +210,12 @@ fn newer_format_version_is_refused() {
         .unwrap();
     let mut b = vec![0u8; 4096];
     f.read_exact_at(&mut b, 0).unwrap();
-    put_u32(&mut b, 8, 3);
+    put_u32(&mut b, 8, crate::FORMAT_VERSION + 1);
     seal(&mut b);
     f.write_all_at(&b, 0).unwrap();
     assert!(matches!(
         Disk::open(&path),
-        Err(Error::UnsupportedVersion { found: 3 })
+        Err(Error::UnsupportedVersion { found: 4 })
     ));
 }
 
@@ -213,6 +230,11 @@ fn second_open_is_locked() {
     assert!(matches!(Disk::format(&path, &forced), Err(Error::Locked)));
     drop(disk);
     Disk::open(&path).unwrap();
+}
+
+#[test]
+fn second_open_is_locked_v3() {
+    v3(second_open_is_locked);
 }
 
 #[test]
@@ -256,6 +278,11 @@ fn write_read_many_offsets_and_sizes() {
 }
 
 #[test]
+fn write_read_many_offsets_and_sizes_v3() {
+    v3(write_read_many_offsets_and_sizes);
+}
+
+#[test]
 fn unwritten_reads_zeros() {
     let (_dir, _path, disk) = new_disk();
     assert_eq!(read_all(&disk, V, 0), vec![0; ES as usize]);
@@ -264,6 +291,11 @@ fn unwritten_reads_zeros() {
     assert!(all[..8192 + 512].iter().all(|&b| b == 0));
     assert!(all[8192 + 512..8192 + 1536].iter().all(|&b| b == 0xab));
     assert!(all[8192 + 1536..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn unwritten_reads_zeros_v3() {
+    v3(unwritten_reads_zeros);
 }
 
 #[test]
@@ -290,6 +322,11 @@ fn invalid_ranges() {
         ));
     }
     assert_eq!(disk.info().extents_used, 0);
+}
+
+#[test]
+fn invalid_ranges_v3() {
+    v3(invalid_ranges);
 }
 
 /// A fence tells whether the vDisk's epoch was last raised during this
@@ -335,6 +372,11 @@ fn a_fence_tells_whether_the_machine_restarted_since_the_last_raise() {
 }
 
 #[test]
+fn a_fence_tells_whether_the_machine_restarted_since_the_last_raise_v3() {
+    v3(a_fence_tells_whether_the_machine_restarted_since_the_last_raise);
+}
+
+#[test]
 fn epochs_fence_writes() {
     let (_dir, path, disk) = new_disk();
     assert_eq!(disk.epoch(V), 0);
@@ -370,6 +412,11 @@ fn epochs_fence_writes() {
         Err(Error::StaleEpoch { .. })
     ));
     assert_eq!(disk.vdisks(), vec![(V, 7, 1)]);
+}
+
+#[test]
+fn epochs_fence_writes_v3() {
+    v3(epochs_fence_writes);
 }
 
 #[test]
@@ -414,6 +461,11 @@ fn partial_discard_reads_zeros() {
     drop(disk);
     let disk = Disk::open(&path).unwrap();
     assert_eq!(read_all(&disk, V, 0), model);
+}
+
+#[test]
+fn partial_discard_reads_zeros_v3() {
+    v3(partial_discard_reads_zeros);
 }
 
 #[test]
@@ -490,6 +542,11 @@ fn delete_vdisk_frees_everything() {
 }
 
 #[test]
+fn delete_vdisk_frees_everything_v3() {
+    v3(delete_vdisk_frees_everything);
+}
+
+#[test]
 fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole() {
     let (_dir, _path, disk) = new_disk();
     let w = Uuid::from_u128(2);
@@ -531,6 +588,11 @@ fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole() {
     assert_eq!(read_all(&disk, w, 0)[..4096], [4; 4096]);
     disk.delete_vdisk(V).unwrap();
     assert_eq!(read_all(&disk, V, 2), vec![0; ES as usize]);
+}
+
+#[test]
+fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole_v3() {
+    v3(a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole);
 }
 
 #[test]
@@ -806,8 +868,15 @@ fn concurrent_writers_and_readers() {
         t.join().unwrap();
     }
     assert_eq!(disk.chunks(V).len(), 3);
-    assert_eq!(disk.info().extents_used, 3);
+    if disk.info().format_version == 2 {
+        assert_eq!(disk.info().extents_used, 3);
+    }
     disk.flush().unwrap();
+}
+
+#[test]
+fn concurrent_writers_and_readers_v3() {
+    v3(concurrent_writers_and_readers);
 }
 
 /// The crcs kept in memory follow every write: reads after an overwrite,
@@ -847,4 +916,223 @@ fn cached_crcs_follow_every_write() {
     again[..4096].copy_from_slice(&d);
     assert_eq!(read_all(&disk, V, total), again);
     assert_eq!(read_all(&disk, V, 0), vec![0u8; ES as usize]);
+}
+
+// ---- format v3: allocation at 4 KiB ---------------------------------------
+
+fn new_thin_disk(size: u64) -> (TempDir, PathBuf, Disk) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let o = FormatOptions {
+        thin: true,
+        ..opts(size)
+    };
+    let disk = Disk::format(&path, &o).unwrap();
+    (dir, path, disk)
+}
+
+/// A 4 KiB write takes 4 KiB, whatever the chunk size; zeros take
+/// nothing; discarding frees what it covers; and all of it is read back
+/// after a reopen.
+#[test]
+fn a_chunk_takes_only_the_blocks_written() {
+    let (_dir, path, disk) = new_thin_disk(SIZE);
+    assert_eq!(disk.info().format_version, 3);
+    assert_eq!(disk.info().used, 0);
+    disk.write(V, 3, 8192, &[7; 4096], 1).unwrap();
+    assert_eq!(disk.info().used, 4096);
+    assert_eq!(disk.usage(), vec![(V, 4096)]);
+    // A sector inside a fresh block takes that block.
+    disk.write(V, 3, 20480 + 512, &[8; 512], 1).unwrap();
+    assert_eq!(disk.info().used, 8192);
+    // Zeros into blocks that hold nothing take nothing.
+    disk.write(V, 4, 0, &vec![0; ES as usize], 1).unwrap();
+    assert_eq!(disk.info().used, 8192);
+    assert_eq!(disk.vdisks(), vec![(V, 1, 1)]);
+    let mut want = vec![0u8; ES as usize];
+    want[8192..12288].fill(7);
+    want[20480 + 512..20480 + 1024].fill(8);
+    assert_eq!(read_all(&disk, V, 3), want);
+    // A discard of whole blocks frees them.
+    disk.discard(V, 3, 8192, 4096, 1).unwrap();
+    want[8192..12288].fill(0);
+    assert_eq!(disk.info().used, 4096);
+    assert_eq!(read_all(&disk, V, 3), want);
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(disk.info().used, 4096);
+    assert_eq!(read_all(&disk, V, 3), want);
+    assert_eq!(disk.epoch(V), 1);
+}
+
+/// Data written in order lies in order: one run per chunk.
+#[test]
+fn sequential_data_is_one_run_per_chunk() {
+    let (_dir, _path, disk) = new_thin_disk(SIZE);
+    for c in 0..4u64 {
+        for b in 0..(ES / 4096) {
+            disk.write(V, c, b * 4096, &pattern(c * 100 + u64::from(b), 4096), 0)
+                .unwrap();
+        }
+    }
+    let ix = disk.thin().index();
+    for c in 0..4u64 {
+        assert_eq!(ix.map.runs(&(V, c)).len(), 1, "chunk {c}");
+    }
+}
+
+/// Random writes and discards of every size, many more than one log lap
+/// (so checkpoints are taken), then a reopen: everything reads back.
+#[test]
+fn random_writes_and_discards_survive_reopen_across_checkpoints() {
+    let (_dir, path, disk) = new_thin_disk(8 << 20);
+    let chunks = 24u64;
+    let mut model = vec![vec![0u8; ES as usize]; chunks as usize];
+    let mut x = 0x1234_5678_u64;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for i in 0..6000u64 {
+        let c = next(chunks);
+        let off = next(u64::from(ES / 512)) as u32 * 512;
+        let len = ((next(24) + 1) as u32 * 512).min(ES - off);
+        if next(4) == 0 {
+            disk.discard(V, c, off, len, 0).unwrap();
+            model[c as usize][off as usize..(off + len) as usize].fill(0);
+        } else {
+            let data = pattern(i, len as usize);
+            disk.write(V, c, off, &data, 0).unwrap();
+            model[c as usize][off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        if i % 1000 == 999 {
+            disk.flush().unwrap();
+        }
+    }
+    let used = disk.info().used;
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    for c in 0..chunks {
+        assert_eq!(read_all(&disk, V, c), model[c as usize], "chunk {c}");
+    }
+    assert_eq!(disk.info().used, used);
+    // And once more, from the checkpoint written at open.
+    drop(disk);
+    let disk = Disk::open(&path).unwrap();
+    for c in 0..chunks {
+        assert_eq!(read_all(&disk, V, c), model[c as usize], "chunk {c}");
+    }
+}
+
+/// A full disk refuses the write that needs a block it does not have,
+/// writing nothing; blocks already held stay writable, and a freed block
+/// can be taken again.
+#[test]
+fn a_full_thin_disk_refuses_only_writes_that_need_space() {
+    let (_dir, _path, disk) = new_thin_disk(SIZE);
+    let total = disk.info().capacity / 4096;
+    let bpc = u64::from(ES / 4096);
+    for b in 0..total {
+        disk.write(V, b / bpc, (b % bpc) as u32 * 4096, &[1; 4096], 0)
+            .unwrap();
+    }
+    assert_eq!(disk.info().used, disk.info().capacity);
+    let next = (total / bpc, (total % bpc) as u32 * 4096);
+    assert!(matches!(
+        disk.write(V, next.0 + 1, 0, &[2; 8192], 0),
+        Err(Error::NoSpace)
+    ));
+    let mut buf = vec![0u8; 8192];
+    disk.read(V, next.0 + 1, 0, &mut buf).unwrap();
+    assert_eq!(buf, vec![0; 8192], "a refused write wrote nothing");
+    disk.write(V, 0, 0, &[3; 4096], 0).unwrap();
+    disk.discard(V, 0, 4096, 4096, 0).unwrap();
+    disk.write(V, next.0 + 1, 0, &[2; 4096], 0).unwrap();
+    disk.read(V, next.0 + 1, 0, &mut buf[..4096]).unwrap();
+    assert_eq!(buf[..4096], [2; 4096]);
+}
+
+/// A flipped bit in a block's data is that block's checksum error; a
+/// block of another chunk placed where one was freed never reads as the
+/// freed chunk's (owner tags).
+#[test]
+fn thin_corruption_is_detected_per_block() {
+    let (_dir, path, disk) = new_thin_disk(SIZE);
+    disk.write(V, 0, 0, &pattern(2, ES as usize), 0).unwrap();
+    let (p, _) = disk.thin_lookup(&(V, 0), 2, 1)[0].unwrap();
+    flip(&path, disk.sb.layout.block_data_offset(p) + 17);
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        disk.read(V, 0, 8192, &mut buf),
+        Err(Error::Checksum {
+            chunk: 0,
+            block: 2,
+            ..
+        })
+    ));
+    disk.read(V, 0, 12288, &mut buf).unwrap();
+    assert_eq!(buf, pattern(2, ES as usize)[12288..16384]);
+    disk.write(V, 0, 8192, &[1; 4096], 0).unwrap();
+    disk.read(V, 0, 8192, &mut buf).unwrap();
+    assert_eq!(buf, vec![1; 4096]);
+    // The tag names the block's place: block 3's content copied over
+    // block 2's place fails block 2's checksum.
+    let (p3, _) = disk.thin_lookup(&(V, 0), 3, 1)[0].unwrap();
+    let (p2, _) = disk.thin_lookup(&(V, 0), 2, 1)[0].unwrap();
+    let l = disk.sb.layout;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let (mut data, mut crc) = (vec![0u8; 4096], [0u8; 4]);
+    f.read_exact_at(&mut data, l.block_data_offset(p3)).unwrap();
+    f.read_exact_at(&mut crc, l.block_crc_offset(p3)).unwrap();
+    f.write_all_at(&data, l.block_data_offset(p2)).unwrap();
+    f.write_all_at(&crc, l.block_crc_offset(p2)).unwrap();
+    assert!(matches!(
+        disk.read(V, 0, 8192, &mut buf),
+        Err(Error::Checksum { block: 2, .. })
+    ));
+}
+
+/// One copy of a log page damaged costs nothing (the other copy is read);
+/// both copies damaged, or both checkpoint areas, and the blocks the map
+/// no longer names read as errors — never as zeros — until their chunk is
+/// written whole.
+#[test]
+fn damaged_block_map_metadata_never_reads_as_zeros() {
+    let (_dir, path, disk) = new_thin_disk(SIZE);
+    let t = disk.thin().regions;
+    // The open at format took a checkpoint: the log starts at its page.
+    let (pos, _) = disk.thin().index_position();
+    disk.write(V, 0, 0, &[5; 4096], 0).unwrap();
+    disk.write(V, 1, 0, &[6; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    // One copy: nothing lost.
+    flip(&path, t.log_offset + pos * 4096 + 100);
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(read_all(&disk, V, 0)[..4096], [5; 4096]);
+    assert_eq!(read_all(&disk, V, 1)[..4096], [6; 4096]);
+    drop(disk);
+    // Both checkpoint areas: what the map named is unknown.
+    for area in t.checkpoint_offsets {
+        flip(&path, area + 100);
+    }
+    let disk = Disk::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        disk.read(V, 0, 0, &mut buf),
+        Err(Error::OwnershipUnknown { chunk: 0, .. })
+    ));
+    assert!(matches!(
+        disk.write(V, 0, 0, &[1; 4096], 0),
+        Err(Error::OwnershipUnknown { .. })
+    ));
+    disk.write(V, 0, 0, &vec![9; ES as usize], 0).unwrap();
+    assert_eq!(read_all(&disk, V, 0), vec![9; ES as usize]);
+    assert!(disk.read(V, 1, 0, &mut buf).is_err());
 }

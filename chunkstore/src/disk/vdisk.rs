@@ -132,6 +132,16 @@ impl Disk {
             // No write of this vDisk is in flight (we hold its gate), so every
             // mapping is committed and stays put.
             let mut freed = 0;
+            if let Some(t) = &self.thin {
+                let chunks = t.index().map.chunks_of(vdisk);
+                for chunk in chunks {
+                    let key = (vdisk, chunk);
+                    let _stripe = write(self.stripe(&key));
+                    if self.thin_free(&key, 0, t.blocks_per_chunk)? > 0 {
+                        freed += 1;
+                    }
+                }
+            }
             let chunks = self.state().chunks_of(vdisk);
             for (chunk, _) in chunks {
                 let key = (vdisk, chunk);
