@@ -238,6 +238,13 @@ impl State {
                 .is_some_and(|set| !set.contains(&key.1))
     }
 
+    /// Format v3: the block map was not read back whole and the chunk was
+    /// not set whole since, so even the blocks the map names may be stale
+    /// (a lost record may have freed or moved them).
+    pub(crate) fn map_untrusted(&self, key: &ChunkKey) -> bool {
+        self.damaged.index_lost && !self.damaged.resolved.contains(key)
+    }
+
     /// The vDisk's copy here moved away and is being freed (`true`), or the
     /// vDisk is deleted (`false`: nobody reads it any more).
     pub(crate) fn set_moved_away(&mut self, vdisk: Uuid, moved: bool) {

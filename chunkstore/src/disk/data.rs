@@ -52,7 +52,13 @@ impl Disk {
         let key = (vdisk, chunk);
         let _stripe = read(self.stripe(&key));
         if self.thin.is_some() {
-            let uncertain = self.state().uncertain(&key);
+            let (uncertain, untrusted) = {
+                let st = self.state();
+                (st.uncertain(&key), st.map_untrusted(&key))
+            };
+            if untrusted {
+                return Err(Error::OwnershipUnknown { vdisk, chunk });
+            }
             return self.thin_read(&key, offset, buf, uncertain);
         }
         // An uncommitted mapping is never seen here: its writer holds the

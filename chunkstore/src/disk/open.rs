@@ -377,7 +377,7 @@ impl Disk {
             if loaded.lost {
                 tracing::error!(
                     inconsistent = loaded.inconsistent,
-                    "the block map was not read back whole: blocks it does not name read as errors until their chunk is written whole"
+                    "the block map was not read back whole: every chunk reads as an error until it is written whole"
                 );
                 state.load_index_lost();
             }

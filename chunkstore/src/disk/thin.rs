@@ -82,8 +82,10 @@ pub(super) struct Loaded {
     pub inconsistent: usize,
     pub generation_floor: u64,
     /// The map could not be read back whole (both checkpoint areas
-    /// damaged, or records that contradict it): a block it does not name
-    /// may be one whose record was lost, so it must read as an error.
+    /// damaged, a flushed log page lost, or records that contradict it): a
+    /// block it does not name may have lost its allocation, and one it
+    /// names may have lost its free or its move, so no block of a chunk
+    /// reads until the chunk is written whole.
     pub lost: bool,
 }
 
@@ -114,9 +116,7 @@ impl Thin {
         let c = match ckpt::newest(c0, c1) {
             Some(c) => c,
             None => {
-                tracing::error!(
-                    "both checkpoint areas are damaged: every block not written since reads as an error"
-                );
+                tracing::error!("both checkpoint areas are damaged: the block map is not known");
                 lost = true;
                 Checkpoint {
                     seq: 0,
@@ -152,7 +152,7 @@ impl Thin {
         };
         if replayed.lost {
             tracing::error!(
-                "the metadata log lost pages that were flushed: every block not written since reads as an error"
+                "the metadata log lost pages that were flushed: the block map is not known"
             );
             lost = true;
         }
