@@ -190,35 +190,34 @@ impl Disk {
     pub fn info(&self) -> DiskInfo {
         let l = &self.sb.layout;
         let c = self.state().counts();
-        if let Some(t) = &self.thin {
-            let free = t.index().map.free_blocks();
-            let total = t.regions.blocks_total;
-            let bs = u64::from(BLOCK_SIZE);
-            let used_chunks = (total - free).div_ceil(u64::from(t.blocks_per_chunk));
-            let slots_total = u64::from(l.epoch_slots);
-            return DiskInfo {
-                uuid: self.sb.disk_uuid,
-                format_version: self.sb.version,
-                extent_size: l.extent_size,
-                block_size: BLOCK_SIZE,
-                device_size: l.device_size,
-                created: self.sb.created,
-                extents_total: l.extents_total,
-                extents_used: used_chunks.min(l.extents_total),
-                extents_free: l.extents_total.saturating_sub(used_chunks),
-                quarantined_extents: 0,
-                suspect_chunks: 0,
-                ownerless_extents: 0,
-                capacity: total * bs,
-                used: (total - free) * bs,
-                epoch_slots_total: slots_total,
-                epoch_slots_used: slots_total - c.slots_free - c.slots_lost,
-                quarantined_epoch_slots: c.slots_lost,
-                epoch_loss_serial: c.loss_serial,
-                mirrored_tables: true,
-            };
-        }
-        let extents_used = l.extents_total - c.extents_free - c.extents_quarantined;
+        let es = u64::from(l.extent_size);
+        // Format v3 counts space in blocks; its "extents" are chunks' worth
+        // of used blocks, for the fields that speak of extents.
+        let (capacity, used, extents_used, extents_free, quarantined) = match &self.thin {
+            Some(t) => {
+                let free = t.index().map.free_blocks();
+                let total = t.regions.blocks_total;
+                let bs = u64::from(BLOCK_SIZE);
+                let chunks = (total - free).div_ceil(u64::from(t.blocks_per_chunk));
+                (
+                    total * bs,
+                    (total - free) * bs,
+                    chunks.min(l.extents_total),
+                    l.extents_total.saturating_sub(chunks),
+                    0,
+                )
+            }
+            None => {
+                let used = l.extents_total - c.extents_free - c.extents_quarantined;
+                (
+                    l.extents_total * es,
+                    used * es,
+                    used,
+                    c.extents_free,
+                    c.extents_quarantined,
+                )
+            }
+        };
         let slots_total = u64::from(l.epoch_slots);
         DiskInfo {
             uuid: self.sb.disk_uuid,
@@ -229,17 +228,17 @@ impl Disk {
             created: self.sb.created,
             extents_total: l.extents_total,
             extents_used,
-            extents_free: c.extents_free,
-            quarantined_extents: c.extents_quarantined,
+            extents_free,
+            quarantined_extents: quarantined,
             suspect_chunks: c.suspect_chunks,
             ownerless_extents: c.ownerless_extents,
-            capacity: l.extents_total * u64::from(l.extent_size),
-            used: extents_used * u64::from(l.extent_size),
+            capacity,
+            used,
             epoch_slots_total: slots_total,
             epoch_slots_used: slots_total - c.slots_free - c.slots_lost,
             quarantined_epoch_slots: c.slots_lost,
             epoch_loss_serial: c.loss_serial,
-            mirrored_tables: l.mirrored(),
+            mirrored_tables: l.thin.is_some() || l.mirrored(),
         }
     }
 

@@ -128,6 +128,26 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
+/// The layout for the largest count in `min..=max` that fits (`fits` is
+/// monotone in the count: a binary search), or `TooSmall` if `min` does not.
+fn largest_fitting(
+    min: u64,
+    max: u64,
+    fits: impl Fn(u64) -> Option<Layout>,
+) -> Result<Layout, LayoutError> {
+    fits(min).ok_or(LayoutError::TooSmall)?;
+    let (mut lo, mut hi) = (min, max.max(min));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid).is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    fits(lo).ok_or(LayoutError::TooSmall)
+}
+
 /// Checks that an extent size is acceptable.
 pub(crate) fn check_extent_size(extent_size: u32) -> Result<(), LayoutError> {
     if extent_size % BLOCK_SIZE != 0 || !(MIN_EXTENT_SIZE..=MAX_EXTENT_SIZE).contains(&extent_size)
@@ -224,19 +244,11 @@ impl Layout {
         epoch_slots: u32,
     ) -> Result<Self, LayoutError> {
         check_extent_size(chunk_size)?;
-        let fits = |n| Self::thin_with_blocks(device_size, chunk_size, epoch_slots, n);
-        let min = u64::from(chunk_size / BLOCK_SIZE);
-        fits(min).ok_or(LayoutError::TooSmall)?;
-        let (mut lo, mut hi) = (min, device_size / u64::from(BLOCK_SIZE));
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if fits(mid).is_some() {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        fits(lo).ok_or(LayoutError::TooSmall)
+        largest_fitting(
+            u64::from(chunk_size / BLOCK_SIZE),
+            device_size / u64::from(BLOCK_SIZE),
+            |n| Self::thin_with_blocks(device_size, chunk_size, epoch_slots, n),
+        )
     }
 
     /// Checks a recorded format-v3 layout.
@@ -319,19 +331,9 @@ impl Layout {
         epoch_slots: u32,
     ) -> Result<Self, LayoutError> {
         check_extent_size(extent_size)?;
-        let fits = |n| Self::with_extents(device_size, extent_size, epoch_slots, n);
-        // `fits` is monotone in n: binary search the largest n that fits.
-        fits(1).ok_or(LayoutError::TooSmall)?;
-        let (mut lo, mut hi) = (1u64, device_size / u64::from(extent_size));
-        while lo < hi {
-            let mid = lo + (hi - lo).div_ceil(2);
-            if fits(mid).is_some() {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        fits(lo).ok_or(LayoutError::TooSmall)
+        largest_fitting(1, device_size / u64::from(extent_size), |n| {
+            Self::with_extents(device_size, extent_size, epoch_slots, n)
+        })
     }
 
     /// Checks a recorded layout against the rules of the format.
