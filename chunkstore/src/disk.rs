@@ -7,6 +7,7 @@ mod open;
 #[cfg(test)]
 mod tests;
 mod thin;
+mod thin_crc;
 mod thin_data;
 mod vdisk;
 pub use vdisk::Fenced;

@@ -86,6 +86,10 @@ pub(crate) struct ThinRegions {
     pub checkpoint_offsets: [u64; 2],
     /// Pages (4 KiB) in each checkpoint area.
     pub checkpoint_pages: u64,
+    /// Byte offset of the crc journal ([`crate::crcjournal`]).
+    pub crc_journal_offset: u64,
+    /// Pages (4 KiB) of the crc journal: two headers, then the ring.
+    pub crc_journal_pages: u64,
     /// 4 KiB blocks in the data region.
     pub blocks_total: u64,
 }
@@ -207,7 +211,9 @@ impl Layout {
         let checkpoint_pages = crate::ckpt::pages_for(usize::try_from(blocks).ok()?) as u64;
         let ckpt0 = log_mirror_offset.checked_add(log_pages * bs)?;
         let ckpt1 = ckpt0.checked_add(checkpoint_pages.checked_mul(bs)?)?;
-        let crc_table_offset = ckpt1.checked_add(checkpoint_pages * bs)?;
+        let crc_journal_offset = ckpt1.checked_add(checkpoint_pages * bs)?;
+        let crc_journal_pages = crate::crcjournal::pages_for(blocks);
+        let crc_table_offset = crc_journal_offset.checked_add(crc_journal_pages * bs)?;
         let crc_table_len = round_up(blocks.checked_mul(4)?, META_ALIGN)?;
         let data_offset = round_up(crc_table_offset.checked_add(crc_table_len)?, DATA_ALIGN)?;
         let end = data_offset.checked_add(blocks.checked_mul(bs)?)?;
@@ -231,6 +237,8 @@ impl Layout {
                 log_pages,
                 checkpoint_offsets: [ckpt0, ckpt1],
                 checkpoint_pages,
+                crc_journal_offset,
+                crc_journal_pages,
                 blocks_total: blocks,
             }),
         })
@@ -278,6 +286,9 @@ impl Layout {
         if t.checkpoint_pages < need_ckpt {
             return Err(Bad("checkpoint areas too short"));
         }
+        if t.crc_journal_pages < crate::crcjournal::HEADER_PAGES + 1 {
+            return Err(Bad("crc journal too short"));
+        }
         if t.blocks_total
             .checked_mul(4)
             .is_none_or(|need| self.crc_table_len < need)
@@ -292,6 +303,7 @@ impl Layout {
             (t.log_mirror_offset, pages(t.log_pages)),
             (t.checkpoint_offsets[0], pages(t.checkpoint_pages)),
             (t.checkpoint_offsets[1], pages(t.checkpoint_pages)),
+            (t.crc_journal_offset, pages(t.crc_journal_pages)),
             (self.crc_table_offset, self.crc_table_len),
             (self.data_offset, 0),
         ];

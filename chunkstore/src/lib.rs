@@ -134,12 +134,15 @@
 //!
 //! ## Version 3 (space taken 4 KiB at a time)
 //!
-//! [`FormatOptions::thin`]. The superblock (version 3) adds, at 160–215:
+//! [`FormatOptions::thin`]. The superblock (version 3) adds, at 160–231:
 //! the log ring's offset and its second copy's, its pages, the two
-//! checkpoint areas' offsets, their pages, and the data blocks; the extent
-//! table's fields are 0 (there is none). The crc table holds one u32 per
-//! physical data block (`crc32c(block) ^ tag`, the tag naming vDisk, chunk,
-//! generation and the block's place in the chunk). The block map lives in
+//! checkpoint areas' offsets, their pages, the data blocks, and the crc
+//! journal's offset and pages; the extent table's fields are 0 (there is
+//! none). The crc table holds one u32 per physical data block
+//! (`crc32c(block) ^ tag`, the tag naming vDisk, chunk, generation and the
+//! block's place in the chunk); a write's crcs reach it through the crc
+//! journal (`crcjournal`: records appended in one write per batch of
+//! requests, stored into the table before every fdatasync). The block map lives in
 //! the metadata log and the checkpoints: see `mlog` (pages, replay, what
 //! tells a flushed page lost), `ckpt` (checkpoint pages), `blockmap` (runs,
 //! generations, homes) and `disk::thin` (how they are written and read).
@@ -263,6 +266,7 @@
 mod blockmap;
 mod ckpt;
 mod codec;
+mod crcjournal;
 mod device;
 mod disk;
 mod error;

@@ -119,6 +119,8 @@ impl Superblock {
             put_u64(&mut b, 192, t.checkpoint_offsets[1]);
             put_u64(&mut b, 200, t.checkpoint_pages);
             put_u64(&mut b, 208, t.blocks_total);
+            put_u64(&mut b, 216, t.crc_journal_offset);
+            put_u64(&mut b, 224, t.crc_journal_pages);
         }
         crate::codec::seal(&mut b);
         b
@@ -169,6 +171,8 @@ impl Superblock {
                 checkpoint_offsets: [get_u64(b, 184), get_u64(b, 192)],
                 checkpoint_pages: get_u64(b, 200),
                 blocks_total: get_u64(b, 208),
+                crc_journal_offset: get_u64(b, 216),
+                crc_journal_pages: get_u64(b, 224),
             }),
         };
         layout.validate().map_err(SuperblockError::Geometry)?;

@@ -232,7 +232,7 @@ async fn connection<R, W>(
     let mut ready: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     loop {
         if !ready.is_empty() && (ready.len() >= MAX_BATCH || !whole_frame(rd.buffer())) {
-            if let Err(e) = write_replies(&wr, &mut ready).await {
+            if let Err(e) = answer(&wr, &mut ready, &disks).await {
                 tracing::debug!(%peer, error = %e, "reply write failed");
                 break;
             }
@@ -294,12 +294,18 @@ async fn connection<R, W>(
         // microseconds: running them here saves two thread hand-offs. Large
         // ones, flushes and metadata work go to the blocking pool.
         if op.is_small() {
-            ready.push(execute(&disks, shm.as_deref(), op, frame));
+            ready.push(execute(
+                &disks,
+                shm.as_deref(),
+                op,
+                frame,
+                Commit::BeforeReply,
+            ));
             continue;
         }
         // About to wait for the blocking pool: answer what is done first.
         if !ready.is_empty() && in_flight.available_permits() == 0 {
-            if let Err(e) = write_replies(&wr, &mut ready).await {
+            if let Err(e) = answer(&wr, &mut ready, &disks).await {
                 tracing::debug!(%peer, error = %e, "reply write failed");
                 break;
             }
@@ -311,7 +317,7 @@ async fn connection<R, W>(
         let shm = shm.clone();
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&disks, shm.as_deref(), op, frame);
+            let reply = execute(&disks, shm.as_deref(), op, frame, Commit::Now);
             drop(permit);
             let _ = tx.send(reply);
         });
@@ -320,7 +326,7 @@ async fn connection<R, W>(
     // hold their own senders: the writer finishes once every accepted
     // request has been answered.
     if !ready.is_empty() {
-        if let Err(e) = write_replies(&wr, &mut ready).await {
+        if let Err(e) = answer(&wr, &mut ready, &disks).await {
             tracing::debug!(%peer, error = %e, "reply write failed");
         }
     }
@@ -339,6 +345,27 @@ fn whole_frame(buf: &[u8]) -> bool {
         Ok(h) => buf.len() - HEADER_LEN >= h.body_len as usize,
         Err(_) => true,
     }
+}
+
+/// Answers the requests the connection's task ran: first commits the
+/// block crcs their writes left in the disks' crc journals (one write per
+/// disk for the whole batch), so that nothing is acknowledged that a
+/// `kill -9` of the node would lose. A commit that fails answers nothing:
+/// the connection is dropped, and the client fails every request it had
+/// in flight here.
+async fn answer<W: AsyncWrite + Unpin>(
+    wr: &Mutex<W>,
+    replies: &mut Vec<Reply>,
+    disks: &DiskSet,
+) -> std::io::Result<()> {
+    for d in disks.iter() {
+        if let Err(e) = d.commit() {
+            tracing::error!(disk = %d.uuid(), error = %e, "cannot commit block checksums");
+            replies.clear();
+            return Err(std::io::Error::other(e));
+        }
+    }
+    write_replies(wr, replies).await
 }
 
 /// Writes `replies` (emptied) with as few `writev` calls as the socket allows.
@@ -467,13 +494,21 @@ impl Op {
     }
 }
 
+/// Whether a write's block crcs are committed by the write itself, or by
+/// the connection's task before it answers ([`Disk::write_uncommitted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    Now,
+    BeforeReply,
+}
+
 /// Runs one request against the disks (blocking).
-fn execute(disks: &DiskSet, shm: Option<&ShmTable>, op: Op, frame: Frame) -> Reply {
+fn execute(disks: &DiskSet, shm: Option<&ShmTable>, op: Op, frame: Frame, commit: Commit) -> Reply {
     let id = frame.header.id;
     let opcode = op.opcode();
     let result = match op {
-        Op::ReadShm(_) | Op::WriteShm(_) | Op::MapMemory => run_shm(disks, shm, op, &frame),
-        _ => run_op(disks, op, &frame.body),
+        Op::ReadShm(_) | Op::WriteShm(_) | Op::MapMemory => run_shm(disks, shm, op, &frame, commit),
+        _ => run_op(disks, op, &frame.body, commit),
     };
     match result {
         Ok(body) => Reply::new(opcode, id, Status::Ok, body),
@@ -544,6 +579,7 @@ fn run_shm(
     shm: Option<&ShmTable>,
     op: Op,
     frame: &Frame,
+    commit: Commit,
 ) -> Result<Vec<u8>, OpError> {
     let invalid = |msg: &str| OpError::Status(Status::Invalid, msg.to_string());
     let Some(shm) = shm else {
@@ -595,14 +631,23 @@ fn run_shm(
                     "payload checksum mismatch".into(),
                 ));
             }
-            d.write(Uuid::from_bytes(r.vdisk), r.chunk, r.offset, &data, r.epoch)?;
+            write(d, r, &data, commit)?;
             Ok(Vec::new())
         }
         _ => Err(invalid("MapMemory only starts a local session")),
     }
 }
 
-fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
+/// Writes `data` where `r` says, committing as `commit` says.
+fn write(d: &Disk, r: ChunkRange, data: &[u8], commit: Commit) -> Result<(), StoreError> {
+    let vdisk = Uuid::from_bytes(r.vdisk);
+    match commit {
+        Commit::Now => d.write(vdisk, r.chunk, r.offset, data, r.epoch),
+        Commit::BeforeReply => d.write_uncommitted(vdisk, r.chunk, r.offset, data, r.epoch),
+    }
+}
+
+fn run_op(disks: &DiskSet, op: Op, body: &[u8], commit: Commit) -> Result<Vec<u8>, OpError> {
     match op {
         Op::Hello { .. } => Ok(Vec::new()),
         Op::MapMemory | Op::ReadShm(_) | Op::WriteShm(_) => Err(OpError::Status(
@@ -617,14 +662,7 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8]) -> Result<Vec<u8>, OpError> {
         }
         Op::Write(r) => {
             let d = disk(disks, &r.disk)?;
-            let payload = &body[ChunkRange::LEN..];
-            d.write(
-                Uuid::from_bytes(r.vdisk),
-                r.chunk,
-                r.offset,
-                payload,
-                r.epoch,
-            )?;
+            write(d, r, &body[ChunkRange::LEN..], commit)?;
             Ok(Vec::new())
         }
         Op::Discard(r) | Op::WriteZeroes(r) => {

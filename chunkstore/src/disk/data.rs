@@ -108,6 +108,23 @@ impl Disk {
         data: &[u8],
         epoch: u64,
     ) -> Result<(), Error> {
+        self.write_uncommitted(vdisk, chunk, offset, data, epoch)?;
+        self.commit()
+    }
+
+    /// [`Disk::write`], except that on a format-v3 disk the crcs of the
+    /// written blocks are left in the crc journal's open batch: the write
+    /// survives `kill -9` only once [`Disk::commit`] has returned (a
+    /// storage node commits once per batch of requests, before it answers
+    /// them). Reads see the write at once.
+    pub fn write_uncommitted(
+        &self,
+        vdisk: Uuid,
+        chunk: u64,
+        offset: u32,
+        data: &[u8],
+        epoch: u64,
+    ) -> Result<(), Error> {
         self.check_range(offset, data.len())?;
         self.admitted(vdisk, epoch, || {
             if data.is_empty() {
@@ -167,6 +184,7 @@ impl Disk {
                     return Err(Error::OwnershipUnknown { vdisk, chunk });
                 }
                 self.thin_discard(&key, offset, len)?;
+                self.commit()?;
                 return if uncertain { self.resolve(key) } else { Ok(()) };
             }
             let (mapping, uncertain) = {

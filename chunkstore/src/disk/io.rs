@@ -41,9 +41,11 @@ impl Disk {
 
     /// `fdatasync` of the device.
     ///
-    /// Format v3: seals the log's open page first (a durable page is never
-    /// rewritten), and tells the log which pages are durable after.
+    /// Format v3: stores the crc journal's dirty crcs into the crc table and
+    /// seals the log's open page first (a durable page is never rewritten),
+    /// and tells the log which pages are durable after.
     pub(super) fn sync(&self, op: &'static str) -> Result<(), Error> {
+        self.crc_write_back()?;
         let sealed = self.seal_log();
         self.dev.sync().map_err(Error::io(op))?;
         if let Some(seq) = sealed {

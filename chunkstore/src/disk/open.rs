@@ -367,11 +367,13 @@ impl Disk {
         let mut thin = None;
         let mut floor = sb.generation_floor;
         if l.thin.is_some() {
-            let (t, loaded) = thin::Thin::load(&*dev, &l);
+            let salt = crate::crcjournal::salt(sb.disk_uuid, sb.created);
+            let (t, loaded) = thin::Thin::load(&*dev, &l, salt);
             tracing::info!(
                 checkpoint = loaded.checkpoint_seq,
                 pages = loaded.pages_replayed,
                 records = loaded.records_replayed,
+                crcs = loaded.crcs_replayed,
                 "read the block map"
             );
             if loaded.lost {

@@ -71,6 +71,8 @@ pub(super) struct Thin {
     index: Mutex<Index>,
     /// One checkpoint at a time.
     checkpointing: Mutex<()>,
+    /// The block crcs on their way to the crc table.
+    pub crcs: super::thin_crc::CrcJournal,
 }
 
 /// What opening found, for the log.
@@ -81,6 +83,8 @@ pub(super) struct Loaded {
     pub records_replayed: usize,
     pub inconsistent: usize,
     pub generation_floor: u64,
+    /// Crc journal records replayed.
+    pub crcs_replayed: usize,
     /// The map could not be read back whole (both checkpoint areas
     /// damaged, a flushed log page lost, or records that contradict it): a
     /// block it does not name may have lost its allocation, and one it
@@ -96,7 +100,8 @@ fn read_page(dev: &dyn Device, offset: u64) -> Option<Vec<u8>> {
 
 impl Thin {
     /// Rebuilds the map: the newest whole checkpoint, then the log after it.
-    pub(super) fn load(dev: &dyn Device, l: &Layout) -> (Thin, Loaded) {
+    /// `salt`: the crc journal's ([`crate::crcjournal::salt`]).
+    pub(super) fn load(dev: &dyn Device, l: &Layout, salt: u32) -> (Thin, Loaded) {
         let t = l.thin.expect("a format-v3 layout");
         let bpc = l.extent_size / BLOCK_SIZE;
         let area = |a: usize| {
@@ -176,6 +181,8 @@ impl Thin {
         // written at open starts the replay there.
         let jump = replayed.next_seq + t.log_pages;
         let log = LogWriter::new(t.log_pages, replayed.next_pos, jump, replayed.next_pos);
+        let (crcs, crcs_replayed) = super::thin_crc::CrcJournal::load(dev, &t, salt);
+        loaded.crcs_replayed = crcs_replayed;
         let thin = Thin {
             regions: t,
             blocks_per_chunk: bpc,
@@ -185,6 +192,7 @@ impl Thin {
                 next_area,
             }),
             checkpointing: Mutex::new(()),
+            crcs,
         };
         (thin, loaded)
     }
@@ -213,6 +221,7 @@ impl Thin {
         for area in t.checkpoint_offsets {
             zero(area, t.checkpoint_pages)?;
         }
+        super::thin_crc::CrcJournal::format(dev, t)?;
         let empty = Checkpoint {
             seq: 1,
             pos: 0,

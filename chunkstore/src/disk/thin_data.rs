@@ -116,61 +116,36 @@ impl Disk {
         if cached {
             return Ok(out);
         }
-        let mut raw = vec![0u8; n * 4];
-        self.read_chunk_at(key, &mut raw, self.sb.layout.block_crc_offset(p))?;
-        for (o, c) in out.iter_mut().zip(raw.chunks_exact(4)) {
-            *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        }
+        let out = self.table_crcs(key, p, n)?;
         self.cache_crcs(p, &out);
         Ok(out)
     }
 
-    /// The device holds `crcs` for physical blocks `p ..`: the cache keeps
-    /// them. Every access to a block's crc happens under the stripe lock
+    /// Physical blocks `p ..` store `crcs` (in the table, or dirty in the
+    /// crc journal): the cache keeps them. Every access to a block's crc happens under the stripe lock
     /// of the chunk that holds it, as with extents; a block changes hands
     /// only by a free and an allocation, each under its chunk's lock, and
     /// the new holder writes the block's crc before anyone reads it.
-    fn cache_crcs(&self, p: u64, crcs: &[u32]) {
+    pub(super) fn cache_crcs(&self, p: u64, crcs: &[u32]) {
         for (g, at, i, k) in groups(p, crcs.len()) {
             self.crcs.fill(g, at, &crcs[i..i + k]);
         }
     }
 
-    /// What the device holds for physical blocks `p .. p + n` is unknown.
-    fn forget_crcs(&self, p: u64, n: usize) {
-        for (g, ..) in groups(p, n) {
-            self.crcs.forget(g);
-        }
-    }
-
-    /// Writes data and crcs of the held blocks among `places` (whole
-    /// blocks of `img`): one write of each per run.
+    /// Writes the data of the held blocks among `places` (whole blocks of
+    /// `img`), one write per run, and journals their crcs (committed by
+    /// the caller).
     fn thin_store(&self, places: &Places, img: &[u8]) -> Result<(), Error> {
         let l = &self.sb.layout;
         for (i, j, p) in runs(places) {
             let part = &img[i * BS..j * BS];
             self.write_at(part, l.block_data_offset(p), "write chunk data")?;
-            let raw: Vec<u8> = part
+            let crcs: Vec<u32> = part
                 .chunks_exact(BS)
                 .enumerate()
-                .flat_map(|(k, b)| {
-                    let tag = places[i + k].map_or(0, |(_, t)| t);
-                    (tessera_crc::crc32c(b) ^ tag).to_le_bytes()
-                })
+                .map(|(k, b)| tessera_crc::crc32c(b) ^ places[i + k].map_or(0, |(_, t)| t))
                 .collect();
-            match self.write_at(&raw, l.block_crc_offset(p), "write block checksums") {
-                Ok(()) => {
-                    let crcs: Vec<u32> = raw
-                        .chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect();
-                    self.cache_crcs(p, &crcs);
-                }
-                Err(e) => {
-                    self.forget_crcs(p, j - i);
-                    return Err(e);
-                }
-            }
+            self.journal_crcs(p, &crcs)?;
         }
         Ok(())
     }
