@@ -290,10 +290,8 @@ impl Journal {
         self.dirty.is_empty() && self.applied + 1 == self.next_seq
     }
 
-    /// Starts a write-back of every dirty crc; the open batch is dropped
-    /// (the table will hold its crcs before anyone commits again).
+    /// Starts a write-back of every dirty crc (the open batch's among them).
     pub(crate) fn start_write_back(&mut self) -> WriteBack {
-        self.batch.clear();
         self.serial += 1;
         WriteBack {
             upto: self.next_seq - 1,

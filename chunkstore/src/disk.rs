@@ -332,6 +332,18 @@ impl Disk {
             .then(|| self.sb.layout.extent_data_offset(m.extent))
     }
 
+    /// Byte offset in the device of block `block` (4 KiB) of the chunk, if
+    /// it holds data: in the chunk's extent, or (format v3) wherever the
+    /// block was placed.
+    pub fn block_offset(&self, vdisk: Uuid, chunk: u64, block: u32) -> Option<u64> {
+        if self.thin.is_some() {
+            let (p, _) = self.thin_lookup(&(vdisk, chunk), block, 1)[0]?;
+            return Some(self.sb.layout.block_data_offset(p));
+        }
+        self.extent_offset(vdisk, chunk)
+            .map(|o| o + u64::from(block) * u64::from(BLOCK_SIZE))
+    }
+
     /// The in-memory state (never held across I/O).
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)

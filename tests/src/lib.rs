@@ -93,8 +93,9 @@ pub struct TestZone {
     pub bin: PathBuf,
     server: Option<tessera_api::ApiServer>,
     disk_size: u64,
-    /// The on-disk format of the nodes' disk files (`--format-version`).
-    format_version: u32,
+    /// The on-disk format of the nodes' disk files (`--format-version`);
+    /// `None`: the executable's default (older ones have no such flag).
+    format_version: Option<u32>,
 }
 
 /// Host name the test zone's nodes claim.
@@ -110,7 +111,7 @@ impl TestZone {
     /// Like [`TestZone::start`], with the API rebuilding a down node's
     /// copies elsewhere after `rebuild_after` (moves planned every 200 ms).
     pub async fn start_with(n: usize, disk_size: u64, rebuild_after: Duration) -> TestZone {
-        Self::start_full(n, disk_size, rebuild_after, tessera_bin(), 2).await
+        Self::start_full(n, disk_size, rebuild_after, tessera_bin(), None).await
     }
 
     /// Like [`TestZone::start`], with the nodes (and the vhost processes
@@ -118,7 +119,7 @@ impl TestZone {
     /// [`tessera_bin`]: for instance an older build, which talks to this
     /// process's API over HTTP like any node.
     pub async fn start_with_bin(n: usize, disk_size: u64, bin: PathBuf) -> TestZone {
-        Self::start_full(n, disk_size, Duration::from_secs(600), bin, 2).await
+        Self::start_full(n, disk_size, Duration::from_secs(600), bin, None).await
     }
 
     /// Like [`TestZone::start`], with the nodes' disk files formatted at
@@ -129,7 +130,7 @@ impl TestZone {
             disk_size,
             Duration::from_secs(600),
             tessera_bin(),
-            format_version,
+            Some(format_version),
         )
         .await
     }
@@ -139,7 +140,7 @@ impl TestZone {
         disk_size: u64,
         rebuild_after: Duration,
         bin: PathBuf,
-        format_version: u32,
+        format_version: Option<u32>,
     ) -> TestZone {
         // TESSERA_TEST_LOG=info shows the in-process API's and volumes' logs.
         if let Ok(filter) = std::env::var("TESSERA_TEST_LOG") {
@@ -267,16 +268,11 @@ impl TestZone {
             .arg(&node.disk)
             .arg("--disk-size")
             .arg(self.disk_size.to_string())
-            // Only when not the default: older executables (blkbench's
-            // base) do not know the flag.
+            // Only when asked for: older executables (blkbench's base) do
+            // not know the flag.
             .args(
-                (self.format_version != 2)
-                    .then(|| {
-                        [
-                            "--format-version".to_string(),
-                            self.format_version.to_string(),
-                        ]
-                    })
+                self.format_version
+                    .map(|v| ["--format-version".to_string(), v.to_string()])
                     .into_iter()
                     .flatten(),
             )

@@ -139,7 +139,8 @@ async fn corrupt(zone: &mut TestZone, i: usize, vdisk: uuid::Uuid, chunk: u64, b
     zone.stop_node(i);
     let offset = {
         let disk = tessera_chunkstore::Disk::open(&zone.nodes[i].disk).unwrap();
-        disk.extent_offset(vdisk, chunk).expect("chunk allocated")
+        disk.block_offset(vdisk, chunk, block as u32)
+            .expect("block allocated")
     };
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
@@ -147,7 +148,7 @@ async fn corrupt(zone: &mut TestZone, i: usize, vdisk: uuid::Uuid, chunk: u64, b
         .write(true)
         .open(&zone.nodes[i].disk)
         .unwrap();
-    let at = offset + block * 4096 + 100;
+    let at = offset + 100;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     b[0] ^= 0x5A;

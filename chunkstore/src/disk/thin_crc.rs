@@ -2,14 +2,17 @@
 //! ([`crate::crcjournal`]) and the crc table behind it.
 //!
 //! Locking: the journal's mutex guards its state and is never held across
-//! I/O. `committing` is held while a batch or a write-back is written, so
+//! I/O. `committing` is held while a batch is written, so
 //! [`Disk::commit`] returns only once every record appended before it is
 //! on the device (written by this call or by the one it waited for).
-//! `table` is held shared while a reader fills the crc cache from the
-//! table (read, then the dirty crcs over it) and exclusively while a
-//! write-back stores into the table and marks its crcs clean: a reader
-//! never takes a table value for a block whose newer crc was just marked
-//! clean. Order: chunk stripe → `committing` → `table` → the journal.
+//! `writing_back` makes write-backs one at a time; commits go on during
+//! one (its records are newer than the write-back's mark, or harmlessly
+//! rewrite a slot it no longer needs). `table` is held shared while a
+//! reader fills the crc cache from the table (read, then the dirty crcs
+//! over it) and exclusively while a write-back stores into the table and
+//! marks its crcs clean: a reader never takes a table value for a block
+//! whose newer crc was just marked clean. Order: chunk stripe →
+//! `writing_back` → `committing` → `table` → the journal.
 
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
@@ -30,6 +33,7 @@ const RUN_GAP: u64 = 1024;
 pub(super) struct CrcJournal {
     journal: Mutex<Journal>,
     committing: Mutex<()>,
+    writing_back: Mutex<()>,
     table: RwLock<()>,
 }
 
@@ -60,6 +64,7 @@ impl CrcJournal {
         let cj = CrcJournal {
             journal: Mutex::new(Journal::new(salt, cap, r)),
             committing: Mutex::new(()),
+            writing_back: Mutex::new(()),
             table: RwLock::new(()),
         };
         (cj, replayed)
@@ -145,7 +150,10 @@ impl Disk {
             return Ok(());
         };
         let cj = &t.crcs;
-        let _one = cj.committing();
+        let _one = cj
+            .writing_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (wb, salt) = {
             let mut j = cj.journal();
             if j.is_clean() {
