@@ -361,3 +361,64 @@ async fn a_lost_block_map_stays_untrusted_across_restarts() {
     }
     vol.close().await.unwrap();
 }
+
+/// A block whose newest crc is only in the crc journal (written, not
+/// flushed, the node killed): with that record damaged, replay drops it
+/// and the block fails its checksum — never reads as good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_crc_journal_record_fails_the_block() {
+    if !have_tessera() {
+        eprintln!("skipped: no tessera executable (set TESSERA_BIN or build it)");
+        return;
+    }
+    let mut zone = TestZone::start_formatted(1, 64 * MIB, 3).await;
+    zone.datastore("ds", 1).await;
+    let vdisk = zone.vdisk("ds", "v", 4 * MIB).await.uuid;
+    let vol = zone.open("ds", "v").await;
+    let a = pattern(11, 0, 8 * BLOCK);
+    vol.write(0, &a).await.unwrap();
+    zone.kill_node(0);
+    drop(vol);
+    let disk = zone.nodes[0].disk.clone();
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        let l = DiskLayout::read(&f).unwrap();
+        let map = l.thin_map(&f).unwrap();
+        let p = map.blocks(vdisk, 0).unwrap()[3].unwrap();
+        let crcs = l.thin_crcs(&f).unwrap();
+        let at = *crcs
+            .pending
+            .get(&p.phys)
+            .expect("the crc is in a journal record");
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at + 17).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], at + 17).unwrap();
+        let after = l.thin_crcs(&f).unwrap();
+        assert!(!after.pending.contains_key(&p.phys), "replay drops it");
+    }
+    zone.start_node(0);
+    zone.wait_nodes_up(1).await;
+    // The first writer was never closed: take its lease over (which reads
+    // back what it may have left half written: the chunk).
+    let mut cfg = zone.volume_config("ds", "v");
+    cfg.force = true;
+    let failed = match tessera_replicator::Volume::open(cfg).await {
+        Err(e) => format!("{e:?}"),
+        Ok(vol) => {
+            let mut back = vec![0u8; BLOCK];
+            let e = vol.read(3 * BLOCK as u64, &mut back).await.err();
+            let mut other = vec![0u8; BLOCK];
+            vol.read(2 * BLOCK as u64, &mut other).await.unwrap();
+            assert!(other == a[2 * BLOCK..3 * BLOCK]);
+            format!("{e:?}")
+        }
+    };
+    assert!(
+        failed.contains("Checksum") && failed.contains("chunk 0 block 3"),
+        "block 3 fails its checksum: {failed}"
+    );
+}
