@@ -6,7 +6,8 @@
 //! - [`procs`]: server processes (spawned, killed on drop) and their CPU time
 //!   from `/proc/PID/stat`;
 //! - [`checked`]: self-identifying block contents, a model of what each
-//!   block may read as, and a reader of a node's disk file (faultcampaign);
+//!   block may read as, and an independent reader of a node's disk file,
+//!   format versions 1 to 3 (faultcampaign);
 //! - [`machine`]: what the machine is (cores, memory, kernel, QEMU version).
 
 pub mod checked;

@@ -3,7 +3,8 @@
 //!
 //! Each *schedule* (seeded; `--seed S` replays one) starts a zone on this
 //! machine — `tessera api run`, four `tessera node run` on 127.0.0.2–5 with
-//! small disk files (node 0 on the vhost process's host: a local session;
+//! small disk files of on-disk format version 3 (`--format-version 2`:
+//! extents) (node 0 on the vhost process's host: a local session;
 //! the others over TCP), a `mirrors=2` or `mirrors=3` datastore and a thin
 //! vDisk served by `tessera vhost serve` — and drives it with a `blkio`
 //! client (`virtio-blk-vhost-user`) on several queues: writes whose every
@@ -20,8 +21,11 @@
 //! of the vhost process then a new one; a restart of the API server
 //! (`kill -9` or SIGTERM); bytes flipped in a stopped node's disk file (a
 //! data block, a block checksum, one or every copy of an extent record or
-//! of the vDisk's epoch slot, the primary superblock), followed by
-//! `tessera scrub`; a disk that fills
+//! of the vDisk's epoch slot, the primary superblock; on format 3 the
+//! extent record is the metadata log page holding the block's allocation,
+//! in one or both copies of the ring, or the checkpoint page holding it, in
+//! the newest or both checkpoint areas, and a checksum still in the crc
+//! journal is flipped there), followed by `tessera scrub`; a disk that fills
 //! up (the client writes past the prefilled range until the nodes answer
 //! NoSpace, then discards); and a node and the vhost process killed
 //! together.
@@ -55,7 +59,7 @@ use anyhow::{bail, ensure, Context, Result};
 use blkio::{iovec, Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use clap::Parser;
 use serde_json::Value;
-use tessera_bench::checked::{self, fill_block, DiskLayout, Model, ReadSnap, BLOCK};
+use tessera_bench::checked::{self, fill_block, DiskLayout, MapSource, Model, ReadSnap, BLOCK};
 use tessera_bench::load::splitmix64;
 use tessera_bench::machine::{utc_now, Machine};
 use tessera_bench::procs::{file_id, send_signal, Ready, Server};
@@ -119,6 +123,18 @@ struct Args {
     /// node+vhost-kill); replay such a run with the same list.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
+    /// Regions the corrupt faults flip bytes in (comma list of data, crc,
+    /// extent-record, extent-record-both, epoch-slot, epoch-slot-both,
+    /// superblock) [default: all, data twice as often]; replay such a run
+    /// with the same list.
+    #[arg(long, value_delimiter = ',')]
+    regions: Vec<String>,
+    /// The on-disk format of the nodes' disk files (`tessera node run
+    /// --format-version`): 3 (space taken 4 KiB at a time; the extent
+    /// record regions are then the metadata log and checkpoints) or 2
+    /// (extents).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
+    format_version: u32,
 }
 
 // ---------------------------------------------------------------- random
@@ -234,7 +250,9 @@ impl Fault {
         }
     }
 
-    fn random(kind: usize, rng: &mut Rng) -> Fault {
+    /// A fault of kind `kind`; a corruption in one of `regions` (empty:
+    /// any, data twice as often).
+    fn random(kind: usize, rng: &mut Rng, regions: &[Region]) -> Fault {
         let node = rng.below(NODES as u64) as usize;
         match kind {
             0 => Fault::NodeKill {
@@ -258,16 +276,20 @@ impl Fault {
             },
             5 => Fault::Corrupt {
                 copy: rng.below(3) as usize,
-                region: [
-                    Region::Data,
-                    Region::Data,
-                    Region::Crc,
-                    Region::ExtentRecord,
-                    Region::ExtentRecordBoth,
-                    Region::EpochSlot,
-                    Region::EpochSlotBoth,
-                    Region::Superblock,
-                ][rng.below(8) as usize],
+                region: if regions.is_empty() {
+                    [
+                        Region::Data,
+                        Region::Data,
+                        Region::Crc,
+                        Region::ExtentRecord,
+                        Region::ExtentRecordBoth,
+                        Region::EpochSlot,
+                        Region::EpochSlotBoth,
+                        Region::Superblock,
+                    ][rng.below(8) as usize]
+                } else {
+                    regions[rng.below(regions.len() as u64) as usize]
+                },
                 salt: rng.next(),
             },
             6 => Fault::DiskFull {
@@ -280,6 +302,16 @@ impl Fault {
         }
     }
 }
+
+const REGIONS: [Region; 7] = [
+    Region::Data,
+    Region::Crc,
+    Region::ExtentRecord,
+    Region::ExtentRecordBoth,
+    Region::EpochSlot,
+    Region::EpochSlotBoth,
+    Region::Superblock,
+];
 
 fn region_name(r: Region) -> &'static str {
     match r {
@@ -342,14 +374,23 @@ struct Plan {
     stripes: u32,
     queues: usize,
     depth: usize,
+    /// The nodes' on-disk format version (not from the seed).
+    format_version: u32,
     /// Workload time before each fault, and the fault.
     faults: Vec<(u64, Fault)>,
 }
 
 impl Plan {
-    /// The plan of `seed`; kinds named in `skip` are never drawn (a plan
-    /// with a skip list is another plan than without).
-    fn new(seed: u64, faults: Option<usize>, skip: &[String]) -> Plan {
+    /// The plan of `seed` on disks of `format_version`; kinds named in
+    /// `skip` are never drawn, corruptions only hit `regions` (empty: all):
+    /// a plan with either list is another plan than without.
+    fn new(
+        seed: u64,
+        format_version: u32,
+        faults: Option<usize>,
+        skip: &[String],
+        regions: &[Region],
+    ) -> Plan {
         let mut rng = Rng(splitmix64(seed));
         let mirrors = if rng.chance(25) { 3 } else { 2 };
         let stripes = rng.range(2, 4) as u32;
@@ -374,7 +415,7 @@ impl Plan {
                 } else {
                     allowed[rng.below(allowed.len() as u64) as usize]
                 };
-                (rng.range(500, 3000), Fault::random(kind, &mut rng))
+                (rng.range(500, 3000), Fault::random(kind, &mut rng, regions))
             })
             .collect();
         // At most one disk-full, and last: the disks stay nearly full after
@@ -394,6 +435,7 @@ impl Plan {
             stripes,
             queues,
             depth,
+            format_version,
             faults,
         }
     }
@@ -1138,10 +1180,12 @@ struct Zone {
     vhost: Option<Server>,
     socket: PathBuf,
     queues: usize,
+    /// The nodes' disk files' format version (`--format-version`).
+    format_version: u32,
 }
 
 impl Zone {
-    fn start(dir: &Path, queues: usize) -> Result<Zone> {
+    fn start(dir: &Path, queues: usize, format_version: u32) -> Result<Zone> {
         std::fs::create_dir_all(dir)?;
         let api_addr = free_addr(1)?;
         let mut z = Zone {
@@ -1155,6 +1199,7 @@ impl Zone {
             vhost: None,
             socket: dir.join("vdisk.sock"),
             queues,
+            format_version,
         };
         z.start_api()?;
         for i in 0..NODES {
@@ -1232,6 +1277,8 @@ impl Zone {
             &n.disk.display().to_string(),
             "--disk-size",
             &format!("{DISK_MIB}M"),
+            "--format-version",
+            &self.format_version.to_string(),
             "--api",
             &self.url,
             "--token-file",
@@ -1349,6 +1396,14 @@ struct Outcome {
     kinds: BTreeMap<String, u64>,
     stats: String,
     dir: Option<PathBuf>,
+}
+
+/// Where a disk file holds a vDisk's chunks, as read by `checked`.
+enum Held {
+    /// Formats 1 and 2: chunk → extent record.
+    Extents(BTreeMap<u64, checked::ExtentRec>),
+    /// Format 3: the block map and every block's stored crc.
+    Blocks(Box<(checked::ThinMap, checked::ThinCrcs)>),
 }
 
 struct Run {
@@ -1677,66 +1732,10 @@ impl Run {
             .write(true)
             .open(&self.zone.nodes[node].disk)?;
         let l = DiskLayout::read(&file)?;
-        let (extents, _) = l.extents(&file)?;
-        let r = *extents
-            .iter()
-            .find(|r| r.vdisk == self.vdisk && r.chunk == chunk)
-            .with_context(|| format!("node {node} has no extent for chunk {chunk}"))?;
-        let b = rng.below(l.extent_size / BLOCK as u64);
-        // The epoch slot of the vDisk (in the primary table).
-        let slot = || -> Result<u64> {
-            let mut table = vec![0u8; l.epoch_table.1 as usize];
-            file.read_exact_at(&mut table, l.epoch_table.0)?;
-            Ok(table
-                .chunks_exact(64)
-                .position(|s| &s[0..4] == b"TSEP" && s[8..24] == *self.vdisk.as_bytes())
-                .unwrap_or(0) as u64)
-        };
-        // (offset, bytes) flipped, what they are.
-        let mut record = |table: u64| (table + r.extent * 64 + rng.below(60), 1);
-        let (flips, what): (Vec<(u64, u64)>, String) = match region {
-            Region::Data => (
-                vec![(
-                    l.data_of(r.extent) + b * BLOCK as u64 + rng.below(BLOCK as u64 - 8),
-                    rng.range(1, 4),
-                )],
-                format!("chunk {} block {b} data", r.chunk),
-            ),
-            Region::Crc => (
-                vec![(l.crc_of(r.extent, b) + rng.below(4), 1)],
-                format!("chunk {} block {b} checksum", r.chunk),
-            ),
-            Region::ExtentRecord => (
-                vec![record(l.extent_table.0)],
-                format!("extent record of chunk {} (primary copy)", r.chunk),
-            ),
-            Region::ExtentRecordBoth => {
-                let mut v = vec![record(l.extent_table.0)];
-                if l.extent_mirror != 0 {
-                    v.push(record(l.extent_mirror));
-                }
-                (
-                    v,
-                    format!("extent record of chunk {} (every copy)", r.chunk),
-                )
-            }
-            Region::EpochSlot | Region::EpochSlotBoth => {
-                let slot = slot()?;
-                let mut v = vec![(l.epoch_table.0 + slot * 64 + rng.below(60), 1)];
-                if region == Region::EpochSlotBoth && l.epoch_mirror != 0 {
-                    v.push((l.epoch_mirror + slot * 64 + rng.below(60), 1));
-                }
-                let what = format!(
-                    "the vDisk's epoch slot {slot} ({})",
-                    if v.len() == 1 {
-                        "primary copy"
-                    } else {
-                        "every copy"
-                    }
-                );
-                (v, what)
-            }
-            Region::Superblock => (vec![(rng.below(128), 1)], "primary superblock".into()),
+        let (flips, what) = if l.thin.is_some() {
+            self.thin_flips(&file, &l, node, chunk, region, &mut rng)?
+        } else {
+            self.extent_flips(&file, &l, node, chunk, region, &mut rng)?
         };
         for &(offset, len) in &flips {
             let mut bytes = vec![0u8; len as usize];
@@ -1776,6 +1775,257 @@ impl Run {
         self.inspect_copies("after corruption and scrub");
         self.restart_vhost(false)?;
         Ok(())
+    }
+
+    /// Where to flip bytes in a format-v1/v2 disk file (`region` of chunk
+    /// `chunk`): `(offset, length)` pairs, and what they are.
+    fn extent_flips(
+        &self,
+        file: &std::fs::File,
+        l: &DiskLayout,
+        node: usize,
+        chunk: u64,
+        region: Region,
+        rng: &mut Rng,
+    ) -> Result<(Vec<(u64, u64)>, String)> {
+        let (extents, _) = l.extents(file)?;
+        let r = *extents
+            .iter()
+            .find(|r| r.vdisk == self.vdisk && r.chunk == chunk)
+            .with_context(|| format!("node {node} has no extent for chunk {chunk}"))?;
+        let b = rng.below(l.extent_size / BLOCK as u64);
+        // (offset, bytes) flipped, what they are.
+        let mut record = |table: u64| (table + r.extent * 64 + rng.below(60), 1);
+        Ok(match region {
+            Region::Data => (
+                vec![(
+                    l.data_of(r.extent) + b * BLOCK as u64 + rng.below(BLOCK as u64 - 8),
+                    rng.range(1, 4),
+                )],
+                format!("chunk {} block {b} data", r.chunk),
+            ),
+            Region::Crc => (
+                vec![(l.crc_of(r.extent, b) + rng.below(4), 1)],
+                format!("chunk {} block {b} checksum", r.chunk),
+            ),
+            Region::ExtentRecord => (
+                vec![record(l.extent_table.0)],
+                format!("extent record of chunk {} (primary copy)", r.chunk),
+            ),
+            Region::ExtentRecordBoth => {
+                let mut v = vec![record(l.extent_table.0)];
+                if l.extent_mirror != 0 {
+                    v.push(record(l.extent_mirror));
+                }
+                (
+                    v,
+                    format!("extent record of chunk {} (every copy)", r.chunk),
+                )
+            }
+            Region::EpochSlot | Region::EpochSlotBoth | Region::Superblock => {
+                self.shared_flips(file, l, region, rng)?
+            }
+        })
+    }
+
+    /// The flips of the regions both formats share: the vDisk's epoch slot
+    /// (one or both copies) and the primary superblock.
+    fn shared_flips(
+        &self,
+        file: &std::fs::File,
+        l: &DiskLayout,
+        region: Region,
+        rng: &mut Rng,
+    ) -> Result<(Vec<(u64, u64)>, String)> {
+        if region == Region::Superblock {
+            return Ok((vec![(rng.below(128), 1)], "primary superblock".into()));
+        }
+        // The epoch slot of the vDisk (in the primary table).
+        let mut table = vec![0u8; l.epoch_table.1 as usize];
+        file.read_exact_at(&mut table, l.epoch_table.0)?;
+        let slot = table
+            .chunks_exact(64)
+            .position(|s| &s[0..4] == b"TSEP" && s[8..24] == *self.vdisk.as_bytes())
+            .unwrap_or(0) as u64;
+        let mut v = vec![(l.epoch_table.0 + slot * 64 + rng.below(60), 1)];
+        if region == Region::EpochSlotBoth && l.epoch_mirror != 0 {
+            v.push((l.epoch_mirror + slot * 64 + rng.below(60), 1));
+        }
+        let what = format!(
+            "the vDisk's epoch slot {slot} ({})",
+            if v.len() == 1 {
+                "primary copy"
+            } else {
+                "every copy"
+            }
+        );
+        Ok((v, what))
+    }
+
+    /// Where to flip bytes in a format-v3 disk file (`region` of a block of
+    /// chunk `chunk` the node holds): `(offset, length)` pairs, and what
+    /// they are. The extent-record regions become the metadata log page
+    /// (one copy of the ring, or both) or the checkpoint page (the newest
+    /// area, or both areas) holding the block's allocation record.
+    fn thin_flips(
+        &self,
+        file: &std::fs::File,
+        l: &DiskLayout,
+        node: usize,
+        chunk: u64,
+        region: Region,
+        rng: &mut Rng,
+    ) -> Result<(Vec<(u64, u64)>, String)> {
+        let map = l.thin_map(file)?;
+        let blocks = map
+            .blocks(self.vdisk, chunk)
+            .with_context(|| format!("node {node} holds no block of chunk {chunk}"))?;
+        let bpc = blocks.len() as u64;
+        let b0 = rng.below(bpc);
+        let (b, place) = (0..bpc)
+            .map(|i| (b0 + i) % bpc)
+            .find_map(|b| blocks[b as usize].map(|p| (b, p)))
+            .context("no block held")?;
+        let untrusted = if map.untrusted() {
+            " (the map on this disk was already not whole)"
+        } else {
+            ""
+        };
+        let run = format!(
+            "blocks {}..{} of chunk {chunk} at physical blocks {}..{}, generation {}",
+            place.first,
+            place.first + place.count,
+            place.phys - u64::from(b as u32 - place.first),
+            place.phys - u64::from(b as u32 - place.first) + u64::from(place.count),
+            place.generation
+        );
+        Ok(match region {
+            Region::Data => (
+                vec![(
+                    l.block_data(place.phys) + rng.below(BLOCK as u64 - 8),
+                    rng.range(1, 4),
+                )],
+                format!(
+                    "chunk {chunk} block {b} data (physical block {}){untrusted}",
+                    place.phys
+                ),
+            ),
+            Region::Crc => {
+                let crcs = l.thin_crcs(file)?;
+                match crcs.pending.get(&place.phys) {
+                    Some(&at) => (
+                        vec![(at + rng.below(32), 1)],
+                        format!(
+                            "chunk {chunk} block {b} checksum: its crc journal record (physical block {}, after the applied mark {}: not in the crc table yet; replay drops it)",
+                            place.phys,
+                            crcs.journal.header.map_or(0, |h| h.1)
+                        ),
+                    ),
+                    None => (
+                        vec![(l.block_crc(place.phys) + rng.below(4), 1)],
+                        format!(
+                            "chunk {chunk} block {b} checksum (crc table entry of physical block {})",
+                            place.phys
+                        ),
+                    ),
+                }
+            }
+            Region::ExtentRecord | Region::ExtentRecordBoth => {
+                let both = region == Region::ExtentRecordBoth;
+                match place.source {
+                    MapSource::Log { pos, seq, slot } => {
+                        let copies: Vec<usize> = if both {
+                            vec![0, 1]
+                        } else {
+                            vec![rng.below(2) as usize]
+                        };
+                        let mut v = Vec::new();
+                        for c in &copies {
+                            v.push((l.log_record(*c, pos, slot)? + rng.below(64), 1));
+                        }
+                        let live = map.log_pages.len();
+                        let newest = map.log_pages.last().map_or(0, |p| p.1);
+                        (
+                            v,
+                            format!(
+                                "metadata log page {seq} (ring position {pos}; {}), record {slot}: the allocation of {run}; the live log has {live} page(s), the newest {newest}{untrusted}",
+                                if both {
+                                    "both copies of the ring".to_string()
+                                } else {
+                                    format!(
+                                        "the {} copy of the ring only",
+                                        ["first", "second"][copies[0]]
+                                    )
+                                }
+                            ),
+                        )
+                    }
+                    MapSource::Checkpoint { area, page, slot } => {
+                        let newest = map.checkpoint.as_ref().context("a checkpoint")?;
+                        let mut v =
+                            vec![(l.checkpoint_record(area, page, slot)? + rng.below(64), 1)];
+                        let mut what = format!(
+                            "checkpoint area {area} (the newest checkpoint, seq {}, {} page(s)), page {page} record {slot}: the allocation of {run}",
+                            newest.seq, newest.pages
+                        );
+                        match (&map.older, both) {
+                            (Some(o), true) => {
+                                // The older checkpoint's page holding the same
+                                // block, else its first page.
+                                let hit = o.records.iter().find(|(_, _, r)| match *r {
+                                    checked::MapRecord::Alloc {
+                                        vdisk,
+                                        chunk: c,
+                                        first,
+                                        count,
+                                        ..
+                                    } => {
+                                        vdisk == self.vdisk
+                                            && c == chunk
+                                            && (first..first.saturating_add(count))
+                                                .contains(&(b as u32))
+                                    }
+                                    checked::MapRecord::Free { .. } => false,
+                                });
+                                let (p, at) = match hit {
+                                    Some(&(p, s, _)) => {
+                                        (p, l.checkpoint_record(o.area, p, s)? + rng.below(64))
+                                    }
+                                    None => (0, l.thin()?.checkpoints[o.area] + rng.below(40)),
+                                };
+                                v.push((at, 1));
+                                let _ = write!(
+                                    what,
+                                    "; and area {} (the older checkpoint, seq {}), page {p} ({})",
+                                    o.area,
+                                    o.seq,
+                                    if hit.is_some() {
+                                        "the record of the same block"
+                                    } else {
+                                        "its header: the block is in no record there"
+                                    }
+                                );
+                            }
+                            (Some(o), false) => {
+                                let _ = write!(
+                                    what,
+                                    "; area {} holds the older checkpoint, seq {} (replay must start there)",
+                                    o.area, o.seq
+                                );
+                            }
+                            (None, _) => {
+                                what.push_str("; the other area holds no whole checkpoint");
+                            }
+                        }
+                        what.push_str(untrusted);
+                        (v, what)
+                    }
+                }
+            }
+            Region::EpochSlot | Region::EpochSlotBoth | Region::Superblock => {
+                self.shared_flips(file, l, region, rng)?
+            }
+        })
     }
 
     fn stop_vhost_cleanly(&mut self) {
@@ -1868,23 +2118,41 @@ impl Run {
 
     fn inspect_copies_inner(&mut self, what: &str) -> Result<()> {
         let groups = self.groups()?;
-        // disk uuid → (node, file, layout, chunk → extent)
+        // disk uuid → (node, file, layout, where its chunks are)
         let mut disks = BTreeMap::new();
         for (i, n) in self.zone.nodes.iter().enumerate() {
             let f = std::fs::File::open(&n.disk)?;
             let l = DiskLayout::read(&f)?;
-            let (ext, damaged) = l.extents(&f)?;
-            if damaged > 0 {
-                self.notes.push(format!(
-                    "{what}: node {i}'s extent table has {damaged} damaged record(s)"
-                ));
-            }
-            let map: BTreeMap<u64, checked::ExtentRec> = ext
-                .iter()
-                .filter(|r| r.vdisk == self.vdisk)
-                .map(|r| (r.chunk, *r))
-                .collect();
-            disks.insert(l.disk.to_string(), (i, f, l, map));
+            let held = if l.thin.is_some() {
+                let map = l.thin_map(&f)?;
+                if map.untrusted() {
+                    self.notes.push(format!(
+                        "{what}: node {i}'s block map does not read back whole ({}{} inconsistent record(s){})",
+                        if map.lost { "flushed records lost, " } else { "" },
+                        map.inconsistent.len(),
+                        map.inconsistent
+                            .first()
+                            .map(|r| format!(", first: {}", first_chars(r, 200)))
+                            .unwrap_or_default()
+                    ));
+                }
+                let crcs = l.thin_crcs(&f)?;
+                Held::Blocks(Box::new((map, crcs)))
+            } else {
+                let (ext, damaged) = l.extents(&f)?;
+                if damaged > 0 {
+                    self.notes.push(format!(
+                        "{what}: node {i}'s extent table has {damaged} damaged record(s)"
+                    ));
+                }
+                Held::Extents(
+                    ext.iter()
+                        .filter(|r| r.vdisk == self.vdisk)
+                        .map(|r| (r.chunk, *r))
+                        .collect(),
+                )
+            };
+            disks.insert(l.disk.to_string(), (i, f, l, held));
         }
         let chunk = MIB;
         let bpc = chunk / BLOCK as u64;
@@ -1899,7 +2167,7 @@ impl Run {
                 .begin_read(c * bpc, bpc);
             let mut first: Option<(String, Vec<u8>)> = None;
             for d in group {
-                let Some((node, f, l, map)) = disks.get(d) else {
+                let Some((node, f, l, held)) = disks.get(d) else {
                     self.sh.violation(
                         "copies",
                         format!("{what}: disk {d} of the placement is on no node"),
@@ -1908,31 +2176,54 @@ impl Run {
                     continue;
                 };
                 let mut data = vec![0u8; chunk as usize];
-                match map.get(&c) {
-                    Some(rec) => {
-                        f.read_exact_at(&mut data, l.data_of(rec.extent))?;
-                        let mut crcs = vec![0u8; bpc as usize * 4];
-                        f.read_exact_at(&mut crcs, l.crc_of(rec.extent, 0))?;
-                        let tag = rec.tag();
-                        for (b, (blk, crc)) in data
-                            .chunks_exact(BLOCK)
-                            .zip(crcs.chunks_exact(4))
-                            .enumerate()
-                        {
-                            let stored = u32::from_le_bytes(crc.try_into()?);
-                            if stored != checked::crc32c(blk) ^ tag && problems < 20 {
-                                problems += 1;
-                                self.sh.violation(
-                                    "copies",
-                                    format!(
-                                        "{what}: node {node} disk {d} chunk {c} block {b}: stored checksum does not match the data"
-                                    ),
-                                );
+                // Per block: (stored crc, tag), for the blocks that hold data.
+                let mut stored: Vec<Option<(u32, u32)>> = vec![None; bpc as usize];
+                let holds = match held {
+                    Held::Extents(map) => match map.get(&c) {
+                        Some(rec) => {
+                            f.read_exact_at(&mut data, l.data_of(rec.extent))?;
+                            let mut crcs = vec![0u8; bpc as usize * 4];
+                            f.read_exact_at(&mut crcs, l.crc_of(rec.extent, 0))?;
+                            for (s, crc) in stored.iter_mut().zip(crcs.chunks_exact(4)) {
+                                *s = Some((u32::from_le_bytes(crc.try_into()?), rec.tag()));
                             }
+                            true
+                        }
+                        // Unallocated: reads as zeros.
+                        None => false,
+                    },
+                    Held::Blocks(b) => {
+                        let (map, crcs) = &**b;
+                        match map.blocks(self.vdisk, c) {
+                            Some(places) => {
+                                for (i, p) in places.iter().enumerate() {
+                                    // A block that holds nothing reads as zeros.
+                                    let Some(p) = p else { continue };
+                                    let at = i * BLOCK;
+                                    f.read_exact_at(
+                                        &mut data[at..at + BLOCK],
+                                        l.block_data(p.phys),
+                                    )?;
+                                    let tag =
+                                        checked::block_tag(self.vdisk, c, p.generation, i as u32);
+                                    stored[i] = Some((crcs.crcs[p.phys as usize], tag));
+                                }
+                                true
+                            }
+                            None => false,
                         }
                     }
-                    None => {
-                        // Unallocated: reads as zeros.
+                };
+                for (b, (blk, s)) in data.chunks_exact(BLOCK).zip(&stored).enumerate() {
+                    let Some((crc, tag)) = s else { continue };
+                    if *crc != checked::crc32c(blk) ^ tag && problems < 20 {
+                        problems += 1;
+                        self.sh.violation(
+                            "copies",
+                            format!(
+                                "{what}: node {node} disk {d} chunk {c} block {b}: stored checksum does not match the data"
+                            ),
+                        );
                     }
                 }
                 let bad = self
@@ -1947,7 +2238,11 @@ impl Run {
                         "copies",
                         format!(
                             "{what}: the copy on node {node} (disk {d}) of chunk {c}{}: {} bad blocks, first: {m}",
-                            if map.contains_key(&c) { "" } else { " (no extent)" },
+                            match (holds, held) {
+                                (true, _) => "",
+                                (false, Held::Extents(_)) => " (no extent)",
+                                (false, Held::Blocks(_)) => " (no block held)",
+                            },
                             bad.len()
                         ),
                     );
@@ -2076,8 +2371,9 @@ impl Run {
 fn run_schedule(args: &Args, plan: Plan, index: usize) -> Outcome {
     let t0 = Instant::now();
     eprintln!(
-        "faultcampaign: schedule {index}: seed {} (mirrors={}, stripes={}, {} queues × depth {}): {}",
+        "faultcampaign: schedule {index}: seed {} (format {}, mirrors={}, stripes={}, {} queues × depth {}): {}",
         plan.seed,
+        plan.format_version,
         plan.mirrors,
         plan.stripes,
         plan.queues,
@@ -2162,7 +2458,7 @@ fn schedule_body(
     notes_out: &mut Vec<String>,
     faults_out: &mut Vec<String>,
 ) -> Result<()> {
-    let zone = Zone::start(dir, plan.queues)?;
+    let zone = Zone::start(dir, plan.queues, plan.format_version)?;
     let ds = zone.cli(
         &[
             "datastore",
@@ -2343,8 +2639,14 @@ fn report(args: &Args, outcomes: &[Outcome], wall: f64, command: &str) -> String
     );
     let _ = writeln!(
         md,
-        "`{command}`: {} schedule(s) in {wall:.0} s. Each: a zone of real processes ({NODES} storage nodes with {DISK_MIB} MiB disk files on 127.0.0.2–5, node 0 on the vhost host, the API server), a {VDISK_MIB} MiB thin vDisk served by `tessera vhost serve`, a blkio client checking every read against a model of acknowledged writes over the first {RANGE_MIB} MiB (written whole first; its last {COLD_MIB} MiB only read afterwards, where bytes are flipped); faults one at a time, healthy in between; at the end a full read, `tessera scrub`, every copy read from the disk files, and a full read through a new vhost process.\n",
-        outcomes.len()
+        "`{command}`: {} schedule(s) in {wall:.0} s on disks of **on-disk format version {}**{}. Each: a zone of real processes ({NODES} storage nodes with {DISK_MIB} MiB disk files on 127.0.0.2–5, node 0 on the vhost host, the API server), a {VDISK_MIB} MiB thin vDisk served by `tessera vhost serve`, a blkio client checking every read against a model of acknowledged writes over the first {RANGE_MIB} MiB (written whole first; its last {COLD_MIB} MiB only read afterwards, where bytes are flipped); faults one at a time, healthy in between; at the end a full read, `tessera scrub`, every copy read from the disk files, and a full read through a new vhost process.\n",
+        outcomes.len(),
+        args.format_version,
+        if args.format_version >= 3 {
+            " (space taken 4 KiB at a time; the block map in a metadata log and checkpoints, block crcs through a crc journal)"
+        } else {
+            " (extents)"
+        }
     );
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for o in outcomes {
@@ -2438,7 +2740,6 @@ fn report(args: &Args, outcomes: &[Outcome], wall: f64, command: &str) -> String
         }
         let _ = writeln!(md);
     }
-    let _ = args;
     md
 }
 
@@ -2454,6 +2755,21 @@ fn main() -> Result<()> {
         );
     }
     ensure!(args.skip.len() < KINDS.len(), "--skip leaves no fault kind");
+    let regions = args
+        .regions
+        .iter()
+        .map(|r| {
+            REGIONS
+                .into_iter()
+                .find(|x| region_name(*x) == r)
+                .with_context(|| {
+                    format!(
+                        "--regions {r}: the regions are {}",
+                        REGIONS.map(region_name).join(", ")
+                    )
+                })
+        })
+        .collect::<Result<Vec<Region>>>()?;
     let bin = tessera_bin();
     ensure!(bin.is_file(), "{} is missing", bin.display());
     let seeds: Vec<u64> = match args.seed {
@@ -2483,10 +2799,17 @@ fn main() -> Result<()> {
                 break;
             }
         }
-        let plan = Plan::new(*seed, args.faults, &args.skip);
+        let plan = Plan::new(
+            *seed,
+            args.format_version,
+            args.faults,
+            &args.skip,
+            &regions,
+        );
         if args.dry_run {
             println!(
-                "seed {seed}: mirrors={} stripes={} {}×QD{}: {}",
+                "seed {seed}: format {} mirrors={} stripes={} {}×QD{}: {}",
+                plan.format_version,
                 plan.mirrors,
                 plan.stripes,
                 plan.queues,
