@@ -421,6 +421,7 @@ impl BlockMap {
                     )))
                 }
             }
+            Record::Trusted { .. } => Ok(()),
         }
     }
 }

@@ -11,8 +11,11 @@
 //!   16 8 ring position of that page
 //!   24 4 this page's index   28 4 pages in the checkpoint
 //!   32 8 generation floor: above every generation the map holds
-//!   40 63 × 64 records (as in the log: one `Alloc` per run)
-//! 4072 20 reserved (zero)
+//!   40 63 × 64 records (as in the log: one `Alloc` per run; while the map
+//!      is lost, one `Trusted` per chunk written whole since)
+//! 4072 4 lost: 1 if the map was not read back whole at some open (every
+//!      chunk not `Trusted` reads as an error), else 0
+//! 4076 16 reserved (zero)
 //! 4092 4 crc32c
 //! ```
 //!
@@ -37,9 +40,16 @@ pub(crate) struct Checkpoint {
     pub seq: u64,
     pub pos: u64,
     pub generation_floor: u64,
-    /// One `Alloc` per run of the map.
+    /// One `Alloc` per run of the map (and, while `lost`, one `Trusted` per
+    /// chunk written whole since the loss).
     pub records: Vec<Record>,
+    /// The map was not read back whole at some open, and is not trusted
+    /// since, but for the `Trusted` chunks.
+    pub lost: bool,
 }
+
+/// Where a page keeps the lost flag.
+const LOST_AT: usize = 4072;
 
 /// The map's runs as `Alloc` records, by chunk.
 pub(crate) fn records_of(map: &BlockMap) -> Vec<Record> {
@@ -76,6 +86,7 @@ pub(crate) fn encode(c: &Checkpoint) -> Vec<Box<[u8; PAGE]>> {
             put_u32(&mut page[..], 24, i as u32);
             put_u32(&mut page[..], 28, total as u32);
             put_u64(&mut page[..], 32, c.generation_floor);
+            put_u32(&mut page[..], LOST_AT, u32::from(c.lost));
             for (j, r) in records.iter().enumerate() {
                 let at = HEADER + j * RECORD;
                 encode_record(r, &mut page[at..at + RECORD]);
@@ -93,6 +104,7 @@ struct PageHead {
     index: u32,
     total: u32,
     floor: u64,
+    lost: bool,
 }
 
 fn head(page: &[u8]) -> Option<PageHead> {
@@ -111,18 +123,22 @@ fn head(page: &[u8]) -> Option<PageHead> {
         index: get_u32(page, 24),
         total: get_u32(page, 28),
         floor: get_u64(page, 32),
+        lost: get_u32(page, LOST_AT) == 1,
     };
-    (n <= RECORDS_PER_PAGE && h.index < h.total).then_some(h)
+    (n <= RECORDS_PER_PAGE && h.index < h.total && get_u32(page, LOST_AT) <= 1).then_some(h)
 }
 
 fn records(page: &[u8], n: usize) -> Option<Vec<Record>> {
-    if page[HEADER + n * RECORD..PAGE - 4].iter().any(|b| *b != 0) {
+    if page[HEADER + n * RECORD..LOST_AT].iter().any(|b| *b != 0)
+        || page[LOST_AT + 4..PAGE - 4].iter().any(|b| *b != 0)
+    {
         return None;
     }
     (0..n)
         .map(|j| {
             let at = HEADER + j * RECORD;
-            decode_record(&page[at..at + RECORD]).filter(|r| matches!(r, Record::Alloc { .. }))
+            decode_record(&page[at..at + RECORD])
+                .filter(|r| matches!(r, Record::Alloc { .. } | Record::Trusted { .. }))
         })
         .collect()
 }
@@ -144,6 +160,7 @@ pub(crate) fn decode(
         pos: h.pos,
         generation_floor: h.floor,
         records: records(&first, h.n)?,
+        lost: h.lost,
     };
     for i in 1..h.total {
         let page = read(i)?;
@@ -152,7 +169,8 @@ pub(crate) fn decode(
             && p.total == h.total
             && p.seq == h.seq
             && p.pos == h.pos
-            && p.floor == h.floor;
+            && p.floor == h.floor
+            && p.lost == h.lost;
         if !same {
             return None;
         }
@@ -196,6 +214,7 @@ mod tests {
             pos: seq % 17,
             generation_floor: 1 << 32,
             records: records_of(&map()),
+            lost: seq % 2 == 0,
         }
     }
 

@@ -59,6 +59,7 @@ const DURABLE_AT: usize = 4048;
 pub(crate) const RECORD: usize = 64;
 const KIND_ALLOC: u8 = 1;
 const KIND_FREE: u8 = 2;
+const KIND_TRUSTED: u8 = 3;
 
 /// One change of the block map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +85,10 @@ pub(crate) enum Record {
         count: u32,
         phys: u64,
     },
+    /// The map was not read back whole, and `(vdisk, chunk)` was written
+    /// (or discarded) whole since: it is trusted again (the map itself
+    /// does not change).
+    Trusted { vdisk: Uuid, chunk: u64 },
 }
 
 /// Why a page is not a valid log page.
@@ -142,11 +147,23 @@ pub(crate) fn encode_record(r: &Record, out: &mut [u8]) {
             put_u32(out, 32, first);
             put_u64(out, 40, phys);
         }
+        Record::Trusted { vdisk, chunk } => {
+            out[0] = KIND_TRUSTED;
+            put_uuid(out, 8, &vdisk);
+            put_u64(out, 24, chunk);
+        }
     }
 }
 
 /// Decodes one record ([`RECORD`] bytes), validating every field.
 pub(crate) fn decode_record(b: &[u8]) -> Option<Record> {
+    if b[0] == KIND_TRUSTED {
+        let zero = |r: std::ops::Range<usize>| b[r].iter().all(|x| *x == 0);
+        return (zero(1..8) && zero(32..RECORD)).then(|| Record::Trusted {
+            vdisk: get_uuid(b, 8),
+            chunk: get_u64(b, 24),
+        });
+    }
     let count = get_u32(b, 4);
     if count == 0 || b[1..4] != [0; 3] || get_u32(b, 36) != 0 || get_u64(b, 56) != 0 {
         return None;

@@ -146,6 +146,26 @@ impl State {
         self.damaged.index_lost = true;
     }
 
+    /// Loader (format v3, map not whole): `key` was written whole since.
+    pub(crate) fn load_trusted(&mut self, key: ChunkKey) {
+        self.damaged.resolved.insert(key);
+    }
+
+    /// Whether the block map (format v3) was not read back whole.
+    pub(crate) fn index_lost(&self) -> bool {
+        self.damaged.index_lost
+    }
+
+    /// The chunks trusted again since the map was lost, sorted.
+    pub(crate) fn trusted_chunks(&self) -> Vec<ChunkKey> {
+        if !self.damaged.index_lost {
+            return Vec::new();
+        }
+        let mut v: Vec<ChunkKey> = self.damaged.resolved.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// A fresh generation for a chunk's new life; `None` if none is
     /// reserved.
     pub(crate) fn take_generation(&mut self) -> Option<u64> {

@@ -211,7 +211,22 @@ impl Disk {
     /// The chunk's content was just set whole: damaged extents that named it
     /// as their owner are freed (their records written free).
     fn resolve(&self, key: ChunkKey) -> Result<(), Error> {
-        let extents = self.state().resolve(key);
+        let (extents, lost) = {
+            let mut st = self.state();
+            (st.resolve(key), st.index_lost())
+        };
+        if let (Some(t), true) = (&self.thin, lost) {
+            // Format v3 with the map lost: the chunk's trust outlives a
+            // restart (the checkpoints of a lost map say which chunks).
+            let mut ix = t.index();
+            self.log(
+                &mut ix,
+                &[crate::mlog::Record::Trusted {
+                    vdisk: key.0,
+                    chunk: key.1,
+                }],
+            )?;
+        }
         self.free_damaged(&extents);
         Ok(())
     }

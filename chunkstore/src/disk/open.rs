@@ -382,6 +382,9 @@ impl Disk {
                     "the block map was not read back whole: every chunk reads as an error until it is written whole"
                 );
                 state.load_index_lost();
+                for key in &loaded.trusted {
+                    state.load_trusted(*key);
+                }
             }
             floor = floor.max(loaded.generation_floor);
             thin = Some(t);

@@ -83,6 +83,8 @@ pub(super) struct Loaded {
     pub records_replayed: usize,
     pub inconsistent: usize,
     pub generation_floor: u64,
+    /// Chunks written whole since the map was lost (see `lost`).
+    pub trusted: Vec<Key>,
     /// Crc journal records replayed.
     pub crcs_replayed: usize,
     /// The map could not be read back whole (both checkpoint areas
@@ -128,9 +130,16 @@ impl Thin {
                     pos: 0,
                     generation_floor: 0,
                     records: Vec::new(),
+                    lost: true,
                 }
             }
         };
+        // Lost at an earlier open: still not trusted (the log after the
+        // checkpoint is replayed as usual).
+        let lost_before = c.lost && !lost;
+        if lost_before {
+            tracing::error!("the block map was lost at an earlier open and is still not trusted");
+        }
         loaded.checkpoint_seq = c.seq;
         loaded.generation_floor = c.generation_floor;
         for r in &c.records {
@@ -163,6 +172,11 @@ impl Thin {
         }
         loaded.pages_replayed = replayed.pages;
         loaded.records_replayed = replayed.records.len();
+        for r in c.records.iter().chain(&replayed.records) {
+            if let Record::Trusted { vdisk, chunk } = r {
+                loaded.trusted.push((*vdisk, *chunk));
+            }
+        }
         for r in &replayed.records {
             if let Record::Alloc { generation, .. } = r {
                 loaded.generation_floor = loaded.generation_floor.max(generation + 1);
@@ -172,14 +186,29 @@ impl Thin {
                 loaded.inconsistent += 1;
             }
         }
-        loaded.lost = lost || loaded.inconsistent > 0;
+        loaded.lost = lost || lost_before || loaded.inconsistent > 0;
         // Pages after the end of the replay may hold records never made
         // durable, with the sequence numbers that come next. The log goes
         // on a lap's worth of numbers later, so none of them can ever be
         // taken for a page of this session: every page written before has
         // a number below the checkpoint's plus a lap. The checkpoint
         // written at open starts the replay there.
-        let jump = replayed.next_seq + t.log_pages;
+        let mut jump = replayed.next_seq + t.log_pages;
+        if lost || replayed.lost || loaded.inconsistent > 0 {
+            // The replay did not reach the end of the log: pages of any
+            // number may be in the ring. Go a lap past the highest.
+            let highest = (0..t.log_pages)
+                .flat_map(|pos| {
+                    t.logs()
+                        .into_iter()
+                        .filter_map(move |ring| read_page(dev, ring + pos * BS))
+                })
+                .filter_map(|page| mlog::decode_page(&page).ok())
+                .map(|p| p.seq)
+                .max()
+                .unwrap_or(0);
+            jump = jump.max(highest + 1 + t.log_pages);
+        }
         let log = LogWriter::new(t.log_pages, replayed.next_pos, jump, replayed.next_pos);
         let (crcs, crcs_replayed) = super::thin_crc::CrcJournal::load(dev, &t, salt);
         loaded.crcs_replayed = crcs_replayed;
@@ -227,6 +256,7 @@ impl Thin {
             pos: 0,
             generation_floor: 1,
             records: Vec::new(),
+            lost: false,
         };
         for (i, page) in ckpt::encode(&empty).iter().enumerate() {
             dev.write_at(&page[..], t.checkpoint_offsets[0] + i as u64 * BS)
@@ -313,11 +343,27 @@ impl Disk {
     fn snapshot(&self, ix: &mut MutexGuard<'_, Index>) -> (Checkpoint, usize) {
         ix.log.sealed();
         let (pos, seq) = ix.log.position();
+        let (lost, trusted, generation_floor) = {
+            let st = self.state();
+            (st.index_lost(), st.trusted_chunks(), st.next_generation())
+        };
+        let mut records = ckpt::records_of(&ix.map);
+        if lost {
+            // Room permitting (a chunk left out is only untrusted again).
+            let room = self.thin().regions.checkpoint_pages as usize * mlog::RECORDS_PER_PAGE;
+            let n = trusted.len().min(room.saturating_sub(records.len()));
+            records.extend(
+                trusted[..n]
+                    .iter()
+                    .map(|&(vdisk, chunk)| Record::Trusted { vdisk, chunk }),
+            );
+        }
         let c = Checkpoint {
             seq,
             pos,
-            generation_floor: self.state().next_generation(),
-            records: ckpt::records_of(&ix.map),
+            generation_floor,
+            records,
+            lost,
         };
         (c, ix.next_area)
     }

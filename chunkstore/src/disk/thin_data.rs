@@ -277,7 +277,7 @@ impl Disk {
             .iter()
             .map(|r| match r {
                 Record::Free { count, .. } => u64::from(*count),
-                Record::Alloc { .. } => 0,
+                Record::Alloc { .. } | Record::Trusted { .. } => 0,
             })
             .sum())
     }
