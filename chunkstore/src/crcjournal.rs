@@ -44,7 +44,7 @@ pub(crate) const RECORD: usize = 32;
 pub(crate) const HEADER_PAGES: u64 = 2;
 const PAGE: usize = 4096;
 const HEADER_MAGIC: &[u8; 8] = b"TSCRCJNL";
-const HEADER_LEN: usize = 32;
+const HEADER_LEN: usize = 40;
 
 /// Journal pages (headers and ring) for `blocks` data blocks: a record
 /// per 64 blocks, at least a page's worth (128) and at most 65,536 records
@@ -105,25 +105,45 @@ pub(crate) fn decode_record(b: &[u8], salt: u32) -> Option<Entry> {
     })
 }
 
-/// A header copy: write-back number `serial`, records up to `applied` are
-/// in the table.
-pub(crate) fn encode_header(serial: u64, applied: u64, salt: u32) -> [u8; HEADER_LEN] {
+/// A header copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Header {
+    /// Header writes so far (the copy with the highest rules).
+    pub serial: u64,
+    /// Every record up to this one is in the crc table.
+    pub applied: u64,
+    /// Every page of the metadata log numbered below this was durable
+    /// (written after an fdatasync): a replay that stops below it lost
+    /// flushed pages, even when no later page says so.
+    pub log_durable: u64,
+}
+
+/// Encodes a header copy (`magic, serial, applied, log_durable, check`).
+pub(crate) fn encode_header(h: &Header, salt: u32) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[..8].copy_from_slice(HEADER_MAGIC);
-    put_u64(&mut b, 8, serial);
-    put_u64(&mut b, 16, applied);
-    let check = tessera_crc::crc32c(&b[..28]) ^ salt;
-    put_u32(&mut b, 28, check);
+    put_u64(&mut b, 8, h.serial);
+    put_u64(&mut b, 16, h.applied);
+    put_u64(&mut b, 24, h.log_durable);
+    let check = tessera_crc::crc32c(&b[..32]) ^ salt;
+    put_u32(&mut b, 32, check);
     b
 }
 
-/// `(serial, applied)` of a whole header copy of this disk. Never panics.
-pub(crate) fn decode_header(b: &[u8], salt: u32) -> Option<(u64, u64)> {
+/// A whole header copy of this disk. Never panics.
+pub(crate) fn decode_header(b: &[u8], salt: u32) -> Option<Header> {
     let b = b.get(..HEADER_LEN)?;
-    if &b[..8] != HEADER_MAGIC || get_u32(b, 28) != tessera_crc::crc32c(&b[..28]) ^ salt {
+    if &b[..8] != HEADER_MAGIC
+        || get_u32(b, 32) != tessera_crc::crc32c(&b[..32]) ^ salt
+        || get_u32(b, 36) != 0
+    {
         return None;
     }
-    Some((get_u64(b, 8), get_u64(b, 16)))
+    Some(Header {
+        serial: get_u64(b, 8),
+        applied: get_u64(b, 16),
+        log_durable: get_u64(b, 24),
+    })
 }
 
 /// What opening found in the journal.
@@ -132,6 +152,8 @@ pub(crate) struct Replayed {
     /// The newest header's `applied` (0: no header could be read).
     pub applied: u64,
     pub serial: u64,
+    /// The newest header's `log_durable` (0: none).
+    pub log_durable: u64,
     /// Whether a header copy was whole.
     pub header: bool,
     /// Records after `applied`, in sequence order.
@@ -145,8 +167,12 @@ pub(crate) fn replay(headers: [Option<&[u8]>; 2], ring: &[u8], salt: u32, blocks
     let newest = headers
         .iter()
         .filter_map(|h| h.and_then(|h| decode_header(h, salt)))
-        .max_by_key(|(serial, _)| *serial);
-    let (serial, applied) = newest.unwrap_or((0, 0));
+        .max_by_key(|h| h.serial);
+    let Header {
+        serial,
+        applied,
+        log_durable,
+    } = newest.unwrap_or_default();
     let cap = (ring.len() / RECORD) as u64;
     let mut entries: Vec<Entry> = ring
         .chunks_exact(RECORD)
@@ -166,6 +192,7 @@ pub(crate) fn replay(headers: [Option<&[u8]>; 2], ring: &[u8], salt: u32, blocks
     Replayed {
         applied,
         serial,
+        log_durable,
         header: newest.is_some(),
         entries,
     }
@@ -185,6 +212,8 @@ pub(crate) struct Journal {
     applied: u64,
     /// The last header's serial.
     serial: u64,
+    /// The last header's `log_durable`.
+    log_durable: u64,
     /// Records appended and not yet committed: sequence numbers
     /// `batch_from .. next_seq`, encoded.
     batch: Vec<u8>,
@@ -197,7 +226,8 @@ pub(crate) struct Journal {
 #[derive(Debug)]
 pub(crate) struct WriteBack {
     pub upto: u64,
-    pub serial: u64,
+    /// The header to write once the crcs are in the table.
+    pub header: Header,
     pub crcs: Vec<(u64, u32)>,
 }
 
@@ -215,6 +245,7 @@ impl Journal {
             next_seq,
             applied: r.applied,
             serial: r.serial,
+            log_durable: r.log_durable,
             batch: Vec::new(),
             batch_from: next_seq,
             dirty,
@@ -293,11 +324,31 @@ impl Journal {
     /// Starts a write-back of every dirty crc (the open batch's among them).
     pub(crate) fn start_write_back(&mut self) -> WriteBack {
         self.serial += 1;
+        let upto = self.next_seq - 1;
         WriteBack {
-            upto: self.next_seq - 1,
-            serial: self.serial,
+            upto,
+            header: Header {
+                serial: self.serial,
+                applied: upto,
+                log_durable: self.log_durable,
+            },
             crcs: self.dirty.iter().map(|(p, c)| (*p, *c)).collect(),
         }
+    }
+
+    /// The header that says metadata-log pages below `log_durable` are
+    /// durable, if the last one said less.
+    pub(crate) fn durable_header(&mut self, log_durable: u64) -> Option<Header> {
+        if log_durable <= self.log_durable {
+            return None;
+        }
+        self.serial += 1;
+        self.log_durable = log_durable;
+        Some(Header {
+            serial: self.serial,
+            applied: self.applied,
+            log_durable,
+        })
     }
 
     /// `wb` is in the table and its header written: its crcs are clean
@@ -353,14 +404,27 @@ mod tests {
         Entry { seq, phys, crc }
     }
 
+    fn header(serial: u64, applied: u64) -> Header {
+        Header {
+            serial,
+            applied,
+            log_durable: 0,
+        }
+    }
+
     #[test]
     fn records_and_headers_round_trip_and_check_their_salt() {
         let mut b = [0u8; RECORD];
         encode_record(&e(7, 99, 0xabcd), SALT, &mut b);
         assert_eq!(decode_record(&b, SALT), Some(e(7, 99, 0xabcd)));
         assert_eq!(decode_record(&b, SALT + 1), None, "another disk's record");
-        let h = encode_header(3, 41, SALT);
-        assert_eq!(decode_header(&h, SALT), Some((3, 41)));
+        let hd = Header {
+            serial: 3,
+            applied: 41,
+            log_durable: 17,
+        };
+        let h = encode_header(&hd, SALT);
+        assert_eq!(decode_header(&h, SALT), Some(hd));
         assert_eq!(decode_header(&h, SALT ^ 1), None);
         assert_eq!(decode_record(&[0u8; RECORD], SALT), None, "a zeroed slot");
     }
@@ -374,7 +438,7 @@ mod tests {
             c[bit / 8] ^= 1 << (bit % 8);
             assert_eq!(decode_record(&c, SALT), None, "bit {bit}");
         }
-        let h = encode_header(1, 2, SALT);
+        let h = encode_header(&header(1, 2), SALT);
         for bit in 0..HEADER_LEN * 8 {
             let mut c = h;
             c[bit / 8] ^= 1 << (bit % 8);
@@ -388,8 +452,8 @@ mod tests {
         // Records 5..=12: slots wrap; 5..=6 applied by the newest header.
         let entries: Vec<Entry> = (5..=12).map(|s| e(s, s % 3, s as u32)).collect();
         let ring = ring_of(cap, &entries);
-        let old = encode_header(1, 2, SALT);
-        let new = encode_header(2, 6, SALT);
+        let old = encode_header(&header(1, 2), SALT);
+        let new = encode_header(&header(2, 6), SALT);
         let r = replay([Some(&old[..]), Some(&new[..])], &ring, SALT, 100);
         assert_eq!(r.applied, 6);
         assert_eq!(
@@ -488,7 +552,7 @@ mod tests {
                 }
                 stored.push(e(from, *p, *crc));
             }
-            let h = encode_header(1, applied, SALT);
+            let h = encode_header(&header(1, applied), SALT);
             let r = replay([Some(&h[..]), None], &ring, SALT, 16);
             for got in &r.entries {
                 prop_assert!(stored.contains(got), "{got:?} was never stored after {applied}");

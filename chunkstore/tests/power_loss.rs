@@ -1016,7 +1016,11 @@ fn unsynced_writes_can_be_lost() {
     assert_eq!(buf, vec![0; ES as usize]);
     assert!(disk.chunks(VDISKS[0]).is_empty());
     h.apply(Op::Flush).unwrap();
-    assert!(h.dev.pending_writes().is_empty());
+    // Format v3 writes one thing after the sync: the crc journal header's
+    // durable mark for the metadata log (lost with the power, it only says
+    // less).
+    let after = usize::from(thin());
+    assert!(h.dev.pending_writes().len() <= after);
     let disk = h.check_crash(&CrashPlan::default()).unwrap();
     disk.read(VDISKS[0], 0, 0, &mut buf).unwrap();
     assert_eq!(buf, h.model.current[&(0, 0)]);

@@ -50,6 +50,7 @@ impl Disk {
         self.dev.sync().map_err(Error::io(op))?;
         if let Some(seq) = sealed {
             self.thin().index().log_durable(seq);
+            self.note_log_durable(seq)?;
         }
         Ok(())
     }

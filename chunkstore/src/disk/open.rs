@@ -407,6 +407,8 @@ impl Disk {
             // The map as read, as the log's new start (see `Thin::load`).
             let mut ix = t.index();
             disk.checkpoint_locked(&mut ix)?;
+            t.note_durable
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         tracing::debug!(path = %path.display(), uuid = %disk.uuid(), "opened disk");
         Ok(disk)

@@ -1139,6 +1139,45 @@ fn damaged_block_map_metadata_never_reads_as_zeros() {
     assert!(disk.read(V, 1, 0, &mut buf).is_err());
 }
 
+/// Both copies of the newest flushed log page damaged, with no later page
+/// to say it was flushed: the crc journal's header, written after every
+/// fdatasync, says so, and the chunk whose allocation it held reads as an
+/// error, never as zeros. Fails without the header's durable mark: chunk 1
+/// then reads as zeros (campaign finding on format 3).
+#[test]
+fn both_copies_of_the_newest_flushed_log_page_damaged_never_read_as_zeros() {
+    let (_dir, path, disk) = new_thin_disk(SIZE);
+    let t = disk.thin().regions;
+    disk.write(V, 0, 0, &[5; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    let (pos, _) = disk.thin().index_position();
+    disk.write(V, 1, 0, &[6; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    for ring in t.logs() {
+        flip(&path, ring + pos * 4096 + 100);
+    }
+    let disk = Disk::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        matches!(
+            disk.read(V, 1, 0, &mut buf),
+            Err(Error::OwnershipUnknown { .. })
+        ),
+        "chunk 1 reads {:?}",
+        disk.read(V, 1, 0, &mut buf).map(|()| buf[0])
+    );
+    // No false alarm: a clean reopen trusts the map.
+    disk.write(V, 1, 0, &vec![7; ES as usize], 0).unwrap();
+    disk.write(V, 0, 0, &vec![8; ES as usize], 0).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    drop(Disk::open(&path).unwrap());
+    let disk = Disk::open(&path).unwrap();
+    assert_eq!(read_all(&disk, V, 1), vec![7; ES as usize]);
+    assert!(disk.read(V, 2, 0, &mut buf).is_err(), "still lost");
+}
+
 /// A block map not read back whole stays untrusted across restarts: the
 /// checkpoints written after the loss say so (and name the chunks written
 /// whole since), so a later open never takes the partial map for the

@@ -73,6 +73,11 @@ pub(super) struct Thin {
     checkpointing: Mutex<()>,
     /// The block crcs on their way to the crc table.
     pub crcs: super::thin_crc::CrcJournal,
+    /// Whether syncs record the log's durable mark in the crc journal's
+    /// header: only once open's checkpoint (after the log's numbers jumped
+    /// a lap) is durable, so the mark never names pages a replay from an
+    /// older checkpoint could not reach.
+    pub note_durable: std::sync::atomic::AtomicBool,
 }
 
 /// What opening found, for the log.
@@ -148,6 +153,7 @@ impl Thin {
                 loaded.inconsistent += 1;
             }
         }
+        let (crcs, crcs_replayed, log_durable) = super::thin_crc::CrcJournal::load(dev, &t, salt);
         let replayed = if lost {
             mlog::Replayed {
                 records: Vec::new(),
@@ -167,6 +173,16 @@ impl Thin {
         if replayed.lost {
             tracing::error!(
                 "the metadata log lost pages that were flushed: the block map is not known"
+            );
+            lost = true;
+        } else if !lost && replayed.next_seq < log_durable {
+            // The newest flushed pages are damaged in both copies, and no
+            // later page says they were flushed: the crc journal's header
+            // does.
+            tracing::error!(
+                stopped = replayed.next_seq,
+                durable = log_durable,
+                "the metadata log lost its newest flushed pages: the block map is not known"
             );
             lost = true;
         }
@@ -210,7 +226,6 @@ impl Thin {
             jump = jump.max(highest + 1 + t.log_pages);
         }
         let log = LogWriter::new(t.log_pages, replayed.next_pos, jump, replayed.next_pos);
-        let (crcs, crcs_replayed) = super::thin_crc::CrcJournal::load(dev, &t, salt);
         loaded.crcs_replayed = crcs_replayed;
         let thin = Thin {
             regions: t,
@@ -222,6 +237,7 @@ impl Thin {
             }),
             checkpointing: Mutex::new(()),
             crcs,
+            note_durable: std::sync::atomic::AtomicBool::new(false),
         };
         (thin, loaded)
     }

@@ -39,8 +39,9 @@ pub(super) struct CrcJournal {
 
 impl CrcJournal {
     /// Reads the journal back (see [`crcjournal::replay`]); also says how
-    /// many records were replayed.
-    pub(super) fn load(dev: &dyn Device, t: &ThinRegions, salt: u32) -> (CrcJournal, usize) {
+    /// many records were replayed, and below which number the header says
+    /// every metadata-log page was durable.
+    pub(super) fn load(dev: &dyn Device, t: &ThinRegions, salt: u32) -> (CrcJournal, usize, u64) {
         let header = |i: u64| {
             let mut b = vec![0u8; 512];
             dev.read_at(&mut b, t.crc_journal_offset + i * BS)
@@ -61,13 +62,14 @@ impl CrcJournal {
             tracing::warn!("no crc journal header is whole: replaying every record");
         }
         let replayed = r.entries.len();
+        let log_durable = r.log_durable;
         let cj = CrcJournal {
             journal: Mutex::new(Journal::new(salt, cap, r)),
             committing: Mutex::new(()),
             writing_back: Mutex::new(()),
             table: RwLock::new(()),
         };
-        (cj, replayed)
+        (cj, replayed, log_durable)
     }
 
     fn journal(&self) -> MutexGuard<'_, Journal> {
@@ -174,16 +176,48 @@ impl Disk {
             }
             self.write_at(&raw, l.block_crc_offset(first), "write the crc table")?;
         }
-        let header = crcjournal::encode_header(wb.serial, wb.upto, salt);
-        let copy = wb.serial % 2;
-        self.write_at(
-            &header,
-            t.regions.crc_journal_offset + copy * BS,
-            "write the crc journal's header",
-        )?;
+        self.write_crc_header(&wb.header, salt)?;
         let _table = write(&cj.table);
         cj.journal().written_back(&wb);
         Ok(())
+    }
+
+    /// Writes a header copy (the two copies in turn).
+    fn write_crc_header(&self, h: &crcjournal::Header, salt: u32) -> Result<(), Error> {
+        let t = self.thin();
+        let copy = h.serial % 2;
+        self.write_at(
+            &crcjournal::encode_header(h, salt),
+            t.regions.crc_journal_offset + copy * BS,
+            "write the crc journal's header",
+        )
+    }
+
+    /// After an fdatasync: records in the crc journal's header that every
+    /// metadata-log page below `log_durable` is durable (no sync: a header
+    /// lost with the power only says less), so a replay that stops below
+    /// it knows flushed pages were lost even when no later page says so.
+    pub(super) fn note_log_durable(&self, log_durable: u64) -> Result<(), Error> {
+        if !self
+            .thin()
+            .note_durable
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        let cj = self.crc_journal();
+        let _one = cj
+            .writing_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (h, salt) = {
+            let mut j = cj.journal();
+            match j.durable_header(log_durable) {
+                Some(h) => (h, j.salt()),
+                None => return Ok(()),
+            }
+        };
+        self.write_crc_header(&h, salt)
     }
 
     /// The crcs of physical blocks `p .. p + n` as the table holds them,
