@@ -69,9 +69,10 @@ struct Args {
     /// all three share the vhost process's host (local sessions).
     #[arg(long)]
     remote_peers: bool,
-    /// On-disk format of the nodes' disks (2, or 3: 4 KiB thin allocation).
-    #[arg(long, default_value_t = 2)]
-    format_version: u32,
+    /// On-disk format of the nodes' disks (2, or 3: 4 KiB thin
+    /// allocation); by default the executable's (older ones have no flag).
+    #[arg(long)]
+    format_version: Option<u32>,
 }
 
 /// Voluntary and involuntary context switches of every live thread of `pid`.
@@ -133,7 +134,10 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let disk = range + 512 * MIB;
-    let mut zone = rt.block_on(TestZone::start_formatted(3, disk, args.format_version));
+    let mut zone = match args.format_version {
+        Some(v) => rt.block_on(TestZone::start_formatted(3, disk, v)),
+        None => rt.block_on(TestZone::start(3, disk)),
+    };
     if args.remote_peers {
         zone.restart_node_on_host(1, "perfload-peer-1");
         zone.restart_node_on_host(2, "perfload-peer-2");
