@@ -7,9 +7,10 @@
 //! names), sharing no code with `tessera-chunkstore`: format versions 1 and
 //! 2 ([`DiskLayout::extents`]: extent records, stamps and crcs), and format
 //! 3 ([`DiskLayout::thin_map`]: the block map rebuilt as the node does at
-//! open — the newest whole checkpoint, then the metadata log after it — and
-//! [`DiskLayout::thin_crcs`]: the crc table overlaid with the crc journal's
-//! records after its `applied` mark).
+//! open — the newest whole checkpoint, then the metadata log after it,
+//! whether the node trusts it and which chunks it trusts again if not —
+//! and [`DiskLayout::thin_crcs`]: the crc table overlaid with the crc
+//! journal's records after its `applied` mark).
 //!
 //! Every written block identifies itself: a magic, its block number (LBA in
 //! 4 KiB units), the generation of the write that wrote it, the campaign's
@@ -550,11 +551,12 @@ const MAP_RECORD: usize = 64;
 /// Where a log page's records start, and its "durable before" number.
 const LOG_HEADER: usize = 16;
 const LOG_DURABLE_AT: usize = 4048;
-/// Where a checkpoint page's records start.
+/// Where a checkpoint page's records start, and its "lost" flag.
 const CKPT_HEADER: usize = 40;
+const CKPT_LOST_AT: usize = 4072;
 /// Bytes of one crc journal record and of a journal header.
 const JOURNAL_RECORD: usize = 32;
-const JOURNAL_HEADER: usize = 32;
+const JOURNAL_HEADER: usize = 40;
 /// Pages in front of the crc journal's ring (its two header copies).
 const JOURNAL_HEADER_PAGES: u64 = 2;
 
@@ -648,6 +650,9 @@ pub enum MapRecord {
         count: u32,
         phys: u64,
     },
+    /// The chunk was written (or discarded) whole since the map was lost:
+    /// the node trusts it again. The map itself does not change.
+    Trusted { vdisk: uuid::Uuid, chunk: u64 },
 }
 
 fn le32(b: &[u8], off: usize) -> u32 {
@@ -659,9 +664,17 @@ fn le16(b: &[u8], off: usize) -> u16 {
 }
 
 /// Decodes one 64-byte map record (kind 1 alloc, 2 free; reserved bytes
-/// zero; count ≥ 1; a free has generation 0).
+/// zero; count ≥ 1; a free has generation 0; kind 3 trusted: the vdisk at
+/// 8 and the chunk at 24, every other byte zero).
 pub fn decode_map_record(b: &[u8]) -> Option<MapRecord> {
     let b = b.get(..MAP_RECORD)?;
+    if b[0] == 3 {
+        let zero = |r: std::ops::Range<usize>| b[r].iter().all(|x| *x == 0);
+        return (zero(1..8) && zero(32..MAP_RECORD)).then(|| MapRecord::Trusted {
+            vdisk: uuid::Uuid::from_bytes(b[8..24].try_into().expect("16 bytes")),
+            chunk: le64(b, 24),
+        });
+    }
     let count = le32(b, 4);
     if count == 0 || b[1..4] != [0; 3] || le32(b, 36) != 0 || le64(b, 56) != 0 {
         return None;
@@ -736,21 +749,27 @@ pub struct CheckpointPage {
     pub total: u32,
     pub generation_floor: u64,
     pub records: Vec<MapRecord>,
+    /// The map was lost at an earlier open and is not trusted since (but
+    /// for the chunks of its `Trusted` records and the log's).
+    pub lost: bool,
 }
 
 /// Decodes a checkpoint page (magic `TSCK`, version 1, sealed, index below
-/// total, at most 63 `Alloc` records, zeros after them).
+/// total, at most 63 `Alloc` or `Trusted` records, zeros after them but
+/// for the lost flag, 0 or 1, at 4072).
 pub fn decode_checkpoint_page(b: &[u8]) -> Option<CheckpointPage> {
     if b.len() != PAGE || &b[..4] != b"TSCK" || le16(b, 4) != 1 || !sealed(b) {
         return None;
     }
     let n = le16(b, 6) as usize;
     let (index, total) = (le32(b, 24), le32(b, 28));
-    if n > MAP_RECORDS_PER_PAGE || index >= total {
+    let lost = le32(b, CKPT_LOST_AT);
+    if n > MAP_RECORDS_PER_PAGE || index >= total || lost > 1 {
         return None;
     }
-    if b[CKPT_HEADER + n * MAP_RECORD..PAGE - 4]
+    if b[CKPT_HEADER + n * MAP_RECORD..CKPT_LOST_AT]
         .iter()
+        .chain(&b[CKPT_LOST_AT + 4..PAGE - 4])
         .any(|x| *x != 0)
     {
         return None;
@@ -758,7 +777,7 @@ pub fn decode_checkpoint_page(b: &[u8]) -> Option<CheckpointPage> {
     let records = (0..n)
         .map(|i| {
             decode_map_record(&b[CKPT_HEADER + i * MAP_RECORD..])
-                .filter(|r| matches!(r, MapRecord::Alloc { .. }))
+                .filter(|r| matches!(r, MapRecord::Alloc { .. } | MapRecord::Trusted { .. }))
         })
         .collect::<Option<Vec<_>>>()?;
     Some(CheckpointPage {
@@ -768,6 +787,7 @@ pub fn decode_checkpoint_page(b: &[u8]) -> Option<CheckpointPage> {
         total,
         generation_floor: le64(b, 32),
         records,
+        lost: lost == 1,
     })
 }
 
@@ -782,6 +802,8 @@ pub struct Checkpoint {
     pub generation_floor: u64,
     /// Every record, with its page and its slot in the page.
     pub records: Vec<(u32, usize, MapRecord)>,
+    /// Every page's lost flag (they agree).
+    pub lost: bool,
 }
 
 /// Reads the checkpoint of an area of `capacity` pages from `read` (a page
@@ -802,6 +824,7 @@ pub fn decode_checkpoint(
         pages: first.total,
         generation_floor: first.generation_floor,
         records: Vec::new(),
+        lost: first.lost,
     };
     let add = |c: &mut Checkpoint, i: u32, p: &CheckpointPage| {
         c.records
@@ -814,7 +837,8 @@ pub fn decode_checkpoint(
             && p.total == first.total
             && p.seq == first.seq
             && p.pos == first.pos
-            && p.generation_floor == first.generation_floor;
+            && p.generation_floor == first.generation_floor
+            && p.lost == first.lost;
         if !same {
             return None;
         }
@@ -895,6 +919,38 @@ pub struct Place {
     pub count: u32,
 }
 
+/// Why the node does not trust a format-v3 block map read back at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Neither checkpoint area holds a whole checkpoint.
+    NoCheckpoint,
+    /// The newest checkpoint's lost flag: the map was lost at an earlier
+    /// open, and only the chunks written whole since are trusted.
+    EarlierOpen,
+    /// The log replay found flushed pages missing: a page of a later lap
+    /// where it ended, or a later page written once the missing one was
+    /// durable.
+    FlushedPages,
+    /// The log replay stopped at page `stopped` (the number it expected
+    /// next) with no other sign of loss, below the crc journal header's
+    /// mark `durable` (every page numbered below it was flushed).
+    DurableMark { stopped: u64, durable: u64 },
+}
+
+impl fmt::Display for Loss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Loss::NoCheckpoint => write!(f, "no whole checkpoint"),
+            Loss::EarlierOpen => write!(f, "the checkpoint says the map was lost at an earlier open"),
+            Loss::FlushedPages => write!(f, "flushed log pages missing"),
+            Loss::DurableMark { stopped, durable } => write!(
+                f,
+                "the log replay stopped at page {stopped}, below the crc journal's durable mark {durable}"
+            ),
+        }
+    }
+}
+
 /// A format-v3 disk's block map as the node rebuilds it at open: the
 /// newest whole checkpoint, then the log after it.
 #[derive(Debug, Clone)]
@@ -904,8 +960,15 @@ pub struct ThinMap {
     pub older: Option<Checkpoint>,
     /// The log pages kept: ring position and sequence number.
     pub log_pages: Vec<(u64, u64)>,
-    /// No whole checkpoint, or flushed log pages are missing.
+    /// The node cannot trust the map: `loss` says why.
     pub lost: bool,
+    pub loss: Vec<Loss>,
+    /// The newest crc journal header's `log_durable` (0: none whole).
+    pub log_durable: u64,
+    /// Chunks named by `Trusted` records of the checkpoint or the log
+    /// replayed: written whole since the map was lost, so the node reads
+    /// them even when it does not trust the map (see [`ThinMap::trusts`]).
+    pub trusted: std::collections::BTreeSet<(uuid::Uuid, u64)>,
     /// Records that contradict the map (applied as far as they agree).
     pub inconsistent: Vec<String>,
     blocks_per_chunk: u32,
@@ -923,6 +986,9 @@ impl ThinMap {
             older: None,
             log_pages: Vec::new(),
             lost: false,
+            loss: Vec::new(),
+            log_durable: 0,
+            trusted: std::collections::BTreeSet::new(),
             inconsistent: Vec::new(),
             blocks_per_chunk,
             total,
@@ -935,6 +1001,18 @@ impl ThinMap {
     /// as an error until the chunk is written whole).
     pub fn untrusted(&self) -> bool {
         self.lost || !self.inconsistent.is_empty()
+    }
+
+    /// Whether the node reads the chunk from this map: always when it
+    /// trusts the map, else only a chunk written whole since it was lost
+    /// (any other reads as an error).
+    pub fn trusts(&self, vdisk: uuid::Uuid, chunk: u64) -> bool {
+        !self.untrusted() || self.trusted.contains(&(vdisk, chunk))
+    }
+
+    fn lose(&mut self, why: Loss) {
+        self.lost = true;
+        self.loss.push(why);
     }
 
     /// The chunk's blocks (`None`: holds nothing, reads as zeros), or
@@ -968,10 +1046,14 @@ impl ThinMap {
     /// Applies a record as the node does (`BlockMap::apply`): an `Alloc`
     /// outside the disk or the chunk, or of blocks in use, is ignored; a
     /// `Free` frees what the chunk holds in its range; either is noted as
-    /// inconsistent when it disagrees with the map.
+    /// inconsistent when it disagrees with the map. A `Trusted` changes
+    /// nothing in the map: its chunk joins [`ThinMap::trusted`].
     pub fn apply(&mut self, r: &MapRecord, source: MapSource) {
         let bpc = self.blocks_per_chunk;
         match *r {
+            MapRecord::Trusted { vdisk, chunk } => {
+                self.trusted.insert((vdisk, chunk));
+            }
             MapRecord::Alloc {
                 vdisk,
                 chunk,
@@ -1052,11 +1134,22 @@ impl ThinMap {
     }
 }
 
+/// A crc journal header copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JournalHeader {
+    /// Header writes so far: the copy with the highest rules.
+    pub serial: u64,
+    /// Every record up to this number is in the crc table.
+    pub applied: u64,
+    /// Every metadata log page numbered below this was durable.
+    pub log_durable: u64,
+}
+
 /// What the crc journal holds on top of the crc table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JournalReplay {
-    /// The newest whole header copy: `(serial, applied)`.
-    pub header: Option<(u64, u64)>,
+    /// The newest whole header copy.
+    pub header: Option<JournalHeader>,
     /// Records after `applied` (within a lap of it when a header is
     /// whole), for blocks of the disk, in sequence order: `(ring slot,
     /// sequence number, physical block, crc)`.
@@ -1072,14 +1165,34 @@ pub fn journal_salt(disk: uuid::Uuid, created: u64) -> u32 {
     crc32c(&b)
 }
 
-/// A crc journal header copy: `(serial, applied)` if whole (magic
-/// `TSCRCJNL`, `crc32c(bytes 0..28) ^ salt` at 28).
-pub fn decode_journal_header(b: &[u8], salt: u32) -> Option<(u64, u64)> {
+/// A crc journal header copy, if whole: magic `TSCRCJNL`, serial at 8,
+/// applied at 16, log_durable at 24, `crc32c(bytes 0..32) ^ salt` at 32,
+/// zeros at 36..40.
+pub fn decode_journal_header(b: &[u8], salt: u32) -> Option<JournalHeader> {
     let b = b.get(..JOURNAL_HEADER)?;
-    if &b[..8] != b"TSCRCJNL" || le32(b, 28) != crc32c(&b[..28]) ^ salt {
+    if &b[..8] != b"TSCRCJNL" || le32(b, 32) != crc32c(&b[..32]) ^ salt || le32(b, 36) != 0 {
         return None;
     }
-    Some((le64(b, 8), le64(b, 16)))
+    Some(JournalHeader {
+        serial: le64(b, 8),
+        applied: le64(b, 16),
+        log_durable: le64(b, 24),
+    })
+}
+
+/// The newest whole header copy (the higher serial; the second copy on a
+/// tie), as the node picks it.
+pub fn newest_journal_header(headers: [&[u8]; 2], salt: u32) -> Option<JournalHeader> {
+    let mut newest: Option<JournalHeader> = None;
+    for h in headers
+        .into_iter()
+        .filter_map(|h| decode_journal_header(h, salt))
+    {
+        if newest.is_none_or(|n| h.serial >= n.serial) {
+            newest = Some(h);
+        }
+    }
+    newest
 }
 
 /// A crc journal record: `(seq, physical block, crc)` if whole (seq ≥ 1,
@@ -1101,15 +1214,8 @@ pub fn decode_journal_record(b: &[u8], salt: u32) -> Option<(u64, u64, u32)> {
 /// own slot (`seq % capacity`), after `applied` and (with a header) at most
 /// one lap past it, for a block below `blocks`, in sequence order.
 pub fn replay_journal(headers: [&[u8]; 2], ring: &[u8], salt: u32, blocks: u64) -> JournalReplay {
-    let mut header: Option<(u64, u64)> = None;
-    for h in headers {
-        if let Some((serial, applied)) = decode_journal_header(h, salt) {
-            if header.is_none_or(|(s, _)| serial >= s) {
-                header = Some((serial, applied));
-            }
-        }
-    }
-    let applied = header.map_or(0, |(_, a)| a);
+    let header = newest_journal_header(headers, salt);
+    let applied = header.map_or(0, |h| h.applied);
     let cap = (ring.len() / JOURNAL_RECORD) as u64;
     let mut records: Vec<(u64, u64, u64, u32)> = ring
         .chunks_exact(JOURNAL_RECORD)
@@ -1201,11 +1307,24 @@ impl DiskLayout {
             .collect())
     }
 
-    /// The block map as the node rebuilds it at open (format v3).
+    /// The crc journal's two header copies (empty if unreadable).
+    fn journal_headers(&self, file: &std::fs::File) -> anyhow::Result<[Vec<u8>; 2]> {
+        let t = self.thin()?;
+        let header = |i: u64| {
+            read_at(file, t.crc_journal + i * PAGE as u64, JOURNAL_HEADER).unwrap_or_default()
+        };
+        Ok([header(0), header(1)])
+    }
+
+    /// The block map as the node rebuilds it at open (format v3), and
+    /// whether the node trusts it (see [`Loss`]).
     pub fn thin_map(&self, file: &std::fs::File) -> anyhow::Result<ThinMap> {
         let t = *self.thin()?;
         let bpc = u32::try_from(self.extent_size / BLOCK as u64)?;
         let mut map = ThinMap::new(bpc, t.blocks_total);
+        let [h0, h1] = self.journal_headers(file)?;
+        map.log_durable = newest_journal_header([&h0, &h1], journal_salt(self.disk, self.created))
+            .map_or(0, |h| h.log_durable);
         let (c0, c1) = (self.checkpoint(file, 0)?, self.checkpoint(file, 1)?);
         let (newest, older) = match (c0, c1) {
             (Some(a), Some(b)) if b.seq > a.seq => (Some(b), Some(a)),
@@ -1213,9 +1332,12 @@ impl DiskLayout {
             (a, b) => (a.or(b), None),
         };
         let Some(c) = newest else {
-            map.lost = true;
+            map.lose(Loss::NoCheckpoint);
             return Ok(map);
         };
+        if c.lost {
+            map.lose(Loss::EarlierOpen);
+        }
         for (page, slot, r) in &c.records {
             let source = MapSource::Checkpoint {
                 area: c.area,
@@ -1238,7 +1360,18 @@ impl DiskLayout {
             }
             map.log_pages.push((*pos, page.seq));
         }
-        map.lost |= replay.lost;
+        // The page the replay stopped at (the number it expected next).
+        let stopped = c.seq + replay.pages.len() as u64;
+        if replay.lost {
+            map.lose(Loss::FlushedPages);
+        } else if stopped < map.log_durable {
+            // The newest flushed pages damaged in every copy, and no later
+            // page to say so: the crc journal's header does.
+            map.lose(Loss::DurableMark {
+                stopped,
+                durable: map.log_durable,
+            });
+        }
         map.checkpoint = Some(c);
         map.older = older;
         Ok(map)
@@ -1255,8 +1388,7 @@ impl DiskLayout {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
             .collect();
-        let header = |i: u64| read_at(file, t.crc_journal + i * PAGE as u64, JOURNAL_HEADER);
-        let (h0, h1) = (header(0).unwrap_or_default(), header(1).unwrap_or_default());
+        let [h0, h1] = self.journal_headers(file)?;
         let cap = t.journal_capacity();
         let ring = read_at(
             file,
@@ -1405,8 +1537,19 @@ mod tests {
         }
     }
 
+    fn trusted(chunk: u64) -> MapRecord {
+        MapRecord::Trusted { vdisk: V, chunk }
+    }
+
     fn record_bytes(r: &MapRecord, out: &mut [u8]) {
+        out[..64].fill(0);
         let (kind, vdisk, chunk, first, count, phys, generation) = match *r {
+            MapRecord::Trusted { vdisk, chunk } => {
+                out[0] = 3;
+                out[8..24].copy_from_slice(vdisk.as_bytes());
+                put64(out, 24, chunk);
+                return;
+            }
             MapRecord::Alloc {
                 vdisk,
                 chunk,
@@ -1423,7 +1566,6 @@ mod tests {
                 phys,
             } => (2, vdisk, chunk, first, count, phys, 0),
         };
-        out[..64].fill(0);
         out[0] = kind;
         put32(out, 4, count);
         out[8..24].copy_from_slice(vdisk.as_bytes());
@@ -1448,6 +1590,17 @@ mod tests {
     }
 
     fn checkpoint_pages(seq: u64, pos: u64, floor: u64, records: &[MapRecord]) -> Vec<Vec<u8>> {
+        lost_checkpoint_pages(seq, pos, floor, false, records)
+    }
+
+    /// A checkpoint's pages, with their lost flag (4 bytes at 4072).
+    fn lost_checkpoint_pages(
+        seq: u64,
+        pos: u64,
+        floor: u64,
+        lost: bool,
+        records: &[MapRecord],
+    ) -> Vec<Vec<u8>> {
         let total = records.len().div_ceil(63).max(1);
         (0..total)
             .map(|i| {
@@ -1464,6 +1617,7 @@ mod tests {
                 for (j, r) in part.iter().enumerate() {
                     record_bytes(r, &mut p[40 + j * 64..]);
                 }
+                put32(&mut p, 4072, u32::from(lost));
                 seal(&mut p);
                 p
             })
@@ -1480,14 +1634,25 @@ mod tests {
         b
     }
 
-    fn journal_header(serial: u64, applied: u64, salt: u32) -> [u8; 32] {
-        let mut b = [0u8; 32];
+    /// A crc journal header copy: magic, serial, applied, log_durable,
+    /// `crc32c(bytes 0..32) ^ salt`, 4 zero bytes.
+    fn journal_header(serial: u64, applied: u64, log_durable: u64, salt: u32) -> [u8; 40] {
+        let mut b = [0u8; 40];
         b[..8].copy_from_slice(b"TSCRCJNL");
         put64(&mut b, 8, serial);
         put64(&mut b, 16, applied);
-        let check = crc32c(&b[..28]) ^ salt;
-        put32(&mut b, 28, check);
+        put64(&mut b, 24, log_durable);
+        let check = crc32c(&b[..32]) ^ salt;
+        put32(&mut b, 32, check);
         b
+    }
+
+    fn jh(serial: u64, applied: u64, log_durable: u64) -> Option<JournalHeader> {
+        Some(JournalHeader {
+            serial,
+            applied,
+            log_durable,
+        })
     }
 
     #[test]
@@ -1675,20 +1840,20 @@ mod tests {
         put(9, 2, 90); // slot 1: newer for block 2
         put(10, 3, 100);
         put(12, 99, 120); // not a block of the disk
-        let old = journal_header(1, 2, salt);
-        let new = journal_header(2, 6, salt);
+        let old = journal_header(1, 2, 0, salt);
+        let new = journal_header(2, 6, 0, salt);
         let r = replay_journal([&old, &new], &ring, salt, 16);
-        assert_eq!(r.header, Some((2, 6)));
+        assert_eq!(r.header, jh(2, 6, 0));
         let got: Vec<(u64, u64, u32)> = r.records.iter().map(|&(_, s, p, c)| (s, p, c)).collect();
         assert_eq!(got, vec![(7, 2, 70), (9, 2, 90), (10, 3, 100)]);
         // The newest header damaged: the older rules, more is replayed.
         let mut bad = new;
         bad[17] ^= 1;
         let r = replay_journal([&old, &bad], &ring, salt, 16);
-        assert_eq!(r.header, Some((1, 2)));
+        assert_eq!(r.header, jh(1, 2, 0));
         assert_eq!(r.records.first().map(|r| r.1), Some(5));
         // No header: every whole record; another disk's salt: none.
-        let r = replay_journal([&[0u8; 32], &bad], &ring, salt, 16);
+        let r = replay_journal([&[0u8; 40], &bad], &ring, salt, 16);
         assert_eq!((r.header, r.records.len()), (None, 4));
         assert!(replay_journal([&old, &new], &ring, salt ^ 1, 16)
             .records
@@ -1700,6 +1865,168 @@ mod tests {
         moved[2 * 32 + 3] ^= 1; // record 10
         let r = replay_journal([&old, &new], &moved, salt, 16);
         assert_eq!(r.records.iter().map(|r| r.1).collect::<Vec<_>>(), vec![9]);
+    }
+
+    #[test]
+    fn trusted_records_decode_and_change_nothing_in_the_map() {
+        // Kind 3: the vdisk at 8, the chunk at 24, every other byte zero.
+        let mut b = [0u8; 64];
+        b[0] = 3;
+        b[8..24].copy_from_slice(V.as_bytes());
+        put64(&mut b, 24, 0x0102_0304_0506_0708);
+        assert_eq!(decode_map_record(&b), Some(trusted(0x0102_0304_0506_0708)));
+        let mut built = [0u8; 64];
+        record_bytes(&trusted(0x0102_0304_0506_0708), &mut built);
+        assert_eq!(built, b);
+        for byte in (1..8).chain(32..64) {
+            for bit in 0..8 {
+                let mut c = b;
+                c[byte] ^= 1 << bit;
+                assert_eq!(decode_map_record(&c), None, "byte {byte} bit {bit}");
+            }
+        }
+        // Another kind over those bytes: not a record (an alloc or a free
+        // would need a count).
+        for kind in [0u8, 1, 2, 4, 0x83] {
+            let mut c = b;
+            c[0] = kind;
+            assert_eq!(decode_map_record(&c), None, "kind {kind}");
+        }
+        let mut nil = [0u8; 64];
+        nil[0] = 3;
+        assert_eq!(
+            decode_map_record(&nil),
+            Some(MapRecord::Trusted {
+                vdisk: uuid::Uuid::nil(),
+                chunk: 0
+            })
+        );
+        // In a log page, among allocations and frees.
+        let records = [
+            alloc(3, 0, 4, 8, 2),
+            trusted(3),
+            free(3, 0, 1, 8),
+            trusted(9),
+        ];
+        let page = log_page(7, 6, &records);
+        assert_eq!(decode_log_page(&page).unwrap().records, records.to_vec());
+        // Applied: the map is as before; the chunk is trusted again (which
+        // matters once the map is not).
+        let src = MapSource::Log {
+            pos: 0,
+            seq: 1,
+            slot: 0,
+        };
+        let mut m = ThinMap::new(16, 64);
+        m.apply(&alloc(0, 0, 4, 10, 3), src);
+        m.apply(&trusted(0), src);
+        m.apply(&trusted(5), src);
+        assert!(m.inconsistent.is_empty());
+        assert_eq!(m.chunks().count(), 1);
+        let held: Vec<Option<u64>> = m.blocks(V, 0).unwrap()[..5]
+            .iter()
+            .map(|p| p.map(|p| p.phys))
+            .collect();
+        assert_eq!(held, vec![Some(10), Some(11), Some(12), Some(13), None]);
+        assert_eq!(
+            m.trusted,
+            std::collections::BTreeSet::from([(V, 0), (V, 5)])
+        );
+        assert!(m.trusts(V, 1), "a map trusted whole: every chunk reads");
+        m.lose(Loss::NoCheckpoint);
+        assert!(m.trusts(V, 0) && m.trusts(V, 5));
+        assert!(!m.trusts(V, 1));
+    }
+
+    #[test]
+    fn a_checkpoint_carries_its_lost_flag() {
+        let records = [alloc(0, 0, 4, 16, 3), trusted(0), trusted(7)];
+        let pages = lost_checkpoint_pages(9, 2, 5, true, &records);
+        assert_eq!(le32(&pages[0], 4072), 1);
+        let p = decode_checkpoint_page(&pages[0]).unwrap();
+        assert!(p.lost);
+        assert_eq!(p.records, records.to_vec());
+        let c = decode_checkpoint(0, 4, |i| pages.get(i as usize).cloned()).unwrap();
+        assert!(c.lost);
+        let got: Vec<MapRecord> = c.records.iter().map(|r| r.2).collect();
+        assert_eq!(got, records.to_vec());
+        let clear = lost_checkpoint_pages(9, 2, 5, false, &records);
+        assert!(!decode_checkpoint_page(&clear[0]).unwrap().lost);
+        // Every flipped bit of a page is detected, the flag's among them.
+        for byte in 0..PAGE {
+            let mut bad = pages[0].clone();
+            bad[byte] ^= 1 << (byte % 8);
+            assert_eq!(decode_checkpoint_page(&bad), None, "byte {byte} flipped");
+        }
+        // Sealed again: the flag is 0 or 1 and the bytes after it are zero.
+        for v in [2u32, 3, 0x100, u32::MAX] {
+            let mut bad = pages[0].clone();
+            put32(&mut bad, 4072, v);
+            seal(&mut bad);
+            assert_eq!(decode_checkpoint_page(&bad), None, "flag {v}");
+        }
+        for byte in 4076..4092 {
+            let mut bad = pages[0].clone();
+            bad[byte] = 0x40;
+            seal(&mut bad);
+            assert_eq!(decode_checkpoint_page(&bad), None, "byte {byte} set");
+        }
+        // The pages of one checkpoint agree on it.
+        let many: Vec<MapRecord> = (0..70).map(|i| alloc(i, 0, 1, i, 2)).collect();
+        let lost = lost_checkpoint_pages(4, 0, 1, true, &many);
+        let kept = lost_checkpoint_pages(4, 0, 1, false, &many);
+        assert!(
+            decode_checkpoint(0, 8, |i| lost.get(i as usize).cloned())
+                .unwrap()
+                .lost
+        );
+        assert!(
+            !decode_checkpoint(0, 8, |i| kept.get(i as usize).cloned())
+                .unwrap()
+                .lost
+        );
+        let mixed = [lost[0].clone(), kept[1].clone()];
+        assert_eq!(
+            decode_checkpoint(0, 8, |i| mixed.get(i as usize).cloned()),
+            None
+        );
+        // Still no frees in a checkpoint, lost or not.
+        let with_free = lost_checkpoint_pages(5, 0, 1, true, &[trusted(0), free(0, 0, 1, 0)]);
+        assert_eq!(decode_checkpoint_page(&with_free[0]), None);
+    }
+
+    #[test]
+    fn crc_journal_headers_are_40_bytes_and_every_flipped_bit_is_detected() {
+        let salt = 0xfeed_beef;
+        let h = journal_header(5, 130, 77, salt);
+        assert_eq!(decode_journal_header(&h, salt), jh(5, 130, 77));
+        assert_eq!(decode_journal_header(&h, salt ^ 1), None, "another disk's");
+        assert_eq!(decode_journal_header(&h[..39], salt), None, "short");
+        for bit in 0..40 * 8 {
+            let mut c = h;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(decode_journal_header(&c, salt), None, "bit {bit}");
+        }
+        // The 32-byte layout of before (its check at 28, over 0..28).
+        let mut old = [0u8; 40];
+        old[..8].copy_from_slice(b"TSCRCJNL");
+        put64(&mut old, 8, 5);
+        put64(&mut old, 16, 130);
+        let check = crc32c(&old[..28]) ^ salt;
+        put32(&mut old, 28, check);
+        assert_eq!(decode_journal_header(&old, salt), None);
+        // The newest whole copy rules: the higher serial (the second copy
+        // on a tie, as the node's max_by_key picks).
+        let a = journal_header(7, 100, 50, salt);
+        let b = journal_header(8, 90, 60, salt);
+        assert_eq!(newest_journal_header([&a, &b], salt), jh(8, 90, 60));
+        assert_eq!(newest_journal_header([&b, &a], salt), jh(8, 90, 60));
+        let tie = journal_header(8, 95, 61, salt);
+        assert_eq!(newest_journal_header([&b, &tie], salt), jh(8, 95, 61));
+        let mut bad = b;
+        bad[30] ^= 4;
+        assert_eq!(newest_journal_header([&a, &bad], salt), jh(7, 100, 50));
+        assert_eq!(newest_journal_header([&[], &bad], salt), None);
     }
 
     /// A small format-v3 disk file laid out by hand: superblock, checkpoint
@@ -1880,8 +2207,8 @@ mod tests {
         // Block 50 was rewritten: its new crc is only in the journal.
         let new50 = crc32c(&[0xd4; 4096]) ^ tag(0, 8, 1);
         f.write(DATA + 50 * 4096, &[0xd4; 4096]);
-        f.write(JOURNAL, &journal_header(3, 130, f.salt));
-        f.write(JOURNAL + 4096, &journal_header(2, 100, f.salt));
+        f.write(JOURNAL, &journal_header(3, 130, 0, f.salt));
+        f.write(JOURNAL + 4096, &journal_header(2, 100, 0, f.salt));
         let ring = JOURNAL + 2 * 4096;
         f.write(ring + 3 * 32, &journal_record(131, 50, new50, f.salt));
         f.write(ring + 2 * 32, &journal_record(130, 16, 1, f.salt)); // applied
@@ -1889,7 +2216,7 @@ mod tests {
         damaged[9] ^= 2;
         f.write(ring + 4 * 32, &damaged);
         let crcs = l.thin_crcs(file).unwrap();
-        assert_eq!(crcs.journal.header, Some((3, 130)));
+        assert_eq!(crcs.journal.header, jh(3, 130, 0));
         assert_eq!(
             (crcs.crcs[16], crcs.crcs[50], crcs.crcs[41]),
             (c16, new50, c41)
@@ -1920,6 +2247,123 @@ mod tests {
         let m = l.thin_map(file).unwrap();
         assert!(m.checkpoint.is_none() && m.lost);
         assert!(m.chunks().next().is_none());
+    }
+
+    #[test]
+    fn a_replay_that_stops_below_the_durable_mark_loses_the_map() {
+        let f = Fake::new();
+        let file = f.file.as_file();
+        let l = DiskLayout::read(file).unwrap();
+        // Replay from page 10 at position 2: 10 and 11 whole, then page 12
+        // (position 0) damaged in both copies; position 1 an older lap's 9.
+        f.checkpoint(0, 10, 2, &[alloc(0, 0, 4, 16, 3)]);
+        f.log(&[0, 1], 2, &log_page(10, 9, &[alloc(1, 0, 1, 20, 4)]));
+        f.log(&[0, 1], 3, &log_page(11, 10, &[alloc(2, 0, 1, 21, 4)]));
+        let mut p12 = log_page(12, 11, &[alloc(3, 0, 1, 22, 4)]);
+        p12[100] ^= 1;
+        f.log(&[0, 1], 0, &p12);
+        f.log(&[0, 1], 1, &log_page(9, 8, &[]));
+        // No header whole: no mark; nothing says page 12 was flushed.
+        let m = l.thin_map(file).unwrap();
+        assert_eq!((m.log_durable, m.lost), (0, false));
+        assert_eq!(m.log_pages, vec![(2, 10), (3, 11)]);
+        let with_mark = |serial: u64, mark: u64| {
+            f.write(JOURNAL + 4096, &journal_header(serial, 0, mark, f.salt));
+            l.thin_map(file).unwrap()
+        };
+        // A mark up to where the replay stopped: every flushed page is there.
+        for mark in [1, 11, 12] {
+            let m = with_mark(4, mark);
+            assert_eq!(
+                (m.log_durable, m.untrusted()),
+                (mark, false),
+                "{:?}",
+                m.loss
+            );
+        }
+        // Past it: page 12 was flushed, and is gone.
+        let m = with_mark(4, 13);
+        assert_eq!(
+            m.loss,
+            vec![Loss::DurableMark {
+                stopped: 12,
+                durable: 13
+            }]
+        );
+        assert!(m.lost && m.untrusted() && !m.trusts(V, 0));
+        assert_eq!(m.log_pages.len(), 2, "the map is still as read");
+        assert!(m.blocks(V, 2).is_some());
+        // Only the newest whole copy's mark counts.
+        f.write(JOURNAL, &journal_header(3, 0, 20, f.salt));
+        assert!(!with_mark(4, 12).lost);
+        f.write(JOURNAL + 4096 + 20, &[0xff]);
+        let m = l.thin_map(file).unwrap();
+        assert_eq!(
+            m.loss,
+            vec![Loss::DurableMark {
+                stopped: 12,
+                durable: 20
+            }]
+        );
+        // A loss the replay finds itself (a later lap's page where it
+        // stops) is that loss alone, the mark not consulted.
+        f.log(&[0, 1], 0, &log_page(16, 15, &[]));
+        assert_eq!(l.thin_map(file).unwrap().loss, vec![Loss::FlushedPages]);
+        // No checkpoint: nothing is known, and nothing replayed.
+        f.write(CKPT[0] + 8, &[0xff]);
+        f.write(CKPT[1], &[0xff]);
+        let m = l.thin_map(file).unwrap();
+        assert_eq!(m.loss, vec![Loss::NoCheckpoint]);
+        assert_eq!(m.log_durable, 20);
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_lost_map_keeps_it_lost_but_for_trusted_chunks() {
+        let f = Fake::new();
+        let file = f.file.as_file();
+        let l = DiskLayout::read(file).unwrap();
+        // Area 0: the newest checkpoint, of a map lost before; chunks 0 and
+        // 3 were written whole since. Area 1: an older one, not lost.
+        let write_area0 = |lost: bool| {
+            let records = [alloc(0, 0, 4, 16, 3), trusted(0), trusted(3)];
+            for (i, p) in lost_checkpoint_pages(10, 2, 1, lost, &records)
+                .iter()
+                .enumerate()
+            {
+                f.write(CKPT[0] + i as u64 * 4096, p);
+            }
+        };
+        write_area0(true);
+        f.checkpoint(1, 6, 2, &[alloc(0, 0, 4, 16, 3)]);
+        // The log after it: chunk 1 written whole, chunk 4 in part.
+        f.log(
+            &[0, 1],
+            2,
+            &log_page(10, 9, &[alloc(1, 0, 16, 20, 4), trusted(1)]),
+        );
+        f.log(&[0, 1], 3, &log_page(11, 10, &[alloc(4, 2, 1, 40, 5)]));
+        let m = l.thin_map(file).unwrap();
+        assert_eq!(m.loss, vec![Loss::EarlierOpen]);
+        assert!(m.lost && m.untrusted() && m.inconsistent.is_empty());
+        assert_eq!(
+            m.checkpoint.as_ref().map(|c| (c.seq, c.lost)),
+            Some((10, true))
+        );
+        assert_eq!(m.older.as_ref().map(|c| (c.seq, c.lost)), Some((6, false)));
+        assert_eq!(m.log_pages, vec![(2, 10), (3, 11)]);
+        assert_eq!(
+            m.trusted,
+            std::collections::BTreeSet::from([(V, 0), (V, 1), (V, 3)])
+        );
+        for (chunk, reads) in [(0, true), (1, true), (2, false), (3, true), (4, false)] {
+            assert_eq!(m.trusts(V, chunk), reads, "chunk {chunk}");
+        }
+        assert_eq!(m.blocks(V, 4).unwrap()[2].map(|p| p.phys), Some(40));
+        // The same checkpoint not lost: the map is trusted whole.
+        write_area0(false);
+        let m = l.thin_map(file).unwrap();
+        assert!(!m.untrusted() && m.loss.is_empty());
+        assert!(m.trusts(V, 2) && m.trusts(V, 4));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! flush (crcs in the crc table), and after a restart (the map in the
 //! checkpoint written at open). Then the reader aims corruption as the
 //! fault campaign does: one copy of a live metadata log page damaged costs
-//! nothing; two tests, ignored, show what format 3 does not survive yet
-//! (both copies of the newest log page damaged; a block map lost, then
-//! trusted again after the next restart).
+//! nothing; both copies of the newest flushed log page damaged lose the
+//! map (the crc journal header's durable mark says so), and the node never
+//! reads the chunk as zeros; a block map lost stays untrusted across
+//! restarts, but for the chunks written whole since (the checkpoints'
+//! lost flag and `Trusted` records, which the reader follows too).
 //!
 //! It needs the `tessera` executable: `$TESSERA_BIN`, or the one cargo
 //! built next to the test binary; without one it says so and passes.
@@ -16,7 +18,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use tessera_bench::checked::{block_tag, crc32c, DiskLayout, MapSource, BLOCK};
+use tessera_bench::checked::{block_tag, crc32c, DiskLayout, Loss, MapSource, BLOCK};
 use tessera_tests::{pattern, TestZone};
 
 const MIB: u64 = 1 << 20;
@@ -241,13 +243,10 @@ async fn one_damaged_copy_of_a_log_page_loses_nothing() {
 /// the allocation of a write that was acknowledged and flushed, with no
 /// page after it — must not make that write read as zeros (an error is
 /// fine: the replicator then reads another copy and rewrites this one).
-///
-/// Fails today: replay ends at the damaged page as at a page torn by a
-/// crash, no later page says it was durable, and the chunk silently reads
-/// as zeros (format 2 identifies such an extent by its stamp and reads it
-/// as an error).
+/// Replay ends at the damaged page as at a page torn by a crash, and no
+/// later page says it was durable: the crc journal header's durable mark
+/// does, and the independent reader finds the map lost by it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today: a flushed allocation whose log page is damaged in both copies reads as zeros"]
 async fn both_copies_of_the_newest_log_page_damaged_never_read_as_zeros() {
     if !have_tessera() {
         eprintln!("skipped: no tessera executable (set TESSERA_BIN or build it)");
@@ -267,6 +266,17 @@ async fn both_copies_of_the_newest_log_page_damaged_never_read_as_zeros() {
     zone.kill_node(0);
     let disk = zone.nodes[0].disk.clone();
     flip_log_record(&disk, vdisk, 1, &[0, 1]);
+    {
+        let f = std::fs::File::open(&disk).unwrap();
+        let map = DiskLayout::read(&f).unwrap().thin_map(&f).unwrap();
+        assert!(
+            matches!(map.loss[..], [Loss::DurableMark { .. }]) && !map.trusts(vdisk, 1),
+            "the reader finds the map lost by the durable mark: {:?} (durable mark {}, log pages {:?})",
+            map.loss,
+            map.log_durable,
+            map.log_pages
+        );
+    }
     zone.start_node(0);
     zone.wait_nodes_up(1).await;
     let vol = zone.open("ds", "v").await;
@@ -283,15 +293,12 @@ async fn both_copies_of_the_newest_log_page_damaged_never_read_as_zeros() {
 
 /// A format-v3 node whose block map could not be read back whole (both
 /// checkpoint areas damaged) reads every chunk as an error until it is
-/// written whole — and must go on doing so after its next restart, for the
-/// chunks not written whole since.
-///
-/// Fails today: that state is kept in memory only, while the open writes
-/// the partial map as a whole checkpoint; once the log has moved on past
-/// the pages of before (here: other chunks written), the next open trusts
-/// that map and the chunk reads as zeros.
+/// written whole — and goes on doing so after its next restart, for the
+/// chunks not written whole since, once the log has moved on past the
+/// pages of before (here: other chunks written): its checkpoints carry the
+/// lost flag and the chunks written whole since, and the independent
+/// reader finds both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today: a lost block map is trusted again after the next restart"]
 async fn a_lost_block_map_stays_untrusted_across_restarts() {
     if !have_tessera() {
         eprintln!("skipped: no tessera executable (set TESSERA_BIN or build it)");
@@ -299,7 +306,7 @@ async fn a_lost_block_map_stays_untrusted_across_restarts() {
     }
     let mut zone = TestZone::start_formatted(1, 64 * MIB, 3).await;
     zone.datastore("ds", 1).await;
-    zone.vdisk("ds", "v", 4 * MIB).await;
+    let vdisk = zone.vdisk("ds", "v", 4 * MIB).await.uuid;
     let vol = zone.open("ds", "v").await;
     let a = pattern(9, 0, MIB as usize);
     vol.write(0, &a).await.unwrap();
@@ -349,6 +356,22 @@ async fn a_lost_block_map_stays_untrusted_across_restarts() {
     }
     vol.close().await.unwrap();
     zone.kill_node(0);
+    {
+        let f = std::fs::File::open(&disk).unwrap();
+        let map = DiskLayout::read(&f).unwrap().thin_map(&f).unwrap();
+        let c = map.checkpoint.as_ref().expect("a checkpoint");
+        assert!(c.lost, "the checkpoint says the map was lost");
+        assert!(
+            map.loss.contains(&Loss::EarlierOpen),
+            "the reader keeps the map lost: {:?}",
+            map.loss
+        );
+        assert!(
+            map.trusts(vdisk, 1) && !map.trusts(vdisk, 0),
+            "chunk 1 (written whole since) is trusted again, chunk 0 is not: {:?}",
+            map.trusted
+        );
+    }
     zone.start_node(0);
     zone.wait_nodes_up(1).await;
     let vol = zone.open("ds", "v").await;

@@ -1918,7 +1918,7 @@ impl Run {
                         format!(
                             "chunk {chunk} block {b} checksum: its crc journal record (physical block {}, after the applied mark {}: not in the crc table yet; replay drops it)",
                             place.phys,
-                            crcs.journal.header.map_or(0, |h| h.1)
+                            crcs.journal.header.map_or(0, |h| h.applied)
                         ),
                     ),
                     None => (
@@ -1985,7 +1985,8 @@ impl Run {
                                             && (first..first.saturating_add(count))
                                                 .contains(&(b as u32))
                                     }
-                                    checked::MapRecord::Free { .. } => false,
+                                    checked::MapRecord::Free { .. }
+                                    | checked::MapRecord::Trusted { .. } => false,
                                 });
                                 let (p, at) = match hit {
                                     Some(&(p, s, _)) => {
@@ -2127,13 +2128,17 @@ impl Run {
                 let map = l.thin_map(&f)?;
                 if map.untrusted() {
                     self.notes.push(format!(
-                        "{what}: node {i}'s block map does not read back whole ({}{} inconsistent record(s){})",
-                        if map.lost { "flushed records lost, " } else { "" },
+                        "{what}: node {i}'s block map does not read back whole ({}{} inconsistent record(s){}); {} chunk(s) trusted again",
+                        map.loss
+                            .iter()
+                            .map(|l| format!("{l}, "))
+                            .collect::<String>(),
                         map.inconsistent.len(),
                         map.inconsistent
                             .first()
                             .map(|r| format!(", first: {}", first_chars(r, 200)))
-                            .unwrap_or_default()
+                            .unwrap_or_default(),
+                        map.trusted.len()
                     ));
                 }
                 let crcs = l.thin_crcs(&f)?;
@@ -2165,7 +2170,7 @@ impl Run {
                 .lock()
                 .expect("model")
                 .begin_read(c * bpc, bpc);
-            let mut first: Option<(String, Vec<u8>)> = None;
+            let mut first: Option<(String, Vec<u8>, &str)> = None;
             for d in group {
                 let Some((node, f, l, held)) = disks.get(d) else {
                     self.sh.violation(
@@ -2174,6 +2179,14 @@ impl Run {
                     );
                     problems += 1;
                     continue;
+                };
+                // A format-v3 node that does not trust its block map reads
+                // the chunk as an error, unless written whole since.
+                let unread = match held {
+                    Held::Blocks(b) if !b.0.trusts(self.vdisk, c) => {
+                        " [the node does not trust its block map and this chunk was not written whole since: it reads as an error there]"
+                    }
+                    _ => "",
                 };
                 let mut data = vec![0u8; chunk as usize];
                 // Per block: (stored crc, tag), for the blocks that hold data.
@@ -2221,7 +2234,7 @@ impl Run {
                         self.sh.violation(
                             "copies",
                             format!(
-                                "{what}: node {node} disk {d} chunk {c} block {b}: stored checksum does not match the data"
+                                "{what}: node {node} disk {d} chunk {c} block {b}: stored checksum does not match the data{unread}"
                             ),
                         );
                     }
@@ -2237,7 +2250,7 @@ impl Run {
                     self.sh.violation(
                         "copies",
                         format!(
-                            "{what}: the copy on node {node} (disk {d}) of chunk {c}{}: {} bad blocks, first: {m}",
+                            "{what}: the copy on node {node} (disk {d}) of chunk {c}{}: {} bad blocks, first: {m}{unread}",
                             match (holds, held) {
                                 (true, _) => "",
                                 (false, Held::Extents(_)) => " (no extent)",
@@ -2248,8 +2261,8 @@ impl Run {
                     );
                 }
                 match &first {
-                    None => first = Some((d.clone(), data)),
-                    Some((d0, x)) if *x != data => {
+                    None => first = Some((d.clone(), data, unread)),
+                    Some((d0, x, unread0)) if *x != data => {
                         problems += 1;
                         let differ = x
                             .chunks_exact(BLOCK)
@@ -2258,7 +2271,7 @@ impl Run {
                             .count();
                         self.sh.violation(
                             "copies",
-                            format!("{what}: chunk {c}: copies on disks {d0} and {d} differ in {differ} blocks"),
+                            format!("{what}: chunk {c}: copies on disks {d0}{unread0} and {d}{unread} differ in {differ} blocks"),
                         );
                     }
                     Some(_) => {}
