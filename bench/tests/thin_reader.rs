@@ -24,6 +24,24 @@ use tessera_tests::{pattern, TestZone};
 const MIB: u64 = 1 << 20;
 
 /// Whether [`tessera_tests::tessera_bin`] would find an executable.
+/// A read at `at` either fails or returns `want`: never zeros nor other
+/// content.
+async fn error_or_written(
+    vol: &tessera_replicator::Volume,
+    at: u64,
+    back: &mut [u8],
+    want: &[u8],
+    what: &str,
+) {
+    if vol.read(at, back).await.is_ok() {
+        assert!(
+            back == want,
+            "{what} read back as something else than was written (zeros: {})",
+            back.iter().all(|x| *x == 0)
+        );
+    }
+}
+
 fn have_tessera() -> bool {
     if let Some(p) = std::env::var_os("TESSERA_BIN") {
         return PathBuf::from(p).is_file();
@@ -281,13 +299,7 @@ async fn both_copies_of_the_newest_log_page_damaged_never_read_as_zeros() {
     zone.wait_nodes_up(1).await;
     let vol = zone.open("ds", "v").await;
     let mut back = vec![0u8; MIB as usize];
-    if vol.read(MIB, &mut back).await.is_ok() {
-        assert!(
-            back == b,
-            "chunk 1 read back as something else than was written (zeros: {})",
-            back.iter().all(|x| *x == 0)
-        );
-    }
+    error_or_written(&vol, MIB, &mut back, &b, "chunk 1").await;
     vol.close().await.unwrap();
 }
 
@@ -375,13 +387,7 @@ async fn a_lost_block_map_stays_untrusted_across_restarts() {
     zone.start_node(0);
     zone.wait_nodes_up(1).await;
     let vol = zone.open("ds", "v").await;
-    if vol.read(0, &mut back).await.is_ok() {
-        assert!(
-            back == a,
-            "chunk 0 read back as something else than was written (zeros: {})",
-            back.iter().all(|x| *x == 0)
-        );
-    }
+    error_or_written(&vol, 0, &mut back, &a, "chunk 0").await;
     vol.close().await.unwrap();
 }
 
