@@ -1005,9 +1005,13 @@ impl ThinMap {
 
     /// Whether the node reads the chunk from this map: always when it
     /// trusts the map, else only a chunk written whole since it was lost
-    /// (any other reads as an error).
+    /// (any other reads as an error), or any chunk of a vDisk its writer
+    /// vouched for (a `Trusted` record of chunk `u64::MAX`: it rebuilt the
+    /// whole copy).
     pub fn trusts(&self, vdisk: uuid::Uuid, chunk: u64) -> bool {
-        !self.untrusted() || self.trusted.contains(&(vdisk, chunk))
+        !self.untrusted()
+            || self.trusted.contains(&(vdisk, chunk))
+            || self.trusted.contains(&(vdisk, u64::MAX))
     }
 
     fn lose(&mut self, why: Loss) {

@@ -10,7 +10,7 @@ mod thin;
 mod thin_crc;
 mod thin_data;
 mod vdisk;
-pub use vdisk::Fenced;
+pub use vdisk::{Doubt, Fenced};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -133,6 +133,9 @@ pub struct Disk {
     reserving: Mutex<()>,
     /// The boot tag epoch raises are written under (see [`Disk::set_boot`]).
     boot: std::sync::atomic::AtomicU64,
+    /// Names this open's doubt about chunks whose owner records were lost
+    /// (see [`Disk::fence_report`]); new at every open, never 0.
+    doubt_token: u64,
     /// Format v3: the block map and its log.
     thin: Option<thin::Thin>,
 }
@@ -171,6 +174,7 @@ impl Disk {
             zero_crc: tessera_crc::crc32c(&[0u8; BLOCK_SIZE as usize]),
             crcs: crc_cache::CrcCache::new(crc_cache::DEFAULT_BUDGET, blocks),
             boot: std::sync::atomic::AtomicU64::new(0),
+            doubt_token: vdisk::new_doubt_token(),
             reserving: Mutex::new(()),
             thin,
         }

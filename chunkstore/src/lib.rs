@@ -279,7 +279,7 @@ mod superblock;
 mod sys;
 
 pub use device::{Device, FileDevice};
-pub use disk::{ChunkInfo, Disk, DiskInfo, Fenced, FormatOptions};
+pub use disk::{ChunkInfo, Disk, DiskInfo, Doubt, Fenced, FormatOptions};
 pub use error::Error;
 pub use layout::LayoutError;
 pub use powerloss::{CrashPlan, PendingWrite, PowerLossDevice, Survivor};

@@ -8,6 +8,10 @@ use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
+/// The chunk number a `Trusted` record names to vouch for a whole vDisk
+/// (no chunk has it: a vDisk's size is bounded far below).
+pub(crate) const VOUCHED: u64 = u64::MAX;
+
 /// A chunk's identity: (vDisk, chunk index).
 pub(crate) type ChunkKey = (Uuid, u64);
 
@@ -76,6 +80,10 @@ struct Damaged {
     /// Chunks rewritten or discarded whole while `ownerless` is not empty
     /// (or the index is lost).
     resolved: HashSet<ChunkKey>,
+    /// vDisks whose writer rebuilt every chunk of the copy here since the
+    /// damage was found (`Disk::vouch`): none of their chunks is uncertain
+    /// for want of an owner.
+    vouched: HashSet<Uuid>,
     /// Extents whose record write failed while running: their on-disk state
     /// is unknown until the next open.
     unknown: u64,
@@ -146,9 +154,14 @@ impl State {
         self.damaged.index_lost = true;
     }
 
-    /// Loader (format v3, map not whole): `key` was written whole since.
+    /// Loader (format v3, map not whole): `key` was written whole since
+    /// (a chunk of [`VOUCHED`]: the whole vDisk was vouched for).
     pub(crate) fn load_trusted(&mut self, key: ChunkKey) {
-        self.damaged.resolved.insert(key);
+        if key.1 == VOUCHED {
+            self.damaged.vouched.insert(key.0);
+        } else {
+            self.damaged.resolved.insert(key);
+        }
     }
 
     /// Whether the block map (format v3) was not read back whole.
@@ -156,14 +169,48 @@ impl State {
         self.damaged.index_lost
     }
 
-    /// The chunks trusted again since the map was lost, sorted.
+    /// The chunks trusted again since the map was lost: first a
+    /// `(vdisk, VOUCHED)` per vDisk vouched for (sorted), then the other
+    /// vDisks' chunks, sorted.
     pub(crate) fn trusted_chunks(&self) -> Vec<ChunkKey> {
         if !self.damaged.index_lost {
             return Vec::new();
         }
-        let mut v: Vec<ChunkKey> = self.damaged.resolved.iter().copied().collect();
+        let mut whole: Vec<ChunkKey> = self.damaged.vouched.iter().map(|v| (*v, VOUCHED)).collect();
+        whole.sort_unstable();
+        let mut v: Vec<ChunkKey> = self
+            .damaged
+            .resolved
+            .iter()
+            .filter(|k| !self.damaged.vouched.contains(&k.0))
+            .copied()
+            .collect();
         v.sort_unstable();
-        v
+        whole.extend(v);
+        whole
+    }
+
+    /// What a writer must rebuild before this disk's copy of `vdisk` can
+    /// be trusted whole: (every chunk not set whole since, the chunks
+    /// damaged records name). See [`crate::Disk::fence_report`].
+    pub(crate) fn doubt(&self, vdisk: Uuid) -> (bool, Vec<u64>) {
+        let whole = self.damaged.any_ownerless() && !self.damaged.vouched.contains(&vdisk);
+        let mut named: Vec<u64> = self
+            .damaged
+            .suspects
+            .keys()
+            .filter(|k| k.0 == vdisk)
+            .map(|k| k.1)
+            .collect();
+        named.sort_unstable();
+        (whole, named)
+    }
+
+    /// The writer rebuilt every chunk of the copy of `vdisk` here.
+    pub(crate) fn vouch(&mut self, vdisk: Uuid) {
+        if self.damaged.any_ownerless() {
+            self.damaged.vouched.insert(vdisk);
+        }
     }
 
     /// A fresh generation for a chunk's new life; `None` if none is
@@ -251,7 +298,9 @@ impl State {
     /// it as zeros could hide its data.
     pub(crate) fn uncertain(&self, key: &ChunkKey) -> bool {
         self.damaged.suspects.contains_key(key)
-            || (self.damaged.any_ownerless() && !self.damaged.resolved.contains(key))
+            || (self.damaged.any_ownerless()
+                && !self.damaged.resolved.contains(key)
+                && !self.damaged.vouched.contains(&key.0))
             || self
                 .moved_away
                 .get(&key.0)
@@ -262,7 +311,9 @@ impl State {
     /// not set whole since, so even the blocks the map names may be stale
     /// (a lost record may have freed or moved them).
     pub(crate) fn map_untrusted(&self, key: &ChunkKey) -> bool {
-        self.damaged.index_lost && !self.damaged.resolved.contains(key)
+        self.damaged.index_lost
+            && !self.damaged.resolved.contains(key)
+            && !self.damaged.vouched.contains(&key.0)
     }
 
     /// The vDisk's copy here moved away and is being freed (`true`), or the

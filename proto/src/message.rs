@@ -16,8 +16,9 @@ pub const MAX_BODY: u32 = MAX_PAYLOAD + 4096;
 pub const PROTOCOL_MIN: u16 = 1;
 /// Highest protocol version this build speaks (2: local sessions, with
 /// `MapMemory`, `ReadShm` and `WriteShm`; 3: the node's boot identity in
-/// [`HelloReply`]).
-pub const PROTOCOL_MAX: u16 = 3;
+/// [`HelloReply`]; 4: a `Fence` reply says which chunks the node doubts,
+/// and `Vouch`).
+pub const PROTOCOL_MAX: u16 = 4;
 /// First protocol version whose [`HelloReply`] carries the node's boot identity.
 pub const PROTOCOL_BOOT: u16 = 3;
 /// Most memory regions one local session maps.
@@ -84,6 +85,9 @@ pub enum Opcode {
     ReadShm = 10,
     /// A write the node takes from the client's mapped memory.
     WriteShm = 11,
+    /// The writer rebuilt every chunk of a copy the node doubted (protocol
+    /// version 4): see [`FenceReply`].
+    Vouch = 12,
 }
 
 impl TryFrom<u8> for Opcode {
@@ -101,6 +105,7 @@ impl TryFrom<u8> for Opcode {
             9 => Opcode::MapMemory,
             10 => Opcode::ReadShm,
             11 => Opcode::WriteShm,
+            12 => Opcode::Vouch,
             other => return Err(ProtoError::UnknownOpcode(other)),
         })
     }
@@ -315,14 +320,81 @@ pub const SHM_CHECK_CRC: u32 = 1;
 /// Flag of a `Fence` reply (protocol version 3): the vDisk's epoch was last
 /// raised, on every disk fenced, during the machine's current boot.
 pub const FENCE_SAME_BOOT: u64 = 1;
+/// Flag of a `Fence` reply (protocol version 4): the node lost metadata
+/// that would say which of the vDisk's chunks it holds (its block map, or
+/// an extent record naming no owner), so any chunk not rewritten whole
+/// since may read as an error: the writer should rebuild the whole copy and
+/// then send `Vouch` with the reply's token.
+pub const FENCE_DOUBTFUL: u64 = 2;
+/// Most chunks a `Fence` reply lists as doubted one by one; beyond that
+/// the node says [`FENCE_DOUBTFUL`] instead.
+pub const MAX_DOUBTED: usize = 4096;
+
+/// A `Fence` reply's body: `epoch` (u64), flags (u64), then (version 4)
+/// the doubt token (u64), the number of doubted chunks (u32) and the
+/// chunks (u64 each). Every number little-endian.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FenceReply {
+    /// The vDisk's epoch on the node after the fence.
+    pub epoch: u64,
+    /// [`FENCE_SAME_BOOT`]: the epoch was last raised during this boot.
+    pub same_boot: bool,
+    /// [`FENCE_DOUBTFUL`]: every chunk not rewritten whole since is in
+    /// doubt.
+    pub doubtful: bool,
+    /// Names the node's current doubt (it changes when the node restarts):
+    /// `Vouch` must quote it. 0 when the node doubts nothing.
+    pub token: u64,
+    /// Chunks whose damaged extent records name them: each may read as an
+    /// error until rewritten whole (at most [`MAX_DOUBTED`]).
+    pub doubted: Vec<u64>,
+}
+
+impl FenceReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let flags =
+            u64::from(self.same_boot) * FENCE_SAME_BOOT + u64::from(self.doubtful) * FENCE_DOUBTFUL;
+        let mut b = Vec::with_capacity(28 + 8 * self.doubted.len());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&self.token.to_le_bytes());
+        b.extend_from_slice(&(self.doubted.len() as u32).to_le_bytes());
+        for c in &self.doubted {
+            b.extend_from_slice(&c.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes a reply of any version (fields a version lacks are
+    /// false, 0 or empty); `None` if it is shorter than its own counts say
+    /// or lists more than [`MAX_DOUBTED`] chunks.
+    pub fn decode(body: &[u8]) -> Option<FenceReply> {
+        let epoch = le64(body.get(..8)?);
+        let flags = body.get(8..16).map_or(0, le64);
+        let token = body.get(16..24).map_or(0, le64);
+        let count = body.get(24..28).map_or(0, le32) as usize;
+        if count > MAX_DOUBTED {
+            return None;
+        }
+        let list = body.get(28..28 + 8 * count).unwrap_or(&[]);
+        if list.len() != 8 * count {
+            return None;
+        }
+        Some(FenceReply {
+            epoch,
+            same_boot: flags & FENCE_SAME_BOOT != 0,
+            doubtful: flags & FENCE_DOUBTFUL != 0,
+            token,
+            doubted: list.chunks_exact(8).map(le64).collect(),
+        })
+    }
+}
 
 /// Reads a `Fence` reply's body: the epoch, and whether the node says the
 /// epoch was last raised during its current boot (`false` when it does not
 /// say: a node speaking an older version).
 pub fn decode_fence_reply(body: &[u8]) -> Option<(u64, bool)> {
-    let epoch = le64(body.get(..8)?);
-    let flags = body.get(8..16).map_or(0, le64);
-    Some((epoch, flags & FENCE_SAME_BOOT != 0))
+    FenceReply::decode(body).map(|r| (r.epoch, r.same_boot))
 }
 
 impl ShmRange {
@@ -472,6 +544,26 @@ impl VdiskRef {
     }
 }
 
+/// Fixed fields of `Vouch`: the writer (at `vref.epoch`) rebuilt every
+/// chunk of its copy on `vref.disk` since the node answered a fence with
+/// [`FENCE_DOUBTFUL`] and `token`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VouchRef {
+    pub vref: VdiskRef,
+    pub token: u64,
+}
+
+impl VouchRef {
+    pub const LEN: usize = VdiskRef::LEN + 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..VdiskRef::LEN].copy_from_slice(&self.vref.encode());
+        b[VdiskRef::LEN..].copy_from_slice(&self.token.to_le_bytes());
+        b
+    }
+}
+
 /// Fixed fields of `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
@@ -504,6 +596,7 @@ pub enum Request<'a> {
     WriteZeroes(ChunkRange),
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
+    Vouch(VouchRef),
     /// The regions' list as encoded ([`ShmRegion::decode_list`] checked it).
     MapMemory(&'a [u8]),
     /// Fixed fields and the encoded segment list.
@@ -581,6 +674,17 @@ impl<'a> Request<'a> {
                     Request::DeleteVdisk(v)
                 }
             }
+            Opcode::Vouch => {
+                exact(VouchRef::LEN)?;
+                Request::Vouch(VouchRef {
+                    vref: VdiskRef {
+                        vdisk: body[0..16].try_into().expect("16 bytes"),
+                        disk: body[16..32].try_into().expect("16 bytes"),
+                        epoch: le64(&body[32..40]),
+                    },
+                    token: le64(&body[40..48]),
+                })
+            }
             Opcode::MapMemory => {
                 ShmRegion::decode_list(body)?;
                 Request::MapMemory(body)
@@ -613,6 +717,7 @@ impl<'a> Request<'a> {
             Request::WriteZeroes(_) => Opcode::WriteZeroes,
             Request::Fence(_) => Opcode::Fence,
             Request::DeleteVdisk(_) => Opcode::DeleteVdisk,
+            Request::Vouch(_) => Opcode::Vouch,
             Request::MapMemory(_) => Opcode::MapMemory,
             Request::ReadShm(..) => Opcode::ReadShm,
             Request::WriteShm(..) => Opcode::WriteShm,
@@ -632,6 +737,7 @@ impl<'a> Request<'a> {
             Request::Write(r, _) => put(&r.encode()),
             Request::Flush(d) => put(&d.disk),
             Request::Fence(v) | Request::DeleteVdisk(v) => put(&v.encode()),
+            Request::Vouch(v) => put(&v.encode()),
             Request::MapMemory(_) => 0,
             Request::ReadShm(r, _) | Request::WriteShm(r, _) => put(&r.encode()),
         }
@@ -797,6 +903,7 @@ mod tests {
             }
             roundtrip(Request::Fence(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
             roundtrip(Request::DeleteVdisk(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
+            roundtrip(Request::Vouch(VouchRef { vref: VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }, token: r.chunk }), id);
             roundtrip(Request::Flush(DiskRef { disk: r.disk }), id);
             roundtrip(Request::Hello(Hello { min_version: 1, max_version: r.len as u16, client: r.vdisk }), id);
             // Local requests: the range split into segments of `data[0] + 1`
@@ -841,11 +948,29 @@ mod tests {
                 let _ = Request::decode(&h, &body);
             }
             let _ = HelloReply::decode(&body);
+            if let Some(r) = FenceReply::decode(&body) {
+                prop_assert!(r.doubted.len() <= MAX_DOUBTED);
+            }
+        }
+
+        /// A fence reply survives encoding; a version-3 reply (epoch and
+        /// flags only) decodes with no doubt.
+        #[test]
+        fn fence_replies_roundtrip(epoch in any::<u64>(), same in any::<bool>(), doubtful in any::<bool>(), token in any::<u64>(), doubted in proptest::collection::vec(any::<u64>(), 0..40)) {
+            let r = FenceReply { epoch, same_boot: same, doubtful, token, doubted };
+            let b = r.encode();
+            prop_assert_eq!(FenceReply::decode(&b), Some(r.clone()));
+            let v3 = FenceReply::decode(&b[..16]).unwrap();
+            prop_assert_eq!(v3, FenceReply { epoch, same_boot: same, doubtful, ..Default::default() });
+            // A list cut short is refused, not read as fewer chunks.
+            if !r.doubted.is_empty() {
+                prop_assert_eq!(FenceReply::decode(&b[..b.len() - 1]), None);
+            }
         }
 
         /// Headers that are valid except for garbage in the body never panic either.
         #[test]
-        fn valid_header_garbage_body(op in 1u8..=11, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
+        fn valid_header_garbage_body(op in 1u8..=12, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
             let h = Header::request(Opcode::try_from(op).unwrap(), 7, body.len() as u32, crc);
             let h = Header::decode(&h.encode()).unwrap();
             let _ = Request::decode(&h, &body);

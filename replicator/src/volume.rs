@@ -782,28 +782,123 @@ impl Inner {
     }
 
     /// Raises the vDisk's epoch on one copy's disk to this writer's (with
-    /// the disk's current fence generation).
-    pub(crate) async fn fence_one(
+    /// the disk's current fence generation). Returns the node's answer:
+    /// whether the vDisk's
+    /// epoch was last raised there during its machine's current boot (if
+    /// not, the machine restarted since the previous writer fenced it, or
+    /// it cannot tell, and the copy may lack what that writer acknowledged
+    /// and had not flushed), and which chunks the node doubts.
+    async fn fence_report(
         &self,
         links: &Links,
         slot: &CopySlot,
-    ) -> Result<(), VolumeError> {
-        self.fence_report(links, slot).await.map(|_| ())
-    }
-
-    /// Like `fence_one`, returning whether the node says the vDisk's epoch
-    /// was last raised there during its machine's current boot: if not, the
-    /// machine restarted since the previous writer fenced it (or it cannot
-    /// tell), and the copy may lack what that writer acknowledged and had
-    /// not flushed.
-    async fn fence_report(&self, links: &Links, slot: &CopySlot) -> Result<bool, VolumeError> {
+    ) -> Result<tessera_proto::FenceReply, VolumeError> {
         let req = tessera_proto::Request::Fence(tessera_proto::VdiskRef {
             vdisk: *self.vdisk.uuid.as_bytes(),
             disk: *slot.disk.as_bytes(),
             epoch: self.wire_epoch(slot),
         });
         let body = self.call_reply(links, slot, req, &[], None).await?;
-        Ok(tessera_proto::decode_fence_reply(&body).is_some_and(|(_, same)| same))
+        tessera_proto::FenceReply::decode(&body).ok_or_else(|| VolumeError::Node {
+            addr: links.get(slot.node).addr().to_owned(),
+            status: tessera_proto::Status::Invalid,
+            message: "the node's fence reply is malformed".into(),
+        })
+    }
+
+    /// Fences a copy that is not current before its resync, and records
+    /// dirty whatever its node doubts (see [`Inner::doubted_chunks`]).
+    /// Fails if the fence or the record does.
+    pub(crate) async fn fence_for_resync(
+        &self,
+        links: &Links,
+        slot: &CopySlot,
+    ) -> Result<(), VolumeError> {
+        let reply = self.fence_report(links, slot).await?;
+        let missed = {
+            let layout = self.layout();
+            self.doubted_chunks(&layout, slot.disk, &reply)
+        };
+        if missed.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(Uuid, u64)> = missed.iter().map(|c| (slot.disk, *c)).collect();
+        self.record_dirty(&pairs).await?;
+        if reply.doubtful {
+            self.dirty
+                .lock()
+                .expect("dirty poisoned")
+                .doubted
+                .insert(slot.disk, reply.token);
+        }
+        Ok(())
+    }
+
+    /// The chunks of `disk`'s copy its node doubts (a fence reply said so:
+    /// damaged metadata hides where their data is): every chunk the copy
+    /// holds if the node doubts the whole copy — unless this writer already
+    /// recorded them for the same doubt (the node was not reopened since),
+    /// in which case resync is rebuilding them — else the chunks it names.
+    pub(crate) fn doubted_chunks(
+        &self,
+        layout: &Layout,
+        disk: Uuid,
+        reply: &tessera_proto::FenceReply,
+    ) -> Vec<u64> {
+        if reply.doubtful {
+            let known = self
+                .dirty
+                .lock()
+                .expect("dirty poisoned")
+                .doubted
+                .get(&disk)
+                .copied();
+            if known == Some(reply.token) {
+                return Vec::new();
+            }
+            tracing::warn!(%disk, "the copy's node lost metadata that says where its chunks are: rebuilding the whole copy");
+            let chunks = self.vdisk.size.div_ceil(self.vdisk.placement.chunk_size);
+            return (0..chunks).filter(|c| layout.holds(disk, *c)).collect();
+        }
+        if !reply.doubted.is_empty() {
+            tracing::warn!(%disk, chunks = reply.doubted.len(), "the copy's node lost the records of some chunks: rebuilding them");
+        }
+        reply
+            .doubted
+            .iter()
+            .copied()
+            .filter(|c| layout.holds(disk, *c))
+            .collect()
+    }
+
+    /// Tells `slot`'s node that every chunk of its copy was rebuilt since
+    /// it named its doubt, if it did: it trusts the copy whole again.
+    pub(crate) async fn vouch(&self, links: &Links, slot: &CopySlot) -> Result<(), VolumeError> {
+        let token = self
+            .dirty
+            .lock()
+            .expect("dirty poisoned")
+            .doubted
+            .get(&slot.disk)
+            .copied();
+        let Some(token) = token else {
+            return Ok(());
+        };
+        let req = tessera_proto::Request::Vouch(tessera_proto::VouchRef {
+            vref: tessera_proto::VdiskRef {
+                vdisk: *self.vdisk.uuid.as_bytes(),
+                disk: *slot.disk.as_bytes(),
+                epoch: self.wire_epoch(slot),
+            },
+            token,
+        });
+        self.call(links, slot, req, &[], None).await?;
+        let mut d = self.dirty.lock().expect("dirty poisoned");
+        if d.doubted.get(&slot.disk) == Some(&token) {
+            d.doubted.remove(&slot.disk);
+        }
+        tracing::info!(disk = %slot.disk, "every chunk of the doubted copy was rebuilt: its node trusts it again");
+        Ok(())
     }
 
     /// At open: raises the epoch on every copy, whatever its state, so no
@@ -822,10 +917,17 @@ impl Inner {
         let results = join_all(slots.iter().map(|s| self.fence_report(links, s))).await;
         let mut unfenced = Vec::new();
         let mut restarted = Vec::new();
+        let mut doubts = Vec::new();
         for (slot, r) in slots.iter().zip(results) {
             match r {
-                Ok(true) => {}
-                Ok(false) => restarted.push(slot.disk),
+                Ok(reply) => {
+                    if !reply.same_boot {
+                        restarted.push(slot.disk);
+                    }
+                    if reply.doubtful || !reply.doubted.is_empty() {
+                        doubts.push((slot.disk, reply));
+                    }
+                }
                 Err(e @ VolumeError::Fenced { .. }) => return Err(e),
                 Err(e) => {
                     tracing::warn!(disk = %slot.disk, error = %e, "cannot fence a copy; recording it stale");
@@ -835,6 +937,39 @@ impl Inner {
             }
         }
         let mut missed = Vec::new();
+        // A copy whose node doubts some of its chunks is rebuilt: it fails
+        // (its group keeps a current copy its node does not doubt; if none
+        // is left, the copies stay as they are: each serves what it can,
+        // and a chunk none can serve reads as an error), and the doubted
+        // chunks are dirty for it.
+        let doubted: Vec<Uuid> = doubts.iter().map(|(d, _)| *d).collect();
+        for (disk, reply) in &doubts {
+            let chunks = self.doubted_chunks(&layout, *disk, reply);
+            let sound = |c: &CopySlot| {
+                c.disk != *disk
+                    && c.health() == CopyHealth::Current
+                    && !unfenced.contains(&c.disk)
+                    && !doubted.contains(&c.disk)
+            };
+            let replaceable = layout
+                .groups
+                .iter()
+                .filter(|g| g.iter().any(|c| c.disk == *disk))
+                .all(|g| g.iter().any(sound));
+            if !replaceable && layout.disk_any(*disk, |h| h == CopyHealth::Current) {
+                tracing::error!(%disk, "a copy's node doubts some of its chunks, and no other copy can replace it: the chunks it cannot read stay errors");
+                continue;
+            }
+            self.fail_disk(&layout, *disk);
+            missed.extend(chunks.into_iter().map(|c| (*disk, c)));
+            if reply.doubtful {
+                self.dirty
+                    .lock()
+                    .expect("dirty poisoned")
+                    .doubted
+                    .insert(*disk, reply.token);
+            }
+        }
         if !self.vdisk.activity.is_empty() {
             for (g, copies) in layout.groups.iter().enumerate() {
                 let kept = |c: &CopySlot| {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tessera_proto::{Request, Status};
+use tessera_proto::{FenceReply, Request, Status};
 use tessera_replicator::{
     BootGuard, BootWatch, ConnError, Connector, NodeAddr, NodeIo, Reply, SharedMemory,
 };
@@ -79,6 +79,19 @@ struct SimDisk {
     /// as the real chunk store does (`Disk::free_moved_copy`). In memory:
     /// a restart of the node forgets it.
     moved_away: BTreeMap<Uuid, BTreeSet<u64>>,
+    /// The disk lost the metadata saying which chunk is where (a format-3
+    /// block map): until a chunk is set whole again, or its vDisk vouched
+    /// for, it reads as an error, as the real chunk store does. Durable.
+    doubt: Option<SimDoubt>,
+}
+
+/// What a disk whose map was lost trusts again (see [`SimDisk::doubt`]).
+#[derive(Debug, Default)]
+struct SimDoubt {
+    /// Chunks set whole since.
+    resolved: BTreeSet<(Uuid, u64)>,
+    /// vDisks whose writer rebuilt the whole copy and said so (`Vouch`).
+    vouched: BTreeSet<Uuid>,
 }
 
 impl SimDisk {
@@ -109,6 +122,15 @@ impl SimDisk {
         self.moved_away
             .get(&vdisk)
             .is_some_and(|set| !set.contains(&chunk))
+            || self.doubts(vdisk, chunk)
+    }
+
+    /// Whether the chunk, allocated or not, is in doubt since the disk's
+    /// map was lost.
+    fn doubts(&self, vdisk: Uuid, chunk: u64) -> bool {
+        self.doubt
+            .as_ref()
+            .is_some_and(|d| !d.vouched.contains(&vdisk) && !d.resolved.contains(&(vdisk, chunk)))
     }
 
     /// The chunk as reads see it (durable content and page cache).
@@ -379,6 +401,12 @@ enum Op {
         disk: Uuid,
         epoch: u64,
     },
+    Vouch {
+        vdisk: Uuid,
+        disk: Uuid,
+        epoch: u64,
+        token: u64,
+    },
     Other,
 }
 
@@ -400,7 +428,7 @@ impl Op {
                 disk, chunk, len, ..
             } => (OpKind::Mutation, *disk, Some(*chunk), *len == chunk_size),
             Op::Flush { disk } => (OpKind::Flush, *disk, None, false),
-            Op::Fence { disk, .. } => (OpKind::Fence, *disk, None, false),
+            Op::Fence { disk, .. } | Op::Vouch { disk, .. } => (OpKind::Fence, *disk, None, false),
             Op::Other => return false,
         };
         m.kind.is_none_or(|k| k == kind)
@@ -495,6 +523,22 @@ impl SimNode {
 
     pub fn restart(&self) {
         self.state().up = true;
+    }
+
+    /// The machine loses power and `disk` comes back with its map lost: it
+    /// no longer knows where any chunk is. Without the doubt it reports,
+    /// every chunk would read as zeros (what is stored is dropped here); with
+    /// it, every chunk reads as an error until set whole again or its vDisk
+    /// vouched for.
+    pub fn lose_map(&self, disk: Uuid) {
+        self.lose_power();
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        if let Some(d) = s.disks.get_mut(&disk) {
+            d.flush(chunk_size);
+            d.durable.clear();
+            d.doubt = Some(SimDoubt::default());
+        }
     }
 
     /// SIGSTOP: requests wait (their callers time out) and run on resume.
@@ -601,6 +645,16 @@ impl SimNode {
             .or_insert_with(|| Chunk::new(chunk_size));
         c.data[..data.len()].copy_from_slice(data);
         c.torn.clear();
+    }
+
+    /// Whether `disk` still doubts its copy of `vdisk` (its map was lost
+    /// and no writer vouched for the copy since).
+    pub fn doubts(&self, disk: Uuid, vdisk: Uuid) -> bool {
+        self.state()
+            .disks
+            .get(&disk)
+            .and_then(|d| d.doubt.as_ref())
+            .is_some_and(|d| !d.vouched.contains(&vdisk))
     }
 
     /// Chunks of `vdisk` this node stores on `disk`.
@@ -787,10 +841,20 @@ impl SimNode {
                 if !disk_of(s, &disk) {
                     return err(Status::NoSuchDisk, "no such disk");
                 }
-                let freed = {
+                let (freed, doubted) = {
                     let d = &s.disks[&disk];
-                    !d.holds((vdisk, chunk)) && d.uncertain(vdisk, chunk)
+                    let moved = d
+                        .moved_away
+                        .get(&vdisk)
+                        .is_some_and(|set| !set.contains(&chunk));
+                    (!d.holds((vdisk, chunk)) && moved, d.doubts(vdisk, chunk))
                 };
+                if doubted {
+                    return err(
+                        Status::Checksum,
+                        "the disk's map was lost: the chunk is unknown",
+                    );
+                }
                 if freed {
                     s.freed_reads += 1;
                     return err(
@@ -838,6 +902,9 @@ impl SimNode {
                 epoch,
             } => Self::mutate(s, disk, vdisk, epoch, |d| {
                 let frees = offset == 0 && len == chunk_size;
+                if !frees && d.doubts(vdisk, chunk) {
+                    return Err(Status::Checksum);
+                }
                 let p = Pending {
                     vdisk,
                     chunk,
@@ -869,6 +936,7 @@ impl SimNode {
             }
             Op::Fence { vdisk, disk, epoch } => {
                 let boot = s.boot;
+                let doubt_token = s.incarnation + 1;
                 let Some(d) = s.disks.get_mut(&disk) else {
                     return err(Status::NoSuchDisk, "no such disk");
                 };
@@ -877,9 +945,47 @@ impl SimNode {
                 if epoch > e.0 {
                     *e = (epoch, boot);
                 }
-                let mut body = e.0.to_le_bytes().to_vec();
-                body.extend_from_slice(&u64::from(same_boot).to_le_bytes());
-                ok(body)
+                let epoch = e.0;
+                let doubtful = d
+                    .doubt
+                    .as_ref()
+                    .is_some_and(|doubt| !doubt.vouched.contains(&vdisk));
+                ok(FenceReply {
+                    epoch,
+                    same_boot,
+                    doubtful,
+                    token: if doubtful { doubt_token } else { 0 },
+                    doubted: Vec::new(),
+                }
+                .encode())
+            }
+            Op::Vouch {
+                vdisk,
+                disk,
+                epoch,
+                token,
+            } => {
+                let doubt_token = s.incarnation + 1;
+                let Some(d) = s.disks.get_mut(&disk) else {
+                    return err(Status::NoSuchDisk, "no such disk");
+                };
+                let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
+                if epoch < stored {
+                    return Reply {
+                        status: Status::StaleEpoch,
+                        body: stored.to_le_bytes().to_vec(),
+                    };
+                }
+                if token != doubt_token {
+                    return err(
+                        Status::Invalid,
+                        "the disk was reopened since: fence it again",
+                    );
+                }
+                if let Some(doubt) = d.doubt.as_mut() {
+                    doubt.vouched.insert(vdisk);
+                }
+                ok(Vec::new())
             }
             Op::Other => err(Status::Unsupported, "not simulated"),
         }
@@ -912,6 +1018,9 @@ impl SimNode {
                     if let Some(set) = d.moved_away.get_mut(&p.vdisk) {
                         set.insert(p.chunk);
                     }
+                    if let Some(doubt) = d.doubt.as_mut() {
+                        doubt.resolved.insert((p.vdisk, p.chunk));
+                    }
                 }
                 d.cache.push(p);
                 Reply {
@@ -937,6 +1046,10 @@ impl SimNode {
 impl Pending {
     /// A write to a chunk the disk does not hold yet needs a free extent.
     fn into_checked(self, d: &SimDisk, chunk_size: u64) -> Result<Option<Pending>, Status> {
+        let whole = self.offset == 0 && self.len == chunk_size;
+        if !whole && d.doubts(self.vdisk, self.chunk) {
+            return Err(Status::Checksum);
+        }
         let new = !d.holds((self.vdisk, self.chunk));
         if new
             && d.uncertain(self.vdisk, self.chunk)
@@ -1108,6 +1221,12 @@ fn op_of(req: &Request<'_>, payload: &[&[u8]]) -> Op {
             vdisk: u(v.vdisk),
             disk: u(v.disk),
             epoch: v.epoch,
+        },
+        Request::Vouch(v) => Op::Vouch {
+            vdisk: u(v.vref.vdisk),
+            disk: u(v.vref.disk),
+            epoch: v.vref.epoch,
+            token: v.token,
         },
         _ => Op::Other,
     }

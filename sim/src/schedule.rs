@@ -76,6 +76,9 @@ enum Event {
         node: usize,
         whole: bool,
     },
+    /// The machine loses power and its disk comes back with its block map
+    /// lost: it knows none of its chunks any more.
+    MapLost(usize),
     ZoneDown,
     Contention,
     LostAnswers,
@@ -103,6 +106,7 @@ impl Event {
             Event::BadPayload(_) => "payload changed in flight",
             Event::Corrupt { whole: false, .. } => "flipped data block",
             Event::Corrupt { whole: true, .. } => "damaged extent record",
+            Event::MapLost(_) => "node power loss, block map lost",
             Event::ZoneDown => "zone unreachable",
             Event::Contention => "zone compare-and-swap contention",
             Event::LostAnswers => "zone answers lost after the change",
@@ -122,6 +126,7 @@ impl Event {
             | Event::PowerLoss(n)
             | Event::Reboot(n)
             | Event::Freeze(n)
+            | Event::MapLost(n)
             | Event::Outage(n) => Some(n),
             Event::Corrupt { node, .. } => Some(node),
             // A refused write leaves that copy stale until resynced.
@@ -372,6 +377,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             3 => Event::Freeze(n),
             4 => Event::Delay(n),
             5 => Event::BadPayload(n),
+            6 if rng.chance(200) => Event::MapLost(n),
             6 => Event::Corrupt {
                 node: n,
                 whole: rng.chance(300),
@@ -435,7 +441,9 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         for n in ended {
             let (e, _) = faulty.remove(&n).expect("listed");
             match e {
-                Event::Crash(_) | Event::PowerLoss(_) | Event::Outage(_) => nodes[n].restart(),
+                Event::Crash(_) | Event::PowerLoss(_) | Event::MapLost(_) | Event::Outage(_) => {
+                    nodes[n].restart()
+                }
                 Event::Freeze(_) => nodes[n].resume(),
                 Event::BadPayload(_) => nodes[n].set_bad_payload(0),
                 Event::Corrupt { .. } => {
@@ -484,6 +492,12 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             match e {
                 Event::Crash(n) | Event::Outage(n) => nodes[n].crash(),
                 Event::PowerLoss(n) => nodes[n].lose_power(),
+                Event::MapLost(n) => {
+                    if cfg.mirrors < 2 {
+                        continue;
+                    }
+                    nodes[n].lose_map(disk_of[n]);
+                }
                 Event::Reboot(n) => {
                     nodes[n].lose_power();
                     nodes[n].restart();
@@ -645,16 +659,20 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     // first lets the writer notice the nodes that are down (see above).
     let writer = world.volume.lock().expect("poisoned").clone();
     if let Some(v) = writer {
-        if faulty
-            .values()
-            .any(|(e, _)| matches!(e, Event::PowerLoss(_) | Event::Reboot(_)))
-        {
+        if faulty.values().any(|(e, _)| {
+            matches!(
+                e,
+                Event::PowerLoss(_) | Event::MapLost(_) | Event::Reboot(_)
+            )
+        }) {
             let _ = v.flush().await;
         }
     }
     for (n, (e, _)) in std::mem::take(&mut faulty) {
         match e {
-            Event::Crash(_) | Event::PowerLoss(_) | Event::Outage(_) => nodes[n].restart(),
+            Event::Crash(_) | Event::PowerLoss(_) | Event::MapLost(_) | Event::Outage(_) => {
+                nodes[n].restart()
+            }
             Event::Freeze(_) => nodes[n].resume(),
             _ => {}
         }
@@ -742,6 +760,17 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     // Every block reads what the model allows; every copy agrees.
     check_all(&world, &volume, "after healing").await;
     if healed {
+        // A copy whose node lost its map was rebuilt whole, and its node
+        // told so: it trusts the copy again (or the next writer would
+        // rebuild it whole once more).
+        let v = zone.service.vdisk(DS, NAME).await.expect("vdisk").vdisk;
+        for (i, n) in nodes.iter().enumerate() {
+            if n.doubts(disk_of[i], v.uuid) && v.placement.holds(disk_of[i]) {
+                world.violation(format!(
+                    "node {i} still doubts its copy after healing: no writer vouched for it"
+                ));
+            }
+        }
         let copies = volume.copies();
         for c in 0..cfg.chunks {
             let mut first: Option<Vec<u8>> = None;

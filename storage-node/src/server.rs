@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use tessera_chunkstore::{Disk, Error as StoreError};
 use tessera_proto::{
-    read_frame, ChunkRange, Frame, Header, HelloReply, Opcode, Request, ShmRange, Status, VdiskRef,
-    HEADER_LEN, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
+    read_frame, ChunkRange, FenceReply, Frame, Header, HelloReply, Opcode, Request, ShmRange,
+    Status, VdiskRef, VouchRef, HEADER_LEN, MAX_DOUBTED, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -437,6 +437,7 @@ enum Op {
     WriteZeroes(ChunkRange),
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
+    Vouch(VouchRef),
     /// A local session's first frame, anywhere else: refused.
     MapMemory,
     ReadShm(ShmRange),
@@ -457,6 +458,7 @@ impl Op {
             Request::WriteZeroes(r) => Op::WriteZeroes(r),
             Request::Fence(v) => Op::Fence(v),
             Request::DeleteVdisk(v) => Op::DeleteVdisk(v),
+            Request::Vouch(v) => Op::Vouch(v),
             Request::MapMemory(_) => Op::MapMemory,
             Request::ReadShm(r, _) => Op::ReadShm(r),
             Request::WriteShm(r, _) => Op::WriteShm(r),
@@ -487,6 +489,7 @@ impl Op {
             Op::WriteZeroes(_) => Opcode::WriteZeroes,
             Op::Fence(_) => Opcode::Fence,
             Op::DeleteVdisk(_) => Opcode::DeleteVdisk,
+            Op::Vouch(_) => Opcode::Vouch,
             Op::MapMemory => Opcode::MapMemory,
             Op::ReadShm(_) => Opcode::ReadShm,
             Op::WriteShm(_) => Opcode::WriteShm,
@@ -677,16 +680,41 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8], commit: Commit) -> Result<Vec<u8
             Ok(Vec::new())
         }
         Op::Fence(v) => {
-            let mut epoch = 0;
-            let mut same_boot = true;
-            for d in targets(disks, &v.disk)? {
+            let mut reply = FenceReply {
+                same_boot: true,
+                ..FenceReply::default()
+            };
+            let all = targets(disks, &v.disk)?;
+            let one = all.len() == 1;
+            for d in all {
                 let f = d.fence_report(Uuid::from_bytes(v.vdisk), v.epoch)?;
-                epoch = epoch.max(f.epoch);
-                same_boot &= f.same_boot;
+                reply.epoch = reply.epoch.max(f.epoch);
+                reply.same_boot &= f.same_boot;
+                if let Some(doubt) = f.doubt {
+                    // A vouch names one disk: only a fence of one disk
+                    // hands out its token.
+                    reply.token = if one { doubt.token } else { 0 };
+                    reply.doubtful |= doubt.whole || doubt.named.len() > MAX_DOUBTED;
+                    reply.doubted.extend(doubt.named);
+                }
             }
-            let mut body = epoch.to_le_bytes().to_vec();
-            body.extend_from_slice(&u64::from(same_boot).to_le_bytes());
-            Ok(body)
+            if reply.doubtful || reply.doubted.len() > MAX_DOUBTED {
+                reply.doubtful = true;
+                reply.doubted.clear();
+            }
+            Ok(reply.encode())
+        }
+        Op::Vouch(v) => {
+            let vdisk = Uuid::from_bytes(v.vref.vdisk);
+            for d in targets(disks, &v.vref.disk)? {
+                if !d.vouch(vdisk, v.vref.epoch, v.token)? {
+                    return Err(OpError::Status(
+                        Status::Invalid,
+                        "the disk was reopened since it named its doubt: fence it again".into(),
+                    ));
+                }
+            }
+            Ok(Vec::new())
         }
         Op::DeleteVdisk(v) => {
             let vdisk = Uuid::from_bytes(v.vdisk);

@@ -342,7 +342,8 @@ fn a_fence_tells_whether_the_machine_restarted_since_the_last_raise() {
         disk.fence_report(V, 1).unwrap(),
         Fenced {
             epoch: 1,
-            same_boot: false
+            same_boot: false,
+            doubt: None,
         }
     );
     assert!(disk.fence_report(V, 2).unwrap().same_boot);
@@ -1217,6 +1218,84 @@ fn a_lost_block_map_stays_untrusted_across_restarts() {
             disk.write(V, chunk, 0, &vec![i as u8 | 1; ES as usize], 0)
                 .unwrap();
             disk.discard(V, chunk, 0, ES, 0).unwrap();
+        }
+        disk.flush().unwrap();
+    }
+}
+
+/// A disk whose block map was lost says so at every fence of a vDisk
+/// (with a token naming this open), until the vDisk's writer vouches that
+/// it rebuilt the whole copy: then its chunks are trusted — the ones it
+/// did not write read as zeros — and that outlives a restart. A vouch
+/// quoting another open's token, or from an older writer, changes nothing.
+///
+/// Fails if the fence does not report the doubt (the writer would leave
+/// the copy current with chunks it cannot read), or if a vouch is not kept
+/// across the restart (every new writer would rebuild the copy again).
+#[test]
+fn a_vouched_vdisk_is_trusted_again_across_restarts_v3() {
+    const W: Uuid = Uuid::from_u128(0xabc);
+    let (_dir, path, disk) = new_thin_disk(SIZE);
+    let t = disk.thin().regions;
+    assert_eq!(disk.fence_report(V, 1).unwrap().doubt, None);
+    disk.write(V, 0, 0, &[5; 4096], 1).unwrap();
+    disk.write(V, 1, 0, &[6; 4096], 1).unwrap();
+    disk.write(W, 0, 0, &[7; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    drop(disk);
+    for area in t.checkpoint_offsets {
+        flip(&path, area + 100);
+    }
+    let untrusted = |disk: &Disk, vdisk: Uuid, chunk: u64| {
+        let mut buf = vec![0u8; 4096];
+        matches!(
+            disk.read(vdisk, chunk, 0, &mut buf),
+            Err(Error::OwnershipUnknown { .. })
+        )
+    };
+    let disk = Disk::open(&path).unwrap();
+    let doubt = disk.fence_report(V, 2).unwrap().doubt.expect("a doubt");
+    assert!(doubt.whole && doubt.token != 0);
+    assert!(untrusted(&disk, V, 0) && untrusted(&disk, V, 1));
+    // The writer rebuilds its copy: chunk 0 holds data, chunk 1 zeros.
+    disk.write(V, 0, 0, &vec![9; ES as usize], 2).unwrap();
+    disk.discard(V, 1, 0, ES, 2).unwrap();
+    // Refused: another open's token; an older writer.
+    assert!(!disk.vouch(V, 2, doubt.token ^ 1).unwrap());
+    assert!(matches!(
+        disk.vouch(V, 1, doubt.token),
+        Err(Error::StaleEpoch { .. })
+    ));
+    assert!(untrusted(&disk, V, 5));
+    assert!(disk.vouch(V, 2, doubt.token).unwrap());
+    assert_eq!(disk.fence_report(V, 2).unwrap().doubt, None);
+    let check = |disk: &Disk, round: &str| {
+        assert_eq!(read_all(disk, V, 0), vec![9; ES as usize], "{round}");
+        assert_eq!(read_all(disk, V, 1), vec![0; ES as usize], "{round}");
+        assert_eq!(read_all(disk, V, 5), vec![0; ES as usize], "{round}");
+        // Another vDisk of the disk is still in doubt.
+        assert!(untrusted(disk, W, 0), "{round}");
+        assert!(
+            disk.fence_report(W, 1)
+                .unwrap()
+                .doubt
+                .is_some_and(|d| d.whole),
+            "{round}"
+        );
+        assert_eq!(disk.fence_report(V, 2).unwrap().doubt, None, "{round}");
+    };
+    check(&disk, "before the restart");
+    disk.flush().unwrap();
+    drop(disk);
+    for round in 0..3 {
+        let disk = Disk::open(&path).unwrap();
+        check(&disk, &format!("round {round}"));
+        // Enough changes to go round the log: checkpoints are taken.
+        for i in 0..400u32 {
+            let chunk = 2 + u64::from(i % 8);
+            disk.write(V, chunk, 0, &vec![i as u8 | 1; ES as usize], 2)
+                .unwrap();
+            disk.discard(V, chunk, 0, ES, 2).unwrap();
         }
         disk.flush().unwrap();
     }

@@ -15,7 +15,7 @@ use crate::record::EpochSlot;
 use crate::Error;
 
 /// What a fence found (see [`Disk::fence_report`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fenced {
     /// The vDisk's epoch after the fence.
     pub epoch: u64,
@@ -24,6 +24,37 @@ pub struct Fenced {
     /// wrote is still here, page cache included. False when the machine
     /// restarted since, or when that is not known.
     pub same_boot: bool,
+    /// Chunks of the vDisk this disk cannot vouch for; `None` if none.
+    pub doubt: Option<Doubt>,
+}
+
+/// What a disk doubts of a vDisk's copy: damaged metadata (a lost block
+/// map, an extent record naming no owner or naming these chunks) may hide
+/// where their data is, so they read as [`Error::OwnershipUnknown`] until
+/// rewritten whole. A writer rebuilds what is doubted; after it rebuilt the
+/// whole copy, [`Disk::vouch`] with `token` makes the rest trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doubt {
+    /// Names this open of the disk: a vouch quoting another is refused.
+    pub token: u64,
+    /// Every chunk not set whole since this open (or the damage) is in
+    /// doubt: the writer must rebuild the whole copy.
+    pub whole: bool,
+    /// Chunks damaged extent records name (sorted).
+    pub named: Vec<u64>,
+}
+
+/// A token no other open of any disk has had in this process, nor likely
+/// in any other: the time mixed with a counter, never 0.
+pub(super) fn new_doubt_token() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (now ^ u64::from(std::process::id()).rotate_left(40))
+        .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .max(1)
 }
 
 impl Disk {
@@ -34,16 +65,59 @@ impl Disk {
     }
 
     /// [`Disk::fence`], also telling whether the previous raise of the
-    /// vDisk's epoch happened during this boot. A new writer learns so
+    /// vDisk's epoch happened during this boot — a new writer learns so
     /// whether this copy may have lost writes its predecessor had
-    /// acknowledged but not flushed: the machine lost power in between.
+    /// acknowledged but not flushed: the machine lost power in between —
+    /// and which chunks of the copy the disk doubts ([`Doubt`]).
     pub fn fence_report(&self, vdisk: Uuid, epoch: u64) -> Result<Fenced, Error> {
         let boot = self.boot.load(std::sync::atomic::Ordering::Relaxed);
         let before = self.state().epoch_boot(vdisk);
         let epoch = self.fence(vdisk, epoch)?;
+        let (whole, named) = self.state().doubt(vdisk);
         Ok(Fenced {
             epoch,
             same_boot: boot != 0 && before == boot,
+            doubt: (whole || !named.is_empty()).then_some(Doubt {
+                token: self.doubt_token,
+                whole,
+                named,
+            }),
+        })
+    }
+
+    /// The writer at `epoch` rebuilt every chunk of its copy of `vdisk` on
+    /// this disk since a fence reported [`Doubt`] with `token`: from now on
+    /// no chunk of the vDisk is in doubt for want of an owner (on format
+    /// v3 this outlives a restart; on v2 it lasts until the disk is
+    /// closed). Returns `false`, changing nothing, if `token` is not this
+    /// open's (the disk was reopened since: what was rebuilt before may be
+    /// in doubt again). Fails with [`Error::StaleEpoch`] for an older
+    /// writer.
+    pub fn vouch(&self, vdisk: Uuid, epoch: u64, token: u64) -> Result<bool, Error> {
+        self.admitted(vdisk, epoch, || {
+            if token != self.doubt_token {
+                return Ok(false);
+            }
+            let (whole, lost) = {
+                let st = self.state();
+                (st.doubt(vdisk).0, st.index_lost())
+            };
+            if !whole {
+                return Ok(true);
+            }
+            if let (Some(t), true) = (&self.thin, lost) {
+                let mut ix = t.index();
+                self.log(
+                    &mut ix,
+                    &[crate::mlog::Record::Trusted {
+                        vdisk,
+                        chunk: crate::state::VOUCHED,
+                    }],
+                )?;
+            }
+            self.state().vouch(vdisk);
+            tracing::info!(%vdisk, "every chunk of the vDisk's copy was rebuilt: trusted again");
+            Ok(true)
         })
     }
 

@@ -48,6 +48,10 @@ pub(crate) struct DirtyState {
     /// failure that notices the restart makes them dirty again (see
     /// [`Inner::fail_disk`]).
     pub(crate) copied: HashMap<Uuid, HashSet<u64>>,
+    /// Disks whose node doubted the whole copy (a fence reply's token):
+    /// every chunk it holds was recorded dirty; once resync has rebuilt
+    /// them all, the node is told so (`Vouch`).
+    pub(crate) doubted: HashMap<Uuid, u64>,
 }
 
 impl DirtyState {

@@ -101,7 +101,8 @@ impl Inner {
                 slot.generation.fetch_add(1, Ordering::AcqRel);
                 // Is its node back? Fencing it is both the probe and the
                 // first step: from now on it refuses every older writer.
-                if self.fence_one(&links, slot).await.is_err() {
+                // What its node doubts is recorded dirty first.
+                if self.fence_for_resync(&links, slot).await.is_err() {
                     continue;
                 }
                 // From now on writes to chunks it has go to it as well.
@@ -313,6 +314,21 @@ impl Inner {
             }
             if !known_clean {
                 continue;
+            }
+            let layout = self.layout();
+            let first_slot = layout
+                .groups
+                .iter()
+                .flatten()
+                .find(|s| s.disk == disk)
+                .cloned();
+            drop(layout);
+            // Every chunk the node doubted is rebuilt: it may trust the copy.
+            if let Some(slot) = &first_slot {
+                if let Err(e) = self.vouch(links, slot).await {
+                    drop(barrier);
+                    return Err(e);
+                }
             }
             let layout = self.layout();
             let slots: Vec<CopySlot> = layout
