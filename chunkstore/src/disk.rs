@@ -336,6 +336,13 @@ impl Disk {
             .then(|| self.sb.layout.extent_data_offset(m.extent))
     }
 
+    /// Byte offsets in the device of the two checkpoint areas of the block
+    /// map (format v3; `None` on older formats): for tools and fault tests
+    /// that damage the map on purpose.
+    pub fn checkpoint_areas(&self) -> Option<[u64; 2]> {
+        self.sb.layout.thin.as_ref().map(|t| t.checkpoint_offsets)
+    }
+
     /// Byte offset in the device of block `block` (4 KiB) of the chunk, if
     /// it holds data: in the chunk's extent, or (format v3) wherever the
     /// block was placed.

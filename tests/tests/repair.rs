@@ -456,3 +456,72 @@ async fn below_the_minimum_a_write_waits_a_bounded_time_then_fails_or_completes_
     assert_eq!(buf, data);
     vol.close().await.unwrap();
 }
+
+/// A node whose block map is lost (format 3: both checkpoint areas damaged
+/// while it was down) no longer knows where any chunk is. Its fence answer
+/// says so: the writer rebuilds the whole copy from the other one (every
+/// chunk, the never-written one too), tells the node, and both copies read
+/// back what was written. The next open rebuilds nothing.
+///
+/// Fails if the doubt is not reported or not acted on (the copy stays
+/// current and its chunks read as errors), or if the node is not told (the
+/// next open rebuilds the whole copy again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_block_map_gets_its_whole_copy_rebuilt_v3() {
+    let mut zone = TestZone::start_formatted(2, 128 * MIB, 3).await;
+    zone.datastore("ds", 2).await;
+    let size = 8 * MIB;
+    let vdisk = zone.vdisk("ds", "v", size).await;
+    let mut data = pattern(11, 0, size as usize);
+    data[7 * MIB as usize..].fill(0);
+    let vol = zone.open("ds", "v").await;
+    vol.write(0, &data[..7 * MIB as usize]).await.unwrap();
+    vol.close().await.unwrap();
+
+    let victim = zone.node_of_disk(&vdisk.placement.groups[0][0]).await;
+    zone.stop_node(victim);
+    let areas = tessera_chunkstore::Disk::open(&zone.nodes[victim].disk)
+        .unwrap()
+        .checkpoint_areas()
+        .expect("a format-3 disk");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&zone.nodes[victim].disk)
+            .unwrap();
+        for area in areas {
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, area + 100).unwrap();
+            b[0] ^= 0x5A;
+            f.write_all_at(&b, area + 100).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    zone.start_node(victim);
+    zone.wait_nodes_up(2).await;
+
+    let vol = zone.open("ds", "v").await;
+    wait_healthy(&zone, "ds", "v", Duration::from_secs(60)).await;
+    assert!(vol.all_current());
+    assert_eq!(vol.resynced_chunks(), 8, "the whole copy is rebuilt");
+    for copy in 0..2 {
+        let mut buf = vec![0u8; size as usize];
+        vol.read_copy(0, &mut buf, copy)
+            .await
+            .unwrap_or_else(|e| panic!("copy {copy}: {e}"));
+        assert!(buf == data, "copy {copy} differs after the rebuild");
+    }
+    vol.close().await.unwrap();
+
+    let vol = zone.open("ds", "v").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(vol.all_current());
+    assert_eq!(vol.resynced_chunks(), 0, "the node was told: nothing to rebuild");
+    assert_eq!(
+        zone.api.vdisk("ds", "v").await.unwrap().health,
+        Health::Healthy
+    );
+    vol.close().await.unwrap();
+}
