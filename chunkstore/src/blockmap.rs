@@ -22,7 +22,7 @@
 //! log; replaying those records with [`BlockMap::apply`] rebuilds the same
 //! map.
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 
 use uuid::Uuid;
 
@@ -62,11 +62,11 @@ pub(crate) struct BlockMap {
     /// One bit per physical block, set when free.
     free: Vec<u64>,
     free_count: u64,
-    chunks: HashMap<Key, Vec<Run>>,
+    chunks: FastMap<Key, Vec<Run>>,
     /// The generation a chunk's next allocation may share: the last one
     /// it took, until a block of it is freed (in memory only: after an
     /// open, every chunk's next allocation takes a fresh one).
-    current: HashMap<Key, u64>,
+    current: FastMap<Key, u64>,
     /// Where the next search for a free block or region starts.
     cursor: u64,
 }
@@ -87,8 +87,8 @@ impl BlockMap {
             total,
             free,
             free_count: total,
-            chunks: HashMap::new(),
-            current: HashMap::new(),
+            chunks: FastMap::default(),
+            current: FastMap::default(),
             cursor: 0,
         }
     }

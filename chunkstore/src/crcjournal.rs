@@ -32,11 +32,10 @@
 //! that a write stored for that block since, so a block reads as its last
 //! flushed content, as content written after it, or as a checksum error.
 
-use std::collections::BTreeMap;
-
 use uuid::Uuid;
 
 use crate::codec::{get_u32, get_u64, put_u32, put_u64};
+use crate::fasthash::FastMap;
 
 /// Bytes per record (16 per 512-byte sector: a record never tears).
 pub(crate) const RECORD: usize = 32;
@@ -219,7 +218,7 @@ pub(crate) struct Journal {
     batch: Vec<u8>,
     batch_from: u64,
     /// Crcs the table may not hold yet: physical block → crc.
-    dirty: BTreeMap<u64, u32>,
+    dirty: FastMap<u64, u32>,
 }
 
 /// A write-back to do: every dirty crc as of record `upto`.
@@ -235,7 +234,7 @@ impl Journal {
     /// A journal of `capacity` records, as opening found it.
     pub(crate) fn new(salt: u32, capacity: u64, r: Replayed) -> Journal {
         let next_seq = r.entries.last().map_or(r.applied, |e| e.seq).max(r.applied) + 1;
-        let mut dirty = BTreeMap::new();
+        let mut dirty = FastMap::default();
         for e in &r.entries {
             dirty.insert(e.phys, e.crc);
         }
@@ -265,15 +264,20 @@ impl Journal {
         if self.batch.is_empty() {
             self.batch_from = self.next_seq;
         }
-        for (i, crc) in crcs.iter().enumerate() {
+        let at = self.batch.len();
+        self.batch.resize(at + crcs.len() * RECORD, 0);
+        self.dirty.reserve(crcs.len());
+        for (i, (crc, out)) in crcs
+            .iter()
+            .zip(self.batch[at..].chunks_exact_mut(RECORD))
+            .enumerate()
+        {
             let e = Entry {
                 seq: self.next_seq,
                 phys: p + i as u64,
                 crc: *crc,
             };
-            let at = self.batch.len();
-            self.batch.resize(at + RECORD, 0);
-            encode_record(&e, self.salt, &mut self.batch[at..]);
+            encode_record(&e, self.salt, out);
             self.dirty.insert(e.phys, e.crc);
             self.next_seq += 1;
         }
@@ -311,8 +315,13 @@ impl Journal {
     /// The dirty crcs among physical blocks `p .. p + out.len()`, over
     /// what `out` holds.
     pub(crate) fn overlay(&self, p: u64, out: &mut [u32]) {
-        for (q, crc) in self.dirty.range(p..p + out.len() as u64) {
-            out[(q - p) as usize] = *crc;
+        if self.dirty.is_empty() {
+            return;
+        }
+        for (q, o) in (p..).zip(out.iter_mut()) {
+            if let Some(crc) = self.dirty.get(&q) {
+                *o = *crc;
+            }
         }
     }
 
@@ -332,7 +341,11 @@ impl Journal {
                 applied: upto,
                 log_durable: self.log_durable,
             },
-            crcs: self.dirty.iter().map(|(p, c)| (*p, *c)).collect(),
+            crcs: {
+                let mut crcs: Vec<(u64, u32)> = self.dirty.iter().map(|(p, c)| (*p, *c)).collect();
+                crcs.sort_unstable();
+                crcs
+            },
         }
     }
 

@@ -270,6 +270,7 @@ mod crcjournal;
 mod device;
 mod disk;
 mod error;
+mod fasthash;
 mod layout;
 mod mlog;
 mod powerloss;

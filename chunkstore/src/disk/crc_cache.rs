@@ -15,7 +15,6 @@
 //! its row. The cache is bounded: a shard over its share of the budget
 //! evicts rows (any of them; rows are cheap to read again).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Shards of the cache (by extent), so the node's I/O threads rarely meet.
@@ -65,7 +64,7 @@ impl Row {
 }
 
 /// One shard: extent → its row.
-type Rows = HashMap<u64, Row>;
+type Rows = crate::fasthash::FastMap<u64, Row>;
 
 pub(crate) struct CrcCache {
     shards: Box<[Mutex<Rows>]>,
@@ -81,7 +80,7 @@ impl CrcCache {
     pub(crate) fn new(budget: usize, blocks: u32) -> CrcCache {
         let row = (blocks as usize * 4).max(1);
         CrcCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Rows::default())).collect(),
             blocks: blocks as usize,
             rows_per_shard: (budget / row / SHARDS).max(1),
         }

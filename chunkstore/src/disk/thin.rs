@@ -16,7 +16,7 @@
 //!
 //! A block's stored crc is `crc32c(block) ^ tag`, the tag naming the vDisk,
 //! the chunk, the chunk's generation and the block's place in the chunk
-//! ([`block_tag`]): after power loss, whatever a reused block still holds
+//! (`crc32c(vdisk, chunk, generation, block)`, never 0: [`TagSeed`]): after power loss, whatever a reused block still holds
 //! from another owner, another life of the chunk or another place in it
 //! fails its checksum instead of reading as good.
 
@@ -25,9 +25,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use super::Disk;
-use crate::blockmap::{BlockMap, Key};
+use crate::blockmap::{BlockMap, Key, Run};
 use crate::ckpt::{self, Checkpoint};
-use crate::codec::{put_u32, put_u64, put_uuid};
+use crate::codec::{put_u64, put_uuid};
 use crate::device::Device;
 use crate::layout::{Layout, ThinRegions};
 use crate::mlog::{self, LogFull, LogWriter, PageWrite, Record, PAGE};
@@ -36,16 +36,43 @@ use crate::{Error, BLOCK_SIZE};
 const BS: u64 = BLOCK_SIZE as u64;
 
 /// The tag of block `block` of `(vdisk, chunk)` allocated under
-/// `generation` (never 0).
+/// `generation` (never 0), as its definition reads; the data path computes
+/// it with [`TagSeed`].
+#[cfg(test)]
 pub(crate) fn block_tag(vdisk: Uuid, chunk: u64, generation: u64, block: u32) -> u32 {
     let mut b = [0u8; 36];
     put_uuid(&mut b, 0, &vdisk);
     put_u64(&mut b, 16, chunk);
     put_u64(&mut b, 24, generation);
-    put_u32(&mut b, 32, block);
+    crate::codec::put_u32(&mut b, 32, block);
     match tessera_crc::crc32c(&b) {
         0 => 1,
         t => t,
+    }
+}
+
+/// The tags of one chunk's blocks under one generation: the crc of the
+/// first 32 bytes of the tagged key is computed once, each block only
+/// appends its number (`crc32c(vdisk, chunk, generation, block)`).
+#[derive(Clone, Copy)]
+pub(crate) struct TagSeed(u32);
+
+impl TagSeed {
+    pub(crate) fn new(vdisk: Uuid, chunk: u64, generation: u64) -> TagSeed {
+        let mut b = [0u8; 32];
+        put_uuid(&mut b, 0, &vdisk);
+        put_u64(&mut b, 16, chunk);
+        put_u64(&mut b, 24, generation);
+        TagSeed(tessera_crc::crc32c(&b))
+    }
+
+    /// The tag of `block` (never 0).
+    #[inline]
+    pub(crate) fn tag(self, block: u32) -> u32 {
+        match tessera_crc::crc32c_append_u32(self.0, block) {
+            0 => 1,
+            t => t,
+        }
     }
 }
 
@@ -429,14 +456,48 @@ impl Disk {
 
     /// Where the chunk's blocks `first .. first + count` live: `(physical
     /// block, tag)`, or `None` for blocks that hold nothing.
+    ///
+    /// One look-up of the chunk under the index lock (its runs over the
+    /// range are copied out); the places and tags are worked out after.
     pub(super) fn thin_lookup(&self, key: &Key, first: u32, count: u32) -> Vec<Option<(u64, u32)>> {
-        let ix = self.thin().index();
-        (first..first + count)
-            .map(|b| {
-                ix.map
-                    .lookup(key, b)
-                    .map(|(p, g)| (p, block_tag(key.0, key.1, g, b)))
-            })
-            .collect()
+        let end = first + count;
+        let runs: Vec<Run> = {
+            let ix = self.thin().index();
+            let runs = ix.map.runs(key);
+            let from = runs.partition_point(|r| r.first + r.count <= first);
+            runs[from..]
+                .iter()
+                .take_while(|r| r.first < end)
+                .copied()
+                .collect()
+        };
+        let mut out = Vec::with_capacity(count as usize);
+        let mut b = first;
+        for r in &runs {
+            let start = r.first.max(b);
+            out.resize(out.len() + (start - b) as usize, None);
+            let stop = (r.first + r.count).min(end);
+            let seed = TagSeed::new(key.0, key.1, r.generation);
+            out.extend((start..stop).map(|k| Some((r.phys + u64::from(k - r.first), seed.tag(k)))));
+            b = stop;
+        }
+        out.resize(count as usize, None);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::*;
+
+    #[test]
+    fn seeded_tags_are_the_block_tags() {
+        let v = Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+        for (chunk, generation) in [(0, 1), (7, 9), (u64::MAX, 1 << 40)] {
+            let seed = TagSeed::new(v, chunk, generation);
+            for block in [0, 1, 17, 255, 256, u32::MAX] {
+                assert_eq!(seed.tag(block), block_tag(v, chunk, generation, block));
+            }
+        }
     }
 }
