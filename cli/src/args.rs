@@ -246,10 +246,10 @@ pub struct NodeRunArgs {
     /// Create and format missing disk files with this size.
     #[arg(long)]
     pub disk_size: Option<String>,
-    /// The format version of disk files created with `--disk-size`: 2 (a
-    /// chunk takes its whole size at its first write) or 3 (space taken
-    /// 4 KiB at a time as chunks are written).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=3))]
+    /// The format version of disk files created with `--disk-size`: 3
+    /// (space taken 4 KiB at a time as chunks are written) or 2 (a chunk
+    /// takes its whole size at its first write).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
     pub format_version: u32,
     /// Heartbeat period in milliseconds.
     #[arg(long, default_value_t = 1000)]
@@ -275,10 +275,10 @@ pub struct NodeFormatArgs {
     /// Overwrite an existing Tessera disk (its data is lost).
     #[arg(long)]
     pub force: bool,
-    /// On-disk format version: 2 (a chunk takes its whole size at its
-    /// first write) or 3 (space taken 4 KiB at a time as chunks are
-    /// written).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=3))]
+    /// On-disk format version: 3 (space taken 4 KiB at a time as chunks
+    /// are written) or 2 (a chunk takes its whole size at its first
+    /// write).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
     pub format_version: u32,
 }
 
