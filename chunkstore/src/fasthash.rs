@@ -4,9 +4,12 @@
 //! library's keyed SipHash, 4–5 % of a node's CPU on 1 MiB transfers with
 //! a look-up per block, buys nothing here. Multiply-rotate per word, then a
 //! final mix so that the high bits hashbrown keeps as tags depend on every
-//! input bit.
+//! input bit. Chunk numbers come from writers, so the hash starts from a
+//! key drawn once per process: nobody outside can choose chunks that all
+//! land in one bucket and make every look-up of the node slow.
 
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
 
 const K: u64 = 0xf135_7aea_2e62_a9c5;
 
@@ -66,8 +69,28 @@ impl Hasher for FastHasher {
     }
 }
 
-/// `HashMap<K, V, FastBuild>`.
-pub(crate) type FastBuild = BuildHasherDefault<FastHasher>;
+/// Builds [`FastHasher`]s that start from the process's key.
+#[derive(Clone, Copy)]
+pub(crate) struct FastBuild(u64);
+
+impl Default for FastBuild {
+    fn default() -> Self {
+        static KEY: OnceLock<u64> = OnceLock::new();
+        // The standard library's random keys (from the OS) as the source.
+        FastBuild(
+            *KEY.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0u64)),
+        )
+    }
+}
+
+impl BuildHasher for FastBuild {
+    type Hasher = FastHasher;
+
+    #[inline]
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.0)
+    }
+}
 
 /// A `HashMap` with [`FastHasher`].
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, FastBuild>;
@@ -75,7 +98,6 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, FastBuild>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::BuildHasher;
 
     #[test]
     fn nearby_keys_spread_over_buckets_and_tags() {

@@ -518,7 +518,11 @@ async fn a_node_that_lost_its_block_map_gets_its_whole_copy_rebuilt_v3() {
     let vol = zone.open("ds", "v").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(vol.all_current());
-    assert_eq!(vol.resynced_chunks(), 0, "the node was told: nothing to rebuild");
+    assert_eq!(
+        vol.resynced_chunks(),
+        0,
+        "the node was told: nothing to rebuild"
+    );
     assert_eq!(
         zone.api.vdisk("ds", "v").await.unwrap().health,
         Health::Healthy
