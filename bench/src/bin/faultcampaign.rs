@@ -3,8 +3,8 @@
 //!
 //! Each *schedule* (seeded; `--seed S` replays one) starts a zone on this
 //! machine — `tessera api run`, four `tessera node run` on 127.0.0.2–5 with
-//! small disk files of on-disk format version 2, the default
-//! (`--format-version 3`: 4 KiB allocation) (node 0 on the vhost process's host: a local session;
+//! small disk files of on-disk format version 3, the default (4 KiB
+//! allocation; `--format-version 2`: extents) (node 0 on the vhost process's host: a local session;
 //! the others over TCP), a `mirrors=2` or `mirrors=3` datastore and a thin
 //! vDisk served by `tessera vhost serve` — and drives it with a `blkio`
 //! client (`virtio-blk-vhost-user`) on several queues: writes whose every
@@ -130,10 +130,10 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     regions: Vec<String>,
     /// The on-disk format of the nodes' disk files (`tessera node run
-    /// --format-version`): 2, the nodes' default (extents), or 3 (space
-    /// taken 4 KiB at a time; the extent record regions are then the
-    /// metadata log and checkpoints).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=3))]
+    /// --format-version`): 3, the nodes' default (space taken 4 KiB at a
+    /// time; the extent record regions are then the metadata log and
+    /// checkpoints), or 2 (extents).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
     format_version: u32,
 }
 
