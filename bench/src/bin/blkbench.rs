@@ -597,10 +597,14 @@ fn setup_tessera(
 ) -> Result<()> {
     let ds = sys.id;
     rt.block_on(async {
-        let disks = if mirrors == 1 {
-            Some(vec![zone.disk_of_node(0).await])
-        } else {
-            None
+        // Placement fixed, the same in every zone: with 2 copies one is on
+        // the vhost process's host and one on another host (the zone
+        // picks 2 of the 3 disks otherwise, and a base zone whose copies
+        // both landed on other hosts measured something else).
+        let disks = match mirrors {
+            1 => Some(vec![zone.disk_of_node(0).await]),
+            2 => Some(vec![zone.disk_of_node(0).await, zone.disk_of_node(1).await]),
+            _ => None,
         };
         zone.api
             .create_datastore(&CreateDatastore {
@@ -641,10 +645,10 @@ fn setup_tessera(
             pid: n.pid().context("node process gone")?,
         });
     }
-    let over = if mirrors == 1 {
-        "node 0's disk (on the vhost process's host)"
-    } else {
-        "the 3 nodes' disks (node 0 on the vhost process's host, nodes 1-2 on other hosts)"
+    let over = match mirrors {
+        1 => "node 0's disk (on the vhost process's host)",
+        2 => "the disks of node 0 (on the vhost process's host) and node 1 (another host)",
+        _ => "the 3 nodes' disks (node 0 on the vhost process's host, nodes 1-2 on other hosts)",
     };
     sys.commands.push(format!(
         "# datastore {ds}: mirrors={mirrors} over {over}; vDisk {ds}/bench: {range} bytes"

@@ -154,13 +154,19 @@ impl CrcCache {
             return;
         }
         let mut shard = self.shard(extent);
+        // Most fills land in a row the cache has: one look-up.
+        if let Some(row) = shard.get_mut(&extent) {
+            for (i, c) in crcs.iter().enumerate() {
+                row.set(first + i, *c);
+            }
+            return;
+        }
         self.room(&mut shard, extent);
-        let row = shard
-            .entry(extent)
-            .or_insert_with(|| Row::none_known(self.blocks));
+        let mut row = Row::none_known(self.blocks);
         for (i, c) in crcs.iter().enumerate() {
             row.set(first + i, *c);
         }
+        shard.insert(extent, row);
     }
 
     /// Forgets `extent` (freed, or its crcs on the device are unknown).

@@ -222,10 +222,12 @@ impl Disk {
             .filter(|(i, p)| p.is_none() && img[i * BS..(i + 1) * BS].iter().any(|b| *b != 0))
             .map(|(i, _)| range.start + i as u32)
             .collect();
-        if !need.is_empty() {
-            self.thin_allocate(key, &need)?;
-            places = self.thin_lookup(key, range.start, range.len() as u32);
+        if need.is_empty() {
+            // Nothing logged: no checkpoint can have become due.
+            return self.thin_store(&places, &img);
         }
+        self.thin_allocate(key, &need)?;
+        places = self.thin_lookup(key, range.start, range.len() as u32);
         let stored = self.thin_store(&places, &img);
         self.checkpoint_if_due()?;
         stored
