@@ -1212,15 +1212,20 @@ fn a_lost_block_map_stays_untrusted_across_restarts() {
         let disk = Disk::open(&path).unwrap();
         assert!(untrusted(&disk, 1), "round {round}: chunk 1 trusted again");
         assert_eq!(read_all(&disk, V, 0), vec![9; ES as usize], "round {round}");
-        // Enough changes to go round the log: checkpoints are taken.
-        for i in 0..400u32 {
-            let chunk = 2 + u64::from(i % 8);
-            disk.write(V, chunk, 0, &vec![i as u8 | 1; ES as usize], 0)
-                .unwrap();
-            disk.discard(V, chunk, 0, ES, 0).unwrap();
-        }
-        disk.flush().unwrap();
+        go_round_the_log(&disk, 0);
     }
+}
+
+/// Enough writes and discards of chunks 2..10 of `V` (at `epoch`) to go
+/// round the metadata log, so checkpoints are taken; then a flush.
+fn go_round_the_log(disk: &Disk, epoch: u64) {
+    for i in 0..400u32 {
+        let chunk = 2 + u64::from(i % 8);
+        disk.write(V, chunk, 0, &vec![i as u8 | 1; ES as usize], epoch)
+            .unwrap();
+        disk.discard(V, chunk, 0, ES, epoch).unwrap();
+    }
+    disk.flush().unwrap();
 }
 
 /// A disk whose block map was lost says so at every fence of a vDisk
@@ -1290,14 +1295,7 @@ fn a_vouched_vdisk_is_trusted_again_across_restarts_v3() {
     for round in 0..3 {
         let disk = Disk::open(&path).unwrap();
         check(&disk, &format!("round {round}"));
-        // Enough changes to go round the log: checkpoints are taken.
-        for i in 0..400u32 {
-            let chunk = 2 + u64::from(i % 8);
-            disk.write(V, chunk, 0, &vec![i as u8 | 1; ES as usize], 2)
-                .unwrap();
-            disk.discard(V, chunk, 0, ES, 2).unwrap();
-        }
-        disk.flush().unwrap();
+        go_round_the_log(&disk, 2);
     }
 }
 
