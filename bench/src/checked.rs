@@ -1940,6 +1940,11 @@ mod tests {
         m.lose(Loss::NoCheckpoint);
         assert!(m.trusts(V, 0) && m.trusts(V, 5));
         assert!(!m.trusts(V, 1));
+        // The writer vouched for the whole vDisk (chunk u64::MAX): every
+        // chunk of it reads; another vDisk's do not.
+        m.apply(&trusted(u64::MAX), src);
+        assert!(m.trusts(V, 1) && m.trusts(V, 1 << 20));
+        assert!(!m.trusts(uuid::Uuid::from_u128(0xdead), 1));
     }
 
     #[test]
