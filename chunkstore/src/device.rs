@@ -50,6 +50,10 @@ pub trait Device: Send + Sync {
     /// Makes every write and zeroing that returned before this call durable
     /// (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
+
+    /// A hint: the clean cached pages of `len` bytes at `offset` may go.
+    /// Nothing changes what reads return. The default does nothing.
+    fn drop_cached(&self, _offset: u64, _len: u64) {}
 }
 
 /// Source of zeros for devices that cannot zero a range in place.
@@ -171,6 +175,16 @@ impl Device for FileDevice {
             done += n;
         }
         Ok(())
+    }
+
+    /// `posix_fadvise(DONTNEED)`: reading a region whole (at open) fills
+    /// the page cache with large folios, and every later small write into
+    /// one walks all of its blocks (ext4); dropped, the region comes back
+    /// in folios no larger than the writes that touch it.
+    fn drop_cached(&self, offset: u64, len: u64) {
+        if let Err(e) = sys::advise_dontneed(&self.file, offset, len) {
+            tracing::debug!(error = %e, "posix_fadvise(DONTNEED) failed");
+        }
     }
 
     /// Regular files: fallocate `ZERO_RANGE`, else `PUNCH_HOLE`, else writing

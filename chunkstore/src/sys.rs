@@ -50,6 +50,22 @@ pub(crate) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
     }
 }
 
+/// `posix_fadvise(fd, offset, len, POSIX_FADV_DONTNEED)`.
+pub(crate) fn advise_dontneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let too_big = || io::Error::from(io::ErrorKind::InvalidInput);
+    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
+    // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+    // valid because `file` is borrowed for the duration of the call.
+    let rc =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// Whether an error means "this fallocate mode is not supported here".
 pub(crate) fn is_unsupported(err: &io::Error) -> bool {
     matches!(

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use super::Disk;
-use crate::blockmap::{BlockMap, Key, Run};
+use crate::blockmap::{BlockMap, Key};
 use crate::ckpt::{self, Checkpoint};
 use crate::codec::{put_u64, put_uuid};
 use crate::device::Device;
@@ -254,6 +254,11 @@ impl Thin {
         }
         let log = LogWriter::new(t.log_pages, replayed.next_pos, jump, replayed.next_pos);
         loaded.crcs_replayed = crcs_replayed;
+        // Read whole just now, the log rings, checkpoint areas and crc
+        // journal sit in large page-cache folios; each small write there
+        // (a commit of 32-byte crc records, a log page) would walk a whole
+        // folio. Dropped, they come back as small as those writes.
+        dev.drop_cached(t.log_offset, l.crc_table_offset - t.log_offset);
         let thin = Thin {
             regions: t,
             blocks_per_chunk: bpc,
@@ -457,23 +462,17 @@ impl Disk {
     /// Where the chunk's blocks `first .. first + count` live: `(physical
     /// block, tag)`, or `None` for blocks that hold nothing.
     ///
-    /// One look-up of the chunk under the index lock (its runs over the
-    /// range are copied out); the places and tags are worked out after.
+    /// One look-up of the chunk under the index lock; the tags (a few
+    /// nanoseconds a block) are worked out there too, which saves copying
+    /// the runs out.
     pub(super) fn thin_lookup(&self, key: &Key, first: u32, count: u32) -> Vec<Option<(u64, u32)>> {
         let end = first + count;
-        let runs: Vec<Run> = {
-            let ix = self.thin().index();
-            let runs = ix.map.runs(key);
-            let from = runs.partition_point(|r| r.first + r.count <= first);
-            runs[from..]
-                .iter()
-                .take_while(|r| r.first < end)
-                .copied()
-                .collect()
-        };
         let mut out = Vec::with_capacity(count as usize);
+        let ix = self.thin().index();
+        let runs = ix.map.runs(key);
+        let from = runs.partition_point(|r| r.first + r.count <= first);
         let mut b = first;
-        for r in &runs {
+        for r in runs[from..].iter().take_while(|r| r.first < end) {
             let start = r.first.max(b);
             out.resize(out.len() + (start - b) as usize, None);
             let stop = (r.first + r.count).min(end);
@@ -481,6 +480,7 @@ impl Disk {
             out.extend((start..stop).map(|k| Some((r.phys + u64::from(k - r.first), seed.tag(k)))));
             b = stop;
         }
+        drop(ix);
         out.resize(count as usize, None);
         out
     }
