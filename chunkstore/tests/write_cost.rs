@@ -54,11 +54,15 @@ fn per_op(n: u64, mut op: impl FnMut(u64)) -> f64 {
 #[test]
 #[ignore = "a measurement, run explicitly"]
 fn write_path_cost() {
+    // `WRITE_COST_THIN=0`: a version-2 disk (extents); else the default.
+    let thin = std::env::var("WRITE_COST_THIN").map_or(true, |v| v != "0");
+    println!("thin (format 3): {thin}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
     let opts = FormatOptions {
         extent_size: ES,
         size: Some((CHUNKS + 16) * MIB),
+        thin,
         ..FormatOptions::new(Uuid::from_u128(1))
     };
     let disk = Disk::format(&path, &opts).unwrap();
