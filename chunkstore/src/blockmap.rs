@@ -24,12 +24,19 @@
 
 use crate::fasthash::FastMap;
 
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::mlog::Record;
 
 /// A chunk's key: `(vdisk, chunk index)`.
 pub(crate) type Key = (Uuid, u64);
+
+/// A chunk's runs, by first block. One run (a chunk written in order, the
+/// common case) is kept in the map's entry itself: a look-up then touches
+/// the entry only, not a separate allocation too (one cache miss less per
+/// request, on random I/O over more chunks than the cache holds).
+type Runs = SmallVec<[Run; 1]>;
 
 /// Blocks `first .. first + count` of a chunk at physical blocks
 /// `phys .. phys + count`, allocated under `generation`.
@@ -62,7 +69,7 @@ pub(crate) struct BlockMap {
     /// One bit per physical block, set when free.
     free: Vec<u64>,
     free_count: u64,
-    chunks: FastMap<Key, Vec<Run>>,
+    chunks: FastMap<Key, Runs>,
     /// The generation a chunk's next allocation may share: the last one
     /// it took, until a block of it is freed (in memory only: after an
     /// open, every chunk's next allocation takes a fresh one).
@@ -115,7 +122,7 @@ impl BlockMap {
 
     /// The chunk's runs, by first block.
     pub(crate) fn runs(&self, key: &Key) -> &[Run] {
-        self.chunks.get(key).map_or(&[], Vec::as_slice)
+        self.chunks.get(key).map_or(&[], |r| r.as_slice())
     }
 
     /// Where block `block` of the chunk lives: `(physical block, generation)`.
@@ -307,7 +314,7 @@ impl BlockMap {
         let Some(runs) = self.chunks.get_mut(&key) else {
             return Vec::new();
         };
-        let mut kept = Vec::with_capacity(runs.len() + 1);
+        let mut kept = Runs::new();
         let mut freed: Vec<(u32, u32, u64)> = Vec::new();
         for r in runs.drain(..) {
             let (lo, hi) = (r.first.max(first), r.end().min(end));

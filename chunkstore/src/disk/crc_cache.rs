@@ -21,45 +21,62 @@ use std::sync::Mutex;
 const SHARDS: usize = 16;
 
 /// Bytes of crcs a disk keeps in memory by default: 32 MiB, the crcs of
-/// 32 GiB of data with 1 MiB extents.
+/// about 28 GiB of data (rows of 15 crcs a cache line).
 pub(crate) const DEFAULT_BUDGET: usize = 32 << 20;
 
+/// Crcs per [`Line`].
+const PER_LINE: usize = 15;
+
+/// One cache line of a row: 15 crcs and which of them are known, so that
+/// storing a crc touches one line (a write's crc and its known bit in
+/// separate allocations were two cache misses per 4 KiB write).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line {
+    known: u32,
+    crcs: [u32; PER_LINE],
+}
+
 /// The crcs of one extent's blocks (format v3: of one group of physical
-/// blocks), and which of them are known.
+/// blocks), and which of them are known (the device's).
 struct Row {
-    crcs: Box<[u32]>,
-    /// One bit per block: its crc is the device's.
-    known: Box<[u64]>,
+    lines: Box<[Line]>,
+    len: usize,
 }
 
 impl Row {
-    fn all_known(crcs: Box<[u32]>) -> Row {
-        let mut known = vec![u64::MAX; crcs.len().div_ceil(64)];
-        if crcs.len() % 64 != 0 {
-            if let Some(last) = known.last_mut() {
-                *last = (1u64 << (crcs.len() % 64)) - 1;
-            }
+    fn all_known(crcs: &[u32]) -> Row {
+        let mut row = Row::none_known(crcs.len());
+        for (b, c) in crcs.iter().enumerate() {
+            row.set(b, *c);
         }
-        Row {
-            crcs,
-            known: known.into(),
-        }
+        row
     }
 
     fn none_known(len: usize) -> Row {
         Row {
-            crcs: vec![0; len].into(),
-            known: vec![0; len.div_ceil(64)].into(),
+            lines: vec![Line::default(); len.div_ceil(PER_LINE)].into(),
+            len,
         }
     }
 
-    fn is_known(&self, b: usize) -> bool {
-        self.known[b / 64] & (1 << (b % 64)) != 0
+    /// The crc of block `b`, if known (`b` below the row's length).
+    fn get(&self, b: usize) -> Option<u32> {
+        let l = &self.lines[b / PER_LINE];
+        let at = b % PER_LINE;
+        (l.known & (1 << at) != 0).then_some(l.crcs[at])
     }
 
     fn set(&mut self, b: usize, crc: u32) {
-        self.crcs[b] = crc;
-        self.known[b / 64] |= 1 << (b % 64);
+        let l = &mut self.lines[b / PER_LINE];
+        let at = b % PER_LINE;
+        l.crcs[at] = crc;
+        l.known |= 1 << at;
+    }
+
+    /// Bytes of memory a row of `len` crcs takes.
+    fn bytes(len: usize) -> usize {
+        len.div_ceil(PER_LINE) * std::mem::size_of::<Line>()
     }
 }
 
@@ -78,7 +95,7 @@ impl CrcCache {
     /// A cache of at most `budget` bytes of crcs, for extents of
     /// `blocks` blocks.
     pub(crate) fn new(budget: usize, blocks: u32) -> CrcCache {
-        let row = (blocks as usize * 4).max(1);
+        let row = Row::bytes(blocks as usize).max(1);
         CrcCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Rows::default())).collect(),
             blocks: blocks as usize,
@@ -101,10 +118,15 @@ impl CrcCache {
         };
         let first = first as usize;
         let end = first + out.len();
-        if end > row.crcs.len() || !(first..end).all(|b| row.is_known(b)) {
+        if end > row.len {
             return false;
         }
-        out.copy_from_slice(&row.crcs[first..end]);
+        for (b, o) in (first..end).zip(out.iter_mut()) {
+            match row.get(b) {
+                Some(c) => *o = c,
+                None => return false,
+            }
+        }
         true
     }
 
@@ -122,7 +144,7 @@ impl CrcCache {
     pub(crate) fn insert(&self, extent: u64, row: Box<[u32]>) {
         let mut shard = self.shard(extent);
         self.room(&mut shard, extent);
-        shard.insert(extent, Row::all_known(row));
+        shard.insert(extent, Row::all_known(&row));
     }
 
     /// The device now holds `crcs` for blocks `first..` of `extent` (a row
@@ -131,7 +153,7 @@ impl CrcCache {
         let mut shard = self.shard(extent);
         let first = first as usize;
         let stale = match shard.get_mut(&extent) {
-            Some(row) if first + crcs.len() <= row.crcs.len() => {
+            Some(row) if first + crcs.len() <= row.len => {
                 for (i, c) in crcs.iter().enumerate() {
                     row.set(first + i, *c);
                 }
