@@ -117,6 +117,10 @@ struct Args {
     /// path of `--base-bin`].
     #[arg(long, value_name = "TEXT", requires = "base_bin")]
     base_label: Option<String>,
+    /// The on-disk format of this build's nodes' disk files (2 or 3)
+    /// [default: the node's, 3]; the base's zone keeps its own default.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
+    format_version: Option<u32>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -1435,7 +1439,11 @@ fn main() -> Result<()> {
             "tessera: starting a 3-node zone ({} MiB disk files)",
             disk / MIB
         );
-        Some(on_hosts(rt.block_on(TestZone::start(3, disk))))
+        let zone = match args.format_version {
+            Some(v) => rt.block_on(TestZone::start_formatted(3, disk, v)),
+            None => rt.block_on(TestZone::start(3, disk)),
+        };
+        Some(on_hosts(zone))
     } else {
         None
     };
