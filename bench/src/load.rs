@@ -38,6 +38,9 @@ pub struct Job {
     pub depth: usize,
     /// Bytes `[0, range)` of the device are used.
     pub range: u64,
+    /// Where a sequential job starts (a multiple of the block size): a
+    /// one-pass job covers `[start, range)`.
+    pub start: u64,
     /// Unmeasured time before the measurement starts.
     pub warmup: Duration,
     /// Measured time; `None` = one sequential pass over the range (prefill).
@@ -223,7 +226,7 @@ impl Client {
             .collect();
         let blocks = job.range / bs as u64;
         let mut rng = job.seed;
-        let mut cursor = 0u64;
+        let mut cursor = job.start / bs as u64;
         let one_pass = job.duration.is_none();
         let mut next_offset = || -> Option<u64> {
             match job.pattern {

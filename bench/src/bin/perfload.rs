@@ -173,6 +173,7 @@ fn main() -> Result<()> {
             4
         },
         range,
+        start: 0,
         warmup: Duration::ZERO,
         duration: None,
         seed: 0,
@@ -186,6 +187,7 @@ fn main() -> Result<()> {
         block_size: args.bs,
         depth: args.depth,
         range,
+        start: 0,
         warmup: Duration::from_secs_f64(args.warmup),
         duration: Some(Duration::from_secs_f64(args.seconds)),
         seed: 1,
