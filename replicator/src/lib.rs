@@ -53,6 +53,10 @@ pub enum VolumeError {
     NoSuchCopy(usize),
     #[error("the copy on disk {disk} failed while a read from it was in flight")]
     CopyFailed { disk: uuid::Uuid },
+    /// A copy's disk had no space for a write: the write failed, and the
+    /// copies that took it were rolled back (none goes stale for it).
+    #[error("no space left on disk {disk} for chunk {chunk}: the write failed")]
+    NoSpace { disk: uuid::Uuid, chunk: u64 },
     #[error("placement group {group} has {current} current copies, fewer than the {needed} the policy requires")]
     Degraded {
         group: usize,

@@ -74,6 +74,11 @@ struct SimDisk {
     cache: Vec<Pending>,
     /// Chunks the disk may hold at most (`NoSpace` beyond).
     capacity_chunks: u64,
+    /// The disk is full: a write that needs space — data into a chunk it
+    /// does not hold, or into a block that reads as zeros (a thin disk
+    /// allocates blocks as they get data) — is refused whole (`NoSpace`).
+    /// Not durable: it stands for the space the node's other vDisks take.
+    full: bool,
     /// Copies freed because they moved away, with the chunks set whole
     /// since: every other chunk of the vDisk reads as an error, not zeros,
     /// as the real chunk store does (`Disk::free_moved_copy`). In memory:
@@ -557,6 +562,14 @@ impl SimNode {
 
     pub fn set_bad_payload(&self, per_mille: u64) {
         self.state().bad_payload = per_mille;
+    }
+
+    /// Fills `disk` up (writes that need space are refused) or frees space
+    /// on it again.
+    pub fn set_full(&self, disk: Uuid, full: bool) {
+        if let Some(d) = self.state().disks.get_mut(&disk) {
+            d.full = full;
+        }
     }
 
     /// Flips bits in one block of one chunk's stored data: its checksum
@@ -1044,6 +1057,34 @@ impl SimNode {
 }
 
 impl Pending {
+    /// Whether applying this write takes space on a thin disk: data into a
+    /// chunk it does not hold, or into a block that reads as zeros.
+    fn needs_space(&self, d: &SimDisk, new: bool, chunk_size: u64) -> bool {
+        let Some(data) = &self.data else {
+            return false; // zeros allocate nothing
+        };
+        if new {
+            return data.iter().any(|b| *b != 0);
+        }
+        let Some(held) = d.view(self.vdisk, self.chunk, chunk_size) else {
+            return data.iter().any(|b| *b != 0);
+        };
+        let first = self.offset / BLOCK;
+        let end = (self.offset + self.len).div_ceil(BLOCK);
+        (first..end).any(|b| {
+            let block = b * BLOCK..(b + 1) * BLOCK;
+            let lo = block.start.max(self.offset);
+            let hi = block.end.min(self.offset + self.len);
+            let gets_data = data[(lo - self.offset) as usize..(hi - self.offset) as usize]
+                .iter()
+                .any(|x| *x != 0);
+            let empty = held.data[block.start as usize..block.end as usize]
+                .iter()
+                .all(|x| *x == 0);
+            gets_data && empty
+        })
+    }
+
     /// A write to a chunk the disk does not hold yet needs a free extent.
     fn into_checked(self, d: &SimDisk, chunk_size: u64) -> Result<Option<Pending>, Status> {
         let whole = self.offset == 0 && self.len == chunk_size;
@@ -1056,6 +1097,9 @@ impl Pending {
             && !(self.offset == 0 && self.len == chunk_size)
         {
             return Err(Status::Checksum);
+        }
+        if d.full && self.needs_space(d, new, chunk_size) {
+            return Err(Status::NoSpace);
         }
         // (Counting what is allocated only when it could be the limit.)
         if new

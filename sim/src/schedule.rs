@@ -93,6 +93,9 @@ enum Event {
     /// A node stays down past `rebuild_after`: its copies are rebuilt
     /// elsewhere.
     Outage(usize),
+    /// A node's disk fills up (other vDisks took its space), then space is
+    /// freed: writes that need space fail, and nothing else may.
+    DiskFull(usize),
 }
 
 impl Event {
@@ -115,6 +118,7 @@ impl Event {
             Event::Drain => "disk removed from the datastore (drain)",
             Event::AddDisk => "disk added back to the datastore (rebalance)",
             Event::Outage(_) => "node down past rebuild_after (rebuild)",
+            Event::DiskFull(_) => "disk full, then space freed",
         }
     }
 
@@ -169,6 +173,10 @@ struct World {
     /// More nodes are out than writes can do without (the policy still
     /// keeps the data, but writes may fail).
     unavailable: Mutex<bool>,
+    /// Disks full now, and disk-full episodes started or ended so far: a
+    /// write may fail for lack of space only while a disk is (or was)
+    /// full.
+    space: Mutex<(usize, u64)>,
 }
 
 impl World {
@@ -189,10 +197,34 @@ impl World {
         *self.writers.lock().expect("poisoned")
     }
 
+    fn space(&self) -> u64 {
+        self.space.lock().expect("poisoned").1
+    }
+
+    /// A disk fills up (`true`) or gets space back.
+    fn set_full(&self, full: bool) {
+        let mut s = self.space.lock().expect("poisoned");
+        if full {
+            s.0 += 1;
+        } else {
+            s.0 -= 1;
+        }
+        s.1 += 1;
+    }
+
     /// An op failed: a broken promise unless something excuses it.
-    fn op_failed(&self, what: &str, e: &VolumeError, excuse: u64, writers: u64) {
+    fn op_failed(&self, what: &str, e: &VolumeError, excuse: u64, writers: u64, space: u64) {
         *self.guest_errors.lock().expect("poisoned") += 1;
         match e {
+            // Only a disk that is or was full while it ran excuses it.
+            VolumeError::NoSpace { .. } => {
+                let (full, episodes) = *self.space.lock().expect("poisoned");
+                if full == 0 && episodes == space {
+                    self.violation(format!(
+                        "{what} failed with '{e}' although no disk was full"
+                    ));
+                }
+            }
             VolumeError::Fenced { .. } | VolumeError::Closing if self.writers() == writers => {
                 self.violation(format!(
                     "{what} failed with '{e}' although no other writer took over"
@@ -354,6 +386,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         excuse: Mutex::new(0),
         writers: Mutex::new(0),
         unavailable: Mutex::new(false),
+        space: Mutex::new((0, 0)),
     });
     match Volume::open(config.clone()).await {
         Ok(v) => *world.volume.lock().expect("poisoned") = Some(v),
@@ -371,7 +404,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     let mut t = Duration::from_millis(rng.below(2000));
     while t < Duration::from_secs(cfg.seconds) {
         let n = rng.below(cfg.nodes as u64) as usize;
-        let e = match rng.below(17) {
+        let e = match rng.below(18) {
             0 | 1 => Event::Crash(n),
             2 => Event::PowerLoss(n),
             3 => Event::Freeze(n),
@@ -391,6 +424,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             13 => Event::AddDisk,
             14 => Event::Outage(n),
             15 => Event::Reboot(n),
+            16 => Event::DiskFull(n),
             _ => Event::Crash(n),
         };
         let lasts = match e {
@@ -412,6 +446,9 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     let availability_tolerance = (cfg.mirrors - min_copies) as usize;
     // Node faults in force: node -> when it ends.
     let mut faulty: BTreeMap<usize, (Event, Instant)> = BTreeMap::new();
+    // Full disks: node -> when space is freed. Not a node fault: a full
+    // disk takes no copy out (writes that need space fail, on every copy).
+    let mut full: BTreeMap<usize, Instant> = BTreeMap::new();
     // Disks removed from the datastore (they may be added back).
     let mut removed: Vec<Uuid> = Vec::new();
     let mut zone_fault: Option<Event> = None;
@@ -457,6 +494,16 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                 }
                 _ => {}
             }
+        }
+        let freed: Vec<usize> = full
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in freed {
+            full.remove(&n);
+            nodes[n].set_full(disk_of[n], false);
+            world.set_full(false);
         }
         if zone_fault.is_some() && !zone.is_faulty() {
             zone_fault = None;
@@ -507,6 +554,14 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                     nodes[n].set_delay(Duration::from_millis(1 + rng.below(50)));
                 }
                 Event::BadPayload(n) => nodes[n].set_bad_payload(200),
+                Event::DiskFull(n) => {
+                    if full.contains_key(&n) {
+                        continue;
+                    }
+                    full.insert(n, now + lasts);
+                    world.set_full(true);
+                    nodes[n].set_full(disk_of[n], true);
+                }
                 Event::Corrupt { node, whole } => {
                     if cfg.mirrors < 2 {
                         continue;
@@ -676,6 +731,10 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             Event::Freeze(_) => nodes[n].resume(),
             _ => {}
         }
+    }
+    for n in std::mem::take(&mut full).into_keys() {
+        nodes[n].set_full(disk_of[n], false);
+        world.set_full(false);
     }
     for n in &nodes {
         n.set_delay(Duration::ZERO);
@@ -953,6 +1012,7 @@ fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
     let world = world.clone();
     let excuse = world.excuse();
     let writers = world.writers();
+    let space = world.space();
     if kind < 50 || (50..60).contains(&kind) {
         // A write (or, 1 in 6, zeros: discard or write-zeroes).
         {
@@ -991,7 +1051,7 @@ fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
                 Ok(()) => world.model.lock().expect("poisoned").acked(range.clone(), id),
                 Err(e) => {
                     world.model.lock().expect("poisoned").failed(range.clone(), id);
-                    world.op_failed("a write", &e, excuse, writers);
+                    world.op_failed("a write", &e, excuse, writers, space);
                 }
             }
             let mut busy = world.busy.lock().expect("poisoned");
@@ -1020,7 +1080,7 @@ fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
                         }
                     }
                 }
-                Err(e) => world.op_failed("a read", &e, excuse, writers),
+                Err(e) => world.op_failed("a read", &e, excuse, writers, space),
             }
         });
     } else {
@@ -1028,7 +1088,7 @@ fn start_op(world: &Arc<World>, ops: &mut JoinSet<()>, rng: &mut Rng) {
         ops.spawn(async move {
             match volume.flush().await {
                 Ok(()) => world.model.lock().expect("poisoned").flushed(&covered),
-                Err(e) => world.op_failed("a flush", &e, excuse, writers),
+                Err(e) => world.op_failed("a flush", &e, excuse, writers, space),
             }
         });
     }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use tessera_zone::records::{Vdisk, ACTIVITY_EXTENT_CHUNKS};
 use tessera_zone::service::MarkActive;
@@ -196,46 +197,71 @@ impl Inner {
             self.scheme
                 .read_piece(self, links, piece, &mut [&mut good[..]], None)
                 .await?;
-            let layout = self.layout();
-            for (i, copy) in layout.group(c).iter().enumerate() {
-                if copy.health() != CopyHealth::Current {
-                    missed.push((copy.disk, c));
-                    continue;
+            // Copies whose own content became the source because they had
+            // no space for the first one's (each at most once).
+            let mut full: Vec<Uuid> = Vec::new();
+            'chunk: loop {
+                let layout = self.layout();
+                for (i, copy) in layout.group(c).iter().enumerate() {
+                    if copy.health() != CopyHealth::Current {
+                        if !missed.contains(&(copy.disk, c)) {
+                            missed.push((copy.disk, c));
+                        }
+                        continue;
+                    }
+                    let mut other = vec![0u8; piece.len as usize];
+                    let read = match self
+                        .scheme
+                        .read_piece(self, links, piece, &mut [&mut other[..]], Some(i))
+                        .await
+                    {
+                        Ok(()) => true,
+                        Err(VolumeError::Node { .. }) => false,
+                        Err(err) => return Err(err),
+                    };
+                    if read && other == good {
+                        continue;
+                    }
+                    let range = self.range(&piece, copy);
+                    let result = if good.iter().all(|b| *b == 0) {
+                        self.call(
+                            links,
+                            copy,
+                            tessera_proto::Request::Discard(range),
+                            &[],
+                            None,
+                        )
+                        .await
+                    } else {
+                        self.call(
+                            links,
+                            copy,
+                            tessera_proto::Request::Write(range, &[]),
+                            &[&good],
+                            None,
+                        )
+                        .await
+                    };
+                    match result {
+                        Ok(()) => rewritten += 1,
+                        // Its disk is full: the writer that crashed had
+                        // acknowledged neither content, so the copies may
+                        // agree on this one's instead, which it holds
+                        // without more space (an open must not fail for a
+                        // full disk). Every copy is compared again.
+                        Err(VolumeError::Node {
+                            status: tessera_proto::Status::NoSpace,
+                            ..
+                        }) if read && !full.contains(&copy.disk) => {
+                            tracing::warn!(chunk = c, disk = %copy.disk, "no space to reconcile a copy: the others take its content");
+                            full.push(copy.disk);
+                            good = other;
+                            continue 'chunk;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
-                let mut other = vec![0u8; piece.len as usize];
-                let same = match self
-                    .scheme
-                    .read_piece(self, links, piece, &mut [&mut other[..]], Some(i))
-                    .await
-                {
-                    Ok(()) => other == good,
-                    Err(VolumeError::Node { .. }) => false,
-                    Err(err) => return Err(err),
-                };
-                if same {
-                    continue;
-                }
-                let range = self.range(&piece, copy);
-                if good.iter().all(|b| *b == 0) {
-                    self.call(
-                        links,
-                        copy,
-                        tessera_proto::Request::Discard(range),
-                        &[],
-                        None,
-                    )
-                    .await?;
-                } else {
-                    self.call(
-                        links,
-                        copy,
-                        tessera_proto::Request::Write(range, &[]),
-                        &[&good],
-                        None,
-                    )
-                    .await?;
-                }
-                rewritten += 1;
+                break;
             }
         }
         self.record_dirty(&missed).await?;

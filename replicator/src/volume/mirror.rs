@@ -66,6 +66,8 @@ impl Mirror {
         let mut exclusion = Some(v.stripes[stripe(p.chunk)].read().await);
         let deadline = tokio::time::Instant::now() + v.config.degraded_wait;
         let mut tracker = WriteTracker::new();
+        // Current copies that had no space for it.
+        let mut full: SmallVec<[Uuid; INLINE_COPIES]> = SmallVec::new();
         // A stable copy of the data, once a node saw it change in flight.
         let mut private: Option<Vec<u8>> = None;
         // Times a current copy refused it for our own newer fence.
@@ -154,6 +156,19 @@ impl Mirror {
                         tracker.record(c.disk, Answer::Refused);
                         changed_in_flight = true;
                     }
+                    // No space for it: refused whole (the node checks
+                    // before it applies anything). A current copy that
+                    // cannot take it fails the mutation on every copy.
+                    Err(
+                        e @ VolumeError::Node {
+                            status: Status::NoSpace,
+                            ..
+                        },
+                    ) if c.health() == CopyHealth::Current => {
+                        tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "copy has no space for a write");
+                        tracker.record(c.disk, Answer::Refused);
+                        full.push(c.disk);
+                    }
                     // Refused whole: the copy wrote nothing and is as it was.
                     Err(
                         e @ VolumeError::Node {
@@ -181,8 +196,13 @@ impl Mirror {
                 if let Mutation::Write(data) = op {
                     private = Some(data.concat());
                     tracker = WriteTracker::new();
+                    full.clear();
                     continue;
                 }
+            }
+            if let Some(&disk) = full.first() {
+                drop(exclusion.take());
+                return Err(self.undo_no_space(v, links, fork, p, &tracker, disk).await);
             }
             if resend {
                 overtaken += 1;
@@ -247,6 +267,101 @@ impl Mirror {
             .map(|d| (d, p.chunk))
             .collect();
         v.record_dirty(&missed).await
+    }
+
+    /// A current copy (on `full`) had no space for a mutation of `p`: the
+    /// mutation fails, and no copy goes stale for it. Copies that took it
+    /// get back what the full copy holds there — they hold those blocks
+    /// already, so that needs no space; zeros are discarded, giving back
+    /// what the mutation took — under the stripe's exclusive lock, so no
+    /// other mutation of the chunk interleaves. A copy that cannot be
+    /// rolled back (its node failed) is failed, as for any missed write;
+    /// if the full copy cannot be read, it is the one that fails, and the
+    /// others keep the mutation. Returns the error for the guest.
+    async fn undo_no_space(
+        &self,
+        v: &Inner,
+        links: &Links,
+        fork: &ForkState,
+        p: Piece,
+        tracker: &WriteTracker,
+        full: Uuid,
+    ) -> VolumeError {
+        let err = VolumeError::NoSpace {
+            disk: full,
+            chunk: p.chunk,
+        };
+        // A copy that failed with it in flight may still take it (a request
+        // that timed out may run late): the full copy does not hold it, so
+        // that copy is dirty for the chunk whatever happens here.
+        let mut missed: SmallVec<[(Uuid, u64); INLINE_COPIES]> =
+            tracker.failed().map(|d| (d, p.chunk)).collect();
+        let holders: SmallVec<[Uuid; INLINE_COPIES]> = tracker.holders().collect();
+        if holders.is_empty() {
+            return match v.record_dirty(&missed).await {
+                Ok(()) => err,
+                Err(e) => e,
+            };
+        }
+        let _exclusive = v.stripes[stripe(p.chunk)].write().await;
+        let layout = v.layout();
+        let copies = layout.group(p.chunk);
+        let Some(source) = copies.iter().position(|c| c.disk == full) else {
+            return err;
+        };
+        let mut old = vec![0u8; p.len as usize];
+        let read = self
+            .read_piece(v, links, p, &mut [&mut old[..]], Some(source))
+            .await;
+        let targets: SmallVec<[&CopySlot; INLINE_COPIES]> = match read {
+            Ok(()) => copies
+                .iter()
+                .filter(|c| holders.contains(&c.disk))
+                .collect(),
+            Err(e @ VolumeError::Fenced { .. }) => return e,
+            Err(e) => {
+                tracing::warn!(chunk = p.chunk, disk = %full, error = %e, "cannot read the full copy to roll a write back: it is failed instead");
+                v.fail_slot(&layout, &copies[source]);
+                missed.push((full, p.chunk));
+                SmallVec::new()
+            }
+        };
+        let zeros = old.iter().all(|b| *b == 0);
+        for c in targets {
+            let range = v.range(&p, c);
+            let mut tries = 0;
+            let result = loop {
+                let r = if zeros {
+                    v.call(links, c, Request::Discard(range), &[], None).await
+                } else {
+                    v.call(links, c, Request::Write(range, &[]), &[&old], None)
+                        .await
+                };
+                match r {
+                    // Our buffer is stable: damaged in transit, send again.
+                    Err(VolumeError::Node {
+                        status: Status::BadPayload,
+                        ..
+                    }) if tries < 3 => tries += 1,
+                    r => break r,
+                }
+            };
+            match result {
+                Ok(()) => {}
+                Err(e @ VolumeError::Fenced { .. }) => return e,
+                Err(e) => {
+                    tracing::warn!(chunk = p.chunk, disk = %c.disk, error = %e, "cannot roll back a write the disk had no space for");
+                    v.fail_slot(&layout, c);
+                    missed.push((c.disk, p.chunk));
+                }
+            }
+        }
+        // The rollbacks are writes like others: unflushed until a flush.
+        v.note_unflushed(fork, p.chunk);
+        if let Err(e) = v.record_dirty(&missed).await {
+            return e;
+        }
+        err
     }
 
     /// Reads every current copy of `chunk` (bounded by the vDisk size).

@@ -95,6 +95,15 @@ impl WriteTracker {
         }
     }
 
+    /// Copies that failed with it in flight: they may or may not hold it
+    /// (a request that timed out may still run).
+    pub(crate) fn failed(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.answers
+            .iter()
+            .filter(|(_, a)| *a == Answer::Failed)
+            .map(|(d, _)| *d)
+    }
+
     /// Copies that refused the mutation whole.
     pub(crate) fn refusers(&self) -> impl Iterator<Item = Uuid> + '_ {
         self.answers
