@@ -27,8 +27,9 @@
 //! the newest or both checkpoint areas, and a checksum still in the crc
 //! journal is flipped there), followed by `tessera scrub`; a disk that fills
 //! up (the client writes past the prefilled range until the nodes answer
-//! NoSpace, then discards); and a node and the vhost process killed
-//! together.
+//! NoSpace, then discards; meanwhile no copy may go stale and every request
+//! that fails must fail for lack of space); and a node and the vhost
+//! process killed together.
 //!
 //! After each fault the campaign waits for `tessera vdisk show --json` to
 //! say `healthy`; at the end of a schedule it reads the whole range back,
@@ -39,9 +40,10 @@
 //!
 //! Violations — a block reading as anything but what the model allows, an
 //! I/O error or a stall the policy does not excuse, a process that died by
-//! itself, a vDisk that does not heal, copies that differ — are printed with
-//! the schedule's seed and make the exit status 1. Results: a markdown report
-//! in `bench/results/faultcampaign-<stamp>.md` (and `faultcampaign-latest.md`)
+//! itself, a vDisk that does not heal, a copy gone stale for lack of space,
+//! copies that differ — are printed with the schedule's seed and make the
+//! exit status 1. Results: a markdown report in
+//! `bench/results/faultcampaign-<stamp>.md` (and `faultcampaign-latest.md`)
 //! or `--out FILE`.
 
 use std::collections::BTreeMap;
@@ -2291,7 +2293,41 @@ impl Run {
 
     /// The client writes past the range until the disks fill, the workload
     /// runs on full disks for `hold_ms`, then the client discards there.
+    ///
+    /// A full disk fails only the writes that need space (an I/O error for
+    /// the guest: the fill's, and the workload's into blocks it discarded),
+    /// and takes no copy away: while it is the only fault in force (it is
+    /// always the schedule's last, after the others healed), the zone must
+    /// list no stale copy and call the vDisk healthy — right after the
+    /// disks filled, all through the hold, and after the discards
+    /// (`stale-on-full` otherwise) — and every request the vhost process
+    /// failed meanwhile must have failed for lack of space.
     fn disk_full(&mut self, hold_ms: u64) -> Result<()> {
+        // Only a vDisk healthy at the start says something about the full
+        // disks (the previous fault healed: it should be).
+        let mut watch = match self.show() {
+            Ok(v)
+                if v["health"] == "healthy" && v["stale"].as_array().is_none_or(Vec::is_empty) =>
+            {
+                true
+            }
+            Ok(v) => {
+                self.note(format!(
+                    "disk-full: the vDisk is not healthy before the disks fill (health {}, stale {}): no stale-on-full check",
+                    v["health"], v["stale"]
+                ));
+                false
+            }
+            Err(e) => {
+                self.note(format!(
+                    "disk-full: vdisk show failed before the disks fill ({}): no stale-on-full check",
+                    first_chars(&format!("{e:#}"), 200)
+                ));
+                false
+            }
+        };
+        let vhost_log = self.zone.dir.join("vhost.log");
+        let log_from = std::fs::metadata(&vhost_log).map_or(0, |m| m.len());
         self.sh.expect_errors.store(true, Ordering::Release);
         {
             let mut f = self.sh.fill.lock().expect("fill");
@@ -2347,7 +2383,34 @@ impl Run {
                 .unwrap_or_default();
             self.note(format!("disk-full: disks used {}", used.join(", ")));
         }
-        self.run_for(hold_ms);
+        // The guest sees an I/O error for a write the disks have no space
+        // for (the vhost log below says why).
+        if let Some(e) = &error {
+            if !e.contains(&format!("os error {}", libc::EIO)) {
+                self.sh.violation(
+                    "fill-error",
+                    format!("disk-full: the first failed fill write failed with {e}, not an I/O error (EIO)"),
+                );
+            }
+        }
+        // Checks of the zone's view that found no stale copy.
+        let mut clean = 0;
+        if watch {
+            watch = self.no_stale_on_full("right after the disks filled");
+            clean += u32::from(watch);
+        }
+        let until = Instant::now() + Duration::from_millis(hold_ms);
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            self.run_for((until - now).as_millis().min(500) as u64);
+            if watch {
+                watch = self.no_stale_on_full("while the workload runs on the full disks");
+                clean += u32::from(watch);
+            }
+        }
         {
             let mut f = self.sh.fill.lock().expect("fill");
             f.discarding = true;
@@ -2376,8 +2439,87 @@ impl Run {
                 break;
             }
         }
+        if watch && self.no_stale_on_full("after the discards") {
+            clean += 1;
+            self.note(format!(
+                "disk-full: the zone listed no stale copy and called the vDisk healthy at each of {clean} checks (filled, hold, discarded)"
+            ));
+        }
         self.sh.expect_errors.store(false, Ordering::Release);
+        self.failed_requests_on_full(&vhost_log, log_from, error.is_some());
         Ok(())
+    }
+
+    /// While the disk-full fault alone is in force: the zone lists no stale
+    /// copy and calls the vDisk healthy (nothing to resync), or that is a
+    /// `stale-on-full` violation. Whether it was so (a vdisk show that
+    /// fails is noted, not judged).
+    fn no_stale_on_full(&mut self, when: &str) -> bool {
+        let v = match self.show() {
+            Ok(v) => v,
+            Err(e) => {
+                self.note(format!(
+                    "disk-full, {when}: vdisk show failed: {}",
+                    first_chars(&format!("{e:#}"), 200)
+                ));
+                return true;
+            }
+        };
+        let stale = v["stale"].as_array().map_or(0, Vec::len);
+        let repair = v["repair"].as_array().map_or(0, Vec::len);
+        if v["health"] == "healthy" && stale == 0 && repair == 0 {
+            return true;
+        }
+        self.sh.violation(
+            "stale-on-full",
+            format!(
+                "disk-full, {when}: the zone says health {}, stale {}, repair {}, dirty {} (no copy may go stale for lack of space)",
+                v["health"], v["stale"], v["repair"], v["dirty"]
+            ),
+        );
+        false
+    }
+
+    /// The requests the vhost process failed since `from` (its log's
+    /// length when the disks began to fill): each must have failed for lack
+    /// of space (the fill's writes, the workload's into blocks it had
+    /// discarded), and if the fill saw an error, some did.
+    fn failed_requests_on_full(&mut self, log: &Path, from: u64, fill_failed: bool) {
+        let text = match std::fs::read(log) {
+            Ok(b) => String::from_utf8_lossy(&b[(from as usize).min(b.len())..]).into_owned(),
+            Err(e) => {
+                self.note(format!("disk-full: cannot read {}: {e}", log.display()));
+                return;
+            }
+        };
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("request failed"))
+            .collect();
+        let (space, other): (Vec<&str>, Vec<&str>) = failed
+            .iter()
+            .partition(|l| l.contains("no space left on disk"));
+        self.note(format!(
+            "disk-full: the vhost process failed {} request(s) for lack of space, {} for another reason",
+            space.len(),
+            other.len()
+        ));
+        if fill_failed && space.is_empty() {
+            self.sh.violation(
+                "fill-error",
+                "disk-full: the fill's writes failed, but the vhost process failed no request for lack of space (NoSpace)",
+            );
+        }
+        if let Some(first) = other.first() {
+            self.sh.violation(
+                "io-error",
+                format!(
+                    "disk-full: {} request(s) failed for another reason than lack of space while the full disks were the only fault, first: {}",
+                    other.len(),
+                    first_chars(first, 400)
+                ),
+            );
+        }
     }
 }
 

@@ -346,6 +346,30 @@ impl Mirror {
                     r => break r,
                 }
             };
+            // Read back: the copies must agree from here on (a copy that
+            // does not is resynced rather than left to differ).
+            let result = match result {
+                Ok(()) => {
+                    let i = copies
+                        .iter()
+                        .position(|x| x.disk == c.disk)
+                        .expect("a copy of the group");
+                    let mut back = vec![0u8; p.len as usize];
+                    match self
+                        .read_piece(v, links, p, &mut [&mut back[..]], Some(i))
+                        .await
+                    {
+                        Ok(()) if back == old => Ok(()),
+                        Ok(()) => {
+                            let at = back.iter().zip(&old).position(|(a, b)| a != b);
+                            tracing::error!(chunk = p.chunk, offset = p.offset, len = p.len, disk = %c.disk, first_difference = ?at, "a rolled-back copy still differs from the full copy");
+                            Err(VolumeError::CopyFailed { disk: c.disk })
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                r => r,
+            };
             match result {
                 Ok(()) => {}
                 Err(e @ VolumeError::Fenced { .. }) => return e,
