@@ -150,7 +150,9 @@ async fn watchdog(pending: Arc<Pending>, clock: Arc<AtomicU64>, tick: Duration, 
 
 /// Reads and drops `len` bytes.
 async fn drain(rd: &mut Rx, mut len: usize) -> std::io::Result<()> {
-    let mut scratch = [0u8; 8192];
+    // On the heap: in the future's state it would make every read's future
+    // 8 KiB larger.
+    let mut scratch = vec![0u8; 8192];
     while len > 0 {
         let n = scratch.len().min(len);
         rd.read_exact(&mut scratch[..n]).await?;
@@ -812,6 +814,13 @@ impl NodeLink {
         if let Some(c) = self.live() {
             return Ok(c);
         }
+        // Boxed: dialing's state is large, and every request's future
+        // would otherwise carry it.
+        Box::pin(self.dial()).await
+    }
+
+    /// Connects (one dialer at a time), unless another caller just did.
+    async fn dial(&self) -> Result<Arc<Conn>, ConnError> {
         let _one_dialer = self.connecting.lock().await;
         if let Some(c) = self.live() {
             return Ok(c);

@@ -443,6 +443,13 @@ impl Volume {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         inner.check_range(offset, len)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        // Within one chunk (nearly every request): no join to build.
+        if let [p] = pieces[..] {
+            return inner
+                .scheme
+                .read_piece(inner, &self.links, p, bufs, copy)
+                .await;
+        }
         let dests = split_mut(bufs, pieces.iter().map(|p| p.len as usize));
         let reads = pieces
             .into_iter()
@@ -475,6 +482,16 @@ impl Volume {
         inner.check_range(offset, len)?;
         let _running = self.fork.start_mutation(inner)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        // Boxed: a write's state is large (it waits for every copy at
+        // once), and the caller's future would otherwise carry it.
+        if let [p] = pieces[..] {
+            return Box::pin(
+                inner
+                    .scheme
+                    .write_piece(inner, &self.links, &self.fork, p, bufs),
+            )
+            .await;
+        }
         let mut cursor = SliceCursor::new(bufs);
         let mut writes = Vec::with_capacity(pieces.len());
         for p in pieces {
@@ -516,6 +533,14 @@ impl Volume {
         inner.check_range(offset, len)?;
         let _running = self.fork.start_mutation(inner)?;
         let pieces = split(offset, len, inner.vdisk.placement.chunk_size);
+        if let [p] = pieces[..] {
+            return Box::pin(
+                inner
+                    .scheme
+                    .zero_piece(inner, &self.links, &self.fork, p, discard),
+            )
+            .await;
+        }
         let zeroes = pieces.into_iter().map(|p| {
             inner
                 .scheme

@@ -5,98 +5,19 @@
 //! user relies on; its doc comment names the change to the source that
 //! brings the finding back and how the test then fails.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_proto::Status;
-use tessera_replicator::{Volume, VolumeError, ZoneFailure};
+use tessera_replicator::{VolumeError, ZoneFailure};
+mod common;
+
+use common::{
+    copy_node, each_copy, healed, read, requests, sleep, what, whats, writer_dies, writes, BLOCK,
+};
 use tessera_sim::harness::{block, run, Cluster, Shape, DS, NAME};
-use tessera_sim::node::{Match, OpKind, Rule, SimNode};
+use tessera_sim::node::{Match, OpKind, Rule};
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 use tessera_zone::service::MarkStale;
-use uuid::Uuid;
-
-const BLOCK: usize = 4096;
-
-fn sleep(ms: u64) -> tokio::time::Sleep {
-    tokio::time::sleep(Duration::from_millis(ms))
-}
-
-/// Mutations of `chunk` on `disk`.
-fn writes(disk: Uuid, chunk: u64) -> Match {
-    Match {
-        kind: Some(OpKind::Mutation),
-        disk: Some(disk),
-        chunk: Some(chunk),
-        whole_chunk: None,
-    }
-}
-
-/// Requests of one kind to `disk`.
-fn requests(kind: OpKind, disk: Uuid) -> Match {
-    Match {
-        kind: Some(kind),
-        disk: Some(disk),
-        ..Match::default()
-    }
-}
-
-/// What a read of the 4 KiB block at `offset` returns.
-async fn read(v: &Volume, offset: u64) -> Result<Vec<u8>, VolumeError> {
-    let mut buf = vec![0u8; BLOCK];
-    v.read(offset, &mut buf).await.map(|()| buf)
-}
-
-/// The 4 KiB block at `offset` as each copy holds it, in placement order.
-async fn each_copy(v: &Volume, offset: u64) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for i in 0..v.copies() {
-        let mut buf = vec![0u8; BLOCK];
-        v.read_copy(offset, &mut buf, i)
-            .await
-            .expect("every copy is readable");
-        out.push(buf);
-    }
-    out
-}
-
-/// Names what a block holds, for assertion messages.
-fn what(data: &[u8]) -> String {
-    if data.iter().all(|b| *b == 0) {
-        return "zeros".into();
-    }
-    format!(
-        "write {}",
-        u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
-    )
-}
-
-fn whats(copies: &[Vec<u8>]) -> Vec<String> {
-    copies.iter().map(|c| what(c)).collect()
-}
-
-/// Waits (simulated time) until every copy is current again.
-async fn healed(c: &Cluster, v: &Volume) {
-    assert!(
-        c.until(Duration::from_secs(30), || v.all_current()).await,
-        "the copies did not become current again"
-    );
-}
-
-/// The writer dies: its requests in flight are cut off, nothing is closed.
-async fn writer_dies(v: Volume, tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for t in tasks {
-        t.abort();
-        let _ = t.await;
-    }
-    drop(v);
-}
-
-/// The node of copy `i` of group `g`.
-async fn copy_node(c: &Cluster, g: usize, i: usize) -> (Uuid, Arc<SimNode>) {
-    let disk = c.groups().await[g][i];
-    (disk, c.node_of(disk).clone())
-}
 
 /// Finding 1: when one disk's `mark_stale` call fails, everything the
 /// batch did not record is pending again — not only that disk's chunks.

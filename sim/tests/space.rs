@@ -9,23 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{copy_node, read, sleep, what, writes, BLOCK};
+use common::{copy_node, each_copy, healed, read, sleep, what, whats, writes, BLOCK};
 use tessera_replicator::{Volume, VolumeError};
 use tessera_sim::harness::{block, run, Cluster, Shape};
 use tessera_sim::node::Rule;
-
-/// What each copy holds at `offset` (one block).
-async fn each_copy(v: &Volume, offset: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    for i in 0..v.copies() {
-        let mut buf = vec![0u8; BLOCK];
-        v.read_copy(offset, &mut buf, i)
-            .await
-            .expect("every copy is readable");
-        out.push(what(&buf));
-    }
-    out
-}
 
 /// No copy failed and the zone lists none stale.
 async fn all_current(c: &Cluster, v: &Volume) {
@@ -66,7 +53,7 @@ fn a_write_one_copy_has_no_space_for_fails_and_no_copy_goes_stale() {
         assert!(is_no_space(&r), "write 2 needs space X lacks: {r:?}");
         all_current(&c, &v).await;
         assert_eq!(
-            each_copy(&v, fresh).await,
+            whats(&each_copy(&v, fresh).await),
             ["zeros", "zeros"],
             "the copy that took write 2 gave it back"
         );
@@ -74,13 +61,13 @@ fn a_write_one_copy_has_no_space_for_fails_and_no_copy_goes_stale() {
             .await
             .expect("an overwrite needs no space");
         v.flush().await.expect("flush");
-        assert_eq!(each_copy(&v, held).await, ["write 3", "write 3"]);
+        assert_eq!(whats(&each_copy(&v, held).await), ["write 3", "write 3"]);
 
         x.set_full(disk_x, false);
         v.write(fresh, &block(4))
             .await
             .expect("write 4, with space");
-        assert_eq!(each_copy(&v, fresh).await, ["write 4", "write 4"]);
+        assert_eq!(whats(&each_copy(&v, fresh).await), ["write 4", "write 4"]);
         all_current(&c, &v).await;
     });
 }
@@ -107,8 +94,8 @@ fn a_rolled_back_copy_holds_what_the_full_copy_holds() {
         two.extend_from_slice(&block(2));
         let r = v.write(b0, &two).await;
         assert!(is_no_space(&r), "block 1 needs space X lacks: {r:?}");
-        assert_eq!(each_copy(&v, b0).await, ["write 1", "write 1"]);
-        assert_eq!(each_copy(&v, b1).await, ["zeros", "zeros"]);
+        assert_eq!(whats(&each_copy(&v, b0).await), ["write 1", "write 1"]);
+        assert_eq!(whats(&each_copy(&v, b1).await), ["zeros", "zeros"]);
         all_current(&c, &v).await;
         assert_eq!(what(&read(&v, b0).await.expect("read")), "write 1");
     });
@@ -186,14 +173,14 @@ fn an_open_reconciles_onto_a_full_disk_by_taking_its_content() {
         x.restart();
 
         let v = c.open(true).await;
-        assert!(
-            c.until(Duration::from_secs(30), || v.all_current()).await,
-            "the copies did not become current"
-        );
-        let copies = each_copy(&v, at).await;
+        healed(&c, &v).await;
+        let copies = whats(&each_copy(&v, at).await);
         assert_eq!(copies[0], copies[1], "the copies differ after the open");
         assert_eq!(copies[0], "zeros", "both took the full copy's content");
-        assert_eq!(each_copy(&v, c.offset(3, 5)).await, ["write 1", "write 1"]);
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(3, 5)).await),
+            ["write 1", "write 1"]
+        );
     });
 }
 
@@ -225,15 +212,15 @@ fn a_copy_that_failed_with_a_write_no_space_refused_is_resynced_for_it() {
         // The request Y held runs now, after it timed out.
         y.release(hold);
         x.set_full(disk_x, false);
-        assert!(
-            c.until(Duration::from_secs(30), || v.all_current()).await,
-            "the copies did not become current again"
-        );
+        healed(&c, &v).await;
         assert_eq!(
-            each_copy(&v, at).await,
+            whats(&each_copy(&v, at).await),
             ["zeros", "zeros"],
             "the write that failed is on neither copy"
         );
-        assert_eq!(each_copy(&v, c.offset(4, 3)).await, ["write 1", "write 1"]);
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(4, 3)).await),
+            ["write 1", "write 1"]
+        );
     });
 }

@@ -121,7 +121,8 @@ impl Inner {
         }
         let _one = self.recording.lock().await;
         if a.state[e].load(Ordering::SeqCst) != HOT {
-            self.log_activity(vec![e as u64], Vec::new()).await?;
+            // Boxed (a zone call's state is large): see `record_dirty`.
+            Box::pin(self.log_activity(vec![e as u64], Vec::new())).await?;
             a.state[e].store(HOT, Ordering::SeqCst);
         }
         Ok(guard)

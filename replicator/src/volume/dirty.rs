@@ -271,6 +271,14 @@ impl Inner {
             }
             pending.extend(new);
         }
+        // Boxed: the zone calls' state is large, and every mutation's
+        // future would otherwise carry it.
+        Box::pin(self.record_all_pending()).await
+    }
+
+    /// Records everything pending, retrying transient zone failures within
+    /// the degraded wait.
+    async fn record_all_pending(&self) -> Result<(), VolumeError> {
         let _one = self.recording.lock().await;
         let deadline = tokio::time::Instant::now() + self.config.degraded_wait;
         loop {

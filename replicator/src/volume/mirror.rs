@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{join, join3, join_all};
 use smallvec::SmallVec;
 use tessera_proto::{ChunkRange, Request, Status};
 use uuid::Uuid;
@@ -110,17 +110,23 @@ impl Mirror {
                     Mutation::Zero { discard: false } => Request::WriteZeroes(range),
                 }
             };
-            // One copy (mirrors=1, or the last one missing it): no join.
+            // Up to three copies, joined in place (no allocation, no move
+            // of the calls' state into one).
+            let call = |c| v.call(links, c, req(c), payload, crc);
             let results: SmallVec<[Result<(), VolumeError>; INLINE_COPIES]> = match &targets[..] {
-                [(c, _)] => std::iter::once(v.call(links, c, req(c), payload, crc).await).collect(),
-                _ => join_all(
-                    targets
-                        .iter()
-                        .map(|(c, _)| v.call(links, c, req(c), payload, crc)),
-                )
-                .await
-                .into_iter()
-                .collect(),
+                [(a, _)] => smallvec::smallvec![call(*a).await],
+                [(a, _), (b, _)] => {
+                    let (ra, rb) = join(call(*a), call(*b)).await;
+                    smallvec::smallvec![ra, rb]
+                }
+                [(a, _), (b, _), (c, _)] => {
+                    let (ra, rb, rc) = join3(call(*a), call(*b), call(*c)).await;
+                    smallvec::smallvec![ra, rb, rc]
+                }
+                _ => join_all(targets.iter().map(|(c, _)| call(*c)))
+                    .await
+                    .into_iter()
+                    .collect(),
             };
             let mut fenced = None;
             let mut changed_in_flight = false;
@@ -202,7 +208,7 @@ impl Mirror {
             }
             if let Some(&disk) = full.first() {
                 drop(exclusion.take());
-                return Err(self.undo_no_space(v, links, fork, p, &tracker, disk).await);
+                return Err(Box::pin(self.undo_no_space(v, links, fork, p, &tracker, disk)).await);
             }
             if resend {
                 overtaken += 1;

@@ -169,3 +169,47 @@ pub fn fences(disk: Uuid) -> Match {
         ..Match::default()
     }
 }
+
+/// Requests of one kind to `disk`.
+pub fn requests(kind: OpKind, disk: Uuid) -> Match {
+    Match {
+        kind: Some(kind),
+        disk: Some(disk),
+        ..Match::default()
+    }
+}
+
+/// The 4 KiB block at `offset` as each copy holds it, in placement order.
+pub async fn each_copy(v: &Volume, offset: u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for i in 0..v.copies() {
+        let mut buf = vec![0u8; BLOCK];
+        v.read_copy(offset, &mut buf, i)
+            .await
+            .expect("every copy is readable");
+        out.push(buf);
+    }
+    out
+}
+
+/// [`what`] of each copy.
+pub fn whats(copies: &[Vec<u8>]) -> Vec<String> {
+    copies.iter().map(|c| what(c)).collect()
+}
+
+/// Waits (simulated time) until every copy is current again.
+pub async fn healed(c: &Cluster, v: &Volume) {
+    assert!(
+        c.until(Duration::from_secs(30), || v.all_current()).await,
+        "the copies did not become current again"
+    );
+}
+
+/// The writer dies: its requests in flight are cut off, nothing is closed.
+pub async fn writer_dies(v: Volume, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.abort();
+        let _ = t.await;
+    }
+    drop(v);
+}
