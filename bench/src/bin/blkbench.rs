@@ -47,6 +47,19 @@
 //! ratios `mN`/`bN`, which cancel the drift best). An A/B run leaves
 //! `blkbench-latest.md` alone: it is not the new baseline.
 //!
+//! Whole disk (`--whole SIZE`): a database or a VM's file system writes all
+//! over its disk, not over a prefilled first gigabyte. Each disk is then a
+//! thin disk of `SIZE`, never written before the run: `qsd` and
+//! `qsd-direct` serve a sparse file of that size, `mN`/`bN` a vDisk of that
+//! size (thin on format-3 nodes, whose disk files keep their own size,
+//! `--disk-size`). 4 KiB random writes at QD32 over the whole disk run as
+//! one load per system, measured in two phases back to back — first touch
+//! (the first `--seconds` after the warm-up) and steady (the next
+//! `--seconds`) — then 4 KiB random reads at QD32 over the whole disk; the
+//! report adds what each system's disk took for the writes against what the
+//! guest wrote (space amplification). `quorum`, `nbd` and `ceph` are not
+//! run: their disks are preallocated.
+//!
 //! Run: `cargo build --release --bin tessera --bin blkbench && target/release/blkbench`
 //! (see `--help`). Results go to `bench/results/`. A/B against an older
 //! build: `target/release/blkbench --base-bin /path/to/old/tessera` (with
@@ -57,7 +70,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
 use tessera_bench::load::{Client, Job, Measured, Pattern};
@@ -75,9 +88,11 @@ const GIB: u64 = 1 << 30;
 #[derive(Parser, Debug)]
 #[command(name = "blkbench")]
 struct Args {
-    /// Repetitions: each runs every workload on every system in turn.
-    #[arg(long, default_value_t = 3)]
-    reps: usize,
+    /// Repetitions: each runs every workload on every system in turn
+    /// [default: 3; 1 with --whole, where only the first repetition's first
+    /// touch is on disks never written].
+    #[arg(long)]
+    reps: Option<usize>,
     /// Measured seconds per run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -102,7 +117,8 @@ struct Args {
     #[arg(long)]
     ceph: bool,
     /// Directory for the results (`blkbench-<date>.md/.json`, and
-    /// `blkbench-latest.md` unless `--base-bin`).
+    /// `blkbench-latest.md` unless `--base-bin`; `blkbench-whole-<date>.*`
+    /// only with `--whole`).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
     /// How quorum and nbd reach qemu-nbd: `unix` sockets or loopback `tcp`.
@@ -123,6 +139,22 @@ struct Args {
     /// [default: the node's, 3]; the base's zone keeps its own default.
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
     format_version: Option<u32>,
+    /// Whole-disk mode: every disk is a thin disk of SIZE (K, M, G, T
+    /// suffixes), not prefilled, and the workloads cover all of it: 4 KiB
+    /// random writes at QD32 as one load, measured as first touch (the first
+    /// --seconds after the warm-up) and steady (the next --seconds), then
+    /// 4 KiB random reads at QD32; the report adds each system's space used
+    /// per copy against what the guest wrote. qsd and qsd-direct serve a
+    /// sparse file of SIZE, mN/bN a vDisk of SIZE; quorum, nbd and ceph are
+    /// not run (their files would be preallocated at SIZE).
+    #[arg(long, value_name = "SIZE", conflicts_with_all = ["range", "workloads", "ceph"])]
+    whole: Option<String>,
+    /// Bytes of each Tessera node's disk file (preallocated; K, M, G, T
+    /// suffixes) [default: 3 × --range + 512 MiB; with --whole, room for
+    /// every Tessera system's writes at 50,000 IOPS]. A write that finds its
+    /// node's disk full fails: an I/O error in the report.
+    #[arg(long, value_name = "SIZE")]
+    disk_size: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64> {
@@ -154,6 +186,24 @@ struct Workload {
     pattern: Pattern,
     block_size: usize,
     depth: usize,
+    /// Which sequence of random offsets it draws (see [`seed`]): workloads
+    /// that write one disk in turn draw different ones.
+    stream: u64,
+    phase: Phase,
+}
+
+/// Where a workload's run stands in a load that goes on over several
+/// workloads (`--whole`: one stream of writes, measured in two phases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A run of its own: `--warmup` seconds unmeasured, then `--seconds`.
+    Alone,
+    /// The start of a load: `--warmup` seconds, recorded (to count what it
+    /// wrote) but shown in no table; the workloads after it continue it.
+    Warmup,
+    /// Continues the previous workload's load on the same system, right
+    /// after it: `--seconds`, no warm-up.
+    Continued,
 }
 
 impl Workload {
@@ -171,6 +221,8 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 1,
+        stream: 0,
+        phase: Phase::Alone,
     },
     Workload {
         name: "4k-randwrite-qd1",
@@ -179,6 +231,8 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 1,
+        stream: 0,
+        phase: Phase::Alone,
     },
     Workload {
         name: "4k-randread-qd32",
@@ -187,6 +241,8 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 32,
+        stream: 0,
+        phase: Phase::Alone,
     },
     Workload {
         name: "4k-randwrite-qd32",
@@ -195,6 +251,8 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Random,
         block_size: 4096,
         depth: 32,
+        stream: 0,
+        phase: Phase::Alone,
     },
     Workload {
         name: "1m-seqread-qd4",
@@ -203,6 +261,8 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Sequential,
         block_size: 1 << 20,
         depth: 4,
+        stream: 0,
+        phase: Phase::Alone,
     },
     Workload {
         name: "1m-seqwrite-qd4",
@@ -211,8 +271,95 @@ const WORKLOADS: [Workload; 6] = [
         pattern: Pattern::Sequential,
         block_size: 1 << 20,
         depth: 4,
+        stream: 0,
+        phase: Phase::Alone,
     },
 ];
+
+/// `--whole`: 4 KiB random writes at QD32 over the whole disk as one load —
+/// the warm-up, then the first `--seconds` (first touch) and the next
+/// `--seconds` (steady) — then 4 KiB random reads at QD32 over the whole
+/// disk (on a large disk they land mostly on blocks never written: a hole
+/// of the sparse file, an unallocated block of the vDisk).
+const WHOLE_WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4k-randwrite-qd32-whole-warmup",
+        title: "4k randwrite QD32 whole, warm-up",
+        write: true,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        depth: 32,
+        stream: 1,
+        phase: Phase::Warmup,
+    },
+    Workload {
+        name: "4k-randwrite-qd32-whole-first",
+        title: "4k randwrite QD32 whole, first touch",
+        write: true,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        depth: 32,
+        stream: 2,
+        phase: Phase::Continued,
+    },
+    Workload {
+        name: "4k-randwrite-qd32-whole-steady",
+        title: "4k randwrite QD32 whole, steady",
+        write: true,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        depth: 32,
+        stream: 3,
+        phase: Phase::Continued,
+    },
+    Workload {
+        name: "4k-randread-qd32-whole",
+        title: "4k randread QD32 whole",
+        write: false,
+        pattern: Pattern::Random,
+        block_size: 4096,
+        depth: 32,
+        stream: 4,
+        phase: Phase::Alone,
+    },
+];
+
+/// The seed of `w`'s run in repetition `rep`. The client draws offset `i`
+/// from `splitmix64(seed + i)`: repetitions lie 2^32 apart in that counter
+/// and streams 2^24 apart, so runs of fewer than 16 M I/Os never draw the
+/// same offsets in the same order.
+fn seed(w: &Workload, rep: usize) -> u64 {
+    (rep as u64) << 32 | w.stream << 24 | w.depth as u64
+}
+
+/// The workloads in steps: a step runs on one system from its first
+/// workload to its last, with no pause, before the next system takes its
+/// turn — a load in its phases, or one workload alone.
+fn steps(workloads: &[Workload]) -> Vec<&[Workload]> {
+    workloads
+        .chunk_by(|_, next| next.phase == Phase::Continued)
+        .collect()
+}
+
+/// The client's job for `w` in repetition `rep`, over `[0, range)`.
+fn job(w: &Workload, rep: usize, args: &Args, range: u64) -> Job {
+    let (warmup, seconds) = match w.phase {
+        Phase::Alone => (args.warmup, args.seconds),
+        Phase::Warmup => (0.0, args.warmup),
+        Phase::Continued => (0.0, args.seconds),
+    };
+    Job {
+        write: w.write,
+        pattern: w.pattern,
+        block_size: w.block_size,
+        depth: w.depth,
+        range,
+        start: 0,
+        warmup: Duration::from_secs_f64(warmup),
+        duration: Some(Duration::from_secs_f64(seconds)),
+        seed: seed(w, rep),
+    }
+}
 
 /// Shared memory per client: the largest `depth × block size`.
 const CLIENT_MEM: usize = 4 << 20;
@@ -236,6 +383,10 @@ const SYSTEMS: [(&str, &str); 11] = [
 ];
 const LIMIT: &str = "qsd";
 const PEER: &str = "quorum";
+/// Systems `--whole` does not run: their disks are preallocated (three
+/// `qemu-nbd` files, a single one, Ceph's OSD files), which at the sizes it
+/// is for (1 TiB) is more than the machine has.
+const NOT_WHOLE: [&str; 3] = ["quorum", "nbd", "ceph"];
 
 /// A Tessera system's mirrors and whether it is the base (`bN`, an older
 /// executable) rather than this build (`mN`).
@@ -295,6 +446,11 @@ struct System {
     /// Why it is not measured (setup or an earlier run failed).
     failed: Option<String>,
     prefill_mib_s: Option<f64>,
+    /// Where its disk takes space.
+    space: Option<Space>,
+    /// `--whole`: the bytes its writes took so far, all copies together,
+    /// or why they could not be counted.
+    taken: Result<u64, String>,
 }
 
 impl System {
@@ -315,6 +471,8 @@ impl System {
             vhost: None,
             failed: None,
             prefill_mib_s: None,
+            space: None,
+            taken: Ok(0),
         }
     }
 
@@ -322,6 +480,18 @@ impl System {
         self.commands.push(s.command.clone());
         self.watched.push(s.watched());
         self.servers.push(s);
+    }
+
+    /// Bytes its disk takes now, all copies together (see [`Space::taken`]).
+    fn space_taken(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        zones: [Option<&TestZone>; 2],
+    ) -> Result<u64> {
+        self.space
+            .as_ref()
+            .context("no space to measure")?
+            .taken(rt, zones)
     }
 
     /// Whether every server process is still running.
@@ -344,6 +514,82 @@ impl System {
         Ok(())
     }
 }
+
+/// Where a system's disk takes space.
+#[derive(Debug, Clone)]
+enum Space {
+    /// A file: its allocated blocks.
+    File(PathBuf),
+    /// A Tessera datastore's disks (in the base's zone or this build's):
+    /// the bytes their nodes report used, over `copies` copies.
+    Disks {
+        base: bool,
+        disks: Vec<uuid::Uuid>,
+        copies: u32,
+    },
+}
+
+impl Space {
+    /// Copies of what the guest writes.
+    fn copies(&self) -> u32 {
+        match self {
+            Space::File(_) => 1,
+            Space::Disks { copies, .. } => *copies,
+        }
+    }
+
+    /// The bytes taken now, all copies together: a file's allocated blocks
+    /// (`st_blocks` × 512), or the sum of what the zone (`zones[base]`)
+    /// last heard its disks' nodes report used, read until two readings
+    /// [`USED_SETTLE`] apart agree (nodes report with every heartbeat).
+    fn taken(&self, rt: &tokio::runtime::Runtime, zones: [Option<&TestZone>; 2]) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let (zone, disks) = match self {
+            Space::File(path) => {
+                let meta = std::fs::metadata(path)
+                    .with_context(|| format!("reading the size of {}", path.display()))?;
+                return Ok(meta.blocks() * 512);
+            }
+            Space::Disks { base, disks, .. } => {
+                let zone = zones[usize::from(*base)].context("no zone for the datastore")?;
+                (zone, disks)
+            }
+        };
+        let read = || -> Result<u64> {
+            let all = rt
+                .block_on(zone.api.disks())
+                .context("listing the zone's disks")?;
+            disks
+                .iter()
+                .map(|d| {
+                    all.iter()
+                        .find(|x| x.uuid == *d)
+                        .map(|x| x.used)
+                        .with_context(|| format!("disk {d} is not in the zone's list"))
+                })
+                .sum()
+        };
+        let mut last = read()?;
+        for _ in 0..USED_READINGS {
+            std::thread::sleep(USED_SETTLE);
+            let now = read()?;
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+        }
+        bail!(
+            "the used bytes of disks {disks:?} still changed after {USED_READINGS} readings {} ms apart",
+            USED_SETTLE.as_millis()
+        )
+    }
+}
+
+/// How long apart two readings of a zone's disk usage must agree: longer
+/// than two of the nodes' heartbeats (200 ms in a [`TestZone`]).
+const USED_SETTLE: Duration = Duration::from_millis(500);
+/// Readings of a zone's disk usage before giving up on their agreeing.
+const USED_READINGS: usize = 20;
 
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -379,10 +625,23 @@ fn spawn_qsd(work: &Path, id: &str, blockdev: serde_json::Value) -> Result<Serve
     )
 }
 
-/// The limit: a preallocated raw file, buffered or `O_DIRECT` + native AIO.
-fn setup_qsd(sys: &mut System, work: &Path, range: u64, direct: bool) -> Result<()> {
+/// A sparse file of `size` bytes: all of it a hole, nothing allocated.
+fn sparse_file(path: &Path, size: u64) -> Result<()> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .with_context(|| format!("creating {} ({size} bytes, sparse)", path.display()))
+}
+
+/// The limit: a raw file, buffered or `O_DIRECT` + native AIO; preallocated,
+/// or sparse (`--whole`).
+fn setup_qsd(sys: &mut System, work: &Path, size: u64, direct: bool, sparse: bool) -> Result<()> {
     let image = work.join(format!("{}.img", sys.id));
-    preallocated_file(&image, range)?;
+    if sparse {
+        sparse_file(&image, size)?;
+    } else {
+        preallocated_file(&image, size)?;
+    }
+    sys.space = Some(Space::File(image.clone()));
     let mut blockdev = serde_json::json!({
         "driver": "file",
         "node-name": "f0",
@@ -654,19 +913,52 @@ fn prefill(systems: &mut [System], range: u64) -> Result<()> {
     Ok(())
 }
 
-/// A Tessera vDisk `ID/bench` (`ID` = `mN` or `bN`) with `mirrors=N`,
-/// served by its own `tessera vhost serve` (the zone's executable) with one
-/// queue.
+/// 4 KiB writes per second the default node disk of `--whole` has room for:
+/// Tessera at issue 12's target, half of what `qemu-storage-daemon` on a
+/// sparse file reaches at first touch here (81k IOPS on 2 cores; Tessera
+/// mirrors=2 reached 1.1k on 2026-12-01).
+const WHOLE_SIZED_IOPS: f64 = 50_000.0;
+
+/// The default size of the node disk files with `--whole`, when a node may
+/// hold `copies` copies: room for all the writes of `reps` repetitions
+/// (warm-up, first touch and steady) at [`WHOLE_SIZED_IOPS`] to each copy,
+/// and 512 MiB for the format's metadata, rounded up to a GiB.
+fn whole_disk_size(copies: u64, reps: usize, warmup: f64, seconds: f64) -> u64 {
+    let written = reps as f64 * (warmup + 2.0 * seconds) * WHOLE_SIZED_IOPS * 4096.0;
+    (copies * written as u64 + 512 * MIB).div_ceil(GIB) * GIB
+}
+
+/// Bytes of the file system holding `dir` that an unprivileged user may
+/// still take.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", dir.display()))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` has room
+    // for the `statvfs` the call writes.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statvfs {}", dir.display()));
+    }
+    // SAFETY: statvfs returned 0: it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+/// A Tessera vDisk `ID/bench` (`ID` = `mN` or `bN`) of `size` bytes with
+/// `mirrors=N`, served by its own `tessera vhost serve` (the zone's
+/// executable) with one queue.
 fn setup_tessera(
     sys: &mut System,
     rt: &tokio::runtime::Runtime,
     zone: &TestZone,
     mirrors: u32,
-    range: u64,
+    size: u64,
     disk_size: u64,
 ) -> Result<()> {
     let ds = sys.id;
-    rt.block_on(async {
+    let datastore = rt.block_on(async {
         // Placement fixed, the same in every zone: with 2 copies one is on
         // the vhost process's host and one on another host (the zone
         // picks 2 of the 3 disks otherwise, and a base zone whose copies
@@ -676,7 +968,8 @@ fn setup_tessera(
             2 => Some(vec![zone.disk_of_node(0).await, zone.disk_of_node(1).await]),
             _ => None,
         };
-        zone.api
+        let datastore = zone
+            .api
             .create_datastore(&CreateDatastore {
                 name: ds.into(),
                 mirrors,
@@ -685,7 +978,13 @@ fn setup_tessera(
             })
             .await
             .expect("create datastore");
-        zone.vdisk(ds, "bench", range).await;
+        zone.vdisk(ds, "bench", size).await;
+        datastore
+    });
+    sys.space = Some(Space::Disks {
+        base: tessera_system(ds).is_some_and(|(base, _)| base),
+        disks: datastore.disks,
+        copies: mirrors,
     });
     let vhost = zone.spawn_vhost(ds, "bench", 1);
     sys.socket = vhost.socket.clone();
@@ -721,7 +1020,7 @@ fn setup_tessera(
         _ => "the 3 nodes' disks (node 0 on the vhost process's host, nodes 1-2 on other hosts)",
     };
     sys.commands.push(format!(
-        "# datastore {ds}: mirrors={mirrors} over {over}; vDisk {ds}/bench: {range} bytes"
+        "# datastore {ds}: mirrors={mirrors} over {over}; vDisk {ds}/bench: {size} bytes"
     ));
     if tessera_system(ds).is_some_and(|(base, _)| base) {
         sys.commands.push(format!(
@@ -801,6 +1100,12 @@ struct Settings {
     /// What the report calls it (`--base-label`, else its path).
     #[serde(skip_serializing_if = "Option::is_none")]
     base_label: Option<String>,
+    /// `--whole`: the size of every disk, measured over all of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    whole_bytes: Option<u64>,
+    /// The size of the Tessera nodes' disk files, when a zone ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -813,6 +1118,46 @@ struct Report {
     /// Throughput of each `mN` against `bN` (when both ran).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     new_against_base: Vec<AgainstBase>,
+    /// `--whole`: what each system's disk took for the writes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    space: Vec<SpaceUse>,
+}
+
+/// What one system's disk took for the writes of a `--whole` run.
+#[derive(Debug, Clone, Serialize)]
+struct SpaceUse {
+    system: String,
+    /// Copies of what the guest wrote (a file: 1).
+    copies: u32,
+    /// Bytes the guest wrote and saw succeed (see [`guest_wrote`]).
+    written_bytes: u64,
+    /// Bytes the writes took, all copies together; `None`: not counted
+    /// (`error` says why).
+    used_bytes: Option<u64>,
+    /// Used per copy over written (see [`amplification`]).
+    amplification: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Bytes the guest wrote to `system` and saw succeed: the I/Os of its write
+/// runs (warm-ups included, whose writes take space too) less the failed
+/// ones, times their block size. A block written twice counts twice (over a
+/// large disk few are).
+fn guest_wrote(workloads: &[Workload], runs: &[Run], system: &str) -> u64 {
+    runs.iter()
+        .filter(|r| r.system == system && r.error.is_none())
+        .filter_map(|r| {
+            let w = workloads.iter().find(|w| w.name == r.workload && w.write)?;
+            Some(r.ios.saturating_sub(r.io_errors) * w.block_size as u64)
+        })
+        .sum()
+}
+
+/// Space amplification: bytes used per copy over bytes written (1: thin
+/// at the guest's block size; 256: a 1 MiB extent per 4 KiB write).
+fn amplification(used: u64, copies: u32, written: u64) -> Option<f64> {
+    (written > 0 && copies > 0).then(|| used as f64 / f64::from(copies) / written as f64)
 }
 
 /// `mN`'s throughput over `bN`'s in one repetition.
@@ -999,23 +1344,13 @@ fn against_base_section(md: &mut String, rows: &[AgainstBase], workloads: &[Work
     }
 }
 
-fn measure(sys: &mut System, w: &Workload, rep: usize, args: &Args, range: u64) -> Result<Run> {
+/// Runs `job` (workload `w`'s, see [`job`]) on `sys`.
+fn measure(sys: &mut System, w: &Workload, rep: usize, job: &Job) -> Result<Run> {
     sys.check_alive()?;
-    let job = Job {
-        write: w.write,
-        pattern: w.pattern,
-        block_size: w.block_size,
-        depth: w.depth,
-        range,
-        start: 0,
-        warmup: Duration::from_secs_f64(args.warmup),
-        duration: Some(Duration::from_secs_f64(args.seconds)),
-        seed: (rep as u64) << 32 | w.depth as u64,
-    };
     let watched = sys.watched.clone();
     let mut before: Option<Result<CpuSample>> = None;
     let client = sys.client.as_mut().context("not connected")?;
-    let m: Measured = client.run(&job, &mut || before = Some(CpuSample::take(&watched)))?;
+    let m: Measured = client.run(job, &mut || before = Some(CpuSample::take(&watched)))?;
     let after = CpuSample::take(&watched)?;
     let before = before.context("the measurement never started")??;
     let per_proc = before.seconds_until(&after);
@@ -1244,6 +1579,61 @@ fn table(
     }
 }
 
+/// A byte count in GiB, MiB or KiB.
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= GIB as f64 {
+        format!("{:.2} GiB", b / GIB as f64)
+    } else if b >= MIB as f64 {
+        format!("{:.1} MiB", b / MIB as f64)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+/// The "Space" section of a `--whole` report.
+fn space_section(md: &mut String, rows: &[SpaceUse], systems: &[SystemReport]) {
+    let _ = writeln!(md, "\n### Space\n");
+    let _ = writeln!(
+        md,
+        "What each system's disk took for the writes above (every repetition's warm-up, first touch and steady writes): the sparse file's allocated blocks (`st_blocks` × 512), or the bytes Tessera's nodes report used on the datastore's disks (data blocks; the disk format's fixed metadata areas aside), all copies together and per copy. Written: the writes that succeeded × 4 KiB, as the guest sees them. Amplification: used per copy over written (1.00×: thin at 4 KiB).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| system | copies | written | used, all copies | used per copy | amplification |\n|---|---|---|---|---|---|"
+    );
+    for r in rows {
+        let label = systems
+            .iter()
+            .find(|s| s.id == r.system)
+            .map_or(r.system.as_str(), |s| s.label.as_str());
+        let (used, per_copy) = match r.used_bytes {
+            Some(u) => (bytes(u), bytes(u / u64::from(r.copies.max(1)))),
+            None => (
+                format!(
+                    "not counted: {}",
+                    r.error
+                        .as_deref()
+                        .unwrap_or("")
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                ),
+                "–".into(),
+            ),
+        };
+        let amp = r
+            .amplification
+            .map_or_else(|| "–".into(), |a| format!("{a:.2}×"));
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {used} | {per_copy} | {amp} |",
+            r.copies,
+            bytes(r.written_bytes)
+        );
+    }
+}
+
 fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> String {
     let m = &report.machine;
     let s = &report.settings;
@@ -1254,18 +1644,47 @@ fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> Str
         "Machine: {} cores ({}), {:.1} GiB, kernel {}, {}, {}; Tessera {}.\n",
         m.nproc, m.cpu_model, m.memory_gib, m.kernel, m.os, m.qemu, m.tessera_commit
     );
-    let _ = writeln!(
-        md,
-        "`{}` — {} repetitions, interleaved (every workload on every system in turn), {} s measured per run after {} s of warm-up, over the first {} MiB of each disk (written once, 1 MiB sequential, 64 MiB of each system in turn, before anything is measured); one client for all: {}; qemu-nbd reached over {}. Whole run: {:.0} s.\n",
-        s.command,
-        s.reps,
-        s.seconds,
-        s.warmup_s,
-        s.range_bytes / MIB,
-        s.client,
-        if s.nbd_transport == "tcp" { "loopback TCP" } else { "unix sockets" },
-        report.total_seconds
-    );
+    match s.whole_bytes {
+        None => {
+            let _ = writeln!(
+                md,
+                "`{}` — {} repetitions, interleaved (every workload on every system in turn), {} s measured per run after {} s of warm-up, over the first {} MiB of each disk (written once, 1 MiB sequential, 64 MiB of each system in turn, before anything is measured); one client for all: {}; qemu-nbd reached over {}. Whole run: {:.0} s.\n",
+                s.command,
+                s.reps,
+                s.seconds,
+                s.warmup_s,
+                s.range_bytes / MIB,
+                s.client,
+                if s.nbd_transport == "tcp" { "loopback TCP" } else { "unix sockets" },
+                report.total_seconds
+            );
+        }
+        Some(size) => {
+            let nodes = s
+                .node_disk_bytes
+                .map(|d| format!(" on nodes whose disk files are {} each", bytes(d)))
+                .unwrap_or_default();
+            let later = if s.reps > 1 {
+                " Repetitions after the first write to disks the earlier ones wrote to: only the first repetition's first touch is on disks never written."
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                md,
+                "`{}` — {} repetition(s), interleaved (the writes on every system in turn, then the reads), over the whole of each disk: a thin disk of {}, never written before the run (`qsd`: a sparse file; Tessera: a vDisk{nodes}). 4 KiB random writes at QD32 as one load per system: {} s of warm-up (in no table, but counted in what the guest wrote), then {} s measured (first touch) and {} s more (steady), with no pause; then 4 KiB random reads at QD32 over the whole disk ({} s of warm-up, {} s measured; they land mostly on blocks never written).{later} One client for all: {}. Whole run: {:.0} s.\n",
+                s.command,
+                s.reps,
+                bytes(size),
+                s.warmup_s,
+                s.seconds,
+                s.seconds,
+                s.warmup_s,
+                s.seconds,
+                s.client,
+                report.total_seconds
+            );
+        }
+    }
     let others: Vec<f64> = report
         .runs
         .iter()
@@ -1356,6 +1775,9 @@ fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> Str
     if !report.new_against_base.is_empty() {
         against_base_section(&mut md, &report.new_against_base, workloads);
     }
+    if !report.space.is_empty() {
+        space_section(&mut md, &report.space, &report.systems);
+    }
     let _ = writeln!(md, "\n### Systems\n");
     for sys in &report.systems {
         let _ = writeln!(md, "- **{}** (`{}`)", sys.label, sys.id);
@@ -1410,11 +1832,18 @@ fn markdown(report: &Report, workloads: &[Workload], systems: &[&System]) -> Str
 fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let range = parse_size(&args.range)?;
+    let whole = args.whole.as_deref().map(parse_size).transpose()?;
+    // The bytes of each disk the workloads use: the first `--range`, or all
+    // of a `--whole` disk.
+    let (range, range_flag) = match whole {
+        Some(size) => (size, "--whole"),
+        None => (parse_size(&args.range)?, "--range"),
+    };
     if range < MIB || range % MIB != 0 {
-        bail!("--range must be a positive multiple of 1 MiB");
+        bail!("{range_flag} must be a positive multiple of 1 MiB");
     }
-    if args.reps == 0 || args.seconds <= 0.0 {
+    let reps = args.reps.unwrap_or(if whole.is_some() { 1 } else { 3 });
+    if reps == 0 || args.seconds <= 0.0 {
         bail!("--reps and --seconds must be positive");
     }
     let known: Vec<&str> = SYSTEMS.iter().map(|(i, _)| *i).collect();
@@ -1425,6 +1854,9 @@ fn main() -> Result<()> {
         }
         if is_base(o) && args.base_bin.is_none() {
             bail!("{o} is Tessera base: it needs --base-bin PATH (an older tessera executable)");
+        }
+        if whole.is_some() && NOT_WHOLE.contains(&o.as_str()) {
+            bail!("{o} does not run with --whole: its disks are preallocated");
         }
     }
     let base_bin = match &args.base_bin {
@@ -1447,6 +1879,7 @@ fn main() -> Result<()> {
             }
         })
         .filter(|i| *i != "ceph" || args.ceph)
+        .filter(|i| whole.is_none() || !NOT_WHOLE.contains(i))
         .collect();
     if base_bin.is_some() && !selected.iter().any(|i| is_base(i)) {
         eprintln!("blkbench: --base-bin given but no base system (b1, b2, b3) selected");
@@ -1454,7 +1887,9 @@ fn main() -> Result<()> {
     if args.only.iter().any(|o| o == "ceph") && !args.ceph {
         bail!("ceph needs --ceph");
     }
-    let workloads: Vec<Workload> = if args.workloads.is_empty() {
+    let workloads: Vec<Workload> = if whole.is_some() {
+        WHOLE_WORKLOADS.to_vec()
+    } else if args.workloads.is_empty() {
         WORKLOADS.to_vec()
     } else {
         for w in &args.workloads {
@@ -1492,8 +1927,38 @@ fn main() -> Result<()> {
         .iter()
         .any(|i| tessera_system(i).is_some_and(|(base, _)| !base));
     let needs_base_zone = selected.iter().any(|i| is_base(i));
-    // Each node may hold a copy of all three vDisks.
-    let disk = 3 * range + 512 * MIB;
+    let disk = match (&args.disk_size, whole) {
+        (Some(s), _) => parse_size(s)?,
+        // Each node may hold a copy of all three vDisks.
+        (None, None) => 3 * range + 512 * MIB,
+        // Node 0 holds a copy of every vDisk of its zone.
+        (None, Some(_)) => {
+            let in_zone = |base: bool| {
+                selected
+                    .iter()
+                    .filter(|i| tessera_system(i).is_some_and(|(b, _)| b == base))
+                    .count()
+            };
+            let copies = in_zone(false).max(in_zone(true));
+            whole_disk_size(copies as u64, reps, args.warmup, args.seconds)
+        }
+    };
+    if whole.is_some() && (needs_zone || needs_base_zone) {
+        // Preallocated: make sure they fit beside whatever else this
+        // machine is doing.
+        let tmp = std::env::temp_dir();
+        let need = 3 * disk * (u64::from(needs_zone) + u64::from(needs_base_zone));
+        let free = free_bytes(&tmp)?;
+        if need > free {
+            bail!(
+                "the Tessera nodes' disk files take {} ({} each, preallocated) but {} has {} free: pass a smaller --disk-size (writes that find no space fail, counted as I/O errors) or fewer Tessera systems",
+                bytes(need),
+                bytes(disk),
+                tmp.display(),
+                bytes(free)
+            );
+        }
+    }
     // Nodes 1 and 2 stand for nodes on other hosts: TCP, no local session.
     let on_hosts = |mut zone: TestZone| {
         zone.restart_node_on_host(1, "bench-peer-1");
@@ -1550,8 +2015,8 @@ fn main() -> Result<()> {
         }
         let t = Instant::now();
         let r = match sys.id {
-            "qsd" => setup_qsd(sys, &wp, range, false),
-            "qsd-direct" => setup_qsd(sys, &wp, range, true),
+            "qsd" => setup_qsd(sys, &wp, range, false, whole.is_some()),
+            "qsd-direct" => setup_qsd(sys, &wp, range, true, whole.is_some()),
             "quorum" => setup_quorum(sys, &wp, range, &args.nbd_transport),
             "nbd" => setup_nbd(sys, &wp, range, &args.nbd_transport),
             "ceph" => setup_ceph(sys, &wp, ceph.as_ref().context("no ceph")?),
@@ -1583,77 +2048,130 @@ fn main() -> Result<()> {
             }
         }
     }
-    prefill(&mut systems, range)?;
+    if whole.is_none() {
+        prefill(&mut systems, range)?;
+    }
 
-    // The measurement: A B C A B C … A base system runs right after its
-    // new counterpart (m1 b1 m2 b2 …), so that each pair sees the same host,
-    // and right before it in odd repetitions (b1 m1 b2 m2 …).
+    // The measurement: A B C A B C … (each step — a workload, or the phases
+    // of one load — on every system in turn). A base system runs right
+    // after its new counterpart (m1 b1 m2 b2 …), so that each pair sees the
+    // same host, and right before it in odd repetitions (b1 m1 b2 m2 …).
     let ids: Vec<&str> = systems.iter().map(|s| s.id).collect();
+    let zones = [zone.as_ref(), base_zone.as_ref()];
     let mut runs = Vec::new();
-    let total = args.reps * workloads.len() * systems.len();
+    let total = reps * workloads.len() * systems.len();
     let mut done = 0;
-    for rep in 0..args.reps {
+    for rep in 0..reps {
         let order = measurement_order(&ids, rep);
-        for w in &workloads {
+        for step in steps(&workloads) {
+            // `--whole`: what a step's writes take on each disk.
+            let writes = whole.is_some() && step.iter().any(|w| w.write);
             for &i in &order {
                 let sys = &mut systems[i];
-                done += 1;
-                if sys.failed.is_some() {
-                    continue;
-                }
-                match measure(sys, w, rep, &args, range) {
-                    Ok(run) => {
-                        eprintln!(
-                            "[{done}/{total}] rep {rep} {:<18} {:<11} {:>9} IOPS {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs  srv CPU {:>7.1} µs/IO  others {:.2} cores{}",
-                            w.name,
-                            sys.id,
-                            num(run.iops),
-                            run.mib_per_s,
-                            run.latency_us.as_ref().map(|l| l.p50).unwrap_or(f64::NAN),
-                            run.latency_us.as_ref().map(|l| l.p99).unwrap_or(f64::NAN),
-                            run.server_cpu_us_per_io,
-                            run.others_cpu_s / run.seconds.max(1e-9),
-                            if run.io_errors > 0 {
-                                format!("  {} I/O ERRORS", run.io_errors)
-                            } else {
-                                String::new()
-                            }
-                        );
-                        runs.push(run);
+                let before = (writes && sys.failed.is_none() && sys.taken.is_ok())
+                    .then(|| sys.space_taken(&rt, zones));
+                for w in step {
+                    done += 1;
+                    if sys.failed.is_some() {
+                        continue;
                     }
-                    Err(e) => {
-                        eprintln!(
-                            "[{done}/{total}] rep {rep} {} {}: FAILED: {e:#}",
-                            w.name, sys.id
-                        );
-                        runs.push(Run {
-                            system: sys.id.to_string(),
-                            workload: w.name.to_string(),
-                            rep,
-                            error: Some(format!("{e:#}")),
-                            seconds: 0.0,
-                            ios: 0,
-                            bytes: 0,
-                            iops: 0.0,
-                            mib_per_s: 0.0,
-                            latency_us: None,
-                            io_errors: 0,
-                            first_io_error: None,
-                            server_cpu_s: 0.0,
-                            server_cpu_us_per_io: 0.0,
-                            server_cpu_by_process: Vec::new(),
-                            client_cpu_s: 0.0,
-                            client_cpu_us_per_io: 0.0,
-                            others_cpu_s: 0.0,
-                        });
-                        // A stalled or dead server: stop measuring it.
-                        sys.failed = Some(format!("{} rep {rep}: {e:#}", w.name));
-                        sys.client = None;
+                    match measure(sys, w, rep, &job(w, rep, &args, range)) {
+                        Ok(run) => {
+                            eprintln!(
+                                "[{done}/{total}] rep {rep} {:<18} {:<11} {:>9} IOPS {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs  srv CPU {:>7.1} µs/IO  others {:.2} cores{}",
+                                w.name,
+                                sys.id,
+                                num(run.iops),
+                                run.mib_per_s,
+                                run.latency_us.as_ref().map(|l| l.p50).unwrap_or(f64::NAN),
+                                run.latency_us.as_ref().map(|l| l.p99).unwrap_or(f64::NAN),
+                                run.server_cpu_us_per_io,
+                                run.others_cpu_s / run.seconds.max(1e-9),
+                                if run.io_errors > 0 {
+                                    format!("  {} I/O ERRORS", run.io_errors)
+                                } else {
+                                    String::new()
+                                }
+                            );
+                            runs.push(run);
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "[{done}/{total}] rep {rep} {} {}: FAILED: {e:#}",
+                                w.name, sys.id
+                            );
+                            runs.push(Run {
+                                system: sys.id.to_string(),
+                                workload: w.name.to_string(),
+                                rep,
+                                error: Some(format!("{e:#}")),
+                                seconds: 0.0,
+                                ios: 0,
+                                bytes: 0,
+                                iops: 0.0,
+                                mib_per_s: 0.0,
+                                latency_us: None,
+                                io_errors: 0,
+                                first_io_error: None,
+                                server_cpu_s: 0.0,
+                                server_cpu_us_per_io: 0.0,
+                                server_cpu_by_process: Vec::new(),
+                                client_cpu_s: 0.0,
+                                client_cpu_us_per_io: 0.0,
+                                others_cpu_s: 0.0,
+                            });
+                            // A stalled or dead server: stop measuring it.
+                            sys.failed = Some(format!("{} rep {rep}: {e:#}", w.name));
+                            sys.client = None;
+                        }
+                    }
+                }
+                if let Some(before) = before {
+                    let took = match &sys.failed {
+                        Some(f) => Err(anyhow!("its writes failed: {f}")),
+                        None => {
+                            before.and_then(|b| Ok(sys.space_taken(&rt, zones)?.saturating_sub(b)))
+                        }
+                    };
+                    match (took, &mut sys.taken) {
+                        (Ok(t), Ok(sum)) => {
+                            *sum += t;
+                            eprintln!("{}: the writes took {}", sys.id, bytes(t));
+                        }
+                        (Err(e), _) => {
+                            eprintln!("{}: space not counted: {e:#}", sys.id);
+                            sys.taken = Err(format!("{e:#}"));
+                        }
+                        (Ok(_), Err(_)) => {}
                     }
                 }
             }
         }
     }
+    // `--whole`: what each system's writes took against what the guest wrote.
+    let space: Vec<SpaceUse> = systems
+        .iter()
+        .filter(|_| whole.is_some())
+        .filter_map(|s| {
+            let copies = s.space.as_ref()?.copies();
+            let written = guest_wrote(&workloads, &runs, s.id);
+            let used = s.taken.as_ref().ok().copied();
+            Some(SpaceUse {
+                system: s.id.to_string(),
+                copies,
+                written_bytes: written,
+                used_bytes: used,
+                amplification: used.and_then(|u| amplification(u, copies, written)),
+                error: s.taken.clone().err().or_else(|| s.failed.clone()),
+            })
+        })
+        .collect();
+    // The warm-ups are in the JSON, in no table.
+    let shown_workloads: Vec<Workload> = workloads
+        .iter()
+        .copied()
+        .filter(|w| w.phase != Phase::Warmup)
+        .collect();
 
     let command = std::iter::once("target/release/blkbench".to_string())
         .chain(std::env::args().skip(1).map(|a| shell_quote(&a)))
@@ -1662,7 +2180,7 @@ fn main() -> Result<()> {
     let report = Report {
         machine,
         settings: Settings {
-            reps: args.reps,
+            reps,
             seconds: args.seconds,
             warmup_s: args.warmup,
             range_bytes: range,
@@ -1675,6 +2193,8 @@ fn main() -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| b.display().to_string())
             }),
+            whole_bytes: whole,
+            node_disk_bytes: (needs_zone || needs_base_zone).then_some(disk),
         },
         systems: systems
             .iter()
@@ -1688,40 +2208,49 @@ fn main() -> Result<()> {
             })
             .collect(),
         new_against_base: against_base(
-            &workloads,
+            &shown_workloads,
             &systems.iter().map(|s| s.id).collect::<Vec<_>>(),
             &runs,
         ),
+        space,
         runs,
         total_seconds: started.elapsed().as_secs_f64(),
     };
     let shown: Vec<&System> = systems.iter().collect();
-    let md = markdown(&report, &workloads, &shown);
+    let md = markdown(&report, &shown_workloads, &shown);
     std::fs::create_dir_all(&args.out)?;
-    let stamp = utc_now().stamp();
+    let stamp = match whole {
+        Some(_) => format!("whole-{}", utc_now().stamp()),
+        None => utc_now().stamp(),
+    };
     let md_path = args.out.join(format!("blkbench-{stamp}.md"));
     let json_path = args.out.join(format!("blkbench-{stamp}.json"));
     std::fs::write(&md_path, &md)?;
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
-    // An A/B run is not the new baseline: blkbench-latest.md stays.
-    if base_bin.is_none() {
+    // Neither an A/B run nor a whole-disk one is the new baseline of the
+    // workloads blkbench-latest.md has: it stays.
+    let not_latest = match (&base_bin, whole) {
+        (Some(_), _) => Some("an A/B run"),
+        (None, Some(_)) => Some("a --whole run"),
+        (None, None) => None,
+    };
+    if not_latest.is_none() {
         std::fs::write(args.out.join("blkbench-latest.md"), &md)?;
     }
     println!("{md}");
-    if base_bin.is_none() {
-        eprintln!(
+    match not_latest {
+        None => eprintln!(
             "wrote {}, {} and blkbench-latest.md in {:.0} s",
             md_path.display(),
             json_path.display(),
             report.total_seconds
-        );
-    } else {
-        eprintln!(
-            "wrote {} and {} in {:.0} s (an A/B run: blkbench-latest.md left as it was)",
+        ),
+        Some(why) => eprintln!(
+            "wrote {} and {} in {:.0} s ({why}: blkbench-latest.md left as it was)",
             md_path.display(),
             json_path.display(),
             report.total_seconds
-        );
+        ),
     }
 
     // Clients first, then their servers, the zone and Ceph.
@@ -1828,6 +2357,148 @@ mod tests {
         against_base_section(&mut md, &rows, &WORKLOADS);
         assert!(md.contains("| 4k randread QD1 (IOPS) | 1 | 110 | 100 | **1.100×** |"));
         assert!(md.contains("**new +10.0%**"));
+    }
+
+    #[test]
+    fn a_whole_disk_load_runs_its_phases_back_to_back() {
+        let names = |steps: Vec<&[Workload]>| -> Vec<Vec<&str>> {
+            steps
+                .iter()
+                .map(|s| s.iter().map(|w| w.name).collect())
+                .collect()
+        };
+        assert_eq!(
+            names(steps(&WHOLE_WORKLOADS)),
+            [
+                vec![
+                    "4k-randwrite-qd32-whole-warmup",
+                    "4k-randwrite-qd32-whole-first",
+                    "4k-randwrite-qd32-whole-steady"
+                ],
+                vec!["4k-randread-qd32-whole"],
+            ]
+        );
+        assert_eq!(steps(&WORKLOADS).len(), WORKLOADS.len());
+        assert!(steps(&[]).is_empty());
+
+        let args = Args::try_parse_from([
+            "blkbench",
+            "--whole",
+            "1T",
+            "--seconds",
+            "3",
+            "--warmup",
+            "0.5",
+        ])
+        .unwrap();
+        let jobs: Vec<Job> = WHOLE_WORKLOADS
+            .iter()
+            .map(|w| job(w, 0, &args, 1 << 40))
+            .collect();
+        let secs = |d: Option<Duration>| d.unwrap().as_secs_f64();
+        assert_eq!(
+            (jobs[0].warmup, secs(jobs[0].duration)),
+            (Duration::ZERO, 0.5)
+        );
+        assert_eq!(
+            (jobs[1].warmup, secs(jobs[1].duration)),
+            (Duration::ZERO, 3.0)
+        );
+        assert_eq!(
+            (jobs[2].warmup, secs(jobs[2].duration)),
+            (Duration::ZERO, 3.0)
+        );
+        assert_eq!(jobs[3].warmup, Duration::from_millis(500));
+        assert!(jobs.iter().all(|j| j.range == 1 << 40 && j.start == 0));
+        // Every phase draws its own offsets, in every repetition.
+        let mut seeds: Vec<u64> = (0..3)
+            .flat_map(|rep| WHOLE_WORKLOADS.iter().map(move |w| seed(w, rep)))
+            .collect();
+        seeds.sort();
+        seeds.dedup();
+        assert_eq!(seeds.len(), 3 * WHOLE_WORKLOADS.len());
+        // The other workloads keep the seeds of earlier results.
+        for w in &WORKLOADS {
+            assert_eq!(seed(w, 2), 2 << 32 | w.depth as u64);
+        }
+    }
+
+    #[test]
+    fn whole_conflicts_with_the_options_it_replaces() {
+        for extra in [["--range", "2G"], ["--workloads", "4k-randread-qd1"]] {
+            let mut argv = vec!["blkbench", "--whole", "1T"];
+            argv.extend(extra);
+            assert!(Args::try_parse_from(argv).is_err(), "{extra:?}");
+        }
+        assert!(Args::try_parse_from(["blkbench", "--whole", "1T", "--ceph"]).is_err());
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+    }
+
+    #[test]
+    fn space_amplification_counts_what_the_guest_saw_written() {
+        let mut runs = vec![
+            run("m2", 0, 100.0),
+            run("m2", 0, 1000.0),
+            run("m2", 0, 900.0),
+            run("m2", 0, 5000.0),
+            run("qsd", 0, 2000.0),
+        ];
+        for (r, w) in runs.iter_mut().zip(WHOLE_WORKLOADS.iter().cycle()) {
+            r.workload = w.name.into();
+        }
+        runs[4].workload = WHOLE_WORKLOADS[1].name.into();
+        // Ten writes failed: the guest saw them fail, they took no space.
+        runs[2].io_errors = 10;
+        // Reads write nothing.
+        assert_eq!(guest_wrote(&WHOLE_WORKLOADS, &runs, "m2"), 1990 * 4096);
+        assert_eq!(guest_wrote(&WHOLE_WORKLOADS, &runs, "qsd"), 2000 * 4096);
+        assert_eq!(guest_wrote(&WHOLE_WORKLOADS, &runs, "m3"), 0);
+        // Two copies of 1 MiB per 4 KiB written: 256× per copy.
+        let amp = amplification(2 * 1990 * MIB, 2, 1990 * 4096).unwrap();
+        assert!((amp - 256.0).abs() < 1e-9);
+        assert_eq!(amplification(4096, 1, 0), None);
+
+        let rows = [
+            SpaceUse {
+                system: "m2".into(),
+                copies: 2,
+                written_bytes: GIB,
+                used_bytes: Some(2 * GIB + 2 * 100 * MIB),
+                amplification: amplification(2 * GIB + 2 * 100 * MIB, 2, GIB),
+                error: None,
+            },
+            SpaceUse {
+                system: "qsd".into(),
+                copies: 1,
+                written_bytes: 8 * 1024,
+                used_bytes: None,
+                amplification: None,
+                error: Some("listing the zone's disks\nmore".into()),
+            },
+        ];
+        let systems = [SystemReport {
+            id: "m2".into(),
+            label: "Tessera mirrors=2".into(),
+            commands: Vec::new(),
+            watched: Vec::new(),
+            prefill_mib_per_s: None,
+            failed: None,
+        }];
+        let mut md = String::new();
+        space_section(&mut md, &rows, &systems);
+        assert!(md.contains("| Tessera mirrors=2 | 2 | 1.00 GiB | 2.20 GiB | 1.10 GiB | 1.10× |"));
+        assert!(md.contains("| qsd | 1 | 8 KiB | not counted: listing the zone's disks | – | – |"));
+    }
+
+    #[test]
+    fn whole_node_disks_hold_every_copy_of_the_writes() {
+        // 1 repetition of 0.5 + 2 × 3 s at 50k IOPS: 1.24 GiB a copy.
+        assert_eq!(whole_disk_size(1, 1, 0.5, 3.0), 2 * GIB);
+        assert_eq!(whole_disk_size(3, 1, 0.5, 3.0), 5 * GIB);
+        assert_eq!(whole_disk_size(0, 3, 0.5, 5.0), GIB);
+        assert_eq!(bytes(1536 * MIB), "1.50 GiB");
+        assert_eq!(bytes(3 * MIB / 2), "1.5 MiB");
+        assert_eq!(bytes(4096), "4 KiB");
     }
 
     #[test]
