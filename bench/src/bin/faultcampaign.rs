@@ -2777,6 +2777,19 @@ fn prefill(sh: &Shared, socket: &Path) -> Result<()> {
 
 // ---------------------------------------------------------------- report
 
+/// Writes the report to `path` (and `latest`, if given), creating the
+/// directory if need be.
+fn write_report(path: &Path, latest: Option<&Path>, md: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    std::fs::write(path, md).with_context(|| format!("write {}", path.display()))?;
+    if let Some(l) = latest {
+        std::fs::write(l, md).with_context(|| format!("write {}", l.display()))?;
+    }
+    Ok(())
+}
+
 fn report(args: &Args, outcomes: &[Outcome], wall: f64, command: &str) -> String {
     let mut md = String::new();
     let machine = Machine::probe();
@@ -2947,6 +2960,16 @@ fn main() -> Result<()> {
     } else {
         &seeds[..]
     };
+    let (path, latest) = match &args.out {
+        Some(p) => (p.clone(), None),
+        None => {
+            let dir = PathBuf::from("bench/results");
+            (
+                dir.join(format!("faultcampaign-{}.md", utc_now().stamp())),
+                Some(dir.join("faultcampaign-latest.md")),
+            )
+        }
+    };
     let mut outcomes = Vec::new();
     for (i, seed) in seeds.iter().enumerate() {
         if let Some(d) = args.duration {
@@ -2978,29 +3001,17 @@ fn main() -> Result<()> {
             continue;
         }
         outcomes.push(run_schedule(&args, plan, i + 1));
+        // After every schedule: a run that is stopped (or whose machine
+        // goes away) keeps the report of what it ran.
+        let md = report(&args, &outcomes, started.elapsed().as_secs_f64(), &command);
+        write_report(&path, latest.as_deref(), &md)?;
     }
     if args.dry_run {
         return Ok(());
     }
     let wall = started.elapsed().as_secs_f64();
     let md = report(&args, &outcomes, wall, &command);
-    let (path, latest) = match &args.out {
-        Some(p) => (p.clone(), None),
-        None => {
-            let dir = PathBuf::from("bench/results");
-            (
-                dir.join(format!("faultcampaign-{}.md", utc_now().stamp())),
-                Some(dir.join("faultcampaign-latest.md")),
-            )
-        }
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&path, &md)?;
-    if let Some(l) = latest {
-        std::fs::write(l, &md)?;
-    }
+    write_report(&path, latest.as_deref(), &md)?;
     let violations: u64 = outcomes.iter().map(|o| o.total).sum();
     let mut by_kind: BTreeMap<String, usize> = BTreeMap::new();
     for o in &outcomes {
