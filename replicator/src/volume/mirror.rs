@@ -313,7 +313,24 @@ impl Mirror {
         let layout = v.layout();
         let copies = layout.group(p.chunk);
         let Some(source) = copies.iter().position(|c| c.disk == full) else {
-            return err;
+            // The full copy left the placement while the mutation was in
+            // flight (a move off it finished): there is nothing to roll back
+            // to, and the holders keep it (it failed for the guest, which may
+            // then read either content). Copies that failed with it in flight
+            // are dirty for the chunk, and so is every other copy of the
+            // group that does not hold it (a stale one was no target):
+            // simulation seed 117778 on 4 nodes, where a stale copy resynced
+            // without the chunk and a move then filled from it.
+            missed.extend(
+                copies
+                    .iter()
+                    .filter(|c| !holders.contains(&c.disk))
+                    .map(|c| (c.disk, p.chunk)),
+            );
+            return match v.record_dirty(&missed).await {
+                Ok(()) => err,
+                Err(e) => e,
+            };
         };
         let mut old = vec![0u8; p.len as usize];
         let read = self
