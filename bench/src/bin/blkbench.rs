@@ -1075,6 +1075,33 @@ struct Run {
     others_cpu_s: f64,
 }
 
+impl Run {
+    /// A run of `workload` on `system` that measured nothing (the base
+    /// of a failed run's record).
+    fn nothing(system: &str, workload: &str, rep: usize) -> Run {
+        Run {
+            system: system.to_string(),
+            workload: workload.to_string(),
+            rep,
+            error: None,
+            seconds: 0.0,
+            ios: 0,
+            bytes: 0,
+            iops: 0.0,
+            mib_per_s: 0.0,
+            latency_us: None,
+            io_errors: 0,
+            first_io_error: None,
+            server_cpu_s: 0.0,
+            server_cpu_us_per_io: 0.0,
+            server_cpu_by_process: Vec::new(),
+            client_cpu_s: 0.0,
+            client_cpu_us_per_io: 0.0,
+            others_cpu_s: 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct SystemReport {
     id: String,
@@ -2101,24 +2128,8 @@ fn main() -> Result<()> {
                                 w.name, sys.id
                             );
                             runs.push(Run {
-                                system: sys.id.to_string(),
-                                workload: w.name.to_string(),
-                                rep,
                                 error: Some(format!("{e:#}")),
-                                seconds: 0.0,
-                                ios: 0,
-                                bytes: 0,
-                                iops: 0.0,
-                                mib_per_s: 0.0,
-                                latency_us: None,
-                                io_errors: 0,
-                                first_io_error: None,
-                                server_cpu_s: 0.0,
-                                server_cpu_us_per_io: 0.0,
-                                server_cpu_by_process: Vec::new(),
-                                client_cpu_s: 0.0,
-                                client_cpu_us_per_io: 0.0,
-                                others_cpu_s: 0.0,
+                                ..Run::nothing(sys.id, w.name, rep)
                             });
                             // A stalled or dead server: stop measuring it.
                             sys.failed = Some(format!("{} rep {rep}: {e:#}", w.name));
@@ -2307,24 +2318,10 @@ mod tests {
 
     fn run(system: &str, rep: usize, iops: f64) -> Run {
         Run {
-            system: system.into(),
-            workload: "4k-randread-qd1".into(),
-            rep,
-            error: None,
             seconds: 1.0,
             ios: iops as u64,
-            bytes: 0,
             iops,
-            mib_per_s: 0.0,
-            latency_us: None,
-            io_errors: 0,
-            first_io_error: None,
-            server_cpu_s: 0.0,
-            server_cpu_us_per_io: 0.0,
-            server_cpu_by_process: Vec::new(),
-            client_cpu_s: 0.0,
-            client_cpu_us_per_io: 0.0,
-            others_cpu_s: 0.0,
+            ..Run::nothing(system, "4k-randread-qd1", rep)
         }
     }
 
