@@ -9,10 +9,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{copy_node, each_copy, healed, read, sleep, what, whats, writes, BLOCK};
+use common::{
+    copy_node, differing, each_copy, healed, healthy, read, simulate, sleep, what, whats, writes,
+    BLOCK,
+};
 use tessera_replicator::{Volume, VolumeError};
-use tessera_sim::harness::{block, run, Cluster, Shape};
+use tessera_sim::harness::{block, drain, run, Cluster, Shape};
 use tessera_sim::node::Rule;
+use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 
 /// No copy failed and the zone lists none stale.
 async fn all_current(c: &Cluster, v: &Volume) {
@@ -221,6 +225,137 @@ fn a_copy_that_failed_with_a_write_no_space_refused_is_resynced_for_it() {
         assert_eq!(
             whats(&each_copy(&v, c.offset(4, 3)).await),
             ["write 1", "write 1"]
+        );
+    });
+}
+
+/// Seed 117778 on 4 nodes: a write in flight to the copy a move is taking
+/// away, whose disk is full, is refused for space only after the writer
+/// adopted the placement without that copy. Nothing is left to roll the
+/// write back to; the rule proven here is that every copy of the group
+/// that does not hold it is then recorded dirty for the chunk (`missed`
+/// in `undo_no_space`), so that healing makes the copies agree.
+///
+/// Three nodes, mirrors=2: the group is [S, X], T the third disk. X's
+/// node dies and write 2 leaves X stale, dirty for chunk 0 only. S is
+/// drained: the writer fills T from S, and its call recording T complete
+/// is held by the zone (every stripe of the writer held back meanwhile).
+/// S's disk fills up, and write 3, into a chunk nothing holds yet, starts
+/// on that layout; S's node holds it. The call goes through: T becomes
+/// current and takes write 3, the zone finishes the move, and the writer
+/// adopts the placement [X, T]. Then S refuses write 3 for space: it fails
+/// for the guest, T keeps it, and X, a stale copy that was never sent it,
+/// must be dirty for its chunk. X's node comes back, resync heals it, and
+/// X and T must then hold the same (and the guest read the same from
+/// either).
+///
+/// Fails if the full copy having left the placement records nothing (the
+/// `missed.extend(..)` of 8e8aa7d removed, or `return err` as before it):
+/// X resyncs chunk 0 only, keeps zeros where T holds write 3, and the
+/// copies differ in chunk 5.
+#[test]
+fn a_write_refused_for_space_by_a_copy_that_left_the_placement_leaves_no_copy_unrecorded() {
+    simulate(|| async {
+        let c = Cluster::new(Shape {
+            nodes: 3,
+            ..Shape::default()
+        })
+        .await;
+        let (s, x) = {
+            let group = &c.groups().await[0];
+            (group[0], group[1])
+        };
+        let t = *c
+            .disks
+            .iter()
+            .find(|d| ![s, x].contains(d))
+            .expect("a disk outside the group");
+        let fresh: u64 = 5;
+        let v = c.open(false).await;
+        v.write(c.offset(0, 0), &block(1)).await.expect("write 1");
+        v.flush().await.expect("flush");
+
+        // X's node dies: X is stale, dirty for chunk 0 only.
+        c.node_of(x).crash();
+        v.write(c.offset(0, 0), &block(2)).await.expect("write 2");
+        v.flush().await.expect("flush");
+        assert_eq!(c.stale(x).await, (true, vec![0]), "X stale for chunk 0");
+
+        // The writer's call recording T complete is held.
+        let complete = c.zone.add_rule(ZoneRule {
+            matches: Box::new(|call| matches!(call, ZoneCall::MarkClean(m) if m.complete)),
+            action: ZoneAction::Hold,
+            times: None,
+        });
+        let planned = drain(&c.zone.service, s).await;
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert_eq!((planned[0].mv.from, planned[0].mv.to), (s, t));
+        assert!(
+            c.until(Duration::from_secs(10), || c.zone.held(complete) == 1)
+                .await,
+            "the writer filled T"
+        );
+        let before = v.placement_version();
+
+        // Write 3 starts on the layout with S; S is full and holds it.
+        let sn = c.node_of(s).clone();
+        sn.set_full(s, true);
+        let hold = sn.add_rule_times(Rule::Hold(writes(s, fresh)), Some(1));
+        let w = tokio::spawn({
+            let v = v.clone();
+            let at = c.offset(fresh, 0);
+            async move { v.write(at, &block(3)).await }
+        });
+        sleep(50).await;
+        assert!(!w.is_finished(), "write 3 waits for the move's completion");
+
+        // The move finishes; the writer adopts the placement without S
+        // while S still holds write 3.
+        c.zone.release(complete);
+        assert!(
+            c.until(Duration::from_millis(500), || sn.held() == 1
+                && v.placement_version() > before)
+                .await,
+            "S holds write 3 and the writer adopted the finished move"
+        );
+        let group = c.groups().await[0].clone();
+        assert!(
+            group.len() == 2 && group.contains(&x) && group.contains(&t),
+            "the move finished: {group:?}"
+        );
+        let on_t = c.node_of(t).peek(t, c.vdisk, fresh).expect("T's chunk");
+        assert_eq!(what(&on_t[..BLOCK]), "write 3", "T took write 3");
+        sn.release(hold);
+        let r = w.await.expect("the writer task");
+        assert!(is_no_space(&r), "S had no space for write 3: {r:?}");
+        let (_, x_dirty) = c.stale(x).await;
+
+        // X comes back and is resynced.
+        c.node_of(x).restart();
+        assert!(
+            healthy(&c, &v, Duration::from_secs(30)).await,
+            "the vDisk did not become healthy"
+        );
+        let differ = differing(&c, x, t);
+        assert!(
+            differ.is_empty(),
+            "X and T differ in chunks {differ:?} after healing (X was dirty for {x_dirty:?} \
+             after write 3 failed)"
+        );
+        assert!(
+            x_dirty.contains(&fresh),
+            "X, which never got write 3, is not dirty for chunk {fresh}: {x_dirty:?}"
+        );
+        let copies = whats(&each_copy(&v, c.offset(fresh, 0)).await);
+        assert_eq!(copies[0], copies[1], "the copies differ");
+        assert_eq!(
+            what(&read(&v, c.offset(fresh, 0)).await.expect("read")),
+            copies[0],
+            "the guest reads what both copies hold"
+        );
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(0, 0)).await),
+            ["write 2", "write 2"]
         );
     });
 }
