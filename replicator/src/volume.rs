@@ -362,6 +362,18 @@ impl Volume {
             .all(|(_, _, st)| st.get() == CopyHealth::Current)
     }
 
+    /// Whether every placement group has the policy's minimum of current
+    /// copies: writes and flushes can complete without waiting.
+    pub fn writable(&self) -> bool {
+        self.inner.layout().groups.iter().all(|group| {
+            group
+                .iter()
+                .filter(|c| c.health() == CopyHealth::Current)
+                .count()
+                >= self.inner.min_copies
+        })
+    }
+
     /// Whether every copy of the placement is current, copies being filled
     /// for a move aside (they are not current until the move finishes).
     pub fn members_current(&self) -> bool {

@@ -676,8 +676,21 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
             }
         }
         // Writes need `min_copies` current copies per group: with more
-        // nodes out than that allows, they may fail (excused).
-        let out_now = faulty.len() > availability_tolerance;
+        // nodes out than that allows, they may fail (excused) — and until
+        // the volume has that many current copies in every group again,
+        // since a node whose fault ended has stale copies until resync
+        // (or a rebuild) makes them current (seed 2325 on 5 nodes with
+        // mirrors=3: a freeze and a power loss at once; once the freeze
+        // ended, one node was out, but the group still had one current
+        // copy until the frozen node's copy was rebuilt elsewhere).
+        let recovering = *world.unavailable.lock().expect("poisoned")
+            && world
+                .volume
+                .lock()
+                .expect("poisoned")
+                .as_ref()
+                .is_some_and(|v| !v.writable());
+        let out_now = faulty.len() > availability_tolerance || recovering;
         if out_now != *world.unavailable.lock().expect("poisoned") {
             *world.unavailable.lock().expect("poisoned") = out_now;
             world.excuse_now();
