@@ -325,14 +325,29 @@ impl TestZone {
     pub async fn wait_nodes_up(&mut self, n: usize) {
         let start = Instant::now();
         loop {
+            let mut rebind = Vec::new();
             for node in &mut self.nodes {
                 if let Some(c) = node.child.as_mut() {
                     if let Ok(Some(status)) = c.try_wait() {
                         let log =
                             std::fs::read_to_string(node.dir.join("node.log")).unwrap_or_default();
+                        // The port `free_port` found was taken by another
+                        // process before the node bound it (tests run side
+                        // by side): the node starts again on another one.
+                        let taken =
+                            format!("cannot listen on {}: Address already in use", node.listen);
+                        if log.contains(&taken) {
+                            node.child = None;
+                            node.listen = free_port();
+                            rebind.push(node.index);
+                            continue;
+                        }
                         panic!("node {} exited ({status}):\n{log}", node.index);
                     }
                 }
+            }
+            for i in rebind {
+                self.start_node(i);
             }
             // A node killed a moment ago may still count as up in the zone
             // until its liveness expires: also wait for every running node
