@@ -22,8 +22,7 @@ mod common;
 use std::time::Duration;
 
 use common::{read, sleep, what};
-use tessera_sim::harness::{block, drain, run, Cluster, Shape};
-use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
+use tessera_sim::harness::{block, run, Cluster, Shape};
 
 /// Three nodes, mirrors=2: the group is [S, X], T the third disk. X's node
 /// dies and write 2 is acknowledged by S alone (X stale). S is drained:
@@ -63,21 +62,8 @@ fn a_read_no_copy_could_serve_reads_again_once_a_moves_target_became_current() {
         v.flush().await.expect("flush");
         assert!(c.stale(x).await.0, "X is stale");
 
-        // The writer's call recording T complete is held.
-        let complete = c.zone.add_rule(ZoneRule {
-            matches: Box::new(|call| matches!(call, ZoneCall::MarkClean(m) if m.complete)),
-            action: ZoneAction::Hold,
-            times: None,
-        });
-        let planned = drain(&c.zone.service, s).await;
-        assert_eq!(planned.len(), 1, "{planned:?}");
-        assert_eq!((planned[0].mv.from, planned[0].mv.to), (s, t));
-        // The writer adopts the move at its next renewal and fills T from S.
-        assert!(
-            c.until(Duration::from_secs(10), || c.zone.held(complete) == 1)
-                .await,
-            "the writer filled T"
-        );
+        // The writer's call recording T complete is held once it filled T.
+        let complete = common::drain_held_at_completion(&c, s, t).await;
         assert!(
             c.node_of(t).peek(t, c.vdisk, 0).expect("T holds chunk 0")[..common::BLOCK]
                 == block(2)[..],

@@ -14,9 +14,8 @@ use common::{
     BLOCK,
 };
 use tessera_replicator::{Volume, VolumeError};
-use tessera_sim::harness::{block, drain, run, Cluster, Shape};
+use tessera_sim::harness::{block, run, Cluster, Shape};
 use tessera_sim::node::Rule;
-use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 
 /// No copy failed and the zone lists none stale.
 async fn all_current(c: &Cluster, v: &Volume) {
@@ -281,20 +280,8 @@ fn a_write_refused_for_space_by_a_copy_that_left_the_placement_leaves_no_copy_un
         v.flush().await.expect("flush");
         assert_eq!(c.stale(x).await, (true, vec![0]), "X stale for chunk 0");
 
-        // The writer's call recording T complete is held.
-        let complete = c.zone.add_rule(ZoneRule {
-            matches: Box::new(|call| matches!(call, ZoneCall::MarkClean(m) if m.complete)),
-            action: ZoneAction::Hold,
-            times: None,
-        });
-        let planned = drain(&c.zone.service, s).await;
-        assert_eq!(planned.len(), 1, "{planned:?}");
-        assert_eq!((planned[0].mv.from, planned[0].mv.to), (s, t));
-        assert!(
-            c.until(Duration::from_secs(10), || c.zone.held(complete) == 1)
-                .await,
-            "the writer filled T"
-        );
+        // The writer's call recording T complete is held once it filled T.
+        let complete = common::drain_held_at_completion(&c, s, t).await;
         let before = v.placement_version();
 
         // Write 3 starts on the layout with S; S is full and holds it.

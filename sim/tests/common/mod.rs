@@ -213,3 +213,26 @@ pub async fn writer_dies(v: Volume, tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
     drop(v);
 }
+
+/// Drains disk `s` (its copy moves to `t`) with the writer's call that
+/// records `t` complete held by the zone, and waits until the writer has
+/// filled `t` and made that call. Returns the zone rule to release.
+pub async fn drain_held_at_completion(c: &Cluster, s: Uuid, t: Uuid) -> u64 {
+    use tessera_sim::harness::drain;
+    use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
+    let complete = c.zone.add_rule(ZoneRule {
+        matches: Box::new(|call| matches!(call, ZoneCall::MarkClean(m) if m.complete)),
+        action: ZoneAction::Hold,
+        times: None,
+    });
+    let planned = drain(&c.zone.service, s).await;
+    assert_eq!(planned.len(), 1, "{planned:?}");
+    assert_eq!((planned[0].mv.from, planned[0].mv.to), (s, t));
+    // The writer adopts the move at its next renewal and fills T from S.
+    assert!(
+        c.until(Duration::from_secs(10), || c.zone.held(complete) == 1)
+            .await,
+        "the writer filled T"
+    );
+    complete
+}
