@@ -36,6 +36,10 @@ pub struct Config {
     pub seconds: u64,
     /// Requests the workload keeps in flight.
     pub depth: usize,
+    /// Simulated time a schedule may take beyond `seconds`. One that runs
+    /// past it has a request, a repair or a close that never completes: a
+    /// hang is a violation with its seed, not an endless run.
+    pub finish_within: Duration,
 }
 
 impl Default for Config {
@@ -48,6 +52,7 @@ impl Default for Config {
             chunk_size: 64 << 10,
             seconds: 20,
             depth: 4,
+            finish_within: Duration::from_secs(3600),
         }
     }
 }
@@ -251,7 +256,20 @@ pub fn run(seed: u64, cfg: &Config) -> Outcome {
         .start_paused(true)
         .build()
         .expect("a runtime");
-    rt.block_on(schedule(seed, cfg.clone()))
+    let limit = Duration::from_secs(cfg.seconds) + cfg.finish_within;
+    rt.block_on(async {
+        match tokio::time::timeout(limit, schedule(seed, cfg.clone())).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome {
+                seed,
+                violations: vec![format!(
+                    "the schedule did not finish within {} simulated seconds: a request, a repair or a close never completed",
+                    limit.as_secs()
+                )],
+                ..Outcome::default()
+            },
+        }
+    })
 }
 
 async fn schedule(seed: u64, cfg: Config) -> Outcome {

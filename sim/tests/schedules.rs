@@ -98,3 +98,38 @@ fn a_seed_replays_the_same_schedule() {
         );
     }
 }
+
+/// A schedule that does not finish within its bound of simulated time is
+/// a violation with its seed (a request, a repair or a close that hangs),
+/// not a run that never ends: here the bound is shorter than the workload
+/// itself.
+///
+/// Fails if `run` waits for the schedule without a bound.
+#[test]
+fn a_schedule_past_its_bound_is_a_violation() {
+    let cfg = Config {
+        nodes: 4,
+        seconds: 5,
+        finish_within: std::time::Duration::ZERO,
+        ..Config::default()
+    };
+    let o = run(7, &cfg);
+    assert_eq!(o.seed, 7);
+    assert!(
+        o.violations
+            .iter()
+            .any(|v| v.contains("did not finish within 5 simulated seconds")),
+        "{:?}",
+        o.violations
+    );
+    // The default bound is far above what a schedule takes.
+    let o = run(
+        7,
+        &Config {
+            nodes: 4,
+            seconds: 5,
+            ..Config::default()
+        },
+    );
+    assert!(o.violations.is_empty(), "{:?}", o.violations);
+}
