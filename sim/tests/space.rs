@@ -346,3 +346,110 @@ fn a_write_refused_for_space_by_a_copy_that_left_the_placement_leaves_no_copy_un
         );
     });
 }
+
+/// Seeds 609276 and 894820 on 4 nodes: a write that a full copy refused
+/// lets go of its stripe lock before it rolls back the copies that took
+/// it; resync, filling a drain's target, copies the chunk from a copy
+/// that took the write in between. The rollback must reach that target
+/// too (`undo_no_space` rolls back every copy that may hold what a
+/// holder holds), or the target keeps a write the guest was told failed.
+///
+/// Three nodes, mirrors=2: the group is [S, X], T the third disk. X's disk
+/// fills up and X is drained to T; resync of T is held at chunk 4. Write 2
+/// into chunk 5 reaches S (held there) and X refuses it for space. Resync
+/// moves on to chunk 5 and waits for the stripe; S answers write 2, the
+/// write fails, and resync copies chunk 5 from S before the rollback runs.
+///
+/// Fails if only the copies that answered the write are rolled back (the
+/// `holders.contains` filter alone): T keeps write 2 in chunk 5 while S
+/// reads zeros there, and once the move finishes the copies differ.
+#[test]
+fn a_failed_write_resync_copied_to_a_moves_target_is_rolled_back_there_too() {
+    simulate(|| async {
+        let c = Cluster::new(Shape {
+            nodes: 3,
+            ..Shape::default()
+        })
+        .await;
+        let (s, x) = {
+            let group = &c.groups().await[0];
+            (group[0], group[1])
+        };
+        let t = *c
+            .disks
+            .iter()
+            .find(|d| ![s, x].contains(d))
+            .expect("a disk outside the group");
+        let (sn, xn, tn) = (
+            c.node_of(s).clone(),
+            c.node_of(x).clone(),
+            c.node_of(t).clone(),
+        );
+        let v = c.open(false).await;
+        for chunk in [4, 5] {
+            v.write(c.offset(chunk, 0), &block(1))
+                .await
+                .expect("write 1");
+        }
+        v.flush().await.expect("flush");
+
+        // X fills up and is drained to T; resync of T stops at chunk 4.
+        xn.set_full(x, true);
+        let resync_at_4 = tn.add_rule_times(Rule::Hold(writes(t, 4)), Some(1));
+        let planned = tessera_sim::harness::drain(&c.zone.service, x).await;
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert!(
+            c.until(Duration::from_secs(10), || tn.held() == 1).await,
+            "resync of T reached chunk 4"
+        );
+
+        // Write 2 (a block X does not hold) waits at S; X refuses it.
+        let at_s = sn.add_rule_times(Rule::Hold(common::small_writes(s, 5)), Some(1));
+        let w = tokio::spawn({
+            let v = v.clone();
+            let at = c.offset(5, 1);
+            async move { v.write(at, &block(2)).await }
+        });
+        assert!(
+            c.until(Duration::from_millis(500), || sn.held() == 1).await,
+            "write 2 waits at S"
+        );
+        // Resync goes on to chunk 5 and waits for its stripe.
+        tn.release(resync_at_4);
+        sleep(50).await;
+        assert!(!w.is_finished(), "write 2 still waits at S");
+        sn.release(at_s);
+        let r = w.await.expect("the writer task");
+        assert!(is_no_space(&r), "X had no space for write 2: {r:?}");
+
+        // The move finishes once T is filled; X leaves the group.
+        xn.set_full(x, false);
+        assert!(
+            healthy(&c, &v, Duration::from_secs(30)).await,
+            "the vDisk did not become healthy"
+        );
+        let group = c.groups().await[0].clone();
+        assert!(
+            group.len() == 2 && group.contains(&s) && group.contains(&t),
+            "the move finished: {group:?}"
+        );
+        let differ = differing(&c, s, t);
+        assert!(
+            differ.is_empty(),
+            "S and T differ in chunks {differ:?}: T kept a write that failed"
+        );
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(5, 1)).await),
+            ["zeros", "zeros"],
+            "write 2 failed: no copy holds it"
+        );
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(5, 0)).await),
+            ["write 1", "write 1"]
+        );
+        assert_eq!(
+            what(&read(&v, c.offset(5, 1)).await.expect("read")),
+            "zeros"
+        );
+    });
+}

@@ -336,10 +336,27 @@ impl Mirror {
         let read = self
             .read_piece(v, links, p, &mut [&mut old[..]], Some(source))
             .await;
+        // Rolled back: the holders, and every other copy that may hold what
+        // a holder holds. The stripe lock was let go between the mutation
+        // and here, so resync may have copied the chunk from a holder to a
+        // copy it is filling (simulation seed 609276 on 4 nodes: a drain's
+        // target took the failed write that way and kept it). A current
+        // copy, or a resyncing one the chunk is not dirty for, reads as the
+        // full copy does once it gets the full copy's content.
         let targets: SmallVec<[&CopySlot; INLINE_COPIES]> = match read {
             Ok(()) => copies
                 .iter()
-                .filter(|c| holders.contains(&c.disk))
+                .enumerate()
+                .filter(|&(i, c)| {
+                    i != source
+                        && (holders.contains(&c.disk)
+                            || match c.health() {
+                                CopyHealth::Current => true,
+                                CopyHealth::Syncing => !v.is_dirty(c.disk, p.chunk),
+                                _ => false,
+                            })
+                })
+                .map(|(_, c)| c)
                 .collect(),
             Err(e @ VolumeError::Fenced { .. }) => return e,
             Err(e) => {
