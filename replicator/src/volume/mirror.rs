@@ -206,9 +206,9 @@ impl Mirror {
                     continue;
                 }
             }
-            if let Some(&disk) = full.first() {
+            if !full.is_empty() {
                 drop(exclusion.take());
-                return Err(Box::pin(self.undo_no_space(v, links, fork, p, &tracker, disk)).await);
+                return Err(Box::pin(self.undo_no_space(v, links, fork, p, &tracker, &full)).await);
             }
             if resend {
                 overtaken += 1;
@@ -275,7 +275,7 @@ impl Mirror {
         v.record_dirty(&missed).await
     }
 
-    /// A current copy (on `full`) had no space for a mutation of `p`: the
+    /// Current copies (on the disks `full`) had no space for a mutation of `p`: the
     /// mutation fails, and no copy goes stale for it. Copies that took it
     /// get back what the full copy holds there — they hold those blocks
     /// already, so that needs no space; zeros are discarded, giving back
@@ -291,10 +291,10 @@ impl Mirror {
         fork: &ForkState,
         p: Piece,
         tracker: &WriteTracker,
-        full: Uuid,
+        full: &[Uuid],
     ) -> VolumeError {
         let err = VolumeError::NoSpace {
-            disk: full,
+            disk: full[0],
             chunk: p.chunk,
         };
         // A copy that failed with it in flight may still take it (a request
@@ -312,8 +312,15 @@ impl Mirror {
         let _exclusive = v.stripes[stripe(p.chunk)].write().await;
         let layout = v.layout();
         let copies = layout.group(p.chunk);
-        let Some(source) = copies.iter().position(|c| c.disk == full) else {
-            // The full copy left the placement while the mutation was in
+        // Any full copy still in the group holds what the chunk held before
+        // (simulation seed 881752 on 4 nodes: the first full copy was a
+        // drain's source and left the placement meanwhile; the second,
+        // which stays, is what the holders are rolled back to).
+        let Some(source) = full
+            .iter()
+            .find_map(|d| copies.iter().position(|c| c.disk == *d))
+        else {
+            // Every full copy left the placement while the mutation was in
             // flight (a move off it finished): there is nothing to roll back
             // to, and the holders keep it (it failed for the guest, which may
             // then read either content). Copies that failed with it in flight
@@ -360,9 +367,13 @@ impl Mirror {
                 .collect(),
             Err(e @ VolumeError::Fenced { .. }) => return e,
             Err(e) => {
-                tracing::warn!(chunk = p.chunk, disk = %full, error = %e, "cannot read the full copy to roll a write back: it is failed instead");
-                v.fail_slot(&layout, &copies[source]);
-                missed.push((full, p.chunk));
+                // The holders keep it; every full copy lacks it.
+                let source = copies[source].disk;
+                tracing::warn!(chunk = p.chunk, disk = %source, error = %e, "cannot read the full copy to roll a write back: the full copies are failed instead");
+                for c in copies.iter().filter(|c| full.contains(&c.disk)) {
+                    v.fail_slot(&layout, c);
+                    missed.push((c.disk, p.chunk));
+                }
                 SmallVec::new()
             }
         };
