@@ -453,3 +453,92 @@ fn a_failed_write_resync_copied_to_a_moves_target_is_rolled_back_there_too() {
         );
     });
 }
+
+/// Seed 881752 on 4 nodes: two copies refuse a write for space, and the
+/// first of them, a drain's source, leaves the placement before the
+/// refusal is handled. The other full copy stays in the group: the copies
+/// that took the write are rolled back to what it holds (any full copy
+/// still in the group is the rollback's source), and no copy goes stale.
+///
+/// Three nodes, mirrors=2: the group is [X, S], T the third disk. X is
+/// drained to T, and the writer's call recording T complete is held once
+/// it filled T. Both X's and S's disks fill up. Write 2, into a chunk
+/// nothing holds, waits at X; S refuses it, T takes it. The call goes
+/// through, the writer adopts the placement [S, T], and then X refuses
+/// write 2 too.
+///
+/// Fails if only the first copy that refused is looked for in the group
+/// (the rollback source found from `full[0]` alone): X has left, so T
+/// keeps write 2 and S, which lacks it and has no space to take it, is
+/// recorded dirty — reads of the chunk differ between S and T, and the
+/// vDisk does not heal while S is full.
+#[test]
+fn a_write_two_full_copies_refused_is_rolled_back_to_the_one_that_stays() {
+    simulate(|| async {
+        let c = Cluster::new(Shape {
+            nodes: 3,
+            ..Shape::default()
+        })
+        .await;
+        let (x, s) = {
+            let group = &c.groups().await[0];
+            (group[0], group[1])
+        };
+        let t = *c
+            .disks
+            .iter()
+            .find(|d| ![s, x].contains(d))
+            .expect("a disk outside the group");
+        let fresh: u64 = 5;
+        let v = c.open(false).await;
+        v.write(c.offset(0, 0), &block(1)).await.expect("write 1");
+        v.flush().await.expect("flush");
+
+        let complete = common::drain_held_at_completion(&c, x, t).await;
+        let before = v.placement_version();
+        let (xn, sn) = (c.node_of(x).clone(), c.node_of(s).clone());
+        xn.set_full(x, true);
+        sn.set_full(s, true);
+        let hold = xn.add_rule_times(Rule::Hold(writes(x, fresh)), Some(1));
+        let w = tokio::spawn({
+            let v = v.clone();
+            let at = c.offset(fresh, 0);
+            async move { v.write(at, &block(2)).await }
+        });
+        sleep(50).await;
+        assert!(!w.is_finished(), "write 2 waits at X");
+
+        // The move finishes; the writer adopts [S, T] while X holds write 2.
+        c.zone.release(complete);
+        assert!(
+            c.until(Duration::from_millis(500), || xn.held() == 1
+                && v.placement_version() > before)
+                .await,
+            "X holds write 2 and the writer adopted the finished move"
+        );
+        let group = c.groups().await[0].clone();
+        assert!(
+            group.len() == 2 && group.contains(&s) && group.contains(&t),
+            "the move finished: {group:?}"
+        );
+        xn.release(hold);
+        let r = w.await.expect("the writer task");
+        assert!(is_no_space(&r), "X and S had no space for write 2: {r:?}");
+
+        assert_eq!(
+            whats(&each_copy(&v, c.offset(fresh, 0)).await),
+            ["zeros", "zeros"],
+            "write 2 failed: T gave it back"
+        );
+        all_current(&c, &v).await;
+        assert!(
+            healthy(&c, &v, Duration::from_secs(30)).await,
+            "the vDisk did not become healthy while S is full"
+        );
+        assert!(differing(&c, s, t).is_empty(), "S and T differ");
+        assert_eq!(
+            what(&read(&v, c.offset(fresh, 0)).await.expect("read")),
+            "zeros"
+        );
+    });
+}
