@@ -76,6 +76,17 @@ fn write_path_cost() {
         disk.write(V, c, 0, &full, 1).unwrap();
     }
     disk.flush().unwrap();
+    // `WRITE_COST_DROP=1`: the file's page cache dropped after the prefill
+    // (what formatting and the prefill left in large folios goes).
+    if std::env::var("WRITE_COST_DROP").is_ok_and(|v| v == "1") {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: posix_fadvise only reads its arguments; the descriptor is
+        // open for the call's duration.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        println!("page cache dropped");
+    }
     let mut r = Rng(0x1234_5678);
     let sizes: [(&str, usize); 4] = [
         ("512 B (partial block)", 512),
