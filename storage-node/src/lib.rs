@@ -8,6 +8,7 @@
 
 mod config;
 mod disks;
+pub mod marks;
 mod server;
 mod shm;
 mod zone_link;
