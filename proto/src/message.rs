@@ -17,8 +17,12 @@ pub const PROTOCOL_MIN: u16 = 1;
 /// Highest protocol version this build speaks (2: local sessions, with
 /// `MapMemory`, `ReadShm` and `WriteShm`; 3: the node's boot identity in
 /// [`HelloReply`]; 4: a `Fence` reply says which chunks the node doubts,
-/// and `Vouch`).
-pub const PROTOCOL_MAX: u16 = 4;
+/// and `Vouch`; 5: the node keeps the activity marks — a write into an
+/// extent not marked for its epoch marks it durably first — and lists them
+/// in `Fence` replies; `Unmark`).
+pub const PROTOCOL_MAX: u16 = 5;
+/// First protocol version whose node keeps activity marks.
+pub const PROTOCOL_MARKS: u16 = 5;
 /// First protocol version whose [`HelloReply`] carries the node's boot identity.
 pub const PROTOCOL_BOOT: u16 = 3;
 /// Most memory regions one local session maps.
@@ -88,6 +92,9 @@ pub enum Opcode {
     /// The writer rebuilt every chunk of a copy the node doubted (protocol
     /// version 4): see [`FenceReply`].
     Vouch = 12,
+    /// The writer's copies agree in the named extents (protocol version
+    /// 5): their marks go. See [`UnmarkRef`].
+    Unmark = 13,
 }
 
 impl TryFrom<u8> for Opcode {
@@ -106,6 +113,7 @@ impl TryFrom<u8> for Opcode {
             10 => Opcode::ReadShm,
             11 => Opcode::WriteShm,
             12 => Opcode::Vouch,
+            13 => Opcode::Unmark,
             other => return Err(ProtoError::UnknownOpcode(other)),
         })
     }
@@ -329,10 +337,41 @@ pub const FENCE_DOUBTFUL: u64 = 2;
 /// Most chunks a `Fence` reply lists as doubted one by one; beyond that
 /// the node says [`FENCE_DOUBTFUL`] instead.
 pub const MAX_DOUBTED: usize = 4096;
+/// Flag of a `Fence` reply (protocol version 5): the node lost its activity
+/// marks, so any extent of the vDisk may hold writes not every copy has.
+pub const FENCE_MARKS_LOST: u64 = 4;
+/// Most activity marks a `Fence` reply lists; beyond that the node says
+/// [`FENCE_MARKS_LOST`] instead (every extent is in doubt).
+pub const MAX_MARKS: usize = 4096;
+/// Most extents one `Unmark` names.
+pub const MAX_UNMARK: usize = 4096;
+
+/// Chunks per activity extent, as the node marks them: a write into chunk
+/// `c` marks extent `c / activity_extent_chunks()`. Fixed by protocol
+/// version 5 at [`ACTIVITY_EXTENT_CHUNKS`]; a simulation that runs writer
+/// and nodes in one process may set it smaller for every one of them
+/// ([`set_activity_extent_chunks`]).
+pub fn activity_extent_chunks() -> u64 {
+    EXTENT_CHUNKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sets [`activity_extent_chunks`] for the whole process (at least 1).
+pub fn set_activity_extent_chunks(chunks: u64) {
+    EXTENT_CHUNKS.store(chunks.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Chunks per activity extent of protocol version 5 (256 MiB of 1 MiB
+/// chunks): few enough marks per vDisk to list, few enough chunks per
+/// extent to reconcile after a writer crash.
+pub const ACTIVITY_EXTENT_CHUNKS: u64 = 256;
+
+static EXTENT_CHUNKS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(ACTIVITY_EXTENT_CHUNKS);
 
 /// A `Fence` reply's body: `epoch` (u64), flags (u64), then (version 4)
 /// the doubt token (u64), the number of doubted chunks (u32) and the
-/// chunks (u64 each). Every number little-endian.
+/// chunks (u64 each), then (version 5) the number of activity marks (u32)
+/// and the marks (extent u64, epoch u64 each). Every number little-endian.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FenceReply {
     /// The vDisk's epoch on the node after the fence.
@@ -348,13 +387,19 @@ pub struct FenceReply {
     /// Chunks whose damaged extent records name them: each may read as an
     /// error until rewritten whole (at most [`MAX_DOUBTED`]).
     pub doubted: Vec<u64>,
+    /// [`FENCE_MARKS_LOST`]: the node lost its activity marks.
+    pub marks_lost: bool,
+    /// The node's activity marks of the vDisk: (extent, epoch of the
+    /// newest writer that marked it), at most [`MAX_MARKS`].
+    pub marks: Vec<(u64, u64)>,
 }
 
 impl FenceReply {
     pub fn encode(&self) -> Vec<u8> {
-        let flags =
-            u64::from(self.same_boot) * FENCE_SAME_BOOT + u64::from(self.doubtful) * FENCE_DOUBTFUL;
-        let mut b = Vec::with_capacity(28 + 8 * self.doubted.len());
+        let flags = u64::from(self.same_boot) * FENCE_SAME_BOOT
+            + u64::from(self.doubtful) * FENCE_DOUBTFUL
+            + u64::from(self.marks_lost) * FENCE_MARKS_LOST;
+        let mut b = Vec::with_capacity(32 + 8 * self.doubted.len() + 16 * self.marks.len());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&flags.to_le_bytes());
         b.extend_from_slice(&self.token.to_le_bytes());
@@ -362,12 +407,20 @@ impl FenceReply {
         for c in &self.doubted {
             b.extend_from_slice(&c.to_le_bytes());
         }
+        if !self.marks.is_empty() {
+            b.extend_from_slice(&(self.marks.len() as u32).to_le_bytes());
+            for (x, e) in &self.marks {
+                b.extend_from_slice(&x.to_le_bytes());
+                b.extend_from_slice(&e.to_le_bytes());
+            }
+        }
         b
     }
 
     /// Decodes a reply of any version (fields a version lacks are
-    /// false, 0 or empty); `None` if it is shorter than its own counts say
-    /// or lists more than [`MAX_DOUBTED`] chunks.
+    /// false, 0 or empty); `None` if it is shorter or longer than its own
+    /// counts say or lists more than [`MAX_DOUBTED`] chunks or
+    /// [`MAX_MARKS`] marks.
     pub fn decode(body: &[u8]) -> Option<FenceReply> {
         let epoch = le64(body.get(..8)?);
         let flags = body.get(8..16).map_or(0, le64);
@@ -380,12 +433,29 @@ impl FenceReply {
         if list.len() != 8 * count {
             return None;
         }
+        let rest = body.get(28 + 8 * count..).unwrap_or(&[]);
+        let marks = match rest.get(..4) {
+            None if rest.is_empty() => Vec::new(),
+            None => return None,
+            Some(n) => {
+                let n = le32(n) as usize;
+                if n > MAX_MARKS || rest.len() != 4 + 16 * n {
+                    return None;
+                }
+                rest[4..]
+                    .chunks_exact(16)
+                    .map(|m| (le64(&m[..8]), le64(&m[8..])))
+                    .collect()
+            }
+        };
         Some(FenceReply {
             epoch,
             same_boot: flags & FENCE_SAME_BOOT != 0,
             doubtful: flags & FENCE_DOUBTFUL != 0,
             token,
             doubted: list.chunks_exact(8).map(le64).collect(),
+            marks_lost: flags & FENCE_MARKS_LOST != 0,
+            marks,
         })
     }
 }
@@ -564,6 +634,38 @@ impl VouchRef {
     }
 }
 
+/// Fixed fields of `Unmark` (protocol version 5): the writer at
+/// `vref.epoch` (fenced like a write on `vref.disk`) says that its copies
+/// agree in `count` extents of `vref.vdisk`, which follow as the frame's
+/// payload (u64 each; none: every extent). The node removes its marks of
+/// those extents whose epoch is at most `vref.epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnmarkRef {
+    pub vref: VdiskRef,
+    pub count: u32,
+}
+
+impl UnmarkRef {
+    pub const LEN: usize = VdiskRef::LEN + 8;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..VdiskRef::LEN].copy_from_slice(&self.vref.encode());
+        b[VdiskRef::LEN..VdiskRef::LEN + 4].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    /// The extents of an `Unmark`'s payload (checked by `Request::decode`).
+    pub fn extents(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
+        payload.chunks_exact(8).map(le64)
+    }
+
+    /// Encodes a list of extents as an `Unmark`'s payload.
+    pub fn encode_extents(extents: &[u64]) -> Vec<u8> {
+        extents.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+}
+
 /// Fixed fields of `Hello`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
@@ -597,6 +699,8 @@ pub enum Request<'a> {
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
     Vouch(VouchRef),
+    /// Fixed fields and the encoded extents.
+    Unmark(UnmarkRef, &'a [u8]),
     /// The regions' list as encoded ([`ShmRegion::decode_list`] checked it).
     MapMemory(&'a [u8]),
     /// Fixed fields and the encoded segment list.
@@ -685,6 +789,35 @@ impl<'a> Request<'a> {
                     token: le64(&body[40..48]),
                 })
             }
+            Opcode::Unmark => {
+                if body.len() < UnmarkRef::LEN {
+                    return Err(ProtoError::BodyLength {
+                        op,
+                        got: body.len(),
+                        expected: UnmarkRef::LEN,
+                    });
+                }
+                let count = le32(&body[40..44]);
+                if count as usize > MAX_UNMARK || body[44..48] != [0; 4] {
+                    return Err(ProtoError::BodyLength {
+                        op,
+                        got: body.len(),
+                        expected: UnmarkRef::LEN,
+                    });
+                }
+                exact(UnmarkRef::LEN + 8 * count as usize)?;
+                Request::Unmark(
+                    UnmarkRef {
+                        vref: VdiskRef {
+                            vdisk: body[0..16].try_into().expect("16 bytes"),
+                            disk: body[16..32].try_into().expect("16 bytes"),
+                            epoch: le64(&body[32..40]),
+                        },
+                        count,
+                    },
+                    &body[UnmarkRef::LEN..],
+                )
+            }
             Opcode::MapMemory => {
                 ShmRegion::decode_list(body)?;
                 Request::MapMemory(body)
@@ -718,6 +851,7 @@ impl<'a> Request<'a> {
             Request::Fence(_) => Opcode::Fence,
             Request::DeleteVdisk(_) => Opcode::DeleteVdisk,
             Request::Vouch(_) => Opcode::Vouch,
+            Request::Unmark(..) => Opcode::Unmark,
             Request::MapMemory(_) => Opcode::MapMemory,
             Request::ReadShm(..) => Opcode::ReadShm,
             Request::WriteShm(..) => Opcode::WriteShm,
@@ -738,6 +872,7 @@ impl<'a> Request<'a> {
             Request::Flush(d) => put(&d.disk),
             Request::Fence(v) | Request::DeleteVdisk(v) => put(&v.encode()),
             Request::Vouch(v) => put(&v.encode()),
+            Request::Unmark(u, _) => put(&u.encode()),
             Request::MapMemory(_) => 0,
             Request::ReadShm(r, _) | Request::WriteShm(r, _) => put(&r.encode()),
         }
@@ -748,6 +883,7 @@ impl<'a> Request<'a> {
     pub fn payload(&self) -> &'a [u8] {
         match *self {
             Request::Write(_, p)
+            | Request::Unmark(_, p)
             | Request::MapMemory(p)
             | Request::ReadShm(_, p)
             | Request::WriteShm(_, p) => p,
@@ -905,6 +1041,11 @@ mod tests {
             roundtrip(Request::DeleteVdisk(VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }), id);
             roundtrip(Request::Vouch(VouchRef { vref: VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch }, token: r.chunk }), id);
             roundtrip(Request::Flush(DiskRef { disk: r.disk }), id);
+            let extents: Vec<u64> = data.iter().map(|&b| u64::from(b).wrapping_mul(r.chunk)).collect();
+            let list = UnmarkRef::encode_extents(&extents);
+            let vref = VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch };
+            roundtrip(Request::Unmark(UnmarkRef { vref, count: extents.len() as u32 }, &list), id);
+            prop_assert_eq!(UnmarkRef::extents(&list).collect::<Vec<_>>(), extents);
             roundtrip(Request::Hello(Hello { min_version: 1, max_version: r.len as u16, client: r.vdisk }), id);
             // Local requests: the range split into segments of `data[0] + 1`
             // sectors at most.
@@ -950,27 +1091,31 @@ mod tests {
             let _ = HelloReply::decode(&body);
             if let Some(r) = FenceReply::decode(&body) {
                 prop_assert!(r.doubted.len() <= MAX_DOUBTED);
+                prop_assert!(r.marks.len() <= MAX_MARKS);
             }
         }
 
         /// A fence reply survives encoding; a version-3 reply (epoch and
         /// flags only) decodes with no doubt.
         #[test]
-        fn fence_replies_roundtrip(epoch in any::<u64>(), same in any::<bool>(), doubtful in any::<bool>(), token in any::<u64>(), doubted in proptest::collection::vec(any::<u64>(), 0..40)) {
-            let r = FenceReply { epoch, same_boot: same, doubtful, token, doubted };
+        fn fence_replies_roundtrip(epoch in any::<u64>(), same in any::<bool>(), doubtful in any::<bool>(), token in any::<u64>(), doubted in proptest::collection::vec(any::<u64>(), 0..40), marks_lost in any::<bool>(), marks in proptest::collection::vec(any::<(u64, u64)>(), 0..40)) {
+            let r = FenceReply { epoch, same_boot: same, doubtful, token, doubted, marks_lost, marks };
             let b = r.encode();
             prop_assert_eq!(FenceReply::decode(&b), Some(r.clone()));
             let v3 = FenceReply::decode(&b[..16]).unwrap();
-            prop_assert_eq!(v3, FenceReply { epoch, same_boot: same, doubtful, ..Default::default() });
-            // A list cut short is refused, not read as fewer chunks.
-            if !r.doubted.is_empty() {
+            prop_assert_eq!(v3, FenceReply { epoch, same_boot: same, doubtful, marks_lost, ..Default::default() });
+            // A list cut short is refused, not read as fewer entries.
+            if !r.doubted.is_empty() || !r.marks.is_empty() {
                 prop_assert_eq!(FenceReply::decode(&b[..b.len() - 1]), None);
             }
+            // A version-4 reply (no marks) decodes with none.
+            let v4 = FenceReply::decode(&b[..28 + 8 * r.doubted.len()]).unwrap();
+            prop_assert_eq!(v4, FenceReply { marks: Vec::new(), ..r.clone() });
         }
 
         /// Headers that are valid except for garbage in the body never panic either.
         #[test]
-        fn valid_header_garbage_body(op in 1u8..=12, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
+        fn valid_header_garbage_body(op in 1u8..=13, body in proptest::collection::vec(any::<u8>(), 0..200), crc in any::<u32>()) {
             let h = Header::request(Opcode::try_from(op).unwrap(), 7, body.len() as u32, crc);
             let h = Header::decode(&h.encode()).unwrap();
             let _ = Request::decode(&h, &body);

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tessera_proto::{
     read_header, Frame, Header, Hello, HelloReply, Request, ShmRange, ShmSeg, Status, HEADER_LEN,
-    MAX_FIXED, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
+    MAX_FIXED, PROTOCOL_MARKS, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
 use thiserror::Error;
 use tokio::io::BufReader;
@@ -35,6 +35,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::link::{BootGuard, BootWatch, NodeAddr};
 use crate::shm::{SharedMemory, ShmTable};
+
+/// The highest protocol version this client offers: it does not clear
+/// activity marks yet, so it does not ask nodes to keep them.
+const OFFERED_MAX: u16 = PROTOCOL_MARKS - 1;
 
 /// The receiving side, buffered: many replies come in with one `read`.
 type Rx = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -459,7 +463,7 @@ impl Conn {
             .call(
                 Request::Hello(Hello {
                     min_version: PROTOCOL_MIN,
-                    max_version: PROTOCOL_MAX,
+                    max_version: OFFERED_MAX,
                     client,
                 }),
                 &[],
@@ -471,7 +475,7 @@ impl Conn {
             return Err(ConnError::Version {
                 addr: addr.to_string(),
                 min: PROTOCOL_MIN,
-                max: PROTOCOL_MAX,
+                max: OFFERED_MAX,
             });
         }
         conn.hello = HelloReply::decode(&reply.body).map_err(|e| ConnError::Broken {

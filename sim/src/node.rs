@@ -969,6 +969,8 @@ impl SimNode {
                     doubtful,
                     token: if doubtful { doubt_token } else { 0 },
                     doubted: Vec::new(),
+                    marks_lost: false,
+                    marks: Vec::new(),
                 }
                 .encode())
             }

@@ -62,6 +62,44 @@ fn bind_local(path: &std::path::Path) -> Option<UnixListener> {
     }
 }
 
+/// The activity marks' file in the node's directory.
+pub const MARKS_FILE: &str = "activity-marks";
+
+/// Opens (or creates) the node's activity marks. A file that is there but
+/// unreadable is not an error: the marks are then lost, which the node
+/// says for every vDisk until its writers have made their copies agree.
+fn open_marks(dir: &std::path::Path) -> Result<marks::MarkStore, NodeError> {
+    let path = dir.join(MARKS_FILE);
+    let fail = |source: std::io::Error| NodeError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    let new = !path.exists();
+    if new {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(fail)?;
+        file.set_len(marks::DEFAULT_SIZE).map_err(fail)?;
+        file.sync_all().map_err(fail)?;
+    }
+    let dev = tessera_chunkstore::FileDevice::open(&path)
+        .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    let (store, opened) = marks::MarkStore::open(Arc::new(dev), new)
+        .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+    match opened {
+        marks::Opened::Lost(why) => tracing::error!(
+            path = %path.display(),
+            why,
+            "the activity marks are lost: every extent of every vDisk counts as written until its writer reconciles it"
+        ),
+        marks::Opened::New => tracing::info!(path = %path.display(), "activity marks created"),
+        marks::Opened::Recovered => {}
+    }
+    Ok(store)
+}
+
 /// Runs a storage node until `shutdown` resolves.
 pub async fn run(
     config: NodeConfig,
@@ -73,6 +111,7 @@ pub async fn run(
     })?;
     let identity = NodeIdentity::load_or_create(&config.dir)?;
     let disks = Arc::new(DiskSet::open(&config.disks)?);
+    let marks = Arc::new(open_marks(&config.dir)?);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -88,7 +127,7 @@ pub async fn run(
     let socket = local.as_ref().and(config.local_socket.clone());
     tracing::info!(node = %identity.uuid, %addr, local = ?socket, disks = disks.len(), "storage node serving");
 
-    let server = serve(listener, local, identity.uuid, disks.clone());
+    let server = serve(listener, local, identity.uuid, disks.clone(), marks);
     let link = match &config.api {
         Some(api) => Some(ZoneLink::start(
             api.clone(),

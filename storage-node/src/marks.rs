@@ -328,6 +328,10 @@ impl MarkStore {
                 st.set_in.insert((vdisk, extent), batch);
             }
         }
+        if ops.iter().any(|op| !matches!(op, MarkOp::Set { .. })) {
+            let State { marks, set_in, .. } = &mut *st;
+            set_in.retain(|k, _| marks.map.contains_key(k));
+        }
         st.pending.extend_from_slice(ops);
         self.wait_for(st, batch)
     }
@@ -354,6 +358,20 @@ impl MarkStore {
             extent,
             epoch,
         }])
+    }
+
+    /// Whether `extent` of `vdisk` is durably marked for `epoch` or a newer
+    /// one (no waiting, no I/O).
+    pub fn is_marked(&self, vdisk: Uuid, extent: u32, epoch: u64) -> bool {
+        let st = self.lock();
+        st.marks
+            .map
+            .get(&(vdisk, extent))
+            .is_some_and(|&e| e >= epoch)
+            && st
+                .set_in
+                .get(&(vdisk, extent))
+                .is_none_or(|&b| b <= st.durable_batch)
     }
 
     /// What the store knows of `vdisk`'s marks (durable or being made so).

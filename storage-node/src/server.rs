@@ -14,7 +14,8 @@ use std::sync::Arc;
 use tessera_chunkstore::{Disk, Error as StoreError};
 use tessera_proto::{
     read_frame, ChunkRange, FenceReply, Frame, Header, HelloReply, Opcode, Request, ShmRange,
-    Status, VdiskRef, VouchRef, HEADER_LEN, MAX_DOUBTED, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
+    Status, UnmarkRef, VdiskRef, VouchRef, HEADER_LEN, MAX_DOUBTED, MAX_MARKS, PROTOCOL_MARKS,
+    PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -24,6 +25,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::disks::DiskSet;
+use crate::marks::{MarkOp, MarkStore, VdiskMarks};
 use crate::shm::ShmTable;
 
 /// How long a local client may take to send its memory map.
@@ -88,6 +90,7 @@ pub fn serve(
     local: Option<UnixListener>,
     node: Uuid,
     disks: Arc<DiskSet>,
+    marks: Arc<MarkStore>,
 ) -> Server {
     let (stop, mut stopped) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
@@ -98,9 +101,10 @@ pub fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let disks = disks.clone();
+                        let marks = marks.clone();
                         conns.spawn(async move {
                             tracing::debug!(%peer, "connection opened");
-                            tcp_connection(stream, node, disks).await;
+                            tcp_connection(stream, node, disks, marks).await;
                             tracing::debug!(%peer, "connection closed");
                         });
                     }
@@ -112,9 +116,10 @@ pub fn serve(
                 accepted = accept_local(local.as_ref()) => match accepted {
                     Ok(stream) => {
                         let disks = disks.clone();
+                        let marks = marks.clone();
                         conns.spawn(async move {
                             tracing::debug!("local session opened");
-                            local_connection(stream, node, disks).await;
+                            local_connection(stream, node, disks, marks).await;
                             tracing::debug!("local session closed");
                         });
                     }
@@ -161,7 +166,7 @@ impl Reply {
     }
 }
 
-async fn tcp_connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
+async fn tcp_connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>, marks: Arc<MarkStore>) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
@@ -169,12 +174,17 @@ async fn tcp_connection(stream: TcpStream, node: Uuid, disks: Arc<DiskSet>) {
         tracing::warn!(error = %e, "cannot set TCP_NODELAY");
     }
     let (rd, wr) = stream.into_split();
-    connection(rd, wr, peer, node, disks, None).await;
+    connection(rd, wr, peer, node, disks, marks, None).await;
 }
 
 /// A local session: the memory-map handshake (blocking, bounded by
 /// [`HANDSHAKE_TIMEOUT`]), then the protocol with shared-memory requests.
-async fn local_connection(stream: UnixStream, node: Uuid, disks: Arc<DiskSet>) {
+async fn local_connection(
+    stream: UnixStream,
+    node: Uuid,
+    disks: Arc<DiskSet>,
+    marks: Arc<MarkStore>,
+) {
     let handshake = tokio::task::spawn_blocking(move || {
         let mut std = stream.into_std()?;
         std.set_nonblocking(false)?;
@@ -208,7 +218,16 @@ async fn local_connection(stream: UnixStream, node: Uuid, disks: Arc<DiskSet>) {
     };
     tracing::info!(regions, "local session: mapped the client's memory");
     let (rd, wr) = stream.into_split();
-    connection(rd, wr, "local".into(), node, disks, Some(Arc::new(table))).await;
+    connection(
+        rd,
+        wr,
+        "local".into(),
+        node,
+        disks,
+        marks,
+        Some(Arc::new(table)),
+    )
+    .await;
 }
 
 async fn connection<R, W>(
@@ -217,6 +236,7 @@ async fn connection<R, W>(
     peer: String,
     node: Uuid,
     disks: Arc<DiskSet>,
+    marks: Arc<MarkStore>,
     shm: Option<Arc<ShmTable>>,
 ) where
     R: AsyncRead + Unpin,
@@ -230,6 +250,11 @@ async fn connection<R, W>(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Replies of this task, written before it would wait for more requests.
     let mut ready: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    // Activity marks are kept for clients that speak a version with them.
+    let mut session = Arc::new(Session {
+        marks: marks.clone(),
+        marking: false,
+    });
     loop {
         if !ready.is_empty() && (ready.len() >= MAX_BATCH || !whole_frame(rd.buffer())) {
             if let Err(e) = answer(&wr, &mut ready, &disks).await {
@@ -278,8 +303,13 @@ async fn connection<R, W>(
                     &format!("node speaks protocol versions {PROTOCOL_MIN}..={PROTOCOL_MAX}"),
                 )
             } else {
+                let version = max.min(PROTOCOL_MAX);
+                session = Arc::new(Session {
+                    marks: marks.clone(),
+                    marking: version >= PROTOCOL_MARKS,
+                });
                 let body = HelloReply {
-                    version: max.min(PROTOCOL_MAX),
+                    version,
                     node: *node.as_bytes(),
                     disks: disks.uuids().iter().map(|u| *u.as_bytes()).collect(),
                     boot: Some(boot_id()),
@@ -293,9 +323,10 @@ async fn connection<R, W>(
         // Small data requests land in (or come from) the page cache in a few
         // microseconds: running them here saves two thread hand-offs. Large
         // ones, flushes and metadata work go to the blocking pool.
-        if op.is_small() {
+        if op.is_small() && !session.must_mark(&op) {
             ready.push(execute(
                 &disks,
+                &session,
                 shm.as_deref(),
                 op,
                 frame,
@@ -316,8 +347,9 @@ async fn connection<R, W>(
         let disks = disks.clone();
         let shm = shm.clone();
         let tx = tx.clone();
+        let session = session.clone();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&disks, shm.as_deref(), op, frame, Commit::Now);
+            let reply = execute(&disks, &session, shm.as_deref(), op, frame, Commit::Now);
             drop(permit);
             let _ = tx.send(reply);
         });
@@ -438,6 +470,7 @@ enum Op {
     Fence(VdiskRef),
     DeleteVdisk(VdiskRef),
     Vouch(VouchRef),
+    Unmark(UnmarkRef),
     /// A local session's first frame, anywhere else: refused.
     MapMemory,
     ReadShm(ShmRange),
@@ -459,6 +492,7 @@ impl Op {
             Request::Fence(v) => Op::Fence(v),
             Request::DeleteVdisk(v) => Op::DeleteVdisk(v),
             Request::Vouch(v) => Op::Vouch(v),
+            Request::Unmark(u, _) => Op::Unmark(u),
             Request::MapMemory(_) => Op::MapMemory,
             Request::ReadShm(r, _) => Op::ReadShm(r),
             Request::WriteShm(r, _) => Op::WriteShm(r),
@@ -479,6 +513,15 @@ impl Op {
         }
     }
 
+    /// The range a request changes (writes, discards, zeroes).
+    fn changes(&self) -> Option<&ChunkRange> {
+        match self {
+            Op::Write(r) | Op::Discard(r) | Op::WriteZeroes(r) => Some(r),
+            Op::WriteShm(sr) => Some(&sr.range),
+            _ => None,
+        }
+    }
+
     fn opcode(&self) -> Opcode {
         match self {
             Op::Hello { .. } => Opcode::Hello,
@@ -490,6 +533,7 @@ impl Op {
             Op::Fence(_) => Opcode::Fence,
             Op::DeleteVdisk(_) => Opcode::DeleteVdisk,
             Op::Vouch(_) => Opcode::Vouch,
+            Op::Unmark(_) => Opcode::Unmark,
             Op::MapMemory => Opcode::MapMemory,
             Op::ReadShm(_) => Opcode::ReadShm,
             Op::WriteShm(_) => Opcode::WriteShm,
@@ -505,14 +549,80 @@ enum Commit {
     BeforeReply,
 }
 
+/// What a connection's requests share: the node's activity marks, and
+/// whether its client speaks a protocol version that keeps them.
+struct Session {
+    marks: Arc<MarkStore>,
+    marking: bool,
+}
+
+impl Session {
+    /// The extent of `chunk`, as the marks name it.
+    fn extent(chunk: u64) -> Result<u32, OpError> {
+        u32::try_from(chunk / tessera_proto::activity_extent_chunks()).map_err(|_| {
+            OpError::Status(
+                Status::Invalid,
+                format!("chunk {chunk} is beyond any extent"),
+            )
+        })
+    }
+
+    /// Whether `op` changes an extent its writer's epoch has not durably
+    /// marked yet (the mark must be made first: blocking work).
+    fn must_mark(&self, op: &Op) -> bool {
+        let Some(r) = op.changes().filter(|_| self.marking) else {
+            return false;
+        };
+        match Self::extent(r.chunk) {
+            Ok(x) => !self.marks.is_marked(Uuid::from_bytes(r.vdisk), x, r.epoch),
+            Err(_) => false,
+        }
+    }
+
+    /// Marks the extent `op` changes, durably, before it runs (blocking).
+    fn mark(&self, op: &Op) -> Result<(), OpError> {
+        let Some(r) = op.changes().filter(|_| self.marking) else {
+            return Ok(());
+        };
+        let x = Self::extent(r.chunk)?;
+        self.marks
+            .mark(Uuid::from_bytes(r.vdisk), x, r.epoch)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot mark an extent active: refusing the write");
+                OpError::Status(Status::IoError, e.to_string())
+            })
+    }
+
+    /// The marks of `vdisk` for a fence reply (none for older clients).
+    fn fence_marks(&self, vdisk: Uuid, reply: &mut FenceReply) {
+        if !self.marking {
+            return;
+        }
+        match self.marks.marks_of(vdisk) {
+            VdiskMarks::Any => reply.marks_lost = true,
+            VdiskMarks::Extents(list) if list.len() > MAX_MARKS => reply.marks_lost = true,
+            VdiskMarks::Extents(list) => {
+                reply.marks = list.into_iter().map(|(x, e)| (u64::from(x), e)).collect();
+            }
+        }
+    }
+}
+
 /// Runs one request against the disks (blocking).
-fn execute(disks: &DiskSet, shm: Option<&ShmTable>, op: Op, frame: Frame, commit: Commit) -> Reply {
+fn execute(
+    disks: &DiskSet,
+    session: &Session,
+    shm: Option<&ShmTable>,
+    op: Op,
+    frame: Frame,
+    commit: Commit,
+) -> Reply {
     let id = frame.header.id;
     let opcode = op.opcode();
-    let result = match op {
+    let result = session.mark(&op).and_then(|()| match op {
         Op::ReadShm(_) | Op::WriteShm(_) | Op::MapMemory => run_shm(disks, shm, op, &frame, commit),
-        _ => run_op(disks, op, &frame.body, commit),
-    };
+        _ => run_op(disks, session, op, &frame.body, commit),
+    });
     match result {
         Ok(body) => Reply::new(opcode, id, Status::Ok, body),
         Err(OpError::Status(status, msg)) => Reply::error(opcode, id, status, &msg),
@@ -650,7 +760,13 @@ fn write(d: &Disk, r: ChunkRange, data: &[u8], commit: Commit) -> Result<(), Sto
     }
 }
 
-fn run_op(disks: &DiskSet, op: Op, body: &[u8], commit: Commit) -> Result<Vec<u8>, OpError> {
+fn run_op(
+    disks: &DiskSet,
+    session: &Session,
+    op: Op,
+    body: &[u8],
+    commit: Commit,
+) -> Result<Vec<u8>, OpError> {
     match op {
         Op::Hello { .. } => Ok(Vec::new()),
         Op::MapMemory | Op::ReadShm(_) | Op::WriteShm(_) => Err(OpError::Status(
@@ -702,6 +818,7 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8], commit: Commit) -> Result<Vec<u8
                 reply.doubtful = true;
                 reply.doubted.clear();
             }
+            session.fence_marks(Uuid::from_bytes(v.vdisk), &mut reply);
             Ok(reply.encode())
         }
         Op::Vouch(v) => {
@@ -725,6 +842,44 @@ fn run_op(disks: &DiskSet, op: Op, body: &[u8], commit: Commit) -> Result<Vec<u8
                 }
                 d.delete_vdisk(vdisk)?;
             }
+            // Its marks go with the node's last copy of it (they are kept
+            // per node, not per disk).
+            let held = |d: &Arc<Disk>| d.vdisks().iter().any(|(u, _, n)| *u == vdisk && *n > 0);
+            if v.disk == [0u8; 16] || !disks.iter().any(held) {
+                if let Err(e) = session.marks.apply(&[MarkOp::ClearVdisk {
+                    vdisk,
+                    upto: u64::MAX,
+                }]) {
+                    tracing::warn!(%vdisk, error = %e, "cannot clear a deleted vDisk's activity marks");
+                }
+            }
+            Ok(Vec::new())
+        }
+        Op::Unmark(u) => {
+            let vdisk = Uuid::from_bytes(u.vref.vdisk);
+            // Fenced like a write: a writer that lost the vDisk clears nothing.
+            let current = disk(disks, &u.vref.disk)?.epoch(vdisk);
+            if u.vref.epoch < current {
+                return Err(OpError::Stale(current));
+            }
+            let upto = u.vref.epoch;
+            let payload = &body[UnmarkRef::LEN..];
+            let ops: Vec<MarkOp> = if u.count == 0 {
+                vec![MarkOp::ClearVdisk { vdisk, upto }]
+            } else {
+                UnmarkRef::extents(payload)
+                    .filter_map(|x| u32::try_from(x).ok())
+                    .map(|extent| MarkOp::Clear {
+                        vdisk,
+                        extent,
+                        upto,
+                    })
+                    .collect()
+            };
+            session
+                .marks
+                .apply(&ops)
+                .map_err(|e| OpError::Status(Status::IoError, e.to_string()))?;
             Ok(Vec::new())
         }
     }
