@@ -38,9 +38,9 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, DatastoreDisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean,
-    MarkStale, OpenVdisk, Opened, RegisterNode, Registered, Renewed, ResizeVdisk, SessionRef,
-    VdiskView,
+    CreateDatastore, CreateVdisk, CreatedVdisk, DatastoreDisk, DatastoreView, Heartbeat,
+    HeartbeatReply, MarkActive, MarkClean, MarkStale, OpenVdisk, Opened, RegisterNode, Registered,
+    Renewed, ResizeVdisk, SessionRef, VdiskView,
 };
 
 use endpoint::{encode, Endpoint};
@@ -166,13 +166,13 @@ impl ApiClient {
     // ---- datastores ----
 
     /// `GET /v1/datastores`.
-    pub async fn datastores(&self) -> Result<Vec<Datastore>, ApiError> {
+    pub async fn datastores(&self) -> Result<Vec<DatastoreView>, ApiError> {
         self.call(Method::GET, "/v1/datastores".into(), None::<&()>)
             .await
     }
 
     /// `GET /v1/datastores/{name}`.
-    pub async fn datastore(&self, name: &str) -> Result<Datastore, ApiError> {
+    pub async fn datastore(&self, name: &str) -> Result<DatastoreView, ApiError> {
         self.call(
             Method::GET,
             format!("/v1/datastores/{}", encode(name)),
@@ -251,7 +251,7 @@ impl ApiClient {
     }
 
     /// `POST /v1/vdisks`.
-    pub async fn create_vdisk(&self, req: &CreateVdisk) -> Result<Vdisk, ApiError> {
+    pub async fn create_vdisk(&self, req: &CreateVdisk) -> Result<CreatedVdisk, ApiError> {
         self.call(Method::POST, "/v1/vdisks".into(), Some(req))
             .await
     }

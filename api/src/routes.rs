@@ -52,9 +52,9 @@ use uuid::Uuid;
 
 use tessera_zone::records::{Datastore, Disk, Host, NodeStatus, Vdisk, Zone};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, DatastoreDisk, Heartbeat, HeartbeatReply, MarkActive, MarkClean,
-    MarkStale, OpenVdisk, Opened, RegisterNode, Registered, Renewed, ResizeVdisk, SessionRef,
-    VdiskView, ZoneService,
+    CreateDatastore, CreateVdisk, CreatedVdisk, DatastoreDisk, DatastoreView, Heartbeat,
+    HeartbeatReply, MarkActive, MarkClean, MarkStale, OpenVdisk, Opened, RegisterNode, Registered,
+    Renewed, ResizeVdisk, SessionRef, VdiskView, ZoneService,
 };
 
 use crate::auth::require_token;
@@ -148,8 +148,8 @@ async fn disks(State(svc): State<ZoneService>) -> Answer<Vec<Disk>> {
     Ok(Json(svc.disks().await?))
 }
 
-async fn datastores(State(svc): State<ZoneService>) -> Answer<Vec<Datastore>> {
-    Ok(Json(svc.datastores().await?))
+async fn datastores(State(svc): State<ZoneService>) -> Answer<Vec<DatastoreView>> {
+    Ok(Json(svc.datastore_views().await?))
 }
 
 async fn create_datastore(
@@ -162,8 +162,8 @@ async fn create_datastore(
 async fn datastore(
     State(svc): State<ZoneService>,
     Params(name): Params<String>,
-) -> Answer<Datastore> {
-    Ok(Json(svc.datastore(&name).await?))
+) -> Answer<DatastoreView> {
+    Ok(Json(svc.datastore_view(&name).await?))
 }
 
 async fn delete_datastore(
@@ -214,8 +214,11 @@ async fn vdisks(
 async fn create_vdisk(
     State(svc): State<ZoneService>,
     Body(req): Body<CreateVdisk>,
-) -> Result<(StatusCode, Json<Vdisk>), HttpError> {
-    Ok((StatusCode::CREATED, Json(svc.create_vdisk(req).await?)))
+) -> Result<(StatusCode, Json<CreatedVdisk>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(svc.create_vdisk_noted(req).await?),
+    ))
 }
 
 async fn vdisk(

@@ -10,8 +10,8 @@ use tessera_api::{start, ApiConfig, ApiServer};
 use tessera_api_client::{ApiClient, ApiError};
 use tessera_zone::records::{NodeState, Redundancy, Role, VdiskState};
 use tessera_zone::service::{
-    CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, MarkStale, OpenVdisk, RegisterDisk,
-    RegisterNode, SessionRef, ZoneService, MAX_VDISK_SIZE,
+    CopyUsage, CreateDatastore, CreateVdisk, Health, Heartbeat, MarkClean, MarkStale, OpenVdisk,
+    RegisterDisk, RegisterNode, SessionRef, ZoneService, MAX_VDISK_SIZE,
 };
 use tessera_zone::sled_store::SledStore;
 use tessera_zone::testing::Contended;
@@ -82,9 +82,18 @@ async fn the_client_drives_every_route() {
         .await
         .expect("create datastore");
     assert_eq!(ds.policy.redundancy, Redundancy::Mirror { copies: 2 });
-    assert_eq!(api.datastore("ds").await.expect("datastore"), ds);
+    let view = api.datastore("ds").await.expect("datastore");
+    assert_eq!(view.datastore, ds);
+    assert_eq!(view.space.capacity, 3 << 40);
+    assert_eq!(view.space.writable, (3 << 40) / 2);
+    assert!(view.space.warnings.is_empty());
     assert_eq!(
-        api.datastores().await.expect("datastores"),
+        api.datastores()
+            .await
+            .expect("datastores")
+            .into_iter()
+            .map(|v| v.datastore)
+            .collect::<Vec<_>>(),
         vec![ds.clone()]
     );
     let error = api
@@ -119,6 +128,8 @@ async fn the_client_drives_every_route() {
         })
         .await
         .expect("create vdisk");
+    assert_eq!(vdisk.note, None, "a vDisk that fits has no note");
+    let vdisk = vdisk.vdisk;
     assert_eq!((vdisk.epoch, vdisk.state.clone()), (0, VdiskState::Offline));
     let view = api.vdisk("ds", "vm1").await.expect("vdisk");
     assert_eq!(
@@ -177,6 +188,7 @@ async fn the_client_drives_every_route() {
         disks: vec![],
         vdisks: vec![vdisk.uuid, Uuid::from_u128(9)],
         copies: vec![],
+        usage: None,
     };
     assert_eq!(
         api.heartbeat(Uuid::from_u128(1), &hb)
@@ -190,6 +202,7 @@ async fn the_client_drives_every_route() {
         disks: vec![],
         vdisks: vec![],
         copies: vec![],
+        usage: None,
     };
     assert!(api
         .heartbeat(Uuid::from_u128(1), &stale)
@@ -330,7 +343,10 @@ async fn state_and_token_survive_a_restart() {
     );
     let api = client(&second);
     assert_eq!(api.zone().await.expect("zone"), zone);
-    assert_eq!(api.datastore("ds").await.expect("datastore").name, "ds");
+    assert_eq!(
+        api.datastore("ds").await.expect("datastore").datastore.name,
+        "ds"
+    );
     assert_eq!(api.nodes().await.expect("nodes").len(), 1);
     second.shutdown().await.expect("shutdown");
 }
@@ -700,7 +716,8 @@ async fn lease_loss_still_dirty_and_contention_answer_their_codes() {
             size: 1 << 30,
         })
         .await
-        .expect("vdisk");
+        .expect("vdisk")
+        .vdisk;
     let disk = vdisk.placement.groups[0][0];
     let a = api
         .open_vdisk("ds", "vm1", &open_req("hv1", false))
@@ -817,4 +834,105 @@ async fn lease_loss_still_dirty_and_contention_answer_their_codes() {
         .await
         .expect("the second try goes through");
     assert_eq!(renewed.lease.ttl_ms, 22_000);
+}
+
+/// Nodes report the space each copy takes and how full their disks are;
+/// the API says it per copy, per datastore (with warnings before a disk or
+/// the datastore fills), and notes a vDisk created larger than the
+/// datastore can still write (thin: allowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn space_is_reported_per_copy_and_datastores_warn_before_they_fill() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = server(&dir).await;
+    let api = client(&server);
+    let mut leases = Vec::new();
+    for n in 1..=2 {
+        let mut reg = registration(n);
+        reg.disks[0].capacity = 10 << 30;
+        leases.push(api.register_node(&reg).await.expect("register").lease);
+    }
+    api.create_datastore(&CreateDatastore {
+        name: "ds".into(),
+        mirrors: 2,
+        stripes: None,
+        disks: None,
+    })
+    .await
+    .expect("datastore");
+    let small = api
+        .create_vdisk(&CreateVdisk {
+            datastore: "ds".into(),
+            name: "small".into(),
+            size: 1 << 30,
+        })
+        .await
+        .expect("vdisk");
+    assert_eq!(small.note, None);
+    let big = api
+        .create_vdisk(&CreateVdisk {
+            datastore: "ds".into(),
+            name: "big".into(),
+            size: 1 << 40,
+        })
+        .await
+        .expect("a vDisk larger than the free space is created (thin)");
+    let note = big.note.expect("a note");
+    assert!(note.contains("thin"), "{note}");
+
+    // Before any report: the copies' space is not known.
+    let view = api.vdisk("ds", "big").await.expect("vdisk");
+    assert_eq!(view.space.len(), 2);
+    assert!(view.space.iter().all(|c| c.used.is_none()));
+
+    // Node 1's disk is 92% full, 5 GiB of it for "big"; node 2's 20%.
+    let report = |n: u128, used: u64, big_bytes: u64| Heartbeat {
+        lease: leases[n as usize - 1],
+        disks: vec![RegisterDisk {
+            uuid: Uuid::from_u128(100 + n),
+            path: "/dev/vdb".into(),
+            capacity: 10 << 30,
+            used,
+        }],
+        vdisks: vec![],
+        copies: vec![],
+        usage: Some(vec![CopyUsage {
+            disk: Uuid::from_u128(100 + n),
+            vdisk: big.vdisk.uuid,
+            bytes: big_bytes,
+        }]),
+    };
+    api.heartbeat(Uuid::from_u128(1), &report(1, 9_500 << 20, 5 << 30))
+        .await
+        .expect("heartbeat");
+    api.heartbeat(Uuid::from_u128(2), &report(2, 2 << 30, 5 << 30))
+        .await
+        .expect("heartbeat");
+    let view = api.vdisk("ds", "big").await.expect("vdisk");
+    assert_eq!(
+        view.space.iter().map(|c| c.used).collect::<Vec<_>>(),
+        vec![Some(5 << 30); 2]
+    );
+    let small = api.vdisk("ds", "small").await.expect("vdisk");
+    assert!(small.space.iter().all(|c| c.used == Some(0)));
+    let ds = api.datastore("ds").await.expect("datastore");
+    assert_eq!(ds.space.capacity, 20 << 30);
+    assert_eq!(ds.space.used, (9_500 << 20) + (2 << 30));
+    assert_eq!(ds.space.fullest_disk_percent, 92);
+    assert_eq!(ds.space.warnings.len(), 1, "{:?}", ds.space.warnings);
+    assert!(
+        ds.space.warnings[0].contains("92% full"),
+        "{:?}",
+        ds.space.warnings
+    );
+    // Both disks nearly full: the datastore warns as a whole too.
+    api.heartbeat(Uuid::from_u128(2), &report(2, 9 << 30, 5 << 30))
+        .await
+        .expect("heartbeat");
+    let ds = &api.datastores().await.expect("datastores")[0];
+    assert_eq!(ds.space.warnings.len(), 3, "{:?}", ds.space.warnings);
+    assert!(
+        ds.space.warnings[0].contains("datastore 'ds' is 91% full"),
+        "{:?}",
+        ds.space.warnings
+    );
 }

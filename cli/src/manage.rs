@@ -242,30 +242,55 @@ async fn datastore(api: &ApiClient, json: bool, c: DatastoreCommand) -> anyhow::
             if json {
                 return print_json(&all);
             }
-            let mut t = Table::new(["NAME", "POLICY", "DISKS", "UUID"]);
-            for ds in &all {
+            let mut t = Table::new([
+                "NAME", "POLICY", "DISKS", "CAPACITY", "USED", "FREE", "WRITABLE", "UUID",
+            ]);
+            for v in &all {
+                let (ds, sp) = (&v.datastore, &v.space);
                 t.row([
                     ds.name.clone(),
                     policy_str(&ds.policy),
                     ds.disks.len().to_string(),
+                    human(sp.capacity),
+                    human(sp.used),
+                    human(sp.free),
+                    human(sp.writable),
                     ds.uuid.to_string(),
                 ]);
             }
             t.print();
+            for w in all.iter().flat_map(|v| &v.space.warnings) {
+                eprintln!("warning: {w}");
+            }
         }
         DatastoreCommand::Show { name } => {
-            let ds = api.datastore(&name).await?;
+            let view = api.datastore(&name).await?;
             if json {
-                return print_json(&ds);
+                return print_json(&view);
             }
+            let (ds, sp) = (&view.datastore, &view.space);
             let mut t = Table::new(["FIELD", "VALUE"]);
             t.row(["name".into(), ds.name.clone()]);
             t.row(["uuid".into(), ds.uuid.to_string()]);
             t.row(["policy".into(), policy_str(&ds.policy)]);
+            t.row(["capacity".into(), human(sp.capacity)]);
+            t.row(["used".into(), human(sp.used)]);
+            t.row(["free".into(), human(sp.free)]);
+            t.row([
+                "writable".into(),
+                format!("{} (free space / copies)", human(sp.writable)),
+            ]);
+            t.row([
+                "fullest disk".into(),
+                format!("{}% used", sp.fullest_disk_percent),
+            ]);
             for d in &ds.disks {
                 t.row(["disk".into(), d.to_string()]);
             }
             t.print();
+            for w in &sp.warnings {
+                eprintln!("warning: {w}");
+            }
         }
         DatastoreCommand::Delete { name } => {
             api.delete_datastore(&name).await?;
@@ -302,7 +327,7 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
         VdiskCommand::Create { path, size } => {
             let (ds, name) = vdisk_path(&path)?;
             let size = parse_size(&size).map_err(anyhow::Error::msg)?;
-            let v = api
+            let created = api
                 .create_vdisk(&CreateVdisk {
                     datastore: ds.to_string(),
                     name: name.to_string(),
@@ -310,8 +335,9 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
                 })
                 .await?;
             if json {
-                return print_json(&v);
+                return print_json(&created);
             }
+            let v = &created.vdisk;
             println!(
                 "created vDisk {}/{} ({}, {}) uuid {}",
                 v.datastore,
@@ -320,6 +346,9 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
                 policy_str(&v.policy),
                 v.uuid
             );
+            if let Some(note) = &created.note {
+                eprintln!("note: {note}");
+            }
         }
         VdiskCommand::List { datastore } => {
             let all = api.vdisks(datastore.as_deref()).await?;
@@ -360,6 +389,19 @@ async fn vdisk(api: &ApiClient, json: bool, c: VdiskCommand) -> anyhow::Result<(
             for (i, g) in d.placement.groups.iter().enumerate() {
                 let disks: Vec<String> = g.iter().map(|u| u.to_string()).collect();
                 t.row([format!("group {i}"), disks.join(" ")]);
+            }
+            for c in &v.space {
+                t.row([
+                    format!("copy, group {}", c.group),
+                    format!(
+                        "disk {}: {}",
+                        c.disk,
+                        c.used.map_or("not reported yet".into(), |b| format!(
+                            "{} used ({b} bytes)",
+                            human(b)
+                        ))
+                    ),
+                ]);
             }
             for m in &d.placement.moves {
                 t.row([

@@ -120,6 +120,7 @@ impl Cluster {
                             disks: Vec::new(),
                             copies: Vec::new(),
                             vdisks: Vec::new(),
+                            usage: None,
                         };
                         if zone.service.heartbeat(n.uuid, hb).await.is_err() {
                             if let Ok(r) =

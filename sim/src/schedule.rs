@@ -327,6 +327,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                         disks: Vec::new(),
                         copies: n.copies(),
                         vdisks: Vec::new(),
+                        usage: None,
                     };
                     match zone.service.heartbeat(n.uuid, hb).await {
                         Ok(reply) => {

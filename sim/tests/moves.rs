@@ -100,6 +100,7 @@ impl Cluster {
                     lease: self.leases[i],
                     disks: Vec::new(),
                     vdisks: Vec::new(),
+                    usage: None,
                     copies: self.nodes[i].copies(),
                 },
             )
@@ -326,6 +327,7 @@ fn a_second_move_onto_a_target_being_filled_copies_its_group_too() {
                     }],
                     vdisks: Vec::new(),
                     copies: Vec::new(),
+                    usage: None,
                 },
             )
             .await

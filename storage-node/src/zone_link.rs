@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_api_client::{ApiClient, ApiError};
-use tessera_zone::service::{Heartbeat, RegisterDisk, RegisterNode};
+use tessera_zone::service::{CopyUsage, Heartbeat, RegisterDisk, RegisterNode};
 use uuid::Uuid;
 
 use crate::config::NodeIdentity;
@@ -124,6 +124,19 @@ impl Link {
             .collect()
     }
 
+    /// The space each vDisk takes on each disk.
+    fn copy_usage(&self) -> Vec<CopyUsage> {
+        self.disks
+            .iter()
+            .flat_map(|d| {
+                let disk = d.uuid();
+                d.usage()
+                    .into_iter()
+                    .map(move |(vdisk, bytes)| CopyUsage { disk, vdisk, bytes })
+            })
+            .collect()
+    }
+
     async fn register(&mut self) -> Result<(u64, Duration), LinkError> {
         let reg = self
             .api
@@ -179,6 +192,7 @@ impl Link {
                     disks: self.disk_usage(),
                     vdisks,
                     copies,
+                    usage: Some(self.copy_usage()),
                 },
             )
             .await?;

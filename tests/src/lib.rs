@@ -395,6 +395,7 @@ impl TestZone {
             })
             .await
             .expect("create vdisk")
+            .vdisk
     }
 
     /// Opens a vDisk as a volume client on the test host.

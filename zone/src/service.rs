@@ -69,6 +69,81 @@ pub struct Heartbeat {
     /// The vDisks the node holds chunks of.
     #[serde(default)]
     pub vdisks: Vec<Uuid>,
+    /// The space each copy takes on its disk (absent: the node does not
+    /// say). Kept in the API server's memory only, never in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Vec<CopyUsage>>,
+}
+
+/// The space one disk gives one vDisk, as its node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopyUsage {
+    pub disk: Uuid,
+    pub vdisk: Uuid,
+    /// Bytes of the disk taken by the vDisk's data.
+    pub bytes: u64,
+}
+
+/// The space one copy of a vDisk takes (see [`VdiskView::space`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopySpace {
+    pub disk: Uuid,
+    /// The placement group the copy belongs to.
+    pub group: u32,
+    /// Bytes its disk gives the vDisk (all of the vDisk's chunks on that
+    /// disk); `None` until the disk's node has reported it.
+    pub used: Option<u64>,
+}
+
+/// A datastore and its space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatastoreView {
+    #[serde(flatten)]
+    pub datastore: Datastore,
+    pub space: DatastoreSpace,
+}
+
+/// The space of a datastore's disks, as their nodes last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatastoreSpace {
+    /// Bytes for chunk data on its disks, all together.
+    pub capacity: u64,
+    pub used: u64,
+    pub free: u64,
+    /// Roughly what its vDisks can still write: the free space divided by
+    /// the copies each write takes.
+    pub writable: u64,
+    /// The fullest disk's use, in per cent.
+    pub fullest_disk_percent: u32,
+    /// What is filling up, one sentence each (empty: nothing is).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// A created vDisk, and what its creator should know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedVdisk {
+    #[serde(flatten)]
+    pub vdisk: Vdisk,
+    /// Said when the vDisk is larger than its datastore can still write:
+    /// it is thin, and writes fail once the disks are full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A datastore warns once it is this full, all disks together (per cent).
+pub const DATASTORE_WARN_PERCENT: u32 = 85;
+/// A datastore warns once one of its disks is this full (per cent): writes
+/// that need space on it fail when it is full, whatever the others have.
+pub const DISK_WARN_PERCENT: u32 = 90;
+
+/// `used` of `capacity`, in per cent (rounded down; 100 if no capacity).
+fn percent(used: u64, capacity: u64) -> u32 {
+    if capacity == 0 {
+        return 100;
+    }
+    (u128::from(used) * 100 / u128::from(capacity)).min(100) as u32
 }
 
 /// Answer to [`Heartbeat`].
@@ -103,6 +178,9 @@ pub struct VdiskView {
     /// One entry per stale copy: what resync still has to do.
     #[serde(default)]
     pub repair: Vec<CopyRepair>,
+    /// The space of each copy on its disk, as the nodes last reported it.
+    #[serde(default)]
+    pub space: Vec<CopySpace>,
 }
 
 /// Body of `POST /v1/datastores`.
@@ -300,6 +378,9 @@ pub struct ZoneService {
     node_ttl: Duration,
     env: Env,
     chunk_size: u64,
+    /// Disk → vDisk → bytes, from the nodes' heartbeats (statistics: in
+    /// memory, never in the store).
+    usage: Arc<std::sync::Mutex<HashMap<Uuid, HashMap<Uuid, u64>>>>,
 }
 
 /// A record with the revision it was read at.
@@ -318,6 +399,7 @@ impl ZoneService {
             node_ttl: DEFAULT_NODE_TTL,
             env: Env::system(),
             chunk_size: CHUNK_SIZE,
+            usage: Arc::default(),
         }
     }
 
@@ -537,20 +619,38 @@ impl ZoneService {
                 continue;
             }
             let (capacity, used) = (disk.capacity, disk.used);
+            let mut before = None;
             let updated = self
                 .update(
                     &keys::disk(&disk.uuid),
                     || format!("disk {}", disk.uuid),
                     |d: &mut Disk| {
+                        before = Some(percent(d.used, d.capacity));
                         d.capacity = capacity;
                         d.used = used;
                         Ok(())
                     },
                 )
                 .await;
+            let now = percent(used, capacity);
+            if before.is_some_and(|b| b < DISK_WARN_PERCENT) && now >= DISK_WARN_PERCENT {
+                tracing::warn!(%node, disk = %disk.uuid, percent = now, "a disk is filling up: writes that need space on it fail once it is full");
+            }
             match updated {
                 Ok(_) | Err(ZoneError::NotFound(_)) => {}
                 Err(error) => return Err(error),
+            }
+        }
+
+        if let Some(usage) = &hb.usage {
+            let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+            for disk in hb.disks.iter().filter(|d| record.disks.contains(&d.uuid)) {
+                let mine = usage
+                    .iter()
+                    .filter(|u| u.disk == disk.uuid)
+                    .map(|u| (u.vdisk, u.bytes))
+                    .collect();
+                all.insert(disk.uuid, mine);
             }
         }
 
@@ -710,6 +810,63 @@ impl ZoneService {
         Ok(self.get_datastore(name).await?.record)
     }
 
+    /// Every datastore, by name, with its space.
+    pub async fn datastore_views(&self) -> Result<Vec<DatastoreView>, ZoneError> {
+        let disks = self.disks().await?;
+        Ok(self
+            .datastores()
+            .await?
+            .into_iter()
+            .map(|ds| datastore_view(ds, &disks))
+            .collect())
+    }
+
+    /// One datastore with its space.
+    pub async fn datastore_view(&self, name: &str) -> Result<DatastoreView, ZoneError> {
+        let ds = self.datastore(name).await?;
+        Ok(datastore_view(ds, &self.disks().await?))
+    }
+
+    /// Creates a vDisk ([`ZoneService::create_vdisk`]) and says when it is
+    /// larger than its datastore can still write (it is thin: allowed).
+    pub async fn create_vdisk_noted(&self, req: CreateVdisk) -> Result<CreatedVdisk, ZoneError> {
+        let vdisk = self.create_vdisk(req).await?;
+        let space = self.datastore_view(&vdisk.datastore).await?.space;
+        let note = (vdisk.size > space.writable).then(|| {
+            format!(
+                "vDisk {}/{} ({} bytes) is larger than its datastore can still write ({} bytes free for its copies): it is thin, and writes that need space fail once the disks are full",
+                vdisk.datastore, vdisk.name, vdisk.size, space.writable
+            )
+        });
+        if let Some(note) = &note {
+            tracing::warn!(vdisk = %format!("{}/{}", vdisk.datastore, vdisk.name), "{note}");
+        }
+        Ok(CreatedVdisk { vdisk, note })
+    }
+
+    /// `view` with the space of each copy filled in.
+    fn with_space(&self, mut view: VdiskView) -> VdiskView {
+        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let uuid = view.vdisk.uuid;
+        let used = |disk: &Uuid| usage.get(disk).map(|m| m.get(&uuid).copied().unwrap_or(0));
+        let p = &view.vdisk.placement;
+        let mut space: Vec<CopySpace> = p
+            .groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, group)| group.iter().map(move |d| (g as u32, *d)))
+            .chain(p.moves.iter().map(|m| (m.group, m.to)))
+            .map(|(group, disk)| CopySpace {
+                disk,
+                group,
+                used: used(&disk),
+            })
+            .collect();
+        space.dedup();
+        view.space = space;
+        view
+    }
+
     /// Deletes a datastore that holds no vDisk.
     ///
     /// Marks it `deleting` first (which stops new vDisks), then checks it is
@@ -849,14 +1006,14 @@ impl ZoneService {
         let liveness = self.liveness().await?;
         Ok(vdisks
             .into_iter()
-            .map(|vdisk| liveness.view(vdisk))
+            .map(|vdisk| self.with_space(liveness.view(vdisk)))
             .collect())
     }
 
     /// One vDisk with its health.
     pub async fn vdisk(&self, datastore: &str, name: &str) -> Result<VdiskView, ZoneError> {
         let vdisk = self.get_vdisk(datastore, name).await?.record;
-        Ok(self.liveness().await?.view(vdisk))
+        Ok(self.with_space(self.liveness().await?.view(vdisk)))
     }
 
     /// Grows a vDisk to `size` bytes (a multiple of 512, at most the limit
@@ -1443,12 +1600,60 @@ impl Liveness {
         VdiskView {
             vdisk,
             repair,
+            space: Vec::new(),
             health: if healthy {
                 Health::Healthy
             } else {
                 Health::Degraded
             },
         }
+    }
+}
+
+/// A datastore's space from its member disks' records.
+fn datastore_view(datastore: Datastore, disks: &[Disk]) -> DatastoreView {
+    let members: Vec<&Disk> = disks
+        .iter()
+        .filter(|d| datastore.disks.contains(&d.uuid))
+        .collect();
+    let capacity: u64 = members.iter().map(|d| d.capacity).sum();
+    let used: u64 = members.iter().map(|d| d.used.min(d.capacity)).sum();
+    let free = capacity - used;
+    let copies = u64::from(datastore.policy.redundancy.width().max(1));
+    let fullest = members
+        .iter()
+        .max_by_key(|d| percent(d.used, d.capacity))
+        .copied();
+    let fullest_disk_percent = fullest.map_or(0, |d| percent(d.used, d.capacity));
+    let mut warnings = Vec::new();
+    let all = percent(used, capacity);
+    if !members.is_empty() && all >= DATASTORE_WARN_PERCENT {
+        warnings.push(format!(
+            "datastore '{}' is {all}% full ({used} of {capacity} bytes): add disks or free space (delete vDisks, discard in guests)",
+            datastore.name
+        ));
+    }
+    for d in members
+        .iter()
+        .filter(|d| percent(d.used, d.capacity) >= DISK_WARN_PERCENT)
+    {
+        warnings.push(format!(
+            "disk {} of datastore '{}' is {}% full: writes that need space on it fail once it is full",
+            d.uuid,
+            datastore.name,
+            percent(d.used, d.capacity)
+        ));
+    }
+    DatastoreView {
+        datastore,
+        space: DatastoreSpace {
+            capacity,
+            used,
+            free,
+            writable: free / copies,
+            fullest_disk_percent,
+            warnings,
+        },
     }
 }
 
@@ -1698,6 +1903,7 @@ mod tests {
             disks: Vec::new(),
             vdisks: Vec::new(),
             copies: Vec::new(),
+            usage: None,
         }
     }
 

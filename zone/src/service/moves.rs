@@ -447,6 +447,7 @@ mod tests {
             disks: Vec::new(),
             vdisks: Vec::new(),
             copies,
+            usage: None,
         }
     }
 

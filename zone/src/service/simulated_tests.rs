@@ -147,6 +147,7 @@ async fn nodes_go_down_when_simulated_time_passes_their_ttl() {
                 disks: vec![],
                 copies: vec![],
                 vdisks: vec![],
+                usage: None,
             },
         )
         .await
