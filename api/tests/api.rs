@@ -45,6 +45,7 @@ fn registration(n: u128) -> RegisterNode {
             capacity: 1 << 40,
             used: 0,
         }],
+        protocol: None,
     }
 }
 

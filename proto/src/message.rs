@@ -638,20 +638,23 @@ impl VouchRef {
 /// `vref.epoch` (fenced like a write on `vref.disk`) says that its copies
 /// agree in `count` extents of `vref.vdisk`, which follow as the frame's
 /// payload (u64 each; none: every extent). The node removes its marks of
-/// those extents whose epoch is at most `vref.epoch`.
+/// those extents whose epoch is at most `upto` (and at most `vref.epoch`):
+/// a writer clears older writers' marks without its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnmarkRef {
     pub vref: VdiskRef,
     pub count: u32,
+    pub upto: u64,
 }
 
 impl UnmarkRef {
-    pub const LEN: usize = VdiskRef::LEN + 8;
+    pub const LEN: usize = VdiskRef::LEN + 16;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[..VdiskRef::LEN].copy_from_slice(&self.vref.encode());
         b[VdiskRef::LEN..VdiskRef::LEN + 4].copy_from_slice(&self.count.to_le_bytes());
+        b[VdiskRef::LEN + 8..].copy_from_slice(&self.upto.to_le_bytes());
         b
     }
 
@@ -814,6 +817,7 @@ impl<'a> Request<'a> {
                             epoch: le64(&body[32..40]),
                         },
                         count,
+                        upto: le64(&body[48..56]),
                     },
                     &body[UnmarkRef::LEN..],
                 )
@@ -1044,7 +1048,7 @@ mod tests {
             let extents: Vec<u64> = data.iter().map(|&b| u64::from(b).wrapping_mul(r.chunk)).collect();
             let list = UnmarkRef::encode_extents(&extents);
             let vref = VdiskRef { vdisk: r.vdisk, disk: r.disk, epoch: r.epoch };
-            roundtrip(Request::Unmark(UnmarkRef { vref, count: extents.len() as u32 }, &list), id);
+            roundtrip(Request::Unmark(UnmarkRef { vref, count: extents.len() as u32, upto: r.chunk }, &list), id);
             prop_assert_eq!(UnmarkRef::extents(&list).collect::<Vec<_>>(), extents);
             roundtrip(Request::Hello(Hello { min_version: 1, max_version: r.len as u16, client: r.vdisk }), id);
             // Local requests: the range split into segments of `data[0] + 1`

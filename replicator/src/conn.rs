@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tessera_proto::{
     read_header, Frame, Header, Hello, HelloReply, Request, ShmRange, ShmSeg, Status, HEADER_LEN,
-    MAX_FIXED, PROTOCOL_MARKS, PROTOCOL_MIN, SHM_CHECK_CRC,
+    MAX_FIXED, PROTOCOL_MARKS, PROTOCOL_MAX, PROTOCOL_MIN, SHM_CHECK_CRC,
 };
 use thiserror::Error;
 use tokio::io::BufReader;
@@ -36,9 +36,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::link::{BootGuard, BootWatch, NodeAddr};
 use crate::shm::{SharedMemory, ShmTable};
 
-/// The highest protocol version this client offers: it does not clear
-/// activity marks yet, so it does not ask nodes to keep them.
-const OFFERED_MAX: u16 = PROTOCOL_MARKS - 1;
+/// The protocol versions a link offers: with `marks` (the volume keeps its
+/// activity log on the nodes) only versions whose nodes keep activity
+/// marks, else only those that do not (a node keeps marks for a client that
+/// speaks their version, and only this volume would clear them).
+fn offer(marks: bool) -> (u16, u16) {
+    if marks {
+        (PROTOCOL_MARKS, PROTOCOL_MAX)
+    } else {
+        (PROTOCOL_MIN, PROTOCOL_MARKS - 1)
+    }
+}
 
 /// The receiving side, buffered: many replies come in with one `read`.
 type Rx = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -291,6 +299,7 @@ impl Conn {
         client: [u8; 16],
         timeout: Duration,
         table: Arc<ShmTable>,
+        marks: bool,
     ) -> Result<Arc<Conn>, ConnError> {
         let fail = |reason: String| ConnError::Connect {
             addr: path.to_string(),
@@ -318,7 +327,16 @@ impl Conn {
         let generation = Some(table.generation);
         let shm = (!table.is_empty()).then_some(table);
         let local = Local { shm, generation };
-        Self::start(path, Box::new(rd), Box::new(wr), client, timeout, local).await
+        Self::start(
+            path,
+            Box::new(rd),
+            Box::new(wr),
+            client,
+            timeout,
+            local,
+            marks,
+        )
+        .await
     }
 
     /// Connects over TCP and says hello.
@@ -326,6 +344,7 @@ impl Conn {
         addr: &str,
         client: [u8; 16],
         timeout: Duration,
+        marks: bool,
     ) -> Result<Arc<Conn>, ConnError> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
@@ -349,6 +368,7 @@ impl Conn {
             client,
             timeout,
             Local::default(),
+            marks,
         )
         .await
     }
@@ -361,7 +381,9 @@ impl Conn {
         client: [u8; 16],
         timeout: Duration,
         local: Local,
+        marks: bool,
     ) -> Result<Arc<Conn>, ConnError> {
+        let (min_version, max_version) = offer(marks);
         let mut rd = BufReader::with_capacity(RX_BUFFER, rd);
         let pending: Arc<Pending> = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
@@ -462,8 +484,8 @@ impl Conn {
         let reply = conn
             .call(
                 Request::Hello(Hello {
-                    min_version: PROTOCOL_MIN,
-                    max_version: OFFERED_MAX,
+                    min_version,
+                    max_version,
                     client,
                 }),
                 &[],
@@ -474,8 +496,8 @@ impl Conn {
         if reply.header.status() != Status::Ok {
             return Err(ConnError::Version {
                 addr: addr.to_string(),
-                min: PROTOCOL_MIN,
-                max: OFFERED_MAX,
+                min: min_version,
+                max: max_version,
             });
         }
         conn.hello = HelloReply::decode(&reply.body).map_err(|e| ConnError::Broken {
@@ -770,6 +792,8 @@ pub(crate) struct NodeLink {
     shm: Arc<SharedMemory>,
     client: [u8; 16],
     timeout: Duration,
+    /// The volume keeps its activity log on the nodes (see [`offer`]).
+    marks: bool,
     /// The live connection; read on every request (uncontended read lock).
     current: std::sync::RwLock<Option<Arc<Conn>>>,
     /// Serialises reconnects so a failed node is dialled once, not once per request.
@@ -789,6 +813,7 @@ impl NodeLink {
         NodeLink {
             addr: addr.addr,
             socket: addr.socket,
+            marks: addr.marks,
             shm,
             client,
             timeout,
@@ -832,7 +857,8 @@ impl NodeLink {
         let local = match &self.socket {
             Some(path) => {
                 let table = self.shm.current();
-                match Conn::connect_local(path, self.client, self.timeout, table).await {
+                match Conn::connect_local(path, self.client, self.timeout, table, self.marks).await
+                {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, addr = %self.addr, "no local session: using TCP");
@@ -844,7 +870,7 @@ impl NodeLink {
         };
         let c = match local {
             Some(c) => c,
-            None => Conn::connect(&self.addr, self.client, self.timeout).await?,
+            None => Conn::connect(&self.addr, self.client, self.timeout, self.marks).await?,
         };
         // Before any request can go on it.
         self.boot.connected(c.hello.boot);

@@ -20,6 +20,9 @@ use crate::shm::SharedMemory;
 pub struct NodeAddr {
     pub addr: String,
     pub socket: Option<String>,
+    /// The volume keeps its activity log on the nodes: the link speaks only
+    /// protocol versions whose nodes keep activity marks.
+    pub marks: bool,
 }
 
 /// A node's answer to one request.

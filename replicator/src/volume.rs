@@ -188,8 +188,18 @@ pub(crate) struct Inner {
     pub(crate) resynced_chunks: AtomicU64,
     /// Extents that may have writes in flight (the activity log).
     activity: activity::Activity,
+    /// The activity log is kept by the nodes (every node of the vDisk
+    /// registered protocol version 5 or later at the open): a write into a
+    /// cold extent waits for no zone call, cooling sends `Unmark`, the open
+    /// reconciles the extents the nodes' fence replies list. Otherwise it
+    /// is kept in the zone's vDisk record.
+    pub(crate) node_marks: bool,
     /// Chunks the open rewrote to make copies agree after a writer crash.
     reconciled_chunks: AtomicU64,
+    /// The extents (of [`tessera_zone::records::ACTIVITY_EXTENT_CHUNKS`] chunks) an earlier writer
+    /// may have left in flight: the zone's activity log, and with
+    /// `node_marks` the marks the fenced copies' nodes listed.
+    inherited: std::sync::Mutex<Vec<u64>>,
     /// Set once a node or the zone says another writer took over.
     fenced: AtomicBool,
     fenced_by: AtomicU64,
@@ -251,11 +261,16 @@ impl Volume {
         }
         let client = *opened.session.as_bytes();
         let nodes = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let node_marks = !opened.nodes.is_empty()
+            && opened
+                .nodes
+                .iter()
+                .all(|n| n.node.protocol >= tessera_proto::PROTOCOL_MARKS);
         let layout = Layout::build(
             &opened.vdisk,
             &nodes,
             None,
-            placement::locator(&opened.disks, &opened.nodes, &config.host),
+            placement::locator(&opened.disks, &opened.nodes, &config.host, node_marks),
         )?;
         let min_copies = opened.vdisk.policy.redundancy.min_copies() as usize;
         let mut dirty = DirtyState::default();
@@ -272,8 +287,15 @@ impl Volume {
                 opened.vdisk.size,
                 opened.vdisk.placement.chunk_size,
                 &[],
+                if node_marks {
+                    tessera_proto::activity_extent_chunks()
+                } else {
+                    tessera_zone::records::ACTIVITY_EXTENT_CHUNKS
+                },
             ),
             reconciled_chunks: AtomicU64::new(0),
+            node_marks,
+            inherited: std::sync::Mutex::new(Vec::new()),
             scheme: Mirror,
             layout: ArcSwap::from_pointee(layout),
             nodes,
@@ -296,8 +318,8 @@ impl Volume {
         inner.fence_all(&links).await?;
         // The previous writer died with writes in flight: make the copies of
         // the extents it was writing agree before serving anything.
-        if !inner.vdisk.activity.is_empty() {
-            let extents = inner.vdisk.activity.clone();
+        let extents = inner.inherited_extents();
+        if !extents.is_empty() || inner.node_marks {
             let rewritten = inner.reconcile(&links, &extents).await?;
             inner.reconciled_chunks.store(rewritten, Ordering::Relaxed);
             tracing::info!(
@@ -574,6 +596,11 @@ impl Volume {
         } else {
             inner.flush(&self.links).await
         };
+        if flushed.is_ok() && inner.node_marks && !self.is_fenced() {
+            // The copies agree on stable media: the nodes forget this
+            // writer's marks (those left behind only cost a reconcile).
+            inner.unmark(&self.links, &[], None).await;
+        }
         self.renewer.stop();
         // Released either way; if the flush failed, the activity log stays
         // so that the next open makes the copies agree.
@@ -852,15 +879,39 @@ impl Inner {
         slot: &CopySlot,
     ) -> Result<(), VolumeError> {
         let reply = self.fence_report(links, slot).await?;
-        let missed = {
+        let (missed, marked) = {
             let layout = self.layout();
-            self.doubted_chunks(&layout, slot.disk, &reply)
+            let mut missed = self.doubted_chunks(&layout, slot.disk, &reply);
+            // What an earlier writer may have left half-written on this
+            // copy (its node's marks): resync copies it from a current one.
+            let marked = if self.node_marks {
+                self.marked_extents(&reply)
+            } else {
+                Vec::new()
+            };
+            missed.extend(
+                activity::extent_chunks(&self.vdisk, &marked)
+                    .filter(|c| layout.holds(slot.disk, *c)),
+            );
+            missed.sort_unstable();
+            missed.dedup();
+            (missed, marked)
         };
         if missed.is_empty() {
             return Ok(());
         }
+        if !marked.is_empty() {
+            tracing::info!(disk = %slot.disk, extents = marked.len(), "a returning copy's node lists an earlier writer's activity: resyncing those extents");
+        }
         let pairs: Vec<(Uuid, u64)> = missed.iter().map(|c| (slot.disk, *c)).collect();
         self.record_dirty(&pairs).await?;
+        if reply.marks_lost || !reply.marks.is_empty() {
+            // Recorded: the marks of earlier writers may go (this writer's
+            // own stay, whatever copy of this node they are for).
+            let older = (self.epoch << GENERATION_BITS).saturating_sub(1);
+            let one = [slot.clone()];
+            self.unmark_on(links, &one, &[], Some(older)).await;
+        }
         if reply.doubtful {
             self.dirty
                 .lock()
@@ -955,11 +1006,15 @@ impl Inner {
         let mut unfenced = Vec::new();
         let mut restarted = Vec::new();
         let mut doubts = Vec::new();
+        let mut marked = Vec::new();
         for (slot, r) in slots.iter().zip(results) {
             match r {
                 Ok(reply) => {
                     if !reply.same_boot {
                         restarted.push(slot.disk);
+                    }
+                    if self.node_marks {
+                        marked.extend(self.marked_extents(&reply));
                     }
                     if reply.doubtful || !reply.doubted.is_empty() {
                         doubts.push((slot.disk, reply));
@@ -973,6 +1028,16 @@ impl Inner {
                 }
             }
         }
+        if !marked.is_empty() {
+            marked.sort_unstable();
+            marked.dedup();
+            tracing::info!(
+                extents = marked.len(),
+                "the copies' nodes list an earlier writer's activity"
+            );
+            *self.inherited.lock().expect("inherited poisoned") = marked;
+        }
+        let inherited = self.inherited_extents();
         let mut missed = Vec::new();
         // A copy whose node doubts some of its chunks is rebuilt: it fails
         // (its group keeps a current copy its node does not doubt; if none
@@ -1007,7 +1072,7 @@ impl Inner {
                     .insert(*disk, reply.token);
             }
         }
-        if !self.vdisk.activity.is_empty() {
+        if !inherited.is_empty() {
             for (g, copies) in layout.groups.iter().enumerate() {
                 let kept = |c: &CopySlot| {
                     c.health() == CopyHealth::Current
@@ -1026,7 +1091,7 @@ impl Inner {
                         tracing::warn!(disk = %c.disk, "a copy's machine restarted since the last writer fenced it: resyncing what that writer had in flight");
                         self.fail_slot(&layout, c);
                     }
-                    for chunk in activity::extent_chunks(&self.vdisk, &self.vdisk.activity) {
+                    for chunk in activity::extent_chunks(&self.vdisk, &inherited) {
                         if layout.group_index(chunk) == g {
                             missed.push((c.disk, chunk));
                         }

@@ -283,6 +283,7 @@ pub async fn build_nodes(
                 capacity: chunks * chunk_size,
                 used: 0,
             }],
+            protocol: None,
         };
         let registered = service
             .register_node(registration.clone())

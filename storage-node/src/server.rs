@@ -862,7 +862,7 @@ fn run_op(
             if u.vref.epoch < current {
                 return Err(OpError::Stale(current));
             }
-            let upto = u.vref.epoch;
+            let upto = u.upto.min(u.vref.epoch);
             let payload = &body[UnmarkRef::LEN..];
             let ops: Vec<MarkOp> = if u.count == 0 {
                 vec![MarkOp::ClearVdisk { vdisk, upto }]

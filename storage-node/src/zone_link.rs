@@ -146,6 +146,7 @@ impl Link {
                 addr: self.advertise.addr.clone(),
                 socket: self.advertise.socket.clone(),
                 disks: self.disk_usage(),
+                protocol: Some(tessera_proto::PROTOCOL_MAX),
             })
             .await?;
         match self.identity.zone {

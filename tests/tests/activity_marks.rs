@@ -87,6 +87,7 @@ impl Raw {
                 epoch,
             },
             count: extents.len() as u32,
+            upto: epoch,
         };
         self.call(Request::Unmark(u, &list)).await.0
     }

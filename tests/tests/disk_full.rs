@@ -333,8 +333,8 @@ async fn a_full_disk_fails_only_writes_that_need_space_and_takes_no_copy_away() 
     drop(a); // no close: the lease and the activity log stay
     let left = zone.api.vdisk("ds", "a").await.expect("vdisk view");
     assert!(
-        !left.vdisk.activity.is_empty(),
-        "the crashed writer's activity log is in the zone (so the next open reconciles on a full disk)"
+        left.vdisk.activity.is_empty(),
+        "the crashed writer's activity log is on its nodes, not in the zone"
     );
     let mut cfg = zone.volume_config("ds", "a");
     cfg.force = true;

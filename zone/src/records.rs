@@ -128,6 +128,15 @@ pub struct Node {
     pub disks: Vec<Uuid>,
     /// Seconds since the Unix epoch of its last registration.
     pub registered: u64,
+    /// The highest storage protocol version it speaks, as it registered
+    /// (0: it did not say). Volume clients keep their activity log on the
+    /// nodes only when every node of the vDisk keeps marks (version 5).
+    #[serde(default, skip_serializing_if = "is_zero_u16")]
+    pub protocol: u16,
+}
+
+fn is_zero_u16(v: &u16) -> bool {
+    *v == 0
 }
 
 /// Whether a node is alive, as seen by the zone (derived from its liveness key,

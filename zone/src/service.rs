@@ -34,6 +34,10 @@ pub struct RegisterNode {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
     pub disks: Vec<RegisterDisk>,
+    /// The highest storage protocol version the node speaks (absent: a
+    /// node from before it said; see [`Node::protocol`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u16>,
 }
 
 /// One disk in [`RegisterNode`].
@@ -564,6 +568,7 @@ impl ZoneService {
             socket: req.socket.clone(),
             disks: req.disks.iter().map(|d| d.uuid).collect(),
             registered: self.env.now_secs(),
+            protocol: req.protocol.unwrap_or(0),
         };
         self.upsert(&keys::node(&req.uuid), |_| Ok(node.clone()))
             .await?;
@@ -1831,6 +1836,7 @@ mod tests {
                     used: 0,
                 })
                 .collect(),
+            protocol: None,
         }
     }
 

@@ -1,12 +1,19 @@
 //! The writer's activity log: which extents may have writes in flight.
 //!
-//! Before a write touches an extent ([`ACTIVITY_EXTENT_CHUNKS`] chunks) that
-//! is not *hot*, the extent is recorded in the zone (batched, like dirty
-//! chunks). An extent cools — leaves the log — once it has had no write in
-//! flight for [`COOL_AFTER`]. If the writer dies, the next open finds the
-//! log non-empty and makes every current copy of those extents agree before
-//! serving (see `reconcile`), so a crash mid-write never leaves copies that
-//! answer differently.
+//! Kept in one of two places. With `node_marks` (every node of the vDisk
+//! keeps activity marks, protocol version 5), the nodes keep it: a node
+//! marks an extent ([`tessera_proto::activity_extent_chunks`] chunks)
+//! durably before it runs the first write of a writer's epoch into it, so a
+//! write into a cold extent waits for nothing here; cooling an extent sends
+//! `Unmark` to every copy, and the open reconciles the extents the fence
+//! replies list. Otherwise the zone keeps it: before a write touches an
+//! extent ([`ACTIVITY_EXTENT_CHUNKS`] chunks) that is not *hot*, the extent
+//! is recorded in the vDisk record. Either way an extent cools — leaves the
+//! log — once it has had no write in flight for [`COOL_AFTER`] and a flush
+//! covered its writes. If the writer dies, the next open makes every
+//! current copy of the logged extents agree before serving (see
+//! `reconcile`), so a crash mid-write never leaves copies that answer
+//! differently.
 //!
 //! The write path touches only per-extent atomics while an extent is hot.
 //! Entering an extent and cooling it pair up Dekker-style (SeqCst): a write
@@ -38,6 +45,8 @@ pub(super) const COOL_AFTER: Duration = Duration::from_secs(5);
 
 /// Per-extent state of the activity log.
 pub(crate) struct Activity {
+    /// Chunks per extent.
+    pub(super) extent_chunks: u64,
     state: Vec<AtomicU8>,
     in_flight: Vec<AtomicU32>,
     /// Milliseconds since `epoch` of the last write's end.
@@ -53,9 +62,10 @@ pub(crate) struct Activity {
 impl Activity {
     /// All extents start cold (an inherited log is reconciled and cleared
     /// by the open).
-    pub(super) fn new(size: u64, chunk_size: u64, hot: &[u64]) -> Activity {
-        let extents = size.div_ceil(chunk_size * ACTIVITY_EXTENT_CHUNKS) as usize;
+    pub(super) fn new(size: u64, chunk_size: u64, hot: &[u64], extent_chunks: u64) -> Activity {
+        let extents = size.div_ceil(chunk_size.saturating_mul(extent_chunks)) as usize;
         let a = Activity {
+            extent_chunks,
             state: (0..extents).map(|_| AtomicU8::new(COLD)).collect(),
             in_flight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             last: (0..extents).map(|_| AtomicU64::new(0)).collect(),
@@ -106,10 +116,11 @@ impl Inner {
     }
 
     /// Counts a write into the extent of `chunk`, recording the extent in
-    /// the zone first if it is not hot.
+    /// the zone first if it is not hot (with `node_marks` the node marks
+    /// it: nothing to wait for but a cooling of it under way).
     pub(super) async fn enter_extent(&self, chunk: u64) -> Result<InExtent<'_>, VolumeError> {
         let a = &self.activity;
-        let e = (chunk / ACTIVITY_EXTENT_CHUNKS) as usize;
+        let e = (chunk / a.extent_chunks) as usize;
         a.in_flight[e].fetch_add(1, Ordering::SeqCst);
         let guard = InExtent {
             activity: a,
@@ -119,10 +130,14 @@ impl Inner {
         if a.state[e].load(Ordering::SeqCst) == HOT {
             return Ok(guard);
         }
+        // Held by a cooling of this extent until its `Unmark` answered: the
+        // write must reach the nodes after it, so that they mark again.
         let _one = self.recording.lock().await;
         if a.state[e].load(Ordering::SeqCst) != HOT {
-            // Boxed (a zone call's state is large): see `record_dirty`.
-            Box::pin(self.log_activity(vec![e as u64], Vec::new())).await?;
+            if !self.node_marks {
+                // Boxed (a zone call's state is large): see `record_dirty`.
+                Box::pin(self.log_activity(vec![e as u64], Vec::new())).await?;
+            }
             a.state[e].store(HOT, Ordering::SeqCst);
         }
         Ok(guard)
@@ -164,9 +179,13 @@ impl Inner {
         if cooling.is_empty() {
             return Ok(());
         }
-        let recorded = self
-            .log_activity(Vec::new(), cooling.iter().map(|e| *e as u64).collect())
-            .await;
+        let extents: Vec<u64> = cooling.iter().map(|e| *e as u64).collect();
+        let recorded = if self.node_marks {
+            self.unmark(links, &extents, None).await;
+            Ok(())
+        } else {
+            self.log_activity(Vec::new(), extents).await
+        };
         // Cold either way: if the zone did not take the removal, the extent
         // stays in its log (harmless: the next open reconciles it), and the
         // next write here records it again rather than going unlogged.
@@ -268,9 +287,107 @@ impl Inner {
         self.record_dirty(&missed).await?;
         // The copies agree in the page cache; they must agree on stable
         // media before the log that names these extents is gone.
-        self.flush_with(links, 1).await?;
-        self.log_activity(Vec::new(), extents.to_vec()).await?;
+        if !extents.is_empty() {
+            self.flush_with(links, 1).await?;
+        }
+        if !self.vdisk.activity.is_empty() {
+            self.log_activity(Vec::new(), self.vdisk.activity.clone())
+                .await?;
+        }
+        if self.node_marks {
+            // Every mark older than this writer (and its reconciling
+            // rewrites'): no guest write has run yet.
+            self.unmark(links, &[], None).await;
+        }
         Ok(rewritten)
+    }
+
+    /// Sends `Unmark` for `extents` (none: all) to every copy's node that
+    /// takes writes, clearing marks up to `upto` (`None`: this writer's
+    /// own too). Best effort: a mark left behind costs a needless
+    /// reconcile of its extent after a writer crash, nothing more.
+    pub(super) async fn unmark(&self, links: &Links, extents: &[u64], upto: Option<u64>) {
+        let layout = self.layout();
+        let slots: Vec<_> = layout
+            .disk_slots()
+            .into_iter()
+            .filter(|s| layout.disk_any(s.disk, |h| h.takes_flushes()))
+            .collect();
+        drop(layout);
+        self.unmark_on(links, &slots, extents, upto).await;
+    }
+
+    /// [`Inner::unmark`] on the nodes of `slots`.
+    pub(super) async fn unmark_on(
+        &self,
+        links: &Links,
+        slots: &[super::CopySlot],
+        extents: &[u64],
+        upto: Option<u64>,
+    ) {
+        let list = tessera_proto::UnmarkRef::encode_extents(extents);
+        let calls = slots.iter().map(|slot| {
+            let epoch = self.wire_epoch(slot);
+            let req = tessera_proto::Request::Unmark(
+                tessera_proto::UnmarkRef {
+                    vref: tessera_proto::VdiskRef {
+                        vdisk: *self.vdisk.uuid.as_bytes(),
+                        disk: *slot.disk.as_bytes(),
+                        epoch,
+                    },
+                    count: extents.len() as u32,
+                    upto: upto.unwrap_or(u64::MAX),
+                },
+                &list,
+            );
+            async move { (slot.disk, self.call(links, slot, req, &[], None).await) }
+        });
+        for (disk, r) in futures_util::future::join_all(calls).await {
+            if let Err(e) = r {
+                tracing::debug!(%disk, error = %e, "cannot clear activity marks; they stay");
+            }
+        }
+    }
+
+    /// Which extents an earlier writer may have left in flight, in the
+    /// zone's extents of [`ACTIVITY_EXTENT_CHUNKS`] chunks.
+    pub(super) fn inherited_extents(&self) -> Vec<u64> {
+        let mut all = self.vdisk.activity.clone();
+        all.extend(self.inherited.lock().expect("inherited poisoned").iter());
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The zone extents covering node extents `marks` (a fence reply's), or
+    /// every extent of the vDisk if the node lost its marks.
+    pub(super) fn marked_extents(&self, reply: &tessera_proto::FenceReply) -> Vec<u64> {
+        let chunk_size = self.vdisk.placement.chunk_size;
+        let chunks = self.vdisk.size.div_ceil(chunk_size);
+        let zone_extents = chunks.div_ceil(ACTIVITY_EXTENT_CHUNKS);
+        if reply.marks_lost {
+            return (0..zone_extents).collect();
+        }
+        let n = self.activity.extent_chunks;
+        let mut out = Vec::new();
+        for (x, epoch) in &reply.marks {
+            if epoch >> super::GENERATION_BITS >= self.epoch {
+                continue;
+            }
+            let first = x.saturating_mul(n).min(chunks);
+            let end = x.saturating_add(1).saturating_mul(n).min(chunks);
+            if first >= end {
+                continue;
+            }
+            let (lo, hi) = (
+                first / ACTIVITY_EXTENT_CHUNKS,
+                end.div_ceil(ACTIVITY_EXTENT_CHUNKS),
+            );
+            out.extend(lo..hi.min(zone_extents));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 }
 

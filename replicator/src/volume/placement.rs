@@ -228,6 +228,7 @@ pub(super) fn locator<'a>(
     disks: &'a [Disk],
     nodes: &'a [NodeStatus],
     host: &'a str,
+    marks: bool,
 ) -> impl Fn(Uuid) -> Result<(NodeAddr, bool), VolumeError> + 'a {
     move |disk| {
         let node = disks
@@ -243,6 +244,7 @@ pub(super) fn locator<'a>(
         let addr = NodeAddr {
             addr: n.node.addr.clone(),
             socket: n.node.socket.clone().filter(|_| local),
+            marks,
         };
         Ok((addr, local))
     }
@@ -359,7 +361,7 @@ impl Inner {
             vdisk,
             &self.nodes,
             Some(&old),
-            locator(&disks, &nodes, &self.config.host),
+            locator(&disks, &nodes, &self.config.host, self.node_marks),
         )?;
         {
             let mut d = self.dirty.lock().expect("dirty poisoned");
