@@ -647,6 +647,28 @@ pub mod raw {
             FenceReply::decode(&body).expect("fence reply")
         }
 
+        /// Clears `vdisk`'s marks of `extents` (none: all) up to `epoch`,
+        /// as a writer at `epoch` on `disk`; the node's status.
+        pub async fn unmark(
+            &mut self,
+            vdisk: Uuid,
+            disk: Uuid,
+            epoch: u64,
+            extents: &[u64],
+        ) -> Status {
+            let list = tessera_proto::UnmarkRef::encode_extents(extents);
+            let u = tessera_proto::UnmarkRef {
+                vref: VdiskRef {
+                    vdisk: *vdisk.as_bytes(),
+                    disk: *disk.as_bytes(),
+                    epoch,
+                },
+                count: extents.len() as u32,
+                upto: epoch,
+            };
+            self.call(Request::Unmark(u, &list)).await.0
+        }
+
         /// Writes `data` at `offset` of `chunk` on `disk` at `epoch`.
         pub async fn write(
             &mut self,

@@ -7,90 +7,16 @@
 
 use std::time::Duration;
 
-use tessera_proto::{
-    activity_extent_chunks, read_frame, ChunkRange, FenceReply, Hello, HelloReply, Request, Status,
-    UnmarkRef, VdiskRef,
-};
+use tessera_proto::{activity_extent_chunks, Status};
+use tessera_tests::raw::Raw;
 use tessera_tests::TestZone;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
 
-/// A raw protocol session with one node.
-struct Raw {
-    s: TcpStream,
-    id: u64,
-}
-
-impl Raw {
-    async fn connect(addr: &str, max_version: u16) -> (Raw, u16) {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let mut raw = Raw { s, id: 0 };
-        let hello = Request::Hello(Hello {
-            min_version: 1,
-            max_version,
-            client: [7; 16],
-        });
-        let (status, body) = raw.call(hello).await;
-        assert_eq!(status, Status::Ok);
-        let version = HelloReply::decode(&body).expect("hello reply").version;
-        (raw, version)
-    }
-
-    async fn call(&mut self, req: Request<'_>) -> (Status, Vec<u8>) {
-        self.id += 1;
-        let mut head = Vec::new();
-        let payload = req.encode_head(self.id, &mut head);
-        self.s.write_all(&head).await.expect("send");
-        self.s.write_all(payload).await.expect("send");
-        let frame = read_frame(&mut self.s)
-            .await
-            .expect("read")
-            .expect("a reply");
-        assert_eq!(frame.header.id, self.id);
-        (frame.header.status(), frame.body.to_vec())
-    }
-
-    async fn fence(&mut self, v: Uuid, d: Uuid, epoch: u64) -> FenceReply {
-        let (status, body) = self
-            .call(Request::Fence(VdiskRef {
-                vdisk: *v.as_bytes(),
-                disk: *d.as_bytes(),
-                epoch,
-            }))
-            .await;
-        assert_eq!(status, Status::Ok, "{}", String::from_utf8_lossy(&body));
-        FenceReply::decode(&body).expect("fence reply")
-    }
-
-    async fn write(&mut self, v: Uuid, d: Uuid, chunk: u64, epoch: u64) -> Status {
-        let data = vec![0x5au8; 4096];
-        let r = ChunkRange {
-            vdisk: *v.as_bytes(),
-            disk: *d.as_bytes(),
-            chunk,
-            offset: 0,
-            len: 4096,
-            epoch,
-        };
-        self.call(Request::Write(r, &data)).await.0
-    }
-
-    async fn unmark(&mut self, v: Uuid, d: Uuid, epoch: u64, extents: &[u64]) -> Status {
-        let list = UnmarkRef::encode_extents(extents);
-        let u = UnmarkRef {
-            vref: VdiskRef {
-                vdisk: *v.as_bytes(),
-                disk: *d.as_bytes(),
-                epoch,
-            },
-            count: extents.len() as u32,
-            upto: epoch,
-        };
-        self.call(Request::Unmark(u, &list)).await.0
-    }
+/// One 4 KiB write of `chunk` at `epoch`.
+async fn write(raw: &mut Raw, v: Uuid, d: Uuid, chunk: u64, epoch: u64) -> Status {
+    raw.write(v, d, chunk, 0, &[0x5a; 4096], epoch).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,44 +28,46 @@ async fn a_node_keeps_activity_marks_through_kill_and_says_when_it_lost_them() {
     let x = activity_extent_chunks();
 
     // A version-4 client: its writes leave no marks.
-    let (mut old, version) = Raw::connect(&addr, 4).await;
+    let mut old = Raw::connect(&addr, 4).await;
+    let version = old.version;
     assert_eq!(version, 4);
     old.fence(v, disk, 1 << 24).await;
-    assert_eq!(old.write(v, disk, 0, 1 << 24).await, Status::Ok);
+    assert_eq!(write(&mut old, v, disk, 0, 1 << 24).await, Status::Ok);
 
     // Version 5: writes into chunk 0 and into the second extent mark both.
-    let (mut a, version) = Raw::connect(&addr, 5).await;
+    let mut a = Raw::connect(&addr, 5).await;
+    let version = a.version;
     assert_eq!(version, 5);
     let e1 = 2 << 24;
     let f = a.fence(v, disk, e1).await;
     assert!(!f.marks_lost);
     assert_eq!(f.marks, vec![], "a version-4 client's write left a mark");
-    assert_eq!(a.write(v, disk, 0, e1).await, Status::Ok);
-    assert_eq!(a.write(v, disk, 1, e1).await, Status::Ok);
-    assert_eq!(a.write(v, disk, x + 3, e1).await, Status::Ok);
+    assert_eq!(write(&mut a, v, disk, 0, e1).await, Status::Ok);
+    assert_eq!(write(&mut a, v, disk, 1, e1).await, Status::Ok);
+    assert_eq!(write(&mut a, v, disk, x + 3, e1).await, Status::Ok);
 
     // kill -9: the marks were durable before the writes ran.
     zone.kill_node(0);
     zone.start_node(0);
     zone.wait_nodes_up(1).await;
-    let (mut b, _) = Raw::connect(&addr, 5).await;
+    let mut b = Raw::connect(&addr, 5).await;
     let e2 = 3 << 24;
     let f = b.fence(v, disk, e2).await;
     assert!(!f.marks_lost);
     assert_eq!(f.marks, vec![(0, e1), (1, e1)]);
 
     // The old writer is fenced: its Unmark clears nothing.
-    let (mut a, _) = Raw::connect(&addr, 5).await;
+    let mut a = Raw::connect(&addr, 5).await;
     assert_eq!(a.unmark(v, disk, e1, &[0, 1]).await, Status::StaleEpoch);
     // The new writer clears one extent; a write of its own marks it anew.
     assert_eq!(b.unmark(v, disk, e2, &[0]).await, Status::Ok);
-    assert_eq!(b.write(v, disk, 5, e2).await, Status::Ok);
+    assert_eq!(write(&mut b, v, disk, 5, e2).await, Status::Ok);
     let f = b.fence(v, disk, e2).await;
     assert_eq!(f.marks, vec![(0, e2), (1, e1)]);
     // Every extent at once.
     assert_eq!(b.unmark(v, disk, e2, &[]).await, Status::Ok);
     assert_eq!(b.fence(v, disk, e2).await.marks, vec![]);
-    assert_eq!(b.write(v, disk, 2 * x, e2).await, Status::Ok);
+    assert_eq!(write(&mut b, v, disk, 2 * x, e2).await, Status::Ok);
 
     // The marks file damaged while the node is down: lost, and said so.
     zone.stop_node(0);
@@ -149,7 +77,7 @@ async fn a_node_keeps_activity_marks_through_kill_and_says_when_it_lost_them() {
     zone.start_node(0);
     zone.wait_nodes_up(1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (mut c, _) = Raw::connect(&addr, 5).await;
+    let mut c = Raw::connect(&addr, 5).await;
     let e3 = 4 << 24;
     let f = c.fence(v, disk, e3).await;
     assert!(f.marks_lost, "a damaged marks file went unnoticed");
