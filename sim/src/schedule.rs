@@ -376,6 +376,7 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                                     MoveReason::Rebuild => "move planned: rebuild",
                                     MoveReason::Drain => "move planned: drain",
                                     MoveReason::Rebalance => "move planned: rebalance",
+                                    MoveReason::Shed => "move planned: shed",
                                 },
                             );
                         }

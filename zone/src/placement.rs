@@ -1,6 +1,6 @@
 //! Placement: which disks hold a vDisk's chunks.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
@@ -126,6 +126,16 @@ pub fn place(
     Ok(groups)
 }
 
+/// A disk whose used space reaches this share of its capacity sheds copies
+/// onto disks with room, one at a time, until it is below it again.
+pub const SHED_AT: f64 = 0.90;
+
+/// No move (shed or rebalance) is planned onto a disk that it would fill
+/// beyond this share of its capacity. The gap to [`SHED_AT`] keeps a shed
+/// copy from moving back (a rebalance towards where placement prefers it)
+/// until its old disk has room for it with a margin.
+pub const FILL_UP_TO: f64 = 0.80;
+
 /// A copy move that placement wants: group `group`'s copy on `from` goes to `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlannedMove {
@@ -134,6 +144,42 @@ pub struct PlannedMove {
     pub to: Uuid,
     /// `from` must leave (gone or removed) rather than being a rebalance.
     pub forced: bool,
+    /// `from` is at or above [`SHED_AT`] and sheds this copy.
+    pub shed: bool,
+    /// The bytes the copy is estimated to take on `to` (its share of what
+    /// the vDisk takes on `from`; 0 when unknown).
+    pub bytes: u64,
+}
+
+/// What the planner knows of space, for one vDisk. The default knows
+/// nothing: no disk sheds, and every copy counts as empty.
+#[derive(Debug, Clone, Default)]
+pub struct SpaceInput {
+    /// Bytes this vDisk's copies take on each disk (all its groups there
+    /// together), as the nodes report them.
+    pub copy_bytes: HashMap<Uuid, u64>,
+    /// Disks that may shed a copy now: at or above [`SHED_AT`], with no shed
+    /// under way (the caller bounds the sheds per disk).
+    pub may_shed: HashSet<Uuid>,
+    /// Bytes on their way onto each disk that its `used` does not show yet
+    /// (moves under way or planned in this pass).
+    pub incoming: HashMap<Uuid, u64>,
+}
+
+impl SpaceInput {
+    /// Whether `c` can take `bytes` more and stay at or below [`FILL_UP_TO`].
+    pub fn has_room(&self, c: &PlacementDisk, bytes: u64) -> bool {
+        let after = c
+            .used
+            .saturating_add(self.incoming.get(&c.disk).copied().unwrap_or(0))
+            .saturating_add(bytes);
+        after as f64 <= FILL_UP_TO * c.capacity as f64
+    }
+}
+
+/// Whether `c` is at or above [`SHED_AT`] of its capacity.
+pub fn over_shed_line(c: &PlacementDisk) -> bool {
+    c.capacity > 0 && c.used as f64 >= SHED_AT * c.capacity as f64
 }
 
 /// What placement knows about one vDisk when planning moves.
@@ -151,14 +197,21 @@ pub struct MovePlanInput<'a> {
     pub gone: &'a HashSet<Uuid>,
     /// Disks never to choose as a target (their old copy is being freed).
     pub excluded: &'a HashSet<Uuid>,
+    /// Space: which disks shed, and which have room for a copy.
+    pub space: &'a SpaceInput,
 }
 
 /// Plans at most one move per group of a vDisk:
 ///
 /// - a group with a gone member moves that copy to the best target;
+/// - otherwise, a group with a member that may shed (at or above
+///   [`SHED_AT`]; at most one shed per disk in one call) moves that copy to
+///   the best-ranked disk that fits, is not itself at the shed line, and has
+///   room for it ([`SpaceInput::has_room`]), placement's choice first;
 /// - otherwise, if the group differs from where [`place`] would put it
 ///   today (a disk was added, or a returning one ranks higher), one member
-///   that placement would not choose moves to one it would.
+///   that placement would not choose moves to one it would, if that one
+///   has room for it.
 ///
 /// The ideal placement is computed over every candidate that is not gone,
 /// as if all were up and empty: a node that is briefly down, or a disk
@@ -182,6 +235,13 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
         })
         .collect();
     let ideal = place(input.vdisk, input.policy, &idealised).ok();
+    // A copy's share of what the vDisk takes on its disk.
+    let copy_bytes = |disk: &Uuid| -> u64 {
+        let total = input.space.copy_bytes.get(disk).copied().unwrap_or(0);
+        let groups = input.groups.iter().filter(|g| g.contains(disk)).count() as u64;
+        total / groups.max(1)
+    };
+    let mut shedding: HashSet<Uuid> = HashSet::new();
     let mut out = Vec::new();
     for (g, members) in input.groups.iter().enumerate() {
         let g32 = g as u32;
@@ -192,13 +252,20 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
             .as_ref()
             .and_then(|i| i.get(g))
             .map_or(&[], |v| v.as_slice());
-        let (from, forced) = match members.iter().find(|d| is_gone(d)) {
-            Some(d) => (*d, true),
-            None => match members.iter().rev().find(|d| !ideal_g.contains(d)) {
-                Some(d) if !ideal_g.is_empty() => (*d, false),
-                _ => continue,
+        let shedder = members
+            .iter()
+            .find(|d| input.space.may_shed.contains(d) && !shedding.contains(*d));
+        let (from, forced, shed) = match members.iter().find(|d| is_gone(d)) {
+            Some(d) => (*d, true, false),
+            None => match shedder {
+                Some(d) => (*d, false, true),
+                None => match members.iter().rev().find(|d| !ideal_g.contains(d)) {
+                    Some(d) if !ideal_g.is_empty() => (*d, false, false),
+                    _ => continue,
+                },
             },
         };
+        let bytes = copy_bytes(&from);
         let staying_nodes: HashSet<Uuid> = members
             .iter()
             .filter(|d| **d != from)
@@ -211,19 +278,26 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
                 && !members.contains(&c.disk)
                 && !staying_nodes.contains(&c.node)
         };
-        // Prefer where placement would put it; a forced move takes the
-        // best-ranked disk that fits when the ideal one does not.
+        // A forced move takes any disk that fits; a shed or a rebalance
+        // only one with room for the copy (and a shed never one that
+        // would shed it on).
+        let acceptable = |c: &PlacementDisk| {
+            fits(c) && (forced || (input.space.has_room(c, bytes) && !over_shed_line(c)))
+        };
+        // Prefer where placement would put it; a forced move or a shed
+        // takes the best-ranked disk that is acceptable when the ideal one
+        // is not.
         let preferred = ideal_g
             .iter()
             .filter_map(|d| by_disk.get(d).copied())
-            .find(|c| fits(c));
+            .find(|c| acceptable(c));
         let target = match preferred {
             Some(c) => Some(c),
-            None if forced => {
+            None if forced || shed => {
                 let mut ranked: Vec<(f64, &PlacementDisk)> = input
                     .candidates
                     .iter()
-                    .filter(|c| fits(c))
+                    .filter(|c| acceptable(c))
                     .map(|c| (score(input.vdisk, g32, c), c))
                     .collect();
                 ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.disk.cmp(&b.1.disk)));
@@ -232,11 +306,16 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
             None => None,
         };
         if let Some(to) = target {
+            if shed {
+                shedding.insert(from);
+            }
             out.push(PlannedMove {
                 group: g32,
                 from,
                 to: to.disk,
                 forced,
+                shed,
+                bytes,
             });
         }
     }
@@ -501,6 +580,7 @@ mod tests {
             candidates,
             gone,
             excluded,
+            space: &SpaceInput::default(),
         })
     }
 
@@ -674,7 +754,9 @@ mod tests {
                     group: 0,
                     from: lost,
                     to: spare,
-                    forced: true
+                    forced: true,
+                    shed: false,
+                    bytes: 0
                 }]
             );
             // A member that is no candidate at all counts as gone.
@@ -686,7 +768,9 @@ mod tests {
                     group: 0,
                     from: lost,
                     to: spare,
-                    forced: true
+                    forced: true,
+                    shed: false,
+                    bytes: 0
                 }]
             );
 
@@ -850,6 +934,7 @@ mod tests {
                     candidates: &five,
                     gone: &none,
                     excluded: &none,
+                    space: &SpaceInput::default(),
                 });
                 assert_eq!(rest, moves[1..].to_vec(), "vDisk {v}");
             }
@@ -863,6 +948,7 @@ mod tests {
                     candidates: &five,
                     gone: &HashSet::from([groups[0][0]]),
                     excluded: &none,
+                    space: &SpaceInput::default(),
                 }),
                 vec![],
                 "vDisk {v}: every group is moving, even a gone copy waits"
@@ -933,5 +1019,283 @@ mod tests {
             onto_old.len(),
             onto_old.first()
         );
+    }
+
+    // ---- shedding and room ----
+
+    const GB: u64 = 1 << 30;
+
+    /// Plans with `space`, no group moving, nothing gone or excluded.
+    fn plan_space(
+        vdisk: Uuid,
+        policy: &Policy,
+        groups: &[Vec<Uuid>],
+        candidates: &[PlacementDisk],
+        space: &SpaceInput,
+    ) -> Vec<PlannedMove> {
+        plan_moves(&MovePlanInput {
+            vdisk,
+            policy,
+            groups,
+            moving: &[],
+            candidates,
+            gone: &HashSet::new(),
+            excluded: &HashSet::new(),
+            space,
+        })
+    }
+
+    /// What the vDisk's copies take on each disk: `per_group` bytes for
+    /// every group the disk is in.
+    fn copy_bytes(groups: &[Vec<Uuid>], per_group: u64) -> HashMap<Uuid, u64> {
+        let mut out = HashMap::new();
+        for d in groups.iter().flatten() {
+            *out.entry(*d).or_insert(0) += per_group;
+        }
+        out
+    }
+
+    #[test]
+    fn a_disk_over_the_shed_line_sheds_one_copy_onto_a_disk_with_room() {
+        let policy = mirror(2, 4);
+        let mut shed_total = 0;
+        for v in 0..200u128 {
+            let vdisk = id(7 << 64 | v);
+            let mut disks = pool(5, 1, 100 * GB);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let full = groups[(v % 4) as usize][(v % 2) as usize];
+            // The full disk at 95 %, one other at 85 %, the rest at 50 %.
+            let busy = disks
+                .iter()
+                .map(|d| d.disk)
+                .find(|d| *d != full)
+                .expect("another disk");
+            for d in disks.iter_mut() {
+                d.used = if d.disk == full {
+                    95 * GB
+                } else if d.disk == busy {
+                    85 * GB
+                } else {
+                    50 * GB
+                };
+            }
+            let space = SpaceInput {
+                copy_bytes: copy_bytes(&groups, 5 * GB),
+                may_shed: HashSet::from([full]),
+                incoming: HashMap::new(),
+            };
+            let moves = plan_space(vdisk, &policy, &groups, &disks, &space);
+            let sheds: Vec<&PlannedMove> = moves.iter().filter(|m| m.shed).collect();
+            assert_eq!(
+                sheds.len(),
+                1,
+                "vDisk {v}: one shed per disk and call, whatever the groups: {moves:?}"
+            );
+            let m = sheds[0];
+            shed_total += 1;
+            assert_eq!(m.from, full, "vDisk {v}: the full disk sheds: {m:?}");
+            assert!(!m.forced, "vDisk {v}: a shed is not forced: {m:?}");
+            assert_eq!(m.bytes, 5 * GB, "vDisk {v}: one group's share");
+            let members = &groups[m.group as usize];
+            let none = HashSet::new();
+            let target = candidate(&disks, m.to);
+            assert!(
+                may_receive(target, &disks, members, m.from, &none, &none),
+                "vDisk {v}: {m:?} does not fit {members:?}"
+            );
+            assert_ne!(
+                m.to, busy,
+                "vDisk {v}: a disk at 85 % has no room for 5 GB under 80 %"
+            );
+            // With no other disk under the fill line, nothing sheds.
+            let mut crowded = disks.clone();
+            for d in crowded.iter_mut().filter(|d| d.disk != full) {
+                d.used = 78 * GB;
+            }
+            assert!(
+                plan_space(vdisk, &policy, &groups, &crowded, &space)
+                    .iter()
+                    .all(|m| !m.shed),
+                "vDisk {v}: 78 % + 5 GB is above the fill line everywhere"
+            );
+            // Bytes already on their way onto a disk count against its room.
+            let mut incoming = space.clone();
+            for d in &disks {
+                if d.disk != full {
+                    incoming.incoming.insert(d.disk, 30 * GB);
+                }
+            }
+            assert!(
+                plan_space(vdisk, &policy, &groups, &disks, &incoming)
+                    .iter()
+                    .all(|m| !m.shed),
+                "vDisk {v}: 50 % + 30 GB under way + 5 GB is above the fill line"
+            );
+            // A disk the caller does not let shed (a shed already under
+            // way) sheds nothing.
+            let waiting = SpaceInput {
+                may_shed: HashSet::new(),
+                ..space.clone()
+            };
+            assert!(
+                plan_space(vdisk, &policy, &groups, &disks, &waiting)
+                    .iter()
+                    .all(|m| !m.shed && m.from != full),
+                "vDisk {v}: no shed without the caller's leave"
+            );
+        }
+        assert_eq!(shed_total, 200);
+    }
+
+    #[test]
+    fn a_shed_copy_moves_back_only_once_its_old_disk_has_room_for_it() {
+        let policy = mirror(2, 1);
+        let mut back = 0;
+        for v in 0..200u128 {
+            let vdisk = id(8 << 64 | v);
+            let mut disks = pool(4, 1, 100 * GB);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let full = groups[0][0];
+            for d in disks.iter_mut() {
+                d.used = if d.disk == full { 92 * GB } else { 20 * GB };
+            }
+            let space = SpaceInput {
+                copy_bytes: copy_bytes(&groups, 10 * GB),
+                may_shed: HashSet::from([full]),
+                incoming: HashMap::new(),
+            };
+            let moves = plan_space(vdisk, &policy, &groups, &disks, &space);
+            assert_eq!(moves.len(), 1, "vDisk {v}: {moves:?}");
+            let m = moves[0];
+            assert!(m.shed && m.from == full, "vDisk {v}: {m:?}");
+            // The shed done: the copy is on m.to, and the old disk gave 10 GB
+            // back (82 %): still above the fill line with the copy back.
+            let after: Vec<Vec<Uuid>> = vec![groups[0]
+                .iter()
+                .map(|d| if *d == full { m.to } else { *d })
+                .collect()];
+            for d in disks.iter_mut() {
+                if d.disk == full {
+                    d.used = 82 * GB;
+                } else if d.disk == m.to {
+                    d.used += 10 * GB;
+                }
+            }
+            let space_after = SpaceInput {
+                copy_bytes: copy_bytes(&after, 10 * GB),
+                ..SpaceInput::default()
+            };
+            assert_eq!(
+                plan_space(vdisk, &policy, &after, &disks, &space_after),
+                vec![],
+                "vDisk {v}: at 82 % the old disk has no room for the copy: it stays where it went"
+            );
+            // The old disk emptied (another vDisk deleted): placement's
+            // choice has room again, and the copy goes back.
+            for d in disks.iter_mut().filter(|d| d.disk == full) {
+                d.used = 10 * GB;
+            }
+            let moves = plan_space(vdisk, &policy, &after, &disks, &space_after);
+            assert_eq!(
+                moves,
+                vec![PlannedMove {
+                    group: 0,
+                    from: m.to,
+                    to: full,
+                    forced: false,
+                    shed: false,
+                    bytes: 10 * GB,
+                }],
+                "vDisk {v}: the copy returns where placement prefers it"
+            );
+            back += 1;
+        }
+        assert_eq!(back, 200);
+    }
+
+    #[test]
+    fn a_rebalance_never_fills_its_target_past_the_fill_line() {
+        let (four, five) = grown_pool();
+        let new = five.last().expect("the new disk").disk;
+        let policy = mirror(2, 4);
+        let mut blocked = 0;
+        for v in 0..200u128 {
+            let vdisk = id(6 << 64 | v);
+            let groups = place(vdisk, &policy, &four).expect("placeable");
+            let free = plan_space(vdisk, &policy, &groups, &five, &SpaceInput::default());
+            if !free.iter().any(|m| m.to == new) {
+                continue;
+            }
+            // The new disk is at 70 % of 1 TB; each copy takes 150 GB.
+            let mut filling = five.clone();
+            filling.last_mut().expect("the new disk").used = TB / 10 * 7;
+            let space = SpaceInput {
+                copy_bytes: copy_bytes(&groups, 150 * GB),
+                ..SpaceInput::default()
+            };
+            let moves = plan_space(vdisk, &policy, &groups, &filling, &space);
+            assert!(
+                moves.iter().all(|m| m.to != new),
+                "vDisk {v}: 70 % + 150 GB passes the fill line: {moves:?}"
+            );
+            // Small copies still fit.
+            let small = SpaceInput {
+                copy_bytes: copy_bytes(&groups, GB),
+                ..SpaceInput::default()
+            };
+            assert_eq!(
+                plan_space(vdisk, &policy, &groups, &filling, &small)
+                    .iter()
+                    .map(|m| (m.group, m.from, m.to))
+                    .collect::<Vec<_>>(),
+                free.iter()
+                    .map(|m| (m.group, m.from, m.to))
+                    .collect::<Vec<_>>(),
+                "vDisk {v}: copies of 1 GB fit under the fill line"
+            );
+            blocked += 1;
+        }
+        assert!(
+            blocked > 20,
+            "only {blocked} vDisks rebalanced onto the new disk"
+        );
+    }
+
+    #[test]
+    fn a_forced_move_takes_any_disk_that_fits_whatever_its_fill() {
+        let disks = pool(3, 1, 100 * GB);
+        let policy = mirror(2, 1);
+        for v in 0..50u128 {
+            let vdisk = id(9 << 64 | v);
+            let groups = place(vdisk, &policy, &disks).expect("placeable");
+            let lost = groups[0][0];
+            let mut crowded = disks.clone();
+            for d in crowded.iter_mut() {
+                d.used = 95 * GB;
+            }
+            let space = SpaceInput {
+                copy_bytes: copy_bytes(&groups, 50 * GB),
+                ..SpaceInput::default()
+            };
+            let moves = plan_moves(&MovePlanInput {
+                vdisk,
+                policy: &policy,
+                groups: &groups,
+                moving: &[],
+                candidates: &crowded,
+                gone: &HashSet::from([lost]),
+                excluded: &HashSet::new(),
+                space: &space,
+            });
+            assert_eq!(
+                moves.len(),
+                1,
+                "vDisk {v}: a lost copy is rebuilt: {moves:?}"
+            );
+            assert!(
+                moves[0].forced && moves[0].from == lost,
+                "vDisk {v}: {moves:?}"
+            );
+        }
     }
 }

@@ -298,6 +298,9 @@ pub enum MoveReason {
     Drain,
     /// A disk joined the datastore and takes its share.
     Rebalance,
+    /// The disk is nearly full (at or above `placement::SHED_AT`): the
+    /// copy goes to a disk with room.
+    Shed,
 }
 
 impl Placement {

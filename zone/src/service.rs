@@ -849,6 +849,12 @@ impl ZoneService {
         Ok(CreatedVdisk { vdisk, note })
     }
 
+    /// What each vDisk's copies take on each disk (disk → vDisk → bytes),
+    /// as the nodes' latest heartbeats reported it.
+    pub(crate) fn usage_snapshot(&self) -> HashMap<Uuid, HashMap<Uuid, u64>> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// `view` with the space of each copy filled in.
     fn with_space(&self, mut view: VdiskView) -> VdiskView {
         let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());

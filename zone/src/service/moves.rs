@@ -17,12 +17,12 @@
 //!    free it; the disk is listed in `released` until the node reports it
 //!    gone, and is never a target for this vDisk meanwhile.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
 use super::{Stored, ZoneService};
-use crate::placement::{plan_moves, MovePlanInput, PlacementDisk};
+use crate::placement::{over_shed_line, plan_moves, MovePlanInput, PlacementDisk, SpaceInput};
 use crate::records::keys;
 use crate::records::{Datastore, Disk, Move, MoveReason, Node, Vdisk};
 use crate::ZoneError;
@@ -69,6 +69,42 @@ impl ZoneService {
                 .map(|d| d.uuid)
                 .collect();
             let vdisks: Vec<Vdisk> = self.load_all(&super::vdisk_prefix(&ds.name)).await?;
+            let usage = self.usage_snapshot();
+            let copy_bytes = |v: &Vdisk| -> HashMap<Uuid, u64> {
+                candidates
+                    .iter()
+                    .filter_map(|c| Some((c.disk, *usage.get(&c.disk)?.get(&v.uuid)?)))
+                    .collect()
+            };
+            // Space under way: a disk sheds one copy at a time (a shed not
+            // finished, or a moved copy its node has not freed yet, holds
+            // it back: its `used` does not show the space coming back), and
+            // bytes being copied onto a disk count against its room.
+            let mut space = SpaceInput::default();
+            let mut held_back: HashSet<Uuid> = HashSet::new();
+            for v in &vdisks {
+                held_back.extend(v.released.iter().copied());
+                let bytes = copy_bytes(v);
+                for m in &v.placement.moves {
+                    if m.reason == MoveReason::Shed {
+                        held_back.insert(m.from);
+                    }
+                    let groups = v
+                        .placement
+                        .groups
+                        .iter()
+                        .filter(|g| g.contains(&m.from))
+                        .count()
+                        .max(1) as u64;
+                    let share = bytes.get(&m.from).copied().unwrap_or(0) / groups;
+                    *space.incoming.entry(m.to).or_insert(0) += share;
+                }
+            }
+            space.may_shed = candidates
+                .iter()
+                .filter(|c| c.up && over_shed_line(c) && !held_back.contains(&c.disk))
+                .map(|c| c.disk)
+                .collect();
             for mut v in vdisks {
                 // A move whose target is gone too is abandoned; the group
                 // is planned again below.
@@ -88,6 +124,7 @@ impl ZoneService {
                 }
                 let moving: Vec<u32> = v.placement.moves.iter().map(|m| m.group).collect();
                 let excluded: HashSet<Uuid> = v.released.iter().copied().collect();
+                space.copy_bytes = copy_bytes(&v);
                 let planned = plan_moves(&MovePlanInput {
                     vdisk: v.uuid,
                     policy: &v.policy,
@@ -96,13 +133,16 @@ impl ZoneService {
                     candidates: &candidates,
                     gone: &gone,
                     excluded: &excluded,
+                    space: &space,
                 });
                 for p in planned {
                     let from_down = disks
                         .iter()
                         .find(|d| d.uuid == p.from)
                         .is_none_or(|d| !up.contains(&d.node));
-                    let reason = if !p.forced {
+                    let reason = if p.shed {
+                        MoveReason::Shed
+                    } else if !p.forced {
                         MoveReason::Rebalance
                     } else if gone.contains(&p.from) || from_down {
                         MoveReason::Rebuild
@@ -118,6 +158,10 @@ impl ZoneService {
                     let applied = self.record_move(&ds.name, &v.name, mv).await;
                     match applied {
                         Ok(true) => {
+                            *space.incoming.entry(mv.to).or_insert(0) += p.bytes;
+                            if p.shed {
+                                space.may_shed.remove(&mv.from);
+                            }
                             tracing::info!(
                                 vdisk = %format!("{}/{}", ds.name, v.name),
                                 group = mv.group, from = %mv.from, to = %mv.to, ?reason,
@@ -1177,5 +1221,115 @@ mod tests {
         let v = svc.vdisk("ds", "vd").await.expect("found").vdisk;
         assert_eq!(v.epoch, front.epoch);
         assert_eq!(v.lease.map(|l| l.session), Some(front.session));
+    }
+
+    /// Node `n`'s heartbeat: its disk at `used` of 1 TB, and what each of
+    /// `vdisks` takes there.
+    async fn report_space(
+        svc: &ZoneService,
+        registered: &[Registered],
+        n: u128,
+        used: u64,
+        vdisks: &[(Uuid, u64)],
+    ) {
+        let mut hb = heartbeat(registered[n as usize - 1].lease, NO_COPIES);
+        hb.disks.push(crate::service::RegisterDisk {
+            uuid: disk_id(n, 0),
+            path: "/dev/disk0".into(),
+            capacity: 1 << 40,
+            used,
+        });
+        hb.usage = Some(
+            vdisks
+                .iter()
+                .map(|(v, bytes)| crate::service::CopyUsage {
+                    disk: disk_id(n, 0),
+                    vdisk: *v,
+                    bytes: *bytes,
+                })
+                .collect(),
+        );
+        svc.heartbeat(node_id(n), hb).await.expect("heartbeat");
+    }
+
+    #[tokio::test]
+    async fn a_nearly_full_disk_sheds_one_copy_at_a_time_onto_disks_with_room() {
+        const GB: u64 = 1 << 30;
+        let tb: u64 = 1 << 40;
+        let svc = service().await;
+        let registered = cluster(&svc, 4, 1).await;
+        svc.create_datastore(mirrors("ds", 2, Some(4)))
+            .await
+            .expect("datastore");
+        let mut vdisks = Vec::new();
+        for name in ["a", "b", "c"] {
+            vdisks.push(
+                svc.create_vdisk(vdisk_req("ds", name, 64 * GB))
+                    .await
+                    .expect("vdisk"),
+            );
+        }
+        // Placement over 4 disks used equally: nothing moves.
+        assert_eq!(svc.plan_moves(&none()).await.expect("planned"), vec![]);
+        // The disk of node 1 reaches 95 %; nodes 2 and 3 are at 85 % (no
+        // room for a copy under 80 %), node 4 at 20 %. Every vDisk takes
+        // 40 GB on every disk (10 GB per group there).
+        let full = disk_id(1, 0);
+        let roomy = disk_id(4, 0);
+        for (n, used) in [
+            (1, tb / 100 * 95),
+            (2, tb / 100 * 85),
+            (3, tb / 100 * 85),
+            (4, tb / 5),
+        ] {
+            let held: Vec<(Uuid, u64)> = vdisks
+                .iter()
+                .filter(|v| v.placement.holds(disk_id(n, 0)))
+                .map(|v| {
+                    let groups = v
+                        .placement
+                        .groups
+                        .iter()
+                        .filter(|g| g.contains(&disk_id(n, 0)))
+                        .count() as u64;
+                    (v.uuid, groups * 10 * GB)
+                })
+                .collect();
+            report_space(&svc, &registered, n, used, &held).await;
+        }
+        let holds_full = vdisks.iter().filter(|v| v.placement.holds(full)).count();
+        assert!(holds_full > 0, "some vDisk has a copy on node 1's disk");
+        let recorded = svc.plan_moves(&none()).await.expect("planned");
+        let sheds: Vec<&RecordedMove> = recorded
+            .iter()
+            .filter(|r| r.mv.reason == MoveReason::Shed)
+            .collect();
+        assert_eq!(
+            sheds.len(),
+            1,
+            "one shed per disk at a time, across vDisks: {recorded:?}"
+        );
+        let shed = sheds[0];
+        assert_eq!(shed.mv.from, full, "the nearly full disk sheds: {shed:?}");
+        assert_eq!(
+            shed.mv.to, roomy,
+            "only node 4's disk has room for a 10 GB copy under 80 %: {shed:?}"
+        );
+        assert!(
+            recorded.iter().all(|r| r.mv.to == roomy),
+            "nothing moves onto the disks at 85 %: {recorded:?}"
+        );
+        let v = svc.vdisk("ds", &shed.vdisk).await.expect("vdisk").vdisk;
+        assert!(
+            v.placement.moves.contains(&shed.mv),
+            "the shed is recorded on the vDisk: {:?}",
+            v.placement.moves
+        );
+        // While that shed is under way, the disk sheds nothing more.
+        let again = svc.plan_moves(&none()).await.expect("planned");
+        assert!(
+            again.iter().all(|r| r.mv.from != full),
+            "a second shed from the same disk while the first is under way: {again:?}"
+        );
     }
 }
