@@ -190,6 +190,7 @@ async fn the_client_drives_every_route() {
         vdisks: vec![vdisk.uuid, Uuid::from_u128(9)],
         copies: vec![],
         usage: None,
+        freed_groups: Vec::new(),
     };
     assert_eq!(
         api.heartbeat(Uuid::from_u128(1), &hb)
@@ -204,6 +205,7 @@ async fn the_client_drives_every_route() {
         vdisks: vec![],
         copies: vec![],
         usage: None,
+        freed_groups: Vec::new(),
     };
     assert!(api
         .heartbeat(Uuid::from_u128(1), &stale)
@@ -901,6 +903,7 @@ async fn space_is_reported_per_copy_and_datastores_warn_before_they_fill() {
             vdisk: big.vdisk.uuid,
             bytes: big_bytes,
         }]),
+        freed_groups: Vec::new(),
     };
     api.heartbeat(Uuid::from_u128(1), &report(1, 9_500 << 20, 5 << 30))
         .await

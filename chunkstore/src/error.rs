@@ -56,6 +56,12 @@ pub enum Error {
         /// Length in bytes.
         len: u64,
     },
+    /// Placement groups outside `0..stripes` (or no stripes at all).
+    #[error("placement groups must be below the stripe count {stripes}")]
+    InvalidGroups {
+        /// The stripe count given.
+        stripes: u32,
+    },
     /// The request's epoch is older than the vDisk's stored epoch (fenced).
     #[error("vdisk {vdisk} is fenced at epoch {current}; request epoch {got} is stale")]
     StaleEpoch {

@@ -112,11 +112,31 @@ pub(crate) struct State {
     /// Bumped (on disk, in the lost slots' markers) every time epoch slots
     /// are found lost; 0 if none ever was.
     loss_serial: u64,
-    /// Copies freed because they moved to another disk, with the chunks
-    /// set whole since: every other chunk of the vDisk is uncertain (a
-    /// writer still on the placement of before the move may read it; it
-    /// must get an error, not zeros). Kept in memory only.
-    moved_away: HashMap<Uuid, HashSet<u64>>,
+    /// Copies (or some placement groups of them) freed because they moved
+    /// to another disk, with the chunks set whole since: every other chunk
+    /// they cover is uncertain (a writer still on the placement of before
+    /// the move may read it; it must get an error, not zeros). Kept in
+    /// memory only.
+    moved_away: HashMap<Uuid, MovedAway>,
+}
+
+/// Which chunks of a vDisk moved away from this disk.
+#[derive(Debug, Default)]
+struct MovedAway {
+    /// `None`: the whole copy. Otherwise the groups `(stripes, groups)`:
+    /// chunk `c` is in group `c % stripes`.
+    groups: Option<(u32, HashSet<u32>)>,
+    /// Chunks set whole since.
+    whole: HashSet<u64>,
+}
+
+impl MovedAway {
+    fn covers(&self, chunk: u64) -> bool {
+        match &self.groups {
+            None => true,
+            Some((stripes, groups)) => groups.contains(&((chunk % u64::from(*stripes)) as u32)),
+        }
+    }
 }
 
 impl State {
@@ -304,7 +324,7 @@ impl State {
             || self
                 .moved_away
                 .get(&key.0)
-                .is_some_and(|set| !set.contains(&key.1))
+                .is_some_and(|m| m.covers(key.1) && !m.whole.contains(&key.1))
     }
 
     /// Format v3: the block map was not read back whole and the chunk was
@@ -320,10 +340,30 @@ impl State {
     /// vDisk is deleted (`false`: nobody reads it any more).
     pub(crate) fn set_moved_away(&mut self, vdisk: Uuid, moved: bool) {
         if moved {
-            self.moved_away.insert(vdisk, HashSet::new());
+            self.moved_away.insert(vdisk, MovedAway::default());
         } else {
             self.moved_away.remove(&vdisk);
         }
+    }
+
+    /// Groups `groups` of the vDisk's copy here (of `stripes`; chunk `c` is
+    /// in group `c % stripes`) moved away and are being freed; its other
+    /// groups stay. Adds to groups that moved away before (the stripe
+    /// count of a vDisk never changes); a whole copy that moved away stays
+    /// whole.
+    pub(crate) fn set_groups_moved_away(&mut self, vdisk: Uuid, stripes: u32, groups: &[u32]) {
+        let m = self.moved_away.entry(vdisk).or_insert_with(|| MovedAway {
+            groups: Some((stripes, HashSet::new())),
+            whole: HashSet::new(),
+        });
+        if let Some((_, set)) = &mut m.groups {
+            set.extend(groups.iter().copied());
+        }
+        // Chunks of those groups set whole before are freed now: uncertain
+        // again.
+        let stripes = u64::from(stripes.max(1));
+        m.whole
+            .retain(|c| !groups.contains(&((c % stripes) as u32)));
     }
 
     /// The chunk's whole content was just written or discarded: it is no
@@ -334,8 +374,10 @@ impl State {
         if self.damaged.any_ownerless() {
             self.damaged.resolved.insert(key);
         }
-        if let Some(set) = self.moved_away.get_mut(&key.0) {
-            set.insert(key.1);
+        if let Some(m) = self.moved_away.get_mut(&key.0) {
+            if m.covers(key.1) {
+                m.whole.insert(key.1);
+            }
         }
         self.damaged.suspects.remove(&key).unwrap_or_default()
     }

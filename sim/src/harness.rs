@@ -121,6 +121,7 @@ impl Cluster {
                             copies: Vec::new(),
                             vdisks: Vec::new(),
                             usage: None,
+                            freed_groups: Vec::new(),
                         };
                         if zone.service.heartbeat(n.uuid, hb).await.is_err() {
                             if let Ok(r) =

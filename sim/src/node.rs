@@ -83,11 +83,33 @@ struct SimDisk {
     /// since: every other chunk of the vDisk reads as an error, not zeros,
     /// as the real chunk store does (`Disk::free_moved_copy`). In memory:
     /// a restart of the node forgets it.
-    moved_away: BTreeMap<Uuid, BTreeSet<u64>>,
+    moved_away: BTreeMap<Uuid, SimMovedAway>,
     /// The disk lost the metadata saying which chunk is where (a format-3
     /// block map): until a chunk is set whole again, or its vDisk vouched
     /// for, it reads as an error, as the real chunk store does. Durable.
     doubt: Option<SimDoubt>,
+}
+
+/// Which chunks of a vDisk moved away from a disk (see
+/// [`SimDisk::moved_away`]).
+#[derive(Debug, Default)]
+struct SimMovedAway {
+    /// `None`: the whole copy; else `(stripes, groups)`: chunk `c` is in
+    /// group `c % stripes`.
+    groups: Option<(u32, BTreeSet<u32>)>,
+    /// Chunks set whole since.
+    whole: BTreeSet<u64>,
+}
+
+impl SimMovedAway {
+    /// Whether the chunk moved away and was not set whole since.
+    fn uncertain(&self, chunk: u64) -> bool {
+        let covered = match &self.groups {
+            None => true,
+            Some((stripes, groups)) => groups.contains(&((chunk % u64::from(*stripes)) as u32)),
+        };
+        covered && !self.whole.contains(&chunk)
+    }
 }
 
 /// What a disk whose map was lost trusts again (see [`SimDisk::doubt`]).
@@ -126,7 +148,7 @@ impl SimDisk {
     fn uncertain(&self, vdisk: Uuid, chunk: u64) -> bool {
         self.moved_away
             .get(&vdisk)
-            .is_some_and(|set| !set.contains(&chunk))
+            .is_some_and(|m| m.uncertain(chunk))
             || self.doubts(vdisk, chunk)
     }
 
@@ -738,7 +760,54 @@ impl SimNode {
             }
         }
         d.epochs.remove(&vdisk);
-        d.moved_away.insert(vdisk, BTreeSet::new());
+        d.moved_away.insert(vdisk, SimMovedAway::default());
+    }
+
+    /// Frees the chunks of groups `groups` (of `stripes`) of the vDisk on
+    /// `disk`, which moved away while the disk keeps its other groups, as
+    /// the real chunk store does (`Disk::free_moved_groups`).
+    pub fn free_groups(&self, disk: Uuid, vdisk: Uuid, stripes: u32, groups: &[u32]) {
+        let mut s = self.state();
+        let chunk_size = s.chunk_size;
+        let Some(d) = s.disks.get_mut(&disk) else {
+            return;
+        };
+        let stripes64 = u64::from(stripes.max(1));
+        let in_groups = |c: u64| groups.contains(&((c % stripes64) as u32));
+        let m = d.moved_away.entry(vdisk).or_insert_with(|| SimMovedAway {
+            groups: Some((stripes, BTreeSet::new())),
+            whole: BTreeSet::new(),
+        });
+        if let Some((_, set)) = &mut m.groups {
+            set.extend(groups.iter().copied());
+        }
+        m.whole.retain(|c| !in_groups(*c));
+        for (v, chunk) in d.allocated() {
+            if v == vdisk && in_groups(chunk) {
+                d.cache.push(Pending {
+                    vdisk,
+                    chunk,
+                    offset: 0,
+                    data: None,
+                    len: chunk_size,
+                    frees: true,
+                });
+            }
+        }
+        // Durable before the node tells the zone, as the real node flushes.
+        d.flush(chunk_size);
+    }
+
+    /// The chunks of `vdisk` that `disk` holds.
+    pub fn chunks_of(&self, disk: Uuid, vdisk: Uuid) -> Vec<u64> {
+        let s = self.state();
+        s.disks.get(&disk).map_or_else(Vec::new, |d| {
+            d.allocated()
+                .into_iter()
+                .filter(|(v, _)| *v == vdisk)
+                .map(|(_, c)| c)
+                .collect()
+        })
     }
 
     /// Reads this node refused because their copy was freed after it moved.
@@ -856,10 +925,7 @@ impl SimNode {
                 }
                 let (freed, doubted) = {
                     let d = &s.disks[&disk];
-                    let moved = d
-                        .moved_away
-                        .get(&vdisk)
-                        .is_some_and(|set| !set.contains(&chunk));
+                    let moved = d.moved_away.get(&vdisk).is_some_and(|m| m.uncertain(chunk));
                     (!d.holds((vdisk, chunk)) && moved, d.doubts(vdisk, chunk))
                 };
                 if doubted {
@@ -1030,8 +1096,8 @@ impl SimNode {
             Ok(Some(p)) => {
                 // A chunk set whole is known again.
                 if p.offset == 0 && p.len == s.chunk_size {
-                    if let Some(set) = d.moved_away.get_mut(&p.vdisk) {
-                        set.insert(p.chunk);
+                    if let Some(m) = d.moved_away.get_mut(&p.vdisk) {
+                        m.whole.insert(p.chunk);
                     }
                     if let Some(doubt) = d.doubt.as_mut() {
                         doubt.resolved.insert((p.vdisk, p.chunk));

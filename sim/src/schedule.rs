@@ -317,6 +317,9 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
         let nodes = nodes.clone();
         let tallies = tallies.clone();
         tokio::spawn(async move {
+            // Groups each node freed since its last heartbeat.
+            let mut freed: Vec<Vec<tessera_zone::service::GroupsToFree>> =
+                vec![Vec::new(); nodes.len()];
             loop {
                 for (i, n) in nodes.iter().enumerate() {
                     if !n.is_up() || n.is_frozen() {
@@ -328,13 +331,21 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
                         copies: n.copies(),
                         vdisks: Vec::new(),
                         usage: None,
+                        freed_groups: freed[i].clone(),
                     };
                     match zone.service.heartbeat(n.uuid, hb).await {
                         Ok(reply) => {
+                            freed[i].clear();
                             for [disk, vdisk] in reply.free {
                                 tracing::info!(node = i, %disk, %vdisk, "node frees a moved copy");
                                 n.free(disk, vdisk);
                                 tally(&tallies, "moved copy freed by its node");
+                            }
+                            for f in reply.free_groups {
+                                tracing::info!(node = i, disk = %f.disk, vdisk = %f.vdisk, groups = ?f.groups, "node frees moved groups");
+                                n.free_groups(f.disk, f.vdisk, f.stripes, &f.groups);
+                                tally(&tallies, "moved groups freed by their node");
+                                freed[i].push(f);
                             }
                         }
                         Err(_) => {
@@ -784,18 +795,30 @@ async fn schedule(seed: u64, cfg: Config) -> Outcome {
     // Copies become current again; then the background scrub finds what
     // the faults left behind unread (it checks current copies only), and
     // what it hands to resync is repaired.
-    // Copies held outside the placement: every one must be freed.
+    // Copies held outside the placement, and chunks of groups a disk is
+    // no longer in: every one must be freed.
     let strays = || async {
         let v = zone.service.vdisk(DS, NAME).await.expect("vdisk").vdisk;
+        let stripes = v.placement.groups.len().max(1) as u64;
         let mut out = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             for [disk, vd] in n.copies() {
-                if vd == v.uuid && !v.placement.holds(disk) {
+                if vd != v.uuid {
+                    continue;
+                }
+                let stray_group = || {
+                    n.chunks_of(disk, vd)
+                        .iter()
+                        .any(|c| !v.placement.groups[(c % stripes) as usize].contains(&disk))
+                };
+                if !v.placement.holds(disk) || stray_group() {
                     out.push((i, disk));
                 }
             }
         }
-        (out, v.released)
+        let mut released = v.released;
+        released.extend(v.released_groups.iter().map(|r| r.disk));
+        (out, released)
     };
     // Healthy, the writer on the zone's placement, every move finished,
     // every moved copy freed.

@@ -101,6 +101,7 @@ impl Cluster {
                     disks: Vec::new(),
                     vdisks: Vec::new(),
                     usage: None,
+                    freed_groups: Vec::new(),
                     copies: self.nodes[i].copies(),
                 },
             )
@@ -328,6 +329,30 @@ fn a_second_move_onto_a_target_being_filled_copies_its_group_too() {
                     vdisks: Vec::new(),
                     copies: Vec::new(),
                     usage: None,
+                    freed_groups: Vec::new(),
+                },
+            )
+            .await
+            .expect("heartbeat");
+        // t is 85 % full: no room for a shed (y, full, would shed its g1
+        // copy onto it), yet a drain, which must happen, takes it.
+        let tn = c.node_of(t);
+        c.zone
+            .service
+            .heartbeat(
+                c.nodes[tn].uuid,
+                Heartbeat {
+                    lease: c.leases[tn],
+                    disks: vec![RegisterDisk {
+                        uuid: t,
+                        path: format!("/sim/{tn}"),
+                        capacity: c.chunks * CHUNK * 100,
+                        used: c.chunks * CHUNK * 85,
+                    }],
+                    vdisks: Vec::new(),
+                    copies: Vec::new(),
+                    usage: None,
+                    freed_groups: Vec::new(),
                 },
             )
             .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_api_client::{ApiClient, ApiError};
-use tessera_zone::service::{CopyUsage, Heartbeat, RegisterDisk, RegisterNode};
+use tessera_zone::service::{CopyUsage, GroupsToFree, Heartbeat, RegisterDisk, RegisterNode};
 use uuid::Uuid;
 
 use crate::config::NodeIdentity;
@@ -25,6 +25,8 @@ struct Link {
     advertise: Advertise,
     disks: Arc<DiskSet>,
     interval: Duration,
+    /// Groups freed since the last heartbeat that said so.
+    freed_groups: Vec<GroupsToFree>,
 }
 
 /// Where clients find the node, as registered in the zone.
@@ -55,6 +57,7 @@ impl ZoneLink {
             advertise,
             disks,
             interval,
+            freed_groups: Vec::new(),
         };
         let task = tokio::spawn(async move {
             let mut lease: Option<u64> = None;
@@ -194,9 +197,12 @@ impl Link {
                     vdisks,
                     copies,
                     usage: Some(self.copy_usage()),
+                    freed_groups: self.freed_groups.clone(),
                 },
             )
             .await?;
+        // The zone has them (it forgets what it asked us to free).
+        self.freed_groups.clear();
         for orphan in reply.orphans {
             let disks = self.disks.clone();
             let freed = tokio::task::spawn_blocking(move || {
@@ -217,6 +223,32 @@ impl Link {
                 .await
                 .unwrap_or(0);
             tracing::info!(%vdisk, %disk, extents = freed, "freed a copy that moved to another disk");
+        }
+        for f in reply.free_groups {
+            let Some(d) = self.disks.iter().find(|d| d.uuid() == f.disk).cloned() else {
+                continue;
+            };
+            let (stripes, groups, vdisk) = (f.stripes, f.groups.clone(), f.vdisk);
+            // Durable before the zone forgets it asked (else a power loss
+            // could bring the chunks back with nobody left to free them).
+            let freed = tokio::task::spawn_blocking(move || {
+                let chunks = d.free_moved_groups(vdisk, stripes, &groups)?;
+                d.flush()?;
+                Ok::<_, tessera_chunkstore::Error>(chunks)
+            })
+            .await;
+            match freed {
+                Ok(Ok(chunks)) => {
+                    tracing::info!(vdisk = %f.vdisk, disk = %f.disk, groups = ?f.groups, chunks, "freed placement groups that moved to another disk");
+                    self.freed_groups.push(f);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(vdisk = %f.vdisk, disk = %f.disk, groups = ?f.groups, %error, "could not free placement groups that moved away (asked again at the next heartbeat)");
+                }
+                Err(error) => {
+                    tracing::warn!(vdisk = %f.vdisk, %error, "freeing placement groups failed");
+                }
+            }
         }
         Ok(())
     }

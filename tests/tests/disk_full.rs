@@ -93,7 +93,7 @@ fn used(disks: &[Disk], disk: uuid::Uuid) -> u64 {
 fn usage(disks: &[Disk]) -> Vec<String> {
     disks
         .iter()
-        .map(|d| format!("{}/{}", d.used, d.capacity))
+        .map(|d| format!("{}: {}/{}", d.uuid, d.used, d.capacity))
         .collect()
 }
 
@@ -402,6 +402,148 @@ async fn a_full_disk_fails_only_writes_that_need_space_and_takes_no_copy_away() 
         "every copy of a is current after space was freed"
     );
     assert_zone_healthy(&zone, "ds", "a", "after space was freed").await;
+    a.close().await.expect("close");
+    eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Two nodes with 64 MiB disks hold vDisk a (mirrors=2, 4 stripes) until
+/// both are full: writes into new space fail with NoSpace. A third node's
+/// disk joins the datastore: the full disks shed copies onto it (one at a
+/// time each, never filling it past 80 %), and writes into new space
+/// succeed again while the writer keeps running, with nothing written
+/// before lost and every copy current in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_added_to_a_full_datastore_lets_writes_resume() {
+    let t0 = Instant::now();
+    let mut zone = TestZone::start_formatted(2, 64 * MIB, 3).await;
+    let first = [zone.disk_of_node(0).await, zone.disk_of_node(1).await];
+    zone.api
+        .create_datastore(&CreateDatastore {
+            name: "ds".into(),
+            mirrors: 2,
+            stripes: Some(4),
+            disks: Some(first.to_vec()),
+        })
+        .await
+        .expect("create datastore");
+    zone.vdisk("ds", "a", 256 * MIB).await;
+    let a = zone.open("ds", "a").await;
+
+    // Fill both disks: every copy is on one of them.
+    let mut cursor = 0;
+    let filled = fill(&a, &mut cursor, 11).await;
+    eprintln!(
+        "filled {} MiB of vDisk a in {:.1} s",
+        filled / MIB,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        filled >= 32 * MIB,
+        "the 64 MiB disks took at least 32 MiB before they filled (took {filled} bytes)"
+    );
+    a.flush().await.expect("flush on a full datastore");
+    // Four chunks: one in each group.
+    let new_space = 192 * MIB;
+    let new_data = pattern(12, new_space, 4 * MIB as usize);
+    assert!(
+        matches!(
+            a.write(new_space, &new_data).await,
+            Err(VolumeError::NoSpace { .. })
+        ),
+        "with both disks full, a write into new space fails with NoSpace"
+    );
+
+    // A third node; its disk joins the datastore.
+    let n = zone.add_node();
+    zone.wait_nodes_up(3).await;
+    let added = zone.disk_of_node(n).await;
+    zone.api
+        .add_datastore_disk("ds", added)
+        .await
+        .expect("add the disk to the datastore");
+    let view = zone.api.datastore("ds").await.expect("datastore view");
+    eprintln!("datastore after the disk joined: {:?}", view.space);
+
+    // Writes into new space resume once the full disks shed copies.
+    let start = Instant::now();
+    let mut refused = 0;
+    loop {
+        match a.write(new_space, &new_data).await {
+            Ok(()) => break,
+            Err(VolumeError::NoSpace { .. }) => refused += 1,
+            Err(e) => panic!(
+                "while the full disks shed copies, a write fails only with NoSpace, got: {e}"
+            ),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "writes into new space did not resume within 120 s of a disk joining: disks {:?}, placement {:?}",
+            usage(&zone.api.disks().await.expect("disks")),
+            zone.api.vdisk("ds", "a").await.expect("vdisk").vdisk.placement
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "a write into new space succeeded {:.1} s after the disk joined ({refused} refused before)",
+        start.elapsed().as_secs_f64()
+    );
+    a.flush().await.expect("flush after writes resumed");
+
+    // The moves finish; the zone says healthy; the new disk holds copies.
+    let start = Instant::now();
+    loop {
+        let v = zone.api.vdisk("ds", "a").await.expect("vdisk view");
+        if v.vdisk.placement.moves.is_empty() && v.health == Health::Healthy && a.all_current() {
+            assert!(
+                v.vdisk.placement.holds(added),
+                "the new disk holds copies of a: {:?}",
+                v.vdisk.placement
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the shed moves did not finish: {:?}, health {:?}",
+            v.vdisk.placement,
+            v.health
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let disks = zone.api.disks().await.expect("disks");
+    eprintln!(
+        "disks after the moves (used/capacity): {:?}; the new disk is {added}",
+        usage(&disks)
+    );
+    for d in first {
+        let cap = disks
+            .iter()
+            .find(|x| x.uuid == d)
+            .map(|x| x.capacity)
+            .expect("disk known");
+        assert!(
+            used(&disks, d) * 10 < cap * 9,
+            "the full disks shed below 90 %: their nodes freed the groups that moved away: {:?}",
+            usage(&disks)
+        );
+    }
+    assert!(
+        used(&disks, added) * 10 <= 64 * MIB * 8 + 4 * MIB * 10,
+        "a shed fills its target to at most 80 % (and then the guest writes): {:?}",
+        usage(&disks)
+    );
+
+    // Nothing written before is lost, on any copy.
+    for off in (0..cursor).step_by(MIB as usize) {
+        let len = (cursor - off).min(MIB);
+        assert_every_copy(
+            &a,
+            off,
+            &pattern(11, off, len as usize),
+            "data written before the datastore filled",
+        )
+        .await;
+    }
+    assert_every_copy(&a, new_space, &new_data, "the write that resumed").await;
     a.close().await.expect("close");
     eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -242,6 +242,8 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
         total / groups.max(1)
     };
     let mut shedding: HashSet<Uuid> = HashSet::new();
+    // Room counts what this call plans too.
+    let mut space = input.space.clone();
     let mut out = Vec::new();
     for (g, members) in input.groups.iter().enumerate() {
         let g32 = g as u32;
@@ -254,7 +256,7 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
             .map_or(&[], |v| v.as_slice());
         let shedder = members
             .iter()
-            .find(|d| input.space.may_shed.contains(d) && !shedding.contains(*d));
+            .find(|d| space.may_shed.contains(d) && !shedding.contains(*d));
         let (from, forced, shed) = match members.iter().find(|d| is_gone(d)) {
             Some(d) => (*d, true, false),
             None => match shedder {
@@ -282,7 +284,7 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
         // only one with room for the copy (and a shed never one that
         // would shed it on).
         let acceptable = |c: &PlacementDisk| {
-            fits(c) && (forced || (input.space.has_room(c, bytes) && !over_shed_line(c)))
+            fits(c) && (forced || (space.has_room(c, bytes) && !over_shed_line(c)))
         };
         // Prefer where placement would put it; a forced move or a shed
         // takes the best-ranked disk that is acceptable when the ideal one
@@ -309,6 +311,7 @@ pub fn plan_moves(input: &MovePlanInput<'_>) -> Vec<PlannedMove> {
             if shed {
                 shedding.insert(from);
             }
+            *space.incoming.entry(to.disk).or_insert(0) += bytes;
             out.push(PlannedMove {
                 group: g32,
                 from,
@@ -1258,6 +1261,50 @@ mod tests {
         assert!(
             blocked > 20,
             "only {blocked} vDisks rebalanced onto the new disk"
+        );
+    }
+
+    #[test]
+    fn moves_planned_in_one_call_count_against_their_targets_room() {
+        let policy = mirror(2, 8);
+        let mut disks = pool(2, 1, 100 * GB);
+        let vdisk = id(10 << 64);
+        let groups = place(vdisk, &policy, &disks).expect("placeable");
+        for d in disks.iter_mut() {
+            d.used = 95 * GB;
+        }
+        let new = PlacementDisk {
+            disk: id(9000),
+            node: id(99),
+            capacity: 100 * GB,
+            used: 50 * GB,
+            up: true,
+        };
+        disks.push(new);
+        let space = SpaceInput {
+            copy_bytes: copy_bytes(&groups, 10 * GB),
+            may_shed: disks[..2].iter().map(|d| d.disk).collect(),
+            incoming: HashMap::new(),
+        };
+        let moves = plan_space(vdisk, &policy, &groups, &disks, &space);
+        let onto: u64 = moves
+            .iter()
+            .filter(|m| m.to == new.disk)
+            .map(|m| m.bytes)
+            .sum();
+        assert!(
+            onto <= 30 * GB,
+            "50 GB used + {onto} bytes planned passes 80 GB: {moves:?}"
+        );
+        assert_eq!(
+            moves.iter().filter(|m| m.shed).count(),
+            2,
+            "each full disk sheds one copy: {moves:?}"
+        );
+        assert_eq!(
+            onto,
+            30 * GB,
+            "the room left takes a third copy (a rebalance): {moves:?}"
         );
     }
 

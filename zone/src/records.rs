@@ -380,6 +380,20 @@ pub struct Vdisk {
     /// this vDisk again until their node reports it freed.
     #[serde(default)]
     pub released: Vec<Uuid>,
+    /// Placement groups whose copy on a disk moved away while the disk
+    /// keeps other groups of this vDisk: its node frees their chunks and
+    /// says so; placement does not choose the disk for this vDisk again
+    /// until then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released_groups: Vec<ReleasedGroup>,
+}
+
+/// A placement group whose copy on `disk` moved away (see
+/// [`Vdisk::released_groups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReleasedGroup {
+    pub disk: Uuid,
+    pub group: u32,
 }
 
 /// Chunks per activity-log extent (16 MiB with 1 MiB chunks).
@@ -775,6 +789,7 @@ mod tests {
             dirty: vec![],
             activity: vec![],
             released: vec![],
+            released_groups: vec![],
         }
     }
 

@@ -77,6 +77,22 @@ pub struct Heartbeat {
     /// say). Kept in the API server's memory only, never in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Vec<CopyUsage>>,
+    /// Groups of [`HeartbeatReply::free_groups`] the node has freed since
+    /// its last heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freed_groups: Vec<GroupsToFree>,
+}
+
+/// Placement groups of one vDisk's copy on one disk that moved away while
+/// the disk keeps the vDisk's other groups: the node frees the chunks of
+/// those groups (chunk `c` is in group `c % stripes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsToFree {
+    pub disk: Uuid,
+    pub vdisk: Uuid,
+    pub stripes: u32,
+    pub groups: Vec<u32>,
 }
 
 /// The space one disk gives one vDisk, as its node reports it.
@@ -160,6 +176,11 @@ pub struct HeartbeatReply {
     /// (moved away): the node frees them on that disk.
     #[serde(default)]
     pub free: Vec<[Uuid; 2]>,
+    /// Groups of copies of [`Heartbeat::copies`] that moved away while
+    /// their disk keeps other groups of the vDisk: the node frees them and
+    /// lists them in its next heartbeat's [`Heartbeat::freed_groups`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free_groups: Vec<GroupsToFree>,
 }
 
 /// Whether a vDisk has every copy its policy requires.
@@ -675,8 +696,14 @@ impl ZoneService {
         }
         // Also with no copies: a node that freed its last moved copy
         // reports none, which is what lets `released` forget it.
-        let free = self.copies_to_free(&record, &hb.copies).await?;
-        Ok(HeartbeatReply { orphans, free })
+        let (free, free_groups) = self
+            .copies_to_free(&record, &hb.copies, &hb.freed_groups)
+            .await?;
+        Ok(HeartbeatReply {
+            orphans,
+            free,
+            free_groups,
+        })
     }
 
     /// Every host of the zone.
@@ -982,6 +1009,7 @@ impl ZoneService {
             dirty: Vec::new(),
             activity: Vec::new(),
             released: Vec::new(),
+            released_groups: Vec::new(),
         };
         let key = keys::vdisk(ds_name, name);
         if self.create(&key, &vdisk).await?.is_some() {
@@ -1916,6 +1944,7 @@ mod tests {
             vdisks: Vec::new(),
             copies: Vec::new(),
             usage: None,
+            freed_groups: Vec::new(),
         }
     }
 

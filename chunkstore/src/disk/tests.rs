@@ -592,6 +592,76 @@ fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole() {
 }
 
 #[test]
+fn groups_freed_after_they_moved_read_as_an_error_until_set_whole_and_the_rest_stays() {
+    let (_dir, _path, disk) = new_disk();
+    let w = Uuid::from_u128(2);
+    // 4 stripes; chunks 0..8 written: groups 1 and 3 move away.
+    for c in 0..8 {
+        disk.write(V, c, 0, &[c as u8 + 1; 4096], 4).unwrap();
+    }
+    disk.write(w, 1, 0, &[9; 4096], 1).unwrap();
+    assert!(matches!(
+        disk.free_moved_groups(V, 4, &[4]),
+        Err(Error::InvalidGroups { stripes: 4 })
+    ));
+    assert!(matches!(
+        disk.free_moved_groups(V, 0, &[]),
+        Err(Error::InvalidGroups { stripes: 0 })
+    ));
+    assert_eq!(disk.free_moved_groups(V, 4, &[1, 3]).unwrap(), 4);
+    assert_eq!(
+        disk.free_moved_groups(V, 4, &[1, 3]).unwrap(),
+        0,
+        "idempotent"
+    );
+    assert_eq!(
+        disk.epoch(V),
+        4,
+        "the disk keeps the vDisk (its other groups)"
+    );
+    let mut buf = vec![0u8; 4096];
+    for c in [1, 3, 5, 7, 9, 11] {
+        let e = disk.read(V, c, 0, &mut buf).unwrap_err();
+        assert!(
+            matches!(e, Error::OwnershipUnknown { chunk, .. } if chunk == c) && e.is_bad_copy(),
+            "chunk {c} of a freed group: {e:?}"
+        );
+    }
+    for c in [0, 2, 4, 6] {
+        disk.read(V, c, 0, &mut buf).unwrap();
+        assert_eq!(buf, vec![c as u8 + 1; 4096], "chunk {c} of a kept group");
+    }
+    assert_eq!(
+        read_all(&disk, V, 8),
+        vec![0; ES as usize],
+        "never written, kept group: zeros"
+    );
+    // The kept groups take writes as before; a freed group only whole chunks.
+    disk.write(V, 2, 0, &[7; 4096], 4).unwrap();
+    assert!(matches!(
+        disk.write(V, 1, 0, &[5; 4096], 4),
+        Err(Error::OwnershipUnknown { .. })
+    ));
+    disk.write(V, 1, 0, &vec![6; ES as usize], 5).unwrap();
+    assert_eq!(read_all(&disk, V, 1), vec![6; ES as usize], "set whole");
+    assert!(disk.read(V, 3, 0, &mut buf).is_err(), "still unknown");
+    // Freeing group 1 again (its copy moved away once more) makes chunk 1
+    // uncertain again.
+    assert_eq!(disk.free_moved_groups(V, 4, &[1]).unwrap(), 1);
+    assert!(disk.read(V, 1, 0, &mut buf).is_err(), "freed again");
+    // Other vDisks are untouched.
+    assert_eq!(read_all(&disk, w, 1)[..4096], [9; 4096]);
+    // The whole copy moving away later covers every chunk.
+    disk.free_moved_copy(V).unwrap();
+    assert!(disk.read(V, 0, 0, &mut buf).is_err());
+}
+
+#[test]
+fn groups_freed_after_they_moved_read_as_an_error_until_set_whole_and_the_rest_stays_v3() {
+    v3(groups_freed_after_they_moved_read_as_an_error_until_set_whole_and_the_rest_stays);
+}
+
+#[test]
 fn a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole_v3() {
     v3(a_copy_freed_after_it_moved_reads_as_an_error_until_set_whole);
 }

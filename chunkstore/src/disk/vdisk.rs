@@ -193,6 +193,57 @@ impl Disk {
         self.free_vdisk(vdisk, true)
     }
 
+    /// Frees the chunks of placement groups `groups` of the vDisk's copy
+    /// on this disk (chunk `c` is in group `c % stripes`) because they
+    /// moved to another disk, while the disk keeps the vDisk's other
+    /// groups (and its epoch). As with [`Disk::free_moved_copy`], until
+    /// this `Disk` is closed every chunk of those groups reads as
+    /// [`Error::OwnershipUnknown`] until it is set whole again. Returns the
+    /// number of chunks freed. Idempotent.
+    pub fn free_moved_groups(
+        &self,
+        vdisk: Uuid,
+        stripes: u32,
+        groups: &[u32],
+    ) -> Result<u64, Error> {
+        if stripes == 0 || groups.iter().any(|g| *g >= stripes) {
+            return Err(Error::InvalidGroups { stripes });
+        }
+        let in_groups = |c: u64| groups.contains(&((c % u64::from(stripes)) as u32));
+        loop {
+            let gate = self.state().gate(vdisk);
+            let g = write(&gate);
+            if g.retired {
+                continue;
+            }
+            // Before any chunk is freed: a read that finds a chunk gone
+            // finds it uncertain too.
+            self.state().set_groups_moved_away(vdisk, stripes, groups);
+            let mut freed = 0;
+            if let Some(t) = &self.thin {
+                let chunks = t.index().map.chunks_of(vdisk);
+                for chunk in chunks.into_iter().filter(|c| in_groups(*c)) {
+                    let key = (vdisk, chunk);
+                    let _stripe = write(self.stripe(&key));
+                    if self.thin_free(&key, 0, t.blocks_per_chunk)? > 0 {
+                        freed += 1;
+                    }
+                }
+            }
+            let chunks = self.state().chunks_of(vdisk);
+            for (chunk, _) in chunks.into_iter().filter(|(c, _)| in_groups(*c)) {
+                let key = (vdisk, chunk);
+                let _stripe = write(self.stripe(&key));
+                let mapping = self.state().lookup(&key);
+                if let Some(m) = mapping {
+                    self.free_chunk(&key, m.extent)?;
+                    freed += 1;
+                }
+            }
+            return Ok(freed);
+        }
+    }
+
     fn free_vdisk(&self, vdisk: Uuid, moved: bool) -> Result<u64, Error> {
         loop {
             let gate = self.state().gate(vdisk);

@@ -21,10 +21,10 @@ use std::collections::{HashMap, HashSet};
 
 use uuid::Uuid;
 
-use super::{Stored, ZoneService};
+use super::{GroupsToFree, Stored, ZoneService};
 use crate::placement::{over_shed_line, plan_moves, MovePlanInput, PlacementDisk, SpaceInput};
 use crate::records::keys;
-use crate::records::{Datastore, Disk, Move, MoveReason, Node, Vdisk};
+use crate::records::{Datastore, Disk, Move, MoveReason, Node, ReleasedGroup, Vdisk};
 use crate::ZoneError;
 
 /// A move the planner recorded.
@@ -84,6 +84,7 @@ impl ZoneService {
             let mut held_back: HashSet<Uuid> = HashSet::new();
             for v in &vdisks {
                 held_back.extend(v.released.iter().copied());
+                held_back.extend(v.released_groups.iter().map(|r| r.disk));
                 let bytes = copy_bytes(v);
                 for m in &v.placement.moves {
                     if m.reason == MoveReason::Shed {
@@ -123,7 +124,12 @@ impl ZoneService {
                     }
                 }
                 let moving: Vec<u32> = v.placement.moves.iter().map(|m| m.group).collect();
-                let excluded: HashSet<Uuid> = v.released.iter().copied().collect();
+                let excluded: HashSet<Uuid> = v
+                    .released
+                    .iter()
+                    .copied()
+                    .chain(v.released_groups.iter().map(|r| r.disk))
+                    .collect();
                 space.copy_bytes = copy_bytes(&v);
                 let planned = plan_moves(&MovePlanInput {
                     vdisk: v.uuid,
@@ -164,7 +170,7 @@ impl ZoneService {
                             }
                             tracing::info!(
                                 vdisk = %format!("{}/{}", ds.name, v.name),
-                                group = mv.group, from = %mv.from, to = %mv.to, ?reason,
+                                group = mv.group, from = %mv.from, to = %mv.to, ?reason, bytes = p.bytes,
                                 "copy move planned"
                             );
                             recorded.push(RecordedMove {
@@ -195,7 +201,8 @@ impl ZoneService {
                         && !v.placement.moves.iter().any(|m| m.group == mv.group)
                         && v.placement.groups[g].contains(&mv.from)
                         && !v.placement.groups[g].contains(&mv.to)
-                        && !v.released.contains(&mv.to);
+                        && !v.released.contains(&mv.to)
+                        && !v.released_groups.iter().any(|r| r.disk == mv.to);
                     if !ok {
                         return Ok(false);
                     }
@@ -325,34 +332,66 @@ impl ZoneService {
     /// Which of the copies a node reports (disk, vDisk) it must free: the
     /// vDisk is deleted, or the disk is in none of its groups (moved away;
     /// recorded in `released` first, atomically with that check). Also
-    /// forgets released disks of this node that it no longer reports.
+    /// forgets released disks of this node that it no longer reports. And
+    /// which groups of copies it keeps it must free (`released_groups`:
+    /// moved away while the disk keeps other groups), forgetting those the
+    /// node says it freed (`freed`). Both wait until the writer settled on
+    /// a placement without them (or lost its lease).
     pub(super) async fn copies_to_free(
         &self,
         node: &Node,
         copies: &[[Uuid; 2]],
-    ) -> Result<Vec<[Uuid; 2]>, ZoneError> {
+        freed: &[GroupsToFree],
+    ) -> Result<(Vec<[Uuid; 2]>, Vec<GroupsToFree>), ZoneError> {
         let vdisks: Vec<Vdisk> = self.load_all(keys::VDISKS).await?;
         let reported: HashSet<[Uuid; 2]> = copies.iter().copied().collect();
         let mut free = Vec::new();
+        let mut free_groups = Vec::new();
         for v in &vdisks {
             let here: Vec<Uuid> = node
                 .disks
                 .iter()
                 .copied()
-                .filter(|d| reported.contains(&[*d, v.uuid]) || v.released.contains(d))
+                .filter(|d| {
+                    reported.contains(&[*d, v.uuid])
+                        || v.released.contains(d)
+                        || v.released_groups.iter().any(|r| r.disk == *d)
+                })
                 .collect();
             if here.is_empty() {
                 continue;
             }
+            let acked: Vec<ReleasedGroup> = freed
+                .iter()
+                .filter(|f| f.vdisk == v.uuid && here.contains(&f.disk))
+                .flat_map(|f| {
+                    f.groups.iter().map(|g| ReleasedGroup {
+                        disk: f.disk,
+                        group: *g,
+                    })
+                })
+                .collect();
             let outcome = self
                 .update(
                     &keys::vdisk(&v.datastore, &v.name),
                     || format!("vDisk {}/{}", v.datastore, v.name),
                     |cur: &mut Vdisk| {
                         let mut release = Vec::new();
+                        let mut groups = Vec::new();
                         if cur.uuid != v.uuid {
-                            return Ok(release);
+                            return Ok((release, groups));
                         }
+                        // A group the node freed is forgotten, unless the
+                        // disk was made its member again meanwhile (it
+                        // cannot be while released: belt and braces).
+                        cur.released_groups.retain(|r| {
+                            !acked.contains(r)
+                                || cur
+                                    .placement
+                                    .groups
+                                    .get(r.group as usize)
+                                    .is_some_and(|g| g.contains(&r.disk))
+                        });
                         // A writer still on an older placement may read the
                         // copy a newer one dropped: it is freed once the
                         // writer settled on the newer one (or lost its lease).
@@ -373,23 +412,42 @@ impl ZoneService {
                                 if !cur.released.contains(d) {
                                     cur.released.push(*d);
                                 }
+                                // The whole copy goes: its groups with it.
+                                cur.released_groups.retain(|r| r.disk != *d);
                                 release.push(*d);
                             } else if !held {
                                 cur.released.retain(|x| x != d);
+                                cur.released_groups.retain(|r| r.disk != *d);
+                            } else if !writer_behind {
+                                let mine: Vec<u32> = cur
+                                    .released_groups
+                                    .iter()
+                                    .filter(|r| r.disk == *d)
+                                    .map(|r| r.group)
+                                    .collect();
+                                if !mine.is_empty() {
+                                    groups.push(GroupsToFree {
+                                        disk: *d,
+                                        vdisk: cur.uuid,
+                                        stripes: cur.placement.groups.len() as u32,
+                                        groups: mine,
+                                    });
+                                }
                             }
                         }
-                        Ok(release)
+                        Ok((release, groups))
                     },
                 )
                 .await;
-            let release = match outcome {
-                Ok((_, release)) => release,
-                Err(ZoneError::NotFound(_)) => Vec::new(),
+            let (release, groups) = match outcome {
+                Ok((_, out)) => out,
+                Err(ZoneError::NotFound(_)) => (Vec::new(), Vec::new()),
                 Err(e) => return Err(e),
             };
             free.extend(release.iter().map(|d| [*d, v.uuid]));
+            free_groups.extend(groups);
         }
-        Ok(free)
+        Ok((free, free_groups))
     }
 }
 
@@ -410,6 +468,16 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
         if let Some(group) = v.placement.groups.get_mut(m.group as usize) {
             group.retain(|d| *d != m.from);
         }
+        // The source keeps other groups of the vDisk: its node frees only
+        // this group's chunks (a source that keeps none frees the whole
+        // copy, through `released`).
+        let left = ReleasedGroup {
+            disk: m.from,
+            group: m.group,
+        };
+        if v.placement.holds(m.from) && !v.released_groups.contains(&left) {
+            v.released_groups.push(left);
+        }
         if !v.placement.holds(m.from) {
             v.stale.retain(|d| *d != m.from);
             v.dirty.retain(|e| e.disk != m.from);
@@ -417,9 +485,20 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
             // It holds other groups: what it missed in this one no longer
             // matters (and must not pass for chunks to copy there if it is
             // made a target of this group again).
+            let had = !e.is_empty();
             e.remove_group(m.group);
             if e.is_empty() {
                 v.dirty.retain(|e| e.disk != m.from);
+                // It was stale only for chunks of the group it left (a
+                // dirty set lists everything a stale copy lacks): its
+                // other groups are whole, and its writer, which tracks
+                // each group's copy, holds them current. Left listed, the
+                // disk would be stale with nothing to resync (stale in
+                // every group, for the next writer) while no writer ever
+                // resyncs it (seed 9561 of `--nodes 5 --stripes 3`).
+                if had {
+                    v.stale.retain(|d| *d != m.from);
+                }
             }
         }
     }
@@ -492,6 +571,7 @@ mod tests {
             vdisks: Vec::new(),
             copies,
             usage: None,
+            freed_groups: Vec::new(),
         }
     }
 
@@ -1331,5 +1411,75 @@ mod tests {
             again.iter().all(|r| r.mv.from != full),
             "a second shed from the same disk while the first is under way: {again:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_source_stale_only_in_the_group_it_left_is_stale_no_more() {
+        let svc = service().await;
+        cluster(&svc, 3, 1).await;
+        svc.create_datastore(mirrors("ds", 2, Some(2)))
+            .await
+            .expect("datastore");
+        let v = svc
+            .create_vdisk(vdisk_req("ds", "vd", 4 * CHUNK_SIZE))
+            .await
+            .expect("vdisk");
+        let g = v.placement.groups.clone();
+        // Three disks, two groups of two: one disk is in both.
+        let source = *g[0].iter().find(|d| g[1].contains(d)).expect("shared");
+        let target = (1..=3)
+            .map(|n| disk_id(n, 0))
+            .find(|d| !g[0].contains(d))
+            .expect("a disk outside group 0");
+        let session = svc
+            .open_vdisk("ds", "vd", open_req("hv1", 60_000, false))
+            .await
+            .expect("opens")
+            .session;
+        // The source missed chunk 2 (group 0): stale.
+        svc.mark_stale(
+            "ds",
+            "vd",
+            crate::service::MarkStale {
+                session,
+                disks: vec![source],
+                chunks: vec![2],
+            },
+        )
+        .await
+        .expect("stale");
+        assert_eq!(
+            svc.vdisk("ds", "vd").await.expect("vd").vdisk.stale,
+            vec![source]
+        );
+        // Group 0's copy moves off it, and the move finishes.
+        let mv = Move {
+            group: 0,
+            from: source,
+            to: target,
+            reason: MoveReason::Rebalance,
+        };
+        assert!(svc.record_move("ds", "vd", mv).await.expect("recorded"));
+        svc.mark_clean(
+            "ds",
+            "vd",
+            MarkClean {
+                session,
+                disk: target,
+                chunks: vec![0, 2],
+                complete: true,
+            },
+        )
+        .await
+        .expect("the target is complete");
+        let view = svc.vdisk("ds", "vd").await.expect("vd");
+        assert!(view.vdisk.placement.holds(source), "it keeps group 1");
+        assert_eq!(
+            view.vdisk.stale,
+            Vec::<Uuid>::new(),
+            "what it missed was in the group it left: its group-1 copy is whole"
+        );
+        assert!(view.vdisk.dirty.is_empty(), "{:?}", view.vdisk.dirty);
+        assert_eq!(view.health, Health::Healthy);
     }
 }

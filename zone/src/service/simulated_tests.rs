@@ -148,6 +148,7 @@ async fn nodes_go_down_when_simulated_time_passes_their_ttl() {
                 copies: vec![],
                 vdisks: vec![],
                 usage: None,
+                freed_groups: Vec::new(),
             },
         )
         .await
