@@ -219,29 +219,35 @@ impl Disk {
             // Before any chunk is freed: a read that finds a chunk gone
             // finds it uncertain too.
             self.state().set_groups_moved_away(vdisk, stripes, groups);
-            let mut freed = 0;
-            if let Some(t) = &self.thin {
-                let chunks = t.index().map.chunks_of(vdisk);
-                for chunk in chunks.into_iter().filter(|c| in_groups(*c)) {
-                    let key = (vdisk, chunk);
-                    let _stripe = write(self.stripe(&key));
-                    if self.thin_free(&key, 0, t.blocks_per_chunk)? > 0 {
-                        freed += 1;
-                    }
-                }
-            }
-            let chunks = self.state().chunks_of(vdisk);
-            for (chunk, _) in chunks.into_iter().filter(|(c, _)| in_groups(*c)) {
+            return self.free_chunks_of(vdisk, in_groups);
+        }
+    }
+
+    /// Frees the vDisk's chunks that `which` selects (the caller holds the
+    /// vDisk's gate exclusively); returns how many held space.
+    fn free_chunks_of(&self, vdisk: Uuid, which: impl Fn(u64) -> bool) -> Result<u64, Error> {
+        let mut freed = 0;
+        if let Some(t) = &self.thin {
+            let chunks = t.index().map.chunks_of(vdisk);
+            for chunk in chunks.into_iter().filter(|c| which(*c)) {
                 let key = (vdisk, chunk);
                 let _stripe = write(self.stripe(&key));
-                let mapping = self.state().lookup(&key);
-                if let Some(m) = mapping {
-                    self.free_chunk(&key, m.extent)?;
+                if self.thin_free(&key, 0, t.blocks_per_chunk)? > 0 {
                     freed += 1;
                 }
             }
-            return Ok(freed);
         }
+        let chunks = self.state().chunks_of(vdisk);
+        for (chunk, _) in chunks.into_iter().filter(|(c, _)| which(*c)) {
+            let key = (vdisk, chunk);
+            let _stripe = write(self.stripe(&key));
+            let mapping = self.state().lookup(&key);
+            if let Some(m) = mapping {
+                self.free_chunk(&key, m.extent)?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
     }
 
     fn free_vdisk(&self, vdisk: Uuid, moved: bool) -> Result<u64, Error> {
@@ -256,27 +262,7 @@ impl Disk {
             self.state().set_moved_away(vdisk, moved);
             // No write of this vDisk is in flight (we hold its gate), so every
             // mapping is committed and stays put.
-            let mut freed = 0;
-            if let Some(t) = &self.thin {
-                let chunks = t.index().map.chunks_of(vdisk);
-                for chunk in chunks {
-                    let key = (vdisk, chunk);
-                    let _stripe = write(self.stripe(&key));
-                    if self.thin_free(&key, 0, t.blocks_per_chunk)? > 0 {
-                        freed += 1;
-                    }
-                }
-            }
-            let chunks = self.state().chunks_of(vdisk);
-            for (chunk, _) in chunks {
-                let key = (vdisk, chunk);
-                let _stripe = write(self.stripe(&key));
-                let mapping = self.state().lookup(&key);
-                if let Some(m) = mapping {
-                    self.free_chunk(&key, m.extent)?;
-                    freed += 1;
-                }
-            }
+            let freed = self.free_chunks_of(vdisk, |_| true)?;
             let damaged = self.state().take_suspects_of(vdisk);
             self.free_damaged(&damaged);
             let slot = self.state().slot(vdisk);
