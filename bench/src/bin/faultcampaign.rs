@@ -2089,6 +2089,10 @@ impl Run {
     /// files and checks the stored block checksums, the model and that the
     /// copies are equal. The vhost process must be stopped.
     fn inspect_copies(&mut self, what: &str) {
+        // Moves (a full disk's sheds, and the rebalances back once it has
+        // room again) change which disks hold what: inspect a placement
+        // that stayed the same, with no move, for 3 s.
+        self.wait_placement_settled(what);
         let r = self.inspect_copies_inner(what);
         if let Err(e) = r {
             self.sh.violation(
@@ -2096,6 +2100,34 @@ impl Run {
                 format!("{what}: cannot inspect the copies: {e:#}"),
             );
         }
+    }
+
+    /// Waits (at most [`HEAL`]) until the vDisk's placement has had no move
+    /// and the same version for 3 s; notes it if it never settles.
+    fn wait_placement_settled(&mut self, what: &str) {
+        let start = Instant::now();
+        let mut seen: Option<(Value, Instant)> = None;
+        while start.elapsed() < HEAL {
+            if let Ok(v) = self.show() {
+                let version = v["placement"]["version"].clone();
+                let moving = v["placement"]["moves"]
+                    .as_array()
+                    .is_some_and(|m| !m.is_empty());
+                match &seen {
+                    _ if moving => seen = None,
+                    Some((old, since)) if *old == version => {
+                        if since.elapsed() >= Duration::from_secs(3) {
+                            return;
+                        }
+                    }
+                    _ => seen = Some((version, Instant::now())),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.note(format!(
+            "{what}: the placement kept changing for {HEAL:?}; copies inspected anyway"
+        ));
     }
 
     /// The vDisk's placement groups (disk uuids, in copy order).
@@ -2466,7 +2498,15 @@ impl Run {
             }
         };
         let stale = v["stale"].as_array().map_or(0, Vec::len);
-        let repair = v["repair"].as_array().map_or(0, Vec::len);
+        // A nearly full disk sheds copies onto disks with room: a move's
+        // target is being filled, which takes no copy away.
+        let targets: Vec<&Value> = v["placement"]["moves"]
+            .as_array()
+            .map(|m| m.iter().map(|m| &m["to"]).collect())
+            .unwrap_or_default();
+        let repair = v["repair"].as_array().map_or(0, |r| {
+            r.iter().filter(|c| !targets.contains(&&c["disk"])).count()
+        });
         if v["health"] == "healthy" && stale == 0 && repair == 0 {
             return true;
         }
