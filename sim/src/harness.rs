@@ -39,6 +39,9 @@ pub struct Shape {
     pub chunk_size: u64,
     /// Seeds the zone's ids (and so the placement) and the nodes' delays.
     pub seed: u64,
+    /// The nodes keep activity marks (protocol version 5); else the vDisk's
+    /// activity log is in the zone.
+    pub node_marks: bool,
 }
 
 impl Default for Shape {
@@ -50,6 +53,7 @@ impl Default for Shape {
             chunks: 32,
             chunk_size: 64 << 10,
             seed: 1,
+            node_marks: false,
         }
     }
 }
@@ -95,6 +99,7 @@ impl Cluster {
             shape.chunks,
             shape.chunk_size,
             |i| seed.wrapping_add(i as u64),
+            |_| shape.node_marks,
         )
         .await;
         let vdisk = create_vdisk(
@@ -238,6 +243,10 @@ pub async fn drain(service: &ZoneService, disk: Uuid) -> Vec<RecordedMove> {
         .expect("moves planned")
 }
 
+/// Chunks per activity extent of the simulated nodes' marks (the
+/// protocol's 256 would make a simulated vDisk one extent).
+pub const SIM_EXTENT_CHUNKS: u64 = 8;
+
 /// Simulated nodes of one disk each, registered with the zone by
 /// [`build_nodes`]; entry `i` of each list is node `i`'s.
 #[derive(Default)]
@@ -257,6 +266,9 @@ pub struct Nodes {
 /// `seed`, its address is `10.99.0.{i + 1}:7000` and its host
 /// `sim-host-{i}`, its disk holds `chunks` chunks of `chunk_size` bytes, and
 /// `delays(i)` (called just before node `i` is built) seeds its delays.
+/// Node `i` registers the protocol version that keeps activity marks if
+/// `keeps_marks(i)`, else the one before it (a node not yet upgraded: a
+/// vDisk with a copy on it keeps its activity log in the zone).
 /// The uuids, addresses, seeds and the order of registrations are what a
 /// seed replays: changing any of them changes every seed's schedule.
 pub async fn build_nodes(
@@ -266,7 +278,10 @@ pub async fn build_nodes(
     chunks: u64,
     chunk_size: u64,
     mut delays: impl FnMut(usize) -> u64,
+    keeps_marks: impl Fn(usize) -> bool,
 ) -> Nodes {
+    // Small extents, so that a simulated vDisk has several.
+    tessera_proto::set_activity_extent_chunks(SIM_EXTENT_CHUNKS);
     let mut built = Nodes::default();
     for i in 0..count {
         let uuid = Uuid::from_u64_pair(seed, 0x100 + i as u64);
@@ -284,7 +299,11 @@ pub async fn build_nodes(
                 capacity: chunks * chunk_size,
                 used: 0,
             }],
-            protocol: None,
+            protocol: Some(if keeps_marks(i) {
+                tessera_proto::PROTOCOL_MARKS
+            } else {
+                tessera_proto::PROTOCOL_MARKS - 1
+            }),
         };
         let registered = service
             .register_node(registration.clone())

@@ -18,6 +18,15 @@
 //! crashed meanwhile. Its caller stops waiting after the I/O timeout, but
 //! the request stays queued and may still run later — the case that makes
 //! late writes land after a resync.
+//!
+//! A node keeps activity marks for a client whose link says it keeps them
+//! (protocol version 5, [`NodeAddr::marks`]), as the real node's mark
+//! store does: a write or zero marks its extent for the writer's epoch
+//! when it reaches the node — durably, before it runs, so the marks
+//! survive a crash and a power loss — a fence reply lists the vDisk's
+//! marks, and `Unmark` clears them. [`SimNode::lose_marks`] is the store
+//! found damaged at a restart: every extent of every vDisk is in doubt
+//! until a writer clears a vDisk's marks as a whole.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -326,6 +335,54 @@ struct NodeState {
     next_rule: u64,
     /// Requests waiting on a hold rule now.
     held: usize,
+    /// Activity marks: `(vDisk, extent) → epoch` (see the module doc).
+    marks: BTreeMap<(Uuid, u64), u64>,
+    /// The marks were lost: every vDisk not in `known` is wholly in doubt.
+    marks_lost: bool,
+    /// vDisks whose marks a writer cleared as a whole since they were lost.
+    known: BTreeSet<Uuid>,
+}
+
+impl NodeState {
+    /// Marks the extent `op` changes for its epoch (a mark keeps the larger).
+    fn mark(&mut self, op: &Op) {
+        let (Op::Write {
+            vdisk,
+            chunk,
+            epoch,
+            ..
+        }
+        | Op::Zero {
+            vdisk,
+            chunk,
+            epoch,
+            ..
+        }) = op
+        else {
+            return;
+        };
+        let extent = chunk / tessera_proto::activity_extent_chunks();
+        let e = self.marks.entry((*vdisk, extent)).or_insert(*epoch);
+        *e = (*e).max(*epoch);
+    }
+
+    /// The marks a fence reply lists for `vdisk`.
+    fn fence_marks(&self, vdisk: Uuid, reply: &mut FenceReply) {
+        if self.marks_lost && !self.known.contains(&vdisk) {
+            reply.marks_lost = true;
+            return;
+        }
+        let list: Vec<(u64, u64)> = self
+            .marks
+            .range((vdisk, 0)..=(vdisk, u64::MAX))
+            .map(|((_, x), e)| (*x, *e))
+            .collect();
+        if list.len() > tessera_proto::MAX_MARKS {
+            reply.marks_lost = true;
+        } else {
+            reply.marks = list;
+        }
+    }
 }
 
 /// Which requests a [`Rule`] applies to (every field given must match).
@@ -434,6 +491,15 @@ enum Op {
         epoch: u64,
         token: u64,
     },
+    /// Clears the marks of `extents` (all of the vDisk's if empty) whose
+    /// epoch is at most `upto`.
+    Unmark {
+        vdisk: Uuid,
+        disk: Uuid,
+        epoch: u64,
+        upto: u64,
+        extents: Vec<u64>,
+    },
     Other,
 }
 
@@ -456,7 +522,7 @@ impl Op {
             } => (OpKind::Mutation, *disk, Some(*chunk), *len == chunk_size),
             Op::Flush { disk } => (OpKind::Flush, *disk, None, false),
             Op::Fence { disk, .. } | Op::Vouch { disk, .. } => (OpKind::Fence, *disk, None, false),
-            Op::Other => return false,
+            Op::Unmark { .. } | Op::Other => return false,
         };
         m.kind.is_none_or(|k| k == kind)
             && m.disk.is_none_or(|d| d == disk)
@@ -636,6 +702,25 @@ impl SimNode {
     pub fn release(&self, id: u64) {
         self.state().rules.retain(|r| r.id != id);
         self.resumed.notify_waiters();
+    }
+
+    /// The node's activity marks are lost (its mark store found damaged at
+    /// a restart): every extent of every vDisk is in doubt until a writer
+    /// clears the vDisk's marks as a whole.
+    pub fn lose_marks(&self) {
+        let mut s = self.state();
+        s.marks.clear();
+        s.marks_lost = true;
+        s.known.clear();
+    }
+
+    /// The activity marks this node keeps for `vdisk`, `(extent, epoch)`;
+    /// `None` if they were lost and no writer cleared them since.
+    pub fn marks(&self, vdisk: Uuid) -> Option<Vec<(u64, u64)>> {
+        let s = self.state();
+        let mut reply = FenceReply::default();
+        s.fence_marks(vdisk, &mut reply);
+        (!reply.marks_lost).then_some(reply.marks)
     }
 
     /// Requests waiting on a hold rule now.
@@ -820,7 +905,7 @@ impl SimNode {
     }
 
     /// Runs one request as the node would.
-    async fn execute(self: Arc<Self>, op: Op) -> Result<Reply, ConnError> {
+    async fn execute(self: Arc<Self>, op: Op, marking: bool) -> Result<Reply, ConnError> {
         let (life, delay) = {
             let mut s = self.state();
             if !s.up {
@@ -828,6 +913,11 @@ impl SimNode {
                     addr: self.addr.clone(),
                     reason: "connection refused".into(),
                 });
+            }
+            // The mark is durable before the write runs, whatever happens
+            // to the write after it arrived.
+            if marking {
+                s.mark(&op);
             }
             // A request takes 50-250 us, plus the injected delay.
             let max = s.max_delay.as_micros() as u64;
@@ -875,14 +965,15 @@ impl SimNode {
                     if held_by.is_some() {
                         s.held -= 1;
                     }
-                    return Ok(Self::run(&mut s, op, held_by.and_then(|(_, then)| then)));
+                    let then = held_by.and_then(|(_, then)| then);
+                    return Ok(Self::run(&mut s, op, marking, then));
                 }
             }
             resumed.await;
         }
     }
 
-    fn run(s: &mut NodeState, op: Op, then_fail: Option<Status>) -> Reply {
+    fn run(s: &mut NodeState, op: Op, marking: bool, then_fail: Option<Status>) -> Reply {
         let chunk_size = s.chunk_size;
         let fail = then_fail.or_else(|| {
             let r = s.rules.iter_mut().find(|r| {
@@ -1029,7 +1120,7 @@ impl SimNode {
                     .doubt
                     .as_ref()
                     .is_some_and(|doubt| !doubt.vouched.contains(&vdisk));
-                ok(FenceReply {
+                let mut reply = FenceReply {
                     epoch,
                     same_boot,
                     doubtful,
@@ -1037,8 +1128,11 @@ impl SimNode {
                     doubted: Vec::new(),
                     marks_lost: false,
                     marks: Vec::new(),
+                };
+                if marking {
+                    s.fence_marks(vdisk, &mut reply);
                 }
-                .encode())
+                ok(reply.encode())
             }
             Op::Vouch {
                 vdisk,
@@ -1065,6 +1159,39 @@ impl SimNode {
                 }
                 if let Some(doubt) = d.doubt.as_mut() {
                     doubt.vouched.insert(vdisk);
+                }
+                ok(Vec::new())
+            }
+            Op::Unmark {
+                vdisk,
+                disk,
+                epoch,
+                upto,
+                extents,
+            } => {
+                let Some(d) = s.disks.get(&disk) else {
+                    return err(Status::NoSuchDisk, "no such disk");
+                };
+                // Fenced like a write: a writer that lost the vDisk clears nothing.
+                let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
+                if epoch < stored {
+                    return Reply {
+                        status: Status::StaleEpoch,
+                        body: stored.to_le_bytes().to_vec(),
+                    };
+                }
+                let upto = upto.min(epoch);
+                if extents.is_empty() {
+                    s.marks.retain(|&(v, _), e| v != vdisk || *e > upto);
+                    if s.marks_lost {
+                        s.known.insert(vdisk);
+                    }
+                } else {
+                    for x in extents {
+                        if s.marks.get(&(vdisk, x)).is_some_and(|e| *e <= upto) {
+                            s.marks.remove(&(vdisk, x));
+                        }
+                    }
                 }
                 ok(Vec::new())
             }
@@ -1241,6 +1368,7 @@ impl Connector for SimConnector {
             connected: Mutex::new(None),
             boot: BootGuard::new(boot),
             volatile: self.volatile.clone(),
+            marking: addr.marks,
         })
     }
 }
@@ -1254,6 +1382,8 @@ struct SimLink {
     connected: Mutex<Option<u64>>,
     boot: BootGuard,
     volatile: Arc<Mutex<Option<Volatile>>>,
+    /// The client keeps activity marks on the node (protocol version 5).
+    marking: bool,
 }
 
 impl SimLink {
@@ -1267,7 +1397,7 @@ impl SimLink {
             }
         }
         self.boot.check(&self.node.addr)?;
-        let task = tokio::spawn(self.node.clone().execute(op));
+        let task = tokio::spawn(self.node.clone().execute(op, self.marking));
         match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ConnError::Broken {
@@ -1339,6 +1469,17 @@ fn op_of(req: &Request<'_>, payload: &[&[u8]]) -> Op {
             disk: u(v.vref.disk),
             epoch: v.vref.epoch,
             token: v.token,
+        },
+        Request::Unmark(m, list) => Op::Unmark {
+            vdisk: u(m.vref.vdisk),
+            disk: u(m.vref.disk),
+            epoch: m.vref.epoch,
+            upto: m.upto,
+            extents: if m.count == 0 {
+                Vec::new()
+            } else {
+                tessera_proto::UnmarkRef::extents(list).collect()
+            },
         },
         _ => Op::Other,
     }

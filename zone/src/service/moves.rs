@@ -468,14 +468,18 @@ pub(super) fn finish_moves(v: &mut Vdisk, disk: Uuid) {
         if let Some(group) = v.placement.groups.get_mut(m.group as usize) {
             group.retain(|d| *d != m.from);
         }
-        // The source keeps other groups of the vDisk: its node frees only
-        // this group's chunks (a source that keeps none frees the whole
-        // copy, through `released`).
+        // The group's chunks on the source are to be freed: by its node
+        // freeing this group only if the source keeps other groups of the
+        // vDisk, else with the whole copy (`released`, once its node
+        // reports the copy). Listed either way, so that the source is no
+        // target of another move of this vDisk meanwhile: made a member
+        // of another group first, it would keep this group's chunks for
+        // good (seed 9933 of `--nodes 5 --stripes 3`).
         let left = ReleasedGroup {
             disk: m.from,
             group: m.group,
         };
-        if v.placement.holds(m.from) && !v.released_groups.contains(&left) {
+        if !v.released_groups.contains(&left) {
             v.released_groups.push(left);
         }
         if !v.placement.holds(m.from) {
@@ -978,6 +982,46 @@ mod tests {
                 to: d.source,
                 reason: MoveReason::Rebalance,
             }]
+        );
+    }
+
+    /// A move's source that left the vDisk is no target of another move
+    /// until its node freed the copy, also before that node reported the
+    /// copy after the move finished.
+    ///
+    /// Fails if `finish_moves` lists in `released_groups` only sources that
+    /// keep other groups: the planner moves the copy straight back onto
+    /// the source (with stripes, into another group: the old group's
+    /// chunks then stay there for good; seed 9933 of `--nodes 5 --stripes 3`).
+    #[tokio::test]
+    async fn a_source_is_no_target_before_its_node_freed_the_moved_copy() {
+        let d = drained().await;
+        let vd = d.created.uuid;
+        let source_node = node_of(d.source);
+        d.finish().await;
+        d.svc
+            .add_datastore_disk("ds", d.source)
+            .await
+            .expect("added");
+        assert_eq!(
+            d.svc.plan_moves(&none()).await.expect("planned"),
+            vec![],
+            "no move onto a source whose node has not freed the copy"
+        );
+        assert_eq!(
+            d.heartbeat(source_node, vec![[d.source, vd]]).await,
+            vec![[d.source, vd]]
+        );
+        assert_eq!(d.svc.plan_moves(&none()).await.expect("planned"), vec![]);
+        assert_eq!(d.heartbeat(source_node, Vec::new()).await, NO_COPIES);
+        let v = d.vdisk().await;
+        assert_eq!(v.released, NO_DISKS);
+        assert!(v.released_groups.is_empty());
+        let recorded = d.svc.plan_moves(&none()).await.expect("planned");
+        assert_eq!(
+            recorded.iter().map(|r| r.mv.to).collect::<Vec<_>>(),
+            vec![d.source],
+            "freed, the source may take the copy back"
         );
     }
 
