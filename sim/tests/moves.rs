@@ -45,7 +45,16 @@ impl Cluster {
             disks,
             leases,
             ..
-        } = build_nodes(&service, seed, count, chunks, CHUNK, |i| seed + i as u64, |_| true).await;
+        } = build_nodes(
+            &service,
+            seed,
+            count,
+            chunks,
+            CHUNK,
+            |i| seed + i as u64,
+            |_| true,
+        )
+        .await;
         create_vdisk(&service, 2, stripes, chunks, CHUNK).await;
         let connector = Arc::new(SimConnector::new(nodes.clone()));
         Cluster {
