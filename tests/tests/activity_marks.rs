@@ -203,21 +203,27 @@ async fn a_returning_copy_gets_the_extents_its_node_marked_for_an_earlier_writer
     a.flush().await.expect("flush");
     let epoch = a.epoch();
     drop(a); // a crash
-
-    // In flight when it crashed: a write that reached copy 1 only.
     let copies = vdisk.placement.groups[0].clone();
-    let i1 = zone.node_of_disk(&copies[1]).await;
-    let mut raw = Raw::connect(&zone.nodes[i1].listen.to_string(), 4).await;
+    let wire = tessera_tests::raw::last_wire_epoch(epoch);
+
+    // The crashed writer had cooled its extents: copy 0's node holds no
+    // mark, so the next open has nothing to reconcile there (and nothing
+    // to record for the copy it cannot fence).
+    let i0 = zone.node_of_disk(&copies[0]).await;
+    let mut raw0 = Raw::connect(&zone.nodes[i0].listen.to_string(), 5).await;
     assert_eq!(
-        raw.write(
-            vdisk.uuid,
-            copies[1],
-            7,
-            0,
-            &[0x44; 4096],
-            tessera_tests::raw::last_wire_epoch(epoch)
-        )
-        .await,
+        raw0.unmark(vdisk.uuid, copies[0], wire, &[]).await,
+        Status::Ok
+    );
+    drop(raw0);
+
+    // In flight when it crashed: a write that reached copy 1 only (and
+    // marked its extent there).
+    let i1 = zone.node_of_disk(&copies[1]).await;
+    let mut raw = Raw::connect(&zone.nodes[i1].listen.to_string(), 5).await;
+    assert_eq!(
+        raw.write(vdisk.uuid, copies[1], 7, 0, &[0x44; 4096], wire)
+            .await,
         Status::Ok
     );
     drop(raw);
