@@ -131,6 +131,16 @@ struct SimDoubt {
 }
 
 impl SimDisk {
+    /// A `StaleEpoch` reply if `epoch` is older than this disk's fence of
+    /// `vdisk` (a writer that lost the vDisk changes nothing).
+    fn refuse_stale(&self, vdisk: Uuid, epoch: u64) -> Option<Reply> {
+        let stored = self.epochs.get(&vdisk).map_or(0, |e| e.0);
+        (epoch < stored).then(|| Reply {
+            status: Status::StaleEpoch,
+            body: stored.to_le_bytes().to_vec(),
+        })
+    }
+
     fn apply(chunks: &mut BTreeMap<(Uuid, u64), Chunk>, p: &Pending, chunk_size: u64) {
         if p.frees {
             chunks.remove(&(p.vdisk, p.chunk));
@@ -1144,12 +1154,8 @@ impl SimNode {
                 let Some(d) = s.disks.get_mut(&disk) else {
                     return err(Status::NoSuchDisk, "no such disk");
                 };
-                let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
-                if epoch < stored {
-                    return Reply {
-                        status: Status::StaleEpoch,
-                        body: stored.to_le_bytes().to_vec(),
-                    };
+                if let Some(stale) = d.refuse_stale(vdisk, epoch) {
+                    return stale;
                 }
                 if token != doubt_token {
                     return err(
@@ -1172,13 +1178,9 @@ impl SimNode {
                 let Some(d) = s.disks.get(&disk) else {
                     return err(Status::NoSuchDisk, "no such disk");
                 };
-                // Fenced like a write: a writer that lost the vDisk clears nothing.
-                let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
-                if epoch < stored {
-                    return Reply {
-                        status: Status::StaleEpoch,
-                        body: stored.to_le_bytes().to_vec(),
-                    };
+                // Fenced like a write.
+                if let Some(stale) = d.refuse_stale(vdisk, epoch) {
+                    return stale;
                 }
                 let upto = upto.min(epoch);
                 if extents.is_empty() {
@@ -1212,12 +1214,8 @@ impl SimNode {
                 body: b"no such disk".to_vec(),
             };
         };
-        let stored = d.epochs.get(&vdisk).map_or(0, |e| e.0);
-        if epoch < stored {
-            return Reply {
-                status: Status::StaleEpoch,
-                body: stored.to_le_bytes().to_vec(),
-            };
+        if let Some(stale) = d.refuse_stale(vdisk, epoch) {
+            return stale;
         }
         match make(d) {
             Ok(Some(p)) => {

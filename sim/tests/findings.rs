@@ -12,7 +12,8 @@ use tessera_replicator::{VolumeError, ZoneFailure};
 mod common;
 
 use common::{
-    copy_node, each_copy, healed, read, requests, sleep, what, whats, writer_dies, writes, BLOCK,
+    assert_copies_agree, copy_node, each_copy, healed, read, requests, sleep, what, whats,
+    writer_dies, writes, BLOCK,
 };
 use tessera_sim::harness::{block, run, Cluster, Shape, DS, NAME};
 use tessera_sim::node::{Match, OpKind, Rule};
@@ -614,12 +615,7 @@ fn reconciled_copies_are_stable_before_the_log_is_cleared() {
         b.lose_power_with(false);
         b.restart();
         let v = c.open(true).await;
-        let copies = each_copy(&v, at).await;
-        assert!(
-            copies[0] == copies[1],
-            "the copies differ: {:?}",
-            whats(&copies)
-        );
+        assert_copies_agree(&v, at).await;
     });
 }
 
@@ -680,12 +676,7 @@ fn a_failed_cooling_call_leaves_the_extent_cold() {
         b.release(hold);
         b.restart();
         let v = c.open(true).await;
-        let copies = each_copy(&v, at).await;
-        assert!(
-            copies[0] == copies[1],
-            "the copies differ: {:?}",
-            whats(&copies)
-        );
+        assert_copies_agree(&v, at).await;
     });
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{copy_node, each_copy, sleep, whats, writer_dies, writes};
+use common::{assert_copies_agree, copy_node, sleep, writer_dies, writes};
 use tessera_sim::harness::{block, run, Cluster, Shape};
 use tessera_sim::node::{Rule, SimNode};
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
@@ -65,12 +65,7 @@ fn a_dead_writers_extent_is_reconciled_from_the_nodes_marks() {
         b.restart();
         let v = c.open(true).await;
         assert!(v.reconciled_chunks() > 0, "the open rewrote a copy");
-        let copies = each_copy(&v, at).await;
-        assert!(
-            copies[0] == copies[1],
-            "the copies differ: {:?}",
-            whats(&copies)
-        );
+        assert_copies_agree(&v, at).await;
     });
 }
 
@@ -124,12 +119,7 @@ fn a_node_that_lost_its_marks_puts_the_whole_vdisk_in_doubt() {
         assert_eq!(a.marks(c.vdisk), None, "the first node lost its marks");
         let v = c.open(true).await;
         assert!(v.reconciled_chunks() > 0, "the open rewrote a copy");
-        let copies = each_copy(&v, at).await;
-        assert!(
-            copies[0] == copies[1],
-            "the copies differ: {:?}",
-            whats(&copies)
-        );
+        assert_copies_agree(&v, at).await;
         assert!(
             a.marks(c.vdisk).is_some(),
             "once every copy agrees the vDisk is known again"

@@ -179,6 +179,16 @@ pub fn requests(kind: OpKind, disk: Uuid) -> Match {
     }
 }
 
+/// Asserts that every copy holds the same 4 KiB block at `offset`.
+pub async fn assert_copies_agree(v: &Volume, offset: u64) {
+    let copies = each_copy(v, offset).await;
+    assert!(
+        copies.windows(2).all(|w| w[0] == w[1]),
+        "the copies differ: {:?}",
+        whats(&copies)
+    );
+}
+
 /// The 4 KiB block at `offset` as each copy holds it, in placement order.
 pub async fn each_copy(v: &Volume, offset: u64) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
