@@ -15,7 +15,8 @@
 //!    placement version is bumped again.
 //! 4. The source's node, reporting a copy that is in no group, is told to
 //!    free it; the disk is listed in `released` until the node reports it
-//!    gone, and is never a target for this vDisk meanwhile.
+//!    gone (and in `released_groups` from the move's end until that
+//!    report), and is never a target for this vDisk meanwhile.
 
 use std::collections::{HashMap, HashSet};
 
