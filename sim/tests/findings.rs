@@ -12,8 +12,8 @@ use tessera_replicator::{VolumeError, ZoneFailure};
 mod common;
 
 use common::{
-    assert_copies_agree, copy_node, each_copy, healed, read, requests, sleep, what, whats,
-    writer_dies, writes, BLOCK,
+    assert_copies_agree, copy_node, dies_with_a_write_held, each_copy, healed, read, requests,
+    sleep, what, whats, writer_dies, writes, BLOCK,
 };
 use tessera_sim::harness::{block, run, Cluster, Shape, DS, NAME};
 use tessera_sim::node::{Match, OpKind, Rule};
@@ -196,16 +196,7 @@ fn a_copy_the_open_cannot_fence_gets_the_dead_writers_extents() {
         v.write(at, &block(1)).await.expect("write 1");
         v.flush().await.expect("flush");
         // Write 2 reaches the first copy; the second node holds it.
-        let hold = b.add_rule_times(Rule::Hold(writes(disk_b, 1)), Some(1));
-        let w = {
-            let v = v.clone();
-            tokio::spawn(async move {
-                let _ = v.write(at, &block(2)).await;
-            })
-        };
-        assert!(c.until(Duration::from_secs(1), || b.held() == 1).await);
-        sleep(5).await;
-        writer_dies(v, vec![w]).await;
+        let hold = dies_with_a_write_held(&c, v, &b, disk_b, at).await;
         b.crash();
         b.release(hold);
         assert!(first.is_up());
@@ -593,16 +584,7 @@ fn reconciled_copies_are_stable_before_the_log_is_cleared() {
         let v = c.open(false).await;
         v.write(at, &block(1)).await.expect("write 1");
         v.flush().await.expect("flush");
-        let hold = b.add_rule_times(Rule::Hold(writes(disk_b, 1)), Some(1));
-        let w = {
-            let v = v.clone();
-            tokio::spawn(async move {
-                let _ = v.write(at, &block(2)).await;
-            })
-        };
-        assert!(c.until(Duration::from_secs(1), || b.held() == 1).await);
-        sleep(5).await;
-        writer_dies(v, vec![w]).await;
+        let hold = dies_with_a_write_held(&c, v, &b, disk_b, at).await;
         b.crash();
         b.release(hold);
         b.restart();
@@ -661,16 +643,7 @@ fn a_failed_cooling_call_leaves_the_extent_cold() {
             c.view().await.vdisk.activity.is_empty(),
             "the zone removed it"
         );
-        let hold = b.add_rule_times(Rule::Hold(writes(disk_b, 1)), Some(1));
-        let w = {
-            let v = v.clone();
-            tokio::spawn(async move {
-                let _ = v.write(at, &block(2)).await;
-            })
-        };
-        assert!(c.until(Duration::from_secs(1), || b.held() == 1).await);
-        sleep(5).await;
-        writer_dies(v, vec![w]).await;
+        let hold = dies_with_a_write_held(&c, v, &b, disk_b, at).await;
         c.zone.release(lose);
         b.crash();
         b.release(hold);

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::{assert_copies_agree, copy_node, sleep, writer_dies, writes};
+use common::{assert_copies_agree, copy_node, dies_with_a_write_held, writer_dies};
 use tessera_sim::harness::{block, run, Cluster, Shape};
-use tessera_sim::node::{Rule, SimNode};
+use tessera_sim::node::SimNode;
 use tessera_sim::zone::{ZoneAction, ZoneCall, ZoneRule};
 
 /// Whether `node` keeps no mark of the cluster's vDisk (and lost none).
@@ -46,16 +46,7 @@ fn a_dead_writers_extent_is_reconciled_from_the_nodes_marks() {
             c.view().await.vdisk.activity.is_empty(),
             "the nodes keep the log, not the zone"
         );
-        let hold = b.add_rule_times(Rule::Hold(writes(disk_b, 1)), Some(1));
-        let w = {
-            let v = v.clone();
-            tokio::spawn(async move {
-                let _ = v.write(at, &block(2)).await;
-            })
-        };
-        assert!(c.until(Duration::from_secs(1), || b.held() == 1).await);
-        sleep(5).await;
-        writer_dies(v, vec![w]).await;
+        let hold = dies_with_a_write_held(&c, v, &b, disk_b, at).await;
         assert!(
             a.marks(c.vdisk).is_some_and(|m| !m.is_empty()),
             "the first copy's node marked the extent"

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tessera_replicator::{Volume, VolumeError};
 use tessera_sim::harness::Cluster;
-use tessera_sim::node::{Match, OpKind, SimNode};
+use tessera_sim::node::{Match, OpKind, Rule, SimNode};
 use tessera_zone::service::Health;
 use uuid::Uuid;
 
@@ -213,6 +213,29 @@ pub async fn healed(c: &Cluster, v: &Volume) {
         c.until(Duration::from_secs(30), || v.all_current()).await,
         "the copies did not become current again"
     );
+}
+
+/// Write 2 of block(2) at `at` (in chunk 1) is held at `node` for `disk`
+/// while it reaches the other copies; then the writer dies with it in
+/// flight. Returns the hold rule (release it to let the node run it).
+pub async fn dies_with_a_write_held(
+    c: &Cluster,
+    v: Volume,
+    node: &SimNode,
+    disk: Uuid,
+    at: u64,
+) -> u64 {
+    let hold = node.add_rule_times(Rule::Hold(writes(disk, 1)), Some(1));
+    let w = {
+        let v = v.clone();
+        tokio::spawn(async move {
+            let _ = v.write(at, &tessera_sim::harness::block(2)).await;
+        })
+    };
+    assert!(c.until(Duration::from_secs(1), || node.held() == 1).await);
+    sleep(5).await;
+    writer_dies(v, vec![w]).await;
+    hold
 }
 
 /// The writer dies: its requests in flight are cut off, nothing is closed.
