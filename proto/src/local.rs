@@ -12,6 +12,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+mod stream;
+pub use stream::{split, ReadHalf, WriteHalf};
+
 use crate::message::{Header, ShmRegion, Status, HEADER_LEN, MAX_BODY, MAX_REGIONS};
 use crate::{Opcode, ProtoError};
 

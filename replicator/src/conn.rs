@@ -62,7 +62,7 @@ pub(crate) const COPY_MAX: usize = 64 * 1024;
 
 /// An outbox buffer grown beyond this by a burst is not kept for reuse.
 const OUTBOX_KEEP: usize = 1 << 20;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 /// Why a request to a node got no answer.
@@ -322,8 +322,8 @@ impl Conn {
             .await
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(e.to_string()))?;
-        let stream = UnixStream::from_std(std).map_err(|e| fail(e.to_string()))?;
-        let (rd, wr) = stream.into_split();
+        // Registered for reading only (see `tessera_proto::local::split`).
+        let (rd, wr) = tessera_proto::local::split(std).map_err(|e| fail(e.to_string()))?;
         let generation = Some(table.generation);
         let shm = (!table.is_empty()).then_some(table);
         let local = Local { shm, generation };

@@ -209,15 +209,15 @@ async fn local_connection(
         }
         Err(_) => return,
     };
-    let stream = match UnixStream::from_std(std) {
-        Ok(s) => s,
+    // Registered for reading only (see `tessera_proto::local::split`).
+    let (rd, wr) = match tessera_proto::local::split(std) {
+        Ok(halves) => halves,
         Err(e) => {
             tracing::warn!(error = %e, "cannot register a local session");
             return;
         }
     };
     tracing::info!(regions, "local session: mapped the client's memory");
-    let (rd, wr) = stream.into_split();
     connection(
         rd,
         wr,

@@ -232,7 +232,7 @@ fn main() -> Result<()> {
     let ios = m.ios.max(1) as f64;
     let tick_us = 1e6 / clock_ticks_per_s() as f64;
     println!(
-        "{} {} QD{} mirrors={}: {} I/Os in {:.2} s = {:.0} IOPS, p50 {:.0} µs, p99 {:.0} µs, errors {}",
+        "{} {} QD{} mirrors={}: {} I/Os in {:.2} s = {:.0} IOPS, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs, errors {}",
         args.op,
         args.bs,
         args.depth,
@@ -242,6 +242,8 @@ fn main() -> Result<()> {
         m.iops(),
         m.percentile_us(0.5),
         m.percentile_us(0.99),
+        m.percentile_us(0.999),
+        m.percentile_us(1.0),
         m.errors
     );
     println!("process          cpu µs/IO   vol cs/IO  invol cs/IO");
