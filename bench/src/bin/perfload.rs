@@ -49,6 +49,11 @@ struct Args {
     /// Bytes of the disk used (MiB).
     #[arg(long, default_value_t = 256)]
     range_mib: u64,
+    /// Idle seconds between the prefill and the workload (long enough,
+    /// and the vDisk's activity-log extents cool, as between blkbench's
+    /// runs of one system).
+    #[arg(long, default_value_t = 0.0)]
+    idle: f64,
     /// Block size of the prefill (bytes). 1 MiB (as blkbench) leaves the
     /// nodes' page cache in large folios, where every 4 KiB write costs an
     /// ext4 walk over the folio's buffer heads (varies with memory
@@ -180,6 +185,7 @@ fn main() -> Result<()> {
     };
     let m = c.run(&prefill, &mut || {})?;
     eprintln!("perfload: prefill {:.0} MiB/s", m.mib_per_s());
+    std::thread::sleep(Duration::from_secs_f64(args.idle));
 
     let job = Job {
         write,
