@@ -9,11 +9,11 @@
 //! replies list. Otherwise the zone keeps it: before a write touches an
 //! extent ([`ACTIVITY_EXTENT_CHUNKS`] chunks) that is not *hot*, the extent
 //! is recorded in the vDisk record. Either way an extent cools — leaves the
-//! log — once it has had no write in flight for [`COOL_AFTER`] and a flush
-//! covered its writes. If the writer dies, the next open makes every
-//! current copy of the logged extents agree before serving (see
-//! `reconcile`), so a crash mid-write never leaves copies that answer
-//! differently.
+//! log — once it has had no write in flight for [`COOL_AFTER`] (for
+//! [`COOL_AFTER_MARKS`] with the marks) and a flush covered its writes. If
+//! the writer dies, the next open makes every current copy of the logged
+//! extents agree before serving (see `reconcile`), so a crash mid-write
+//! never leaves copies that answer differently.
 //!
 //! The write path touches only per-extent atomics while an extent is hot.
 //! Entering an extent and cooling it pair up Dekker-style (SeqCst): a write
@@ -40,8 +40,18 @@ const COLD: u8 = 0;
 const HOT: u8 = 1;
 const COOLING: u8 = 2;
 
-/// An extent leaves the log after this long without writes.
+/// An extent of the zone-kept log leaves it after this long without
+/// writes (each entry lengthens the vDisk's record).
 pub(super) const COOL_AFTER: Duration = Duration::from_secs(5);
+
+/// An extent the nodes mark leaves the log after this long without writes.
+/// Marking an extent again costs a durable commit on every copy's node
+/// before the write runs (an `fdatasync`, tens of milliseconds when the
+/// node's disk is busy with writeback), and a guest writes in periodic
+/// bursts (a file system's journal commit every 5 s, its writeback every
+/// 30 s): with 5 s the same extents cooled and were marked again at every
+/// burst. Longer here costs only a larger reconcile after a writer crash.
+pub(super) const COOL_AFTER_MARKS: Duration = Duration::from_secs(60);
 
 /// Per-extent state of the activity log.
 pub(crate) struct Activity {
@@ -144,12 +154,17 @@ impl Inner {
     }
 
     /// Takes idle extents out of the log: those without a write for
-    /// [`COOL_AFTER`] whose writes a flush made stable (the volume flushes
+    /// [`COOL_AFTER`] (or [`COOL_AFTER_MARKS`]) whose writes a flush made stable (the volume flushes
     /// by itself if the guest has not).
     pub(super) async fn cool_extents(&self, links: &Links) -> Result<(), VolumeError> {
         let a = &self.activity;
         let now = a.epoch.elapsed().as_millis() as u64;
-        let idle = COOL_AFTER.as_millis() as u64;
+        let idle = if self.node_marks {
+            COOL_AFTER_MARKS
+        } else {
+            COOL_AFTER
+        };
+        let idle = idle.as_millis() as u64;
         let idle_extents = || {
             (0..a.state.len()).filter(move |e| {
                 a.state[*e].load(Ordering::SeqCst) == HOT
