@@ -49,6 +49,14 @@ struct Args {
     /// Bytes of the disk used (MiB).
     #[arg(long, default_value_t = 256)]
     range_mib: u64,
+    /// No prefill: the vDisk stays thin and the workload's writes are
+    /// first touches until they wrap (with a large `--range-mib`, the
+    /// whole-disk case of `blkbench --whole`).
+    #[arg(long)]
+    no_prefill: bool,
+    /// Bytes of each node's disk file (MiB) [default: --range-mib + 512].
+    #[arg(long)]
+    disk_mib: Option<u64>,
     /// Idle seconds between the prefill and the workload (long enough,
     /// and the vDisk's activity-log extents cool, as between blkbench's
     /// runs of one system).
@@ -138,7 +146,7 @@ fn main() -> Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let disk = range + 512 * MIB;
+    let disk = args.disk_mib.map_or(range + 512 * MIB, |d| d * MIB);
     let mut zone = match args.format_version {
         Some(v) => rt.block_on(TestZone::start_formatted(3, disk, v)),
         None => rt.block_on(TestZone::start(3, disk)),
@@ -183,8 +191,10 @@ fn main() -> Result<()> {
         duration: None,
         seed: 0,
     };
-    let m = c.run(&prefill, &mut || {})?;
-    eprintln!("perfload: prefill {:.0} MiB/s", m.mib_per_s());
+    if !args.no_prefill {
+        let m = c.run(&prefill, &mut || {})?;
+        eprintln!("perfload: prefill {:.0} MiB/s", m.mib_per_s());
+    }
     std::thread::sleep(Duration::from_secs_f64(args.idle));
 
     let job = Job {
