@@ -33,6 +33,13 @@ use crate::layout::{Layout, ThinRegions};
 use crate::mlog::{self, LogFull, LogWriter, PageWrite, Record, PAGE};
 use crate::{Error, BLOCK_SIZE};
 
+/// Pages of a checkpoint encoded and written at a time (1 MiB; 4 in this
+/// crate's tests, so that their checkpoints take several writes).
+#[cfg(not(test))]
+pub(super) const CHECKPOINT_BATCH_PAGES: usize = 256;
+#[cfg(test)]
+pub(super) const CHECKPOINT_BATCH_PAGES: usize = 4;
+
 const BS: u64 = BLOCK_SIZE as u64;
 
 /// The tag of block `block` of `(vdisk, chunk)` allocated under
@@ -420,20 +427,28 @@ impl Disk {
     /// everything written before it).
     fn write_checkpoint(&self, c: &Checkpoint, area: usize) -> Result<(), Error> {
         let t = &self.thin().regions;
-        let pages = ckpt::encode(c);
+        let total = ckpt::pages_for(c.records.len());
         assert!(
-            pages.len() as u64 <= t.checkpoint_pages,
-            "a checkpoint of {} pages in an area of {}",
-            pages.len(),
+            total as u64 <= t.checkpoint_pages,
+            "a checkpoint of {total} pages in an area of {}",
             t.checkpoint_pages
         );
-        // Written as one buffer: a checkpoint is written whole or not at all
-        // as far as a reader is concerned (each page names the checkpoint).
-        let mut buf = Vec::with_capacity(pages.len() * PAGE);
-        for p in &pages {
-            buf.extend_from_slice(&p[..]);
+        // Encoded and written a bounded batch of pages at a time: a map of
+        // millions of runs is hundreds of MiB of pages, and one buffer of
+        // them all cost more in fresh memory than in encoding. A reader
+        // takes the checkpoint whole or not at all (each page names it and
+        // the sync below makes it durable), however many writes it took.
+        let mut buf = vec![0u8; CHECKPOINT_BATCH_PAGES.min(total) * PAGE];
+        let mut first = 0;
+        while first < total {
+            let n = CHECKPOINT_BATCH_PAGES.min(total - first);
+            for (k, page) in buf[..n * PAGE].chunks_exact_mut(PAGE).enumerate() {
+                ckpt::encode_page(c, first + k, page);
+            }
+            let at = t.checkpoint_offsets[area] + (first * PAGE) as u64;
+            self.write_at(&buf[..n * PAGE], at, "write a checkpoint")?;
+            first += n;
         }
-        self.write_at(&buf, t.checkpoint_offsets[area], "write a checkpoint")?;
         // The log was sealed by the snapshot (and the index may be held):
         // the device's sync, not `Disk::sync`.
         self.dev
